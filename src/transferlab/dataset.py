@@ -1,0 +1,178 @@
+"""Getting an image-folder dataset onto disk: download, checksum, safe extraction, scanning, decoding."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tarfile
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from .config import DATA_SOURCE_ENV
+from .fileio import atomic_path
+
+CALTECH101_URL = "https://data.caltech.edu/records/mzrjq-6wc02/files/caltech-101.zip?download=1"
+CALTECH101_ZIP_MD5 = "3138e1922a9193bfa496528edbbc45d0"
+CALTECH101_TAR_MEMBER = "caltech-101/101_ObjectCategories.tar.gz"
+CALTECH101_TAR_MD5 = "b224c7392d521a49829488ab0f1120d9"
+CALTECH101_FOLDER = "101_ObjectCategories"
+
+
+class DatasetError(RuntimeError):
+    """The dataset could not be found, fetched or read."""
+
+
+def md5sum(path: Path) -> str:
+    digest = hashlib.md5()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_md5(path: Path, expected: str) -> None:
+    actual = md5sum(path)
+    if actual != expected:
+        raise DatasetError(f"checksum mismatch for {path}: md5 {actual}, expected {expected}")
+
+
+def download(url: str, dest: Path, md5: str) -> Path:
+    """Download ``url`` to ``dest`` with a progress bar; keep the file only if its md5 matches."""
+    if dest.is_file() and md5sum(dest) == md5:
+        return dest
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, atomic_path(dest) as tmp:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tmp.open("wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}") as bar:
+                for block in iter(lambda: response.read(1 << 20), b""):
+                    out.write(block)
+                    bar.update(len(block))
+            if total is not None and tmp.stat().st_size != total:
+                raise DatasetError(f"download of {url} was cut short: {tmp.stat().st_size} of {total} bytes")
+            verify_md5(tmp, md5)
+    except (urllib.error.URLError, OSError) as err:
+        raise DatasetError(
+            f"could not download {url} ({err}). Without network, point the pipeline at a local copy: "
+            f"set data.source in params.yaml (or the {DATA_SOURCE_ENV} environment variable) to an unpacked "
+            f"{CALTECH101_FOLDER} folder or to caltech-101.zip / 101_ObjectCategories.tar.gz"
+        ) from err
+    return dest
+
+
+def _extract_zip(archive: Path, target: Path) -> None:
+    root = target.resolve()
+    with zipfile.ZipFile(archive) as zf:
+        for member in zf.infolist():
+            destination = (root / member.filename).resolve()
+            if not destination.is_relative_to(root) or member.filename.startswith("/"):
+                raise DatasetError(f"refusing to extract {member.filename!r} from {archive}: it points outside the target")
+        zf.extractall(root)
+
+
+def _extract_tar(archive: Path, target: Path) -> None:
+    try:
+        with tarfile.open(archive) as tf:
+            # the "data" filter refuses absolute paths, "../" escapes and links pointing outside the target
+            tf.extractall(target, filter="data")
+    except tarfile.FilterError as err:
+        raise DatasetError(f"refusing to extract {archive}: {err}") from err
+
+
+def extract(archive: Path, target: Path) -> Path:
+    """Extract a .zip or .tar(.gz) archive into ``target`` atomically: into a sibling temp folder, then renamed."""
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        if zipfile.is_zipfile(archive):
+            _extract_zip(archive, staging)
+        elif tarfile.is_tarfile(archive):
+            _extract_tar(archive, staging)
+        else:
+            raise DatasetError(f"{archive} is neither a zip nor a tar archive")
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def find_image_root(folder: Path) -> Path:
+    """The folder whose subfolders are the classes: ``folder`` itself or the Caltech-101 folder inside it."""
+    for candidate in (folder / CALTECH101_FOLDER, folder / "caltech-101" / CALTECH101_FOLDER, folder):
+        if candidate.is_dir() and any(p.is_dir() for p in candidate.iterdir()):
+            return candidate
+    raise DatasetError(
+        f"{folder} holds no class subfolders: expected an ImageFolder layout (one subfolder of images per class), "
+        f"such as the {CALTECH101_FOLDER} folder of Caltech-101"
+    )
+
+
+def acquire(source: str, raw_dir: Path) -> Path:
+    """Return the folder of class subfolders named by ``source`` (``download`` or a local path)."""
+    if source == "download":
+        archive = download(CALTECH101_URL, raw_dir / "caltech-101.zip", CALTECH101_ZIP_MD5)
+        return acquire_archive(archive, raw_dir)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return find_image_root(path)
+    if path.is_file():
+        return acquire_archive(path, raw_dir)
+    raise DatasetError(
+        f"data source {source!r} does not exist: set data.source (or {DATA_SOURCE_ENV}) to 'download' "
+        f"or to an existing folder of class subfolders or archive"
+    )
+
+
+def acquire_archive(archive: Path, raw_dir: Path) -> Path:
+    """Unpack a local or downloaded archive (the official zip holds a tar.gz holding the image folder)."""
+    unpacked = extract(archive, raw_dir / f"{archive.name}.d")
+    inner = unpacked / CALTECH101_TAR_MEMBER
+    if inner.is_file():
+        verify_md5(inner, CALTECH101_TAR_MD5)
+        unpacked = extract(inner, raw_dir / "101_ObjectCategories.d")
+    return find_image_root(unpacked)
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    path: str  # relative to the dataset root, with forward slashes
+    label: int
+    class_name: str
+
+
+def scan(root: Path, exclude: list[str]) -> tuple[list[str], list[ImageFile]]:
+    """List classes (sorted subfolder names, minus ``exclude``) and their files, in a deterministic order."""
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in exclude and not p.name.startswith("."))
+    if not classes:
+        raise DatasetError(f"{root} has no class subfolders left after excluding {exclude}")
+    files = [
+        ImageFile(f"{name}/{f.name}", label, name)
+        for label, name in enumerate(classes)
+        for f in sorted((root / name).iterdir())
+        if f.is_file() and not f.name.startswith(".")
+    ]
+    return classes, files
+
+
+def load_image(path: Path, size: int) -> np.ndarray:
+    """Decode any PIL-readable image as RGB, resize its shorter side to ``size`` and centre-crop a square.
+
+    Grayscale, CMYK, palette and RGBA images are converted to RGB.
+    """
+    with Image.open(path) as image:
+        image.draft("RGB", (size, size))  # lets JPEG decode at a reduced scale when the image is large
+        image = image.convert("RGB")
+        width, height = image.size
+        scale = size / min(width, height)
+        resized = image.resize((max(size, round(width * scale)), max(size, round(height * scale))), Image.BICUBIC)
+    left = (resized.width - size) // 2
+    top = (resized.height - size) // 2
+    return np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.uint8)

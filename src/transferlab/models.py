@@ -1,0 +1,148 @@
+"""Build a torchvision or timm classifier with a fresh output layer, and its preprocessing metadata.
+
+``arch`` is a torchvision classification model name (``resnet18``) or ``timm/<name>``.
+``weights`` is ``imagenet`` (the library's own pretrained weights, via its normal cache),
+``none`` (random init), or the path of a state-dict file in the library's own key layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import timm
+import timm.data
+import torch
+import torchvision
+from torch import nn
+
+TIMM_PREFIX = "timm/"
+
+
+class ModelError(ValueError):
+    """An unknown architecture, or a weights file that does not fit it."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How the weights expect their input: taken from the weights' metadata, never hard-coded."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str  # "bilinear" or "bicubic"
+    crop_pct: float  # fraction of the (square) image kept by the evaluation centre crop
+
+    def as_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Preprocessing":
+        return cls(tuple(data["mean"]), tuple(data["std"]), data["interpolation"], data["crop_pct"])
+
+
+def torchvision_names() -> list[str]:
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def _load_state_dict_file(path: Path) -> dict:
+    if not path.is_file():
+        raise ModelError(f"model.weights: no such file {path} (expected 'imagenet', 'none' or a state-dict file)")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):  # common checkpoint wrappers
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ModelError(f"{path} does not hold a state dict")
+    return state
+
+
+def _load_weights_file(model: nn.Module, path: Path, arch: str) -> None:
+    try:
+        model.load_state_dict(_load_state_dict_file(path))
+    except RuntimeError as err:
+        first_lines = "\n".join(str(err).splitlines()[:4])
+        raise ModelError(f"weights file {path} does not fit {arch}: {first_lines}") from err
+
+
+def _timm_model(name: str, weights: str) -> tuple[nn.Module, Preprocessing]:
+    if not timm.is_model(name):
+        raise ModelError(f"model.arch: {TIMM_PREFIX}{name} is not a timm model (see timm.list_models())")
+    model = timm.create_model(name, pretrained=weights == "imagenet")
+    if weights not in ("imagenet", "none"):
+        _load_weights_file(model, Path(weights), TIMM_PREFIX + name)
+    config = timm.data.resolve_data_config({}, model=model)
+    prep = Preprocessing(tuple(config["mean"]), tuple(config["std"]), config["interpolation"], config["crop_pct"])
+    return model, prep
+
+
+def _torchvision_model(name: str, weights: str) -> tuple[nn.Module, Preprocessing]:
+    if name not in torchvision_names():
+        raise ModelError(
+            f"model.arch: {name!r} is neither a torchvision classification model "
+            f"(one of {', '.join(torchvision_names())}) nor timm/<name>"
+        )
+    default = torchvision.models.get_model_weights(name).DEFAULT
+    model = torchvision.models.get_model(name, weights=default if weights == "imagenet" else None)
+    if weights not in ("imagenet", "none"):
+        _load_weights_file(model, Path(weights), name)
+    transform = default.transforms()
+    prep = Preprocessing(
+        tuple(transform.mean), tuple(transform.std), transform.interpolation.value, transform.crop_size[0] / transform.resize_size[0]
+    )
+    return model, prep
+
+
+def _replace_torchvision_head(model: nn.Module, num_classes: int) -> str:
+    """Swap the last Linear (or 1x1 conv, as in SqueezeNet) layer for a fresh ``num_classes``-way one."""
+    name, layer = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
+    if isinstance(layer, nn.Linear):
+        fresh = nn.Linear(layer.in_features, num_classes)
+    else:
+        fresh = nn.Conv2d(layer.in_channels, num_classes, kernel_size=1)
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), attr, fresh)
+    return name
+
+
+def build_model(arch: str, weights: str, num_classes: int) -> tuple[nn.Module, str, Preprocessing]:
+    """Return the model with a freshly initialised ``num_classes``-way head, the head's module name, and its preprocessing."""
+    if arch.startswith(TIMM_PREFIX):
+        model, prep = _timm_model(arch[len(TIMM_PREFIX) :], weights)
+        model.reset_classifier(num_classes)
+        head = next(n for n, m in model.named_modules() if m is model.get_classifier())
+    else:
+        model, prep = _torchvision_model(arch, weights)
+        head = _replace_torchvision_head(model, num_classes)
+    return model, head, prep
+
+
+def parameter_groups(model: nn.Module, head: str, lr: float, backbone_lr_scale: float | None) -> list[dict]:
+    """One group for everything (scratch), or the new head at ``lr`` and the pretrained rest at ``lr * backbone_lr_scale``."""
+    if backbone_lr_scale is None:
+        return [{"name": "all", "params": list(model.parameters()), "lr": lr}]
+    head_params = list(model.get_submodule(head).parameters())
+    head_ids = {id(p) for p in head_params}
+    backbone = [p for p in model.parameters() if id(p) not in head_ids]
+    return [
+        {"name": "backbone", "params": backbone, "lr": lr * backbone_lr_scale},
+        {"name": "head", "params": head_params, "lr": lr},
+    ]
+
+
+def freeze_bn_stats(model: nn.Module) -> None:
+    """Put every batch-norm layer in eval mode so its running statistics stay the pretrained ones."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
+def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
+    """Rebuild a trained model from its checkpoint alone (architecture, classes and preprocessing travel with it)."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    model, _, _ = build_model(checkpoint["arch"], "none", len(checkpoint["classes"]))
+    model.load_state_dict(checkpoint["model"])
+    return model.eval(), checkpoint

@@ -1,0 +1,111 @@
+"""Stage ``prepare``: get the images, split them per class, decode each one once into uint8 arrays.
+
+Outputs (``data/prepared/``): ``classes.json``; ``{train,val,test}.csv`` (the split, readable);
+``{train,val,test}.npy`` (N x S x S x 3 uint8, rows in CSV order). ``metrics/prepare.json``
+counts images per split and lists every skipped file with the reason.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import sys
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .config import DataConfig, load_params
+from .dataset import DatasetError, ImageFile, acquire, load_image, scan
+from .fileio import atomic_path, write_json
+
+log = logging.getLogger("transferlab.prepare")
+
+PREPARED_DIR = Path("data/prepared")
+RAW_DIR = Path("data/raw")
+REPORT_PATH = Path("metrics/prepare.json")
+SPLITS = ("train", "val", "test")
+
+
+def decode_all(root: Path, files: list[ImageFile], size: int) -> tuple[dict[int, np.ndarray], list[dict]]:
+    """Decode every file; return the images by index and the files that could not be read."""
+
+    def decode(item: ImageFile):
+        try:
+            return load_image(root / item.path, size), None
+        except Exception as err:  # PIL raises many types for bad files; each is reported, none is fatal
+            return None, f"{type(err).__name__}: {err}"
+
+    images, skipped = {}, []
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = pool.map(decode, files)
+        for index, (item, (image, error)) in enumerate(tqdm(zip(files, results), total=len(files), desc="decode")):
+            if error is None:
+                images[index] = image
+            else:
+                skipped.append({"path": item.path, "reason": error})
+    for entry in skipped:
+        log.warning("skipped unreadable file %s (%s)", entry["path"], entry["reason"])
+    return images, skipped
+
+
+def split_indices(files: list[ImageFile], readable: set[int], classes: list[str], cfg: DataConfig) -> dict[str, list[int]]:
+    """Per class, shuffle the readable files with a seed of their own and cut train / val / test."""
+    by_class: dict[int, list[int]] = {label: [] for label in range(len(classes))}
+    for index, item in enumerate(files):
+        if index in readable:
+            by_class[item.label].append(index)
+    splits: dict[str, list[int]] = {name: [] for name in SPLITS}
+    for label, indices in by_class.items():
+        name = classes[label]
+        if len(indices) <= cfg.train_per_class:
+            raise DatasetError(
+                f"class {name!r} has {len(indices)} readable images; data.train_per_class={cfg.train_per_class} "
+                f"needs at least {cfg.train_per_class + 1} (the training images plus one for test)"
+            )
+        rng = np.random.default_rng([cfg.seed, zlib.crc32(name.encode())])
+        order = [indices[i] for i in rng.permutation(len(indices))]
+        train, test = order[: cfg.train_per_class], order[cfg.train_per_class :]
+        splits["val"] += train[: cfg.val_per_class]
+        splits["train"] += train[cfg.val_per_class :]
+        splits["test"] += test[: cfg.test_per_class]
+    return splits
+
+
+def write_split(name: str, indices: list[int], files: list[ImageFile], images: dict[int, np.ndarray], size: int) -> None:
+    array = np.empty((len(indices), size, size, 3), dtype=np.uint8)
+    for row, index in enumerate(indices):
+        array[row] = images[index]
+    with atomic_path(PREPARED_DIR / f"{name}.npy") as tmp:
+        with tmp.open("wb") as f:
+            np.save(f, array)
+    with atomic_path(PREPARED_DIR / f"{name}.csv") as tmp:
+        with tmp.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path", "label", "class"])
+            writer.writerows((files[i].path, files[i].label, files[i].class_name) for i in indices)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = load_params().data
+    root = acquire(cfg.resolved_source(), RAW_DIR)
+    classes, files = scan(root, cfg.exclude_classes)
+    log.info("found %d classes and %d files in %s", len(classes), len(files), root)
+    images, skipped = decode_all(root, files, cfg.cache_size)
+    splits = split_indices(files, set(images), classes, cfg)
+    for name in SPLITS:
+        write_split(name, splits[name], files, images, cfg.cache_size)
+    write_json(PREPARED_DIR / "classes.json", classes)
+    counts = {f"{name}_images": len(splits[name]) for name in SPLITS}
+    write_json(REPORT_PATH, {"classes": len(classes), **counts, "skipped_files": len(skipped), "skipped": skipped})
+    log.info("split: %s; skipped %d unreadable file(s)", counts, len(skipped))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except DatasetError as err:
+        sys.exit(f"prepare: {err}")

@@ -1,0 +1,148 @@
+"""Stages ``train_finetune`` and ``train_scratch``: one training loop, the mode is data.
+
+    python -m transferlab.train finetune   # ImageNet weights, new head at train.lr, body at lr * backbone_lr_scale
+    python -m transferlab.train scratch    # same architecture from random init, every layer at train.lr
+
+Per epoch, dvclive logs train/val loss and accuracy and each parameter group's learning rate
+to ``metrics/train_<mode>/``; the checkpoint with the best validation accuracy is kept in
+``data/models/<mode>.pt`` together with everything needed to use it (arch, classes, preprocessing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+from pathlib import Path
+
+import torch
+from dvclive import Live
+from torch import nn
+from tqdm import tqdm
+
+from .config import MODES, ConfigError, TrainConfig, load_params
+from .data import load_classes, load_split, normalize, train_augmentation, train_loader
+from .fileio import atomic_path
+from .inference import predict_logits
+from .models import build_model, freeze_bn_stats, parameter_groups
+
+log = logging.getLogger("transferlab.train")
+
+MODELS_DIR = Path("data/models")
+
+
+def checkpoint_path(mode: str) -> Path:
+    return MODELS_DIR / f"{mode}.pt"
+
+
+def live_dir(mode: str) -> Path:
+    return Path("metrics") / f"train_{mode}"
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    """Per-step cosine decay to zero, after an optional linear warm-up."""
+    total = cfg.epochs * steps_per_epoch
+    warmup = min(round(cfg.warmup_epochs * steps_per_epoch), total - 1)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total - warmup)
+    if warmup <= 0:
+        return cosine
+    ramp = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=warmup)
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
+
+
+def set_train_mode(model: nn.Module, cfg: TrainConfig) -> None:
+    model.train()
+    if cfg.freeze_bn_stats:
+        freeze_bn_stats(model)
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, criterion, prep, cfg: TrainConfig, desc: str) -> tuple[float, float]:
+    set_train_mode(model, cfg)
+    total_loss, correct, seen = 0.0, 0, 0
+    bar = tqdm(loader, desc=desc, leave=False)
+    for images, labels in bar:
+        logits = model(normalize(images, prep, cfg.channels_last))
+        loss = criterion(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total_loss += loss.item() * len(labels)
+        correct += (logits.argmax(1) == labels).sum().item()
+        seen += len(labels)
+        bar.set_postfix(loss=f"{total_loss / seen:.3f}")
+    return total_loss / seen, correct / seen
+
+
+def save_checkpoint(path: Path, model: nn.Module, **info) -> None:
+    with atomic_path(path) as tmp:
+        torch.save({"model": model.state_dict(), **info}, tmp)
+
+
+def run(mode: str) -> dict:
+    params = load_params()
+    cfg = params.train_config(mode)
+    torch.manual_seed(cfg.seed)
+    classes = load_classes()
+    train_images, train_labels = load_split("train")
+    val_images, val_labels = load_split("val")
+    model, head, prep = build_model(params.model.arch, params.weights_for(mode), len(classes))
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    groups = parameter_groups(model, head, cfg.lr, cfg.backbone_lr_scale if mode == "finetune" else None)
+    optimizer = torch.optim.SGD(groups, momentum=cfg.momentum, nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
+    loader = train_loader(train_images, train_labels, train_augmentation(cfg.image_size, prep, cfg.crop_scale_min), cfg.batch_size, cfg.seed)
+    scheduler = make_scheduler(optimizer, cfg, len(loader))
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    checkpoint_info = {
+        "mode": mode,
+        "arch": params.model.arch,
+        "weights": params.weights_for(mode),
+        "classes": classes,
+        "preprocessing": prep.as_dict(),
+        "eval_image_size": cfg.eval_image_size,
+        "train_config": dataclasses.asdict(cfg),
+    }
+    best = {"val_acc": -1.0, "epoch": -1}
+    with Live(str(live_dir(mode)), dvcyaml=False, save_dvc_exp=False) as live:
+        live.log_params({"mode": mode, "arch": params.model.arch, **dataclasses.asdict(cfg)})
+        for epoch in range(cfg.epochs):
+            for group in optimizer.param_groups:
+                live.log_metric(f"lr/{group['name']}", group["lr"])
+            train_loss, train_acc = train_one_epoch(
+                model, loader, optimizer, scheduler, criterion, prep, cfg, desc=f"{mode} epoch {epoch + 1}/{cfg.epochs}"
+            )
+            live.log_metric("train/loss", train_loss)
+            live.log_metric("train/acc", train_acc)
+            # without a validation split the last epoch is kept
+            val_acc = float(epoch)
+            if len(val_labels):
+                logits = predict_logits(model, val_images, val_labels, prep, cfg.eval_image_size, cfg.batch_size * 2, cfg.channels_last, "val")
+                val_loss = nn.functional.cross_entropy(logits, torch.from_numpy(val_labels)).item()
+                val_acc = (logits.argmax(1).numpy() == val_labels).mean().item()
+                live.log_metric("val/loss", val_loss)
+                live.log_metric("val/acc", val_acc)
+                log.info("%s epoch %d: train loss %.4f acc %.4f | val loss %.4f acc %.4f", mode, epoch + 1, train_loss, train_acc, val_loss, val_acc)
+            if val_acc > best["val_acc"]:
+                best = {"val_acc": val_acc, "epoch": epoch + 1}
+                save_checkpoint(checkpoint_path(mode), model, epoch=epoch + 1, val_acc=val_acc, **checkpoint_info)
+            live.next_step()
+        if len(val_labels):
+            live.summary["best/val_acc"] = best["val_acc"]
+        live.summary["best/epoch"] = best["epoch"]
+    return best
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", choices=MODES)
+    args = parser.parse_args(argv)
+    try:
+        run(args.mode)
+    except ConfigError as err:
+        parser.exit(2, f"train: invalid params: {err}\n")
+
+
+if __name__ == "__main__":
+    main()
