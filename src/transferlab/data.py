@@ -68,7 +68,7 @@ class AugmentedArray(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int):
-        image = torch.from_numpy(np.ascontiguousarray(self.images[index])).permute(2, 0, 1)
+        image = torch.from_numpy(np.array(self.images[index])).permute(2, 0, 1)
         return self.transform(image), self.labels[index]
 
 
@@ -83,5 +83,5 @@ def train_loader(images, labels, transform, batch_size: int, seed: int) -> DataL
 def eval_batches(images: np.ndarray, labels: np.ndarray, transform: v2.Transform, batch_size: int):
     """Deterministic evaluation batches: the resize runs on whole batches, not image by image."""
     for start in range(0, len(labels), batch_size):
-        chunk = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).permute(0, 3, 1, 2)
+        chunk = torch.from_numpy(np.array(images[start : start + batch_size])).permute(0, 3, 1, 2)
         yield transform(chunk), torch.from_numpy(labels[start : start + batch_size])

@@ -23,6 +23,8 @@ CALTECH101_ZIP_MD5 = "3138e1922a9193bfa496528edbbc45d0"
 CALTECH101_TAR_MEMBER = "caltech-101/101_ObjectCategories.tar.gz"
 CALTECH101_TAR_MD5 = "b224c7392d521a49829488ab0f1120d9"
 CALTECH101_FOLDER = "101_ObjectCategories"
+# as torchvision's ImageFolder: other files (the real archive's stray BACKGROUND_Google/tmp) are skipped
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
 
 class DatasetError(RuntimeError):
@@ -167,6 +169,8 @@ def load_image(path: Path, size: int) -> np.ndarray:
 
     Grayscale, CMYK, palette and RGBA images are converted to RGB.
     """
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        raise DatasetError(f"not an image file name (extensions read: {' '.join(IMAGE_EXTENSIONS)})")
     with Image.open(path) as image:
         image.draft("RGB", (size, size))  # lets JPEG decode at a reduced scale when the image is large
         image = image.convert("RGB")

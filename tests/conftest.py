@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+PROJECT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("TRANSFERLAB_SHARED", PROJECT.parent / "shared")).resolve()
+CALTECH = SHARED / "datasets" / "caltech-101" / "101_ObjectCategories"
+HF_HOME = SHARED / "hf"
+# Tests never reach a model hub. huggingface_hub reads these when first imported, so set them first.
+os.environ["HF_HUB_OFFLINE"] = "1"
+if HF_HOME.is_dir():
+    os.environ["HF_HOME"] = str(HF_HOME)
+
+sys.path.insert(0, str(Path(__file__).parent))
+from imagegen import make_image_folder  # noqa: E402
+
+# Small enough to train in seconds on 2 CPU cores.
+TINY_PARAMS = {
+    "data": {"train_per_class": 6, "val_per_class": 2, "cache_size": 40, "exclude_classes": ["BACKGROUND_Google"]},
+    "model": {"arch": "resnet18", "weights": "none"},
+    "train": {"epochs": 2, "batch_size": 8, "image_size": 32, "eval_image_size": 32},
+    "scratch": {"epochs": 2, "image_size": 32, "eval_image_size": 32},
+}
+
+
+def tiny_params() -> dict:
+    """params.yaml of the project with the TINY_PARAMS values put in."""
+    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    for section, values in TINY_PARAMS.items():
+        params.setdefault(section, {}).update(values)
+    return params
+
+
+@pytest.fixture(autouse=True)
+def _quiet_env(monkeypatch):
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    monkeypatch.delenv("TRANSFERLAB_DATA", raising=False)
+
+
+@pytest.fixture
+def tiny_folder(tmp_path) -> Path:
+    return make_image_folder(tmp_path / "images", classes=3, per_class=12)
+
+
+def run(cmd: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+@pytest.fixture
+def project_repo(tmp_path, tiny_folder) -> Path:
+    """A fresh git + DVC repo holding the project's pipeline, src and tiny params, first commit made."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copytree(PROJECT / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".gitignore"):
+        shutil.copy(PROJECT / name, repo / name)
+    params = tiny_params()
+    params["data"]["source"] = str(tiny_folder)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "init", "-q"], repo)
+    run(["git", "config", "user.email", "test@example.com"], repo)
+    run(["git", "config", "user.name", "test"], repo)
+    run(["dvc", "init", "-q"], repo)
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "init"], repo)
+    return repo

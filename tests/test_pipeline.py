@@ -1,0 +1,57 @@
+"""The real dvc commands, end to end, on a tiny generated dataset in a temporary git repo."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from conftest import run
+
+STAGES = ["prepare", "train_finetune", "train_scratch", "evaluate", "compare"]
+
+
+def test_repro_then_experiment_then_plots(project_repo):
+    repo = project_repo
+    result = run(["dvc", "repro"], repo)
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in result.stdout
+
+    for mode in ("finetune", "scratch"):
+        assert (repo / f"data/models/{mode}.pt").is_file()
+        curve = (repo / f"metrics/train_{mode}/plots/metrics/val/acc.tsv").read_text().splitlines()
+        assert len(curve) == 1 + 2, "one header line plus one row per epoch"
+        test = json.loads((repo / f"metrics/test_{mode}/metrics.json").read_text())
+        assert 0 <= test["top1"] <= test["top5"] <= 1
+        assert test["test_images"] == 3 * (12 - 6)
+        assert (repo / f"metrics/test_{mode}/plots/sklearn/confusion_matrix.json").is_file()
+        per_class = (repo / f"metrics/test_{mode}/per_class.csv").read_text().splitlines()
+        assert per_class[0] == "class,precision,recall,f1,support" and len(per_class) == 1 + 3
+    report = (repo / "metrics/comparison.md").read_text()
+    assert "| Mean per-class accuracy |" in report and "Gain from pretraining" in report
+    assert (repo / "plots/learning_curves.png").read_bytes()[:4] == b"\x89PNG"
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert set(lock["stages"]) == set(STAGES)
+
+    # a complete run leaves nothing to do
+    assert "Data and pipelines are up to date" in run(["dvc", "repro"], repo).stdout
+
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "baseline run"], repo)
+    exp = run(["dvc", "exp", "run", "-S", "train.lr=0.05"], repo)
+    assert "Running stage 'train_finetune'" in exp.stdout
+    assert "Stage 'prepare' didn't change" in exp.stdout
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], repo).stdout)
+    runs = [e for commit in shown for e in (commit.get("experiments") or [])]
+    lrs = [r["revs"][0]["data"]["params"]["params.yaml"]["data"]["train"]["lr"] for r in runs]
+    assert 0.05 in lrs
+
+    # the experiment against the baseline commit: both revisions of the learning curves
+    # (`dvc exp run` leaves the experiment in the workspace)
+    diff = json.loads(run(["dvc", "plots", "diff", "HEAD", "--json"], repo).stdout)["data"]
+    points = diff["validation_accuracy"][0]["content"]["data"]["values"]
+    assert {(p["rev"], p["filename"].split("/")[0]) for p in points} == {
+        (rev, stage) for rev in ("workspace", "HEAD") for stage in ("train_finetune", "train_scratch")
+    }
+    confusion = diff["metrics/test_finetune/plots/sklearn/confusion_matrix.json"][0]["content"]["data"]["values"]
+    assert {p["actual"] for p in confusion} == {"class_0", "class_1", "class_2"}

@@ -1,0 +1,54 @@
+"""Opt-in checks on the real Caltech-101 and the real ImageNet weights in ../shared.
+
+Enabled with TRANSFERLAB_REAL_DATA=1 (``.ci/run`` sets it when ../shared is present); they
+catch weights that silently fail to load, which no generated-data test can.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import yaml
+
+from conftest import CALTECH, HF_HOME, tiny_params
+from transferlab import prepare, train
+from transferlab.dataset import scan
+
+pytestmark = [
+    pytest.mark.real_data,
+    pytest.mark.skipif(os.environ.get("TRANSFERLAB_REAL_DATA") != "1", reason="opt-in: set TRANSFERLAB_REAL_DATA=1"),
+    pytest.mark.skipif(not CALTECH.is_dir() or not HF_HOME.is_dir(), reason="../shared (Caltech-101, HF cache) is absent"),
+]
+
+SUBSET = ["airplanes", "bonsai", "chair", "dolphin", "elephant", "ferry", "grand_piano", "hedgehog", "lamp", "sunflower"]
+
+
+def test_real_archive_layout_and_stray_file():
+    classes, files = scan(CALTECH, exclude=[])
+    assert len(classes) == 102 and len(files) == 9145
+    root_images, skipped = prepare.decode_all(CALTECH, [f for f in files if f.path == "BACKGROUND_Google/tmp"], 64)
+    assert not root_images and skipped[0]["path"] == "BACKGROUND_Google/tmp"
+    assert skipped[0]["reason"].startswith("DatasetError: not an image file name")
+    classes, _ = scan(CALTECH, exclude=["BACKGROUND_Google"])
+    assert len(classes) == 101
+
+
+def test_pretrained_weights_beat_random_init_by_a_wide_margin(tmp_path, monkeypatch):
+    subset = tmp_path / "subset"
+    subset.mkdir()
+    for name in SUBSET:
+        (subset / name).symlink_to(CALTECH / name)
+    params = tiny_params()
+    params["data"].update(source=str(subset), train_per_class=12, val_per_class=4, test_per_class=5, cache_size=144)
+    params["model"] = {"arch": "timm/tf_efficientnet_lite0", "weights": "imagenet"}
+    shared = {"epochs": 3, "batch_size": 16, "image_size": 112, "eval_image_size": 128, "lr": 0.02}
+    params["train"].update(shared)
+    params["scratch"] = dict(shared)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    prepare.main()
+    finetuned = train.run("finetune")["val_acc"]
+    scratch = train.run("scratch")["val_acc"]
+    assert finetuned >= 0.8, f"fine-tuned ImageNet weights reach only {finetuned:.2f} on 10 easy classes: were they loaded?"
+    assert finetuned - scratch >= 0.4, (finetuned, scratch)
