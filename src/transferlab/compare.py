@@ -11,6 +11,7 @@ import csv
 from pathlib import Path
 
 import matplotlib
+import yaml
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -44,7 +45,29 @@ def read_curve(mode: str, metric: str) -> tuple[list[int], list[float]]:
     return [int(r["step"]) + 1 for r in rows], [float(r[name]) for r in rows]
 
 
-def markdown_report(finetune: dict, scratch: dict, gains: list[tuple[str, float, float, float]], top: int) -> str:
+def training_budget(mode: str) -> tuple[dict, dict]:
+    """The run's settings (dvclive's params.yaml) and its summary (metrics.json), from the training stage's folder."""
+    return yaml.safe_load((live_dir(mode) / "params.yaml").read_text()), read_json(live_dir(mode) / "metrics.json")
+
+
+def budget_table(budgets: dict[str, tuple[dict, dict]]) -> list[str]:
+    lines = [
+        "## Training budget",
+        "",
+        "| Model | Weights | Epochs | Train / eval resolution | lr | Best val acc (epoch) | Training wall time |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for mode, (cfg, summary) in budgets.items():
+        lr = f"{cfg['lr']:g}" + (f" (body {cfg['lr'] * cfg['backbone_lr_scale']:g})" if mode == "finetune" else "")
+        val = f"{summary['best/val_acc']:.2%} ({summary['best/epoch']})" if "best/val_acc" in summary else "n/a"
+        lines.append(
+            f"| {mode} | {cfg['weights']} | {cfg['epochs']} | {cfg['image_size']} / {cfg['eval_image_size']} px | {lr} "
+            f"| {val} | {summary['wall_time_s'] / 60:.1f} min |"
+        )
+    return lines + [""]
+
+
+def markdown_report(finetune: dict, scratch: dict, gains: list[tuple[str, float, float, float]], top: int, budgets: dict) -> str:
     lines = [
         "# Pretrained (fine-tuned) vs from scratch, test split",
         "",
@@ -54,6 +77,7 @@ def markdown_report(finetune: dict, scratch: dict, gains: list[tuple[str, float,
     for key, label in METRIC_LABELS.items():
         lines.append(f"| {label} | {finetune[key]:.2%} | {scratch[key]:.2%} | {finetune[key] - scratch[key]:+.2%} |")
     lines += ["", f"Test images: {finetune['test_images']}.", ""]
+    lines += budget_table(budgets)
     improved = sum(1 for *_, gain in gains if gain > 0)
     worse = sum(1 for *_, gain in gains if gain < 0)
     lines += [f"Per class: pretraining helps {improved} classes, hurts {worse}, ties {len(gains) - improved - worse}.", ""]
@@ -98,7 +122,8 @@ def main() -> None:
     finetune, scratch = (read_json(result_dir(mode) / "metrics.json") for mode in ("finetune", "scratch"))
     per_ft, per_sc = read_per_class("finetune"), read_per_class("scratch")
     gains = sorted(((c, per_ft[c], per_sc[c], per_ft[c] - per_sc[c]) for c in per_ft), key=lambda g: (-g[3], g[0]))
-    write_text(REPORT_MD, markdown_report(finetune, scratch, gains, top))
+    budgets = {mode: training_budget(mode) for mode in ("finetune", "scratch")}
+    write_text(REPORT_MD, markdown_report(finetune, scratch, gains, top, budgets))
     write_json(REPORT_JSON, {f"gain/{key}": finetune[key] - scratch[key] for key in METRIC_LABELS})
     plot_curves(CURVES_PNG)
     plot_gains(GAIN_PNG, gains)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from sklearn.metrics import balanced_accuracy_score, precision_recall_fscore_sup
 from .config import MODES, load_params
 from .data import load_split
 from .fileio import atomic_path
-from .inference import predict_logits
+from .inference import default_device, predict_logits
 from .models import Preprocessing, load_checkpoint
 from .train import checkpoint_path
 
@@ -52,14 +53,16 @@ def write_per_class(path: Path, labels: np.ndarray, predictions: np.ndarray, cla
 
 
 def evaluate_model(mode: str, images: np.ndarray, labels: np.ndarray, batch_size: int) -> dict:
+    started = time.perf_counter()
     model, checkpoint = load_checkpoint(checkpoint_path(mode))
+    model.to(default_device())
     classes = checkpoint["classes"]
     prep = Preprocessing.from_dict(checkpoint["preprocessing"])
     logits = predict_logits(
         model, images, labels, prep, checkpoint["eval_image_size"], batch_size, checkpoint["train_config"]["channels_last"], f"test {mode}"
     )
     probs = logits.softmax(1).numpy()
-    metrics = test_metrics(labels, probs)
+    metrics = {**test_metrics(labels, probs), "wall_time_s": round(time.perf_counter() - started, 1)}
     out = result_dir(mode)
     with Live(str(out), dvcyaml=False, save_dvc_exp=False) as live:
         for key, value in metrics.items():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import logging
 import sys
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -90,6 +91,7 @@ def write_split(name: str, indices: list[int], files: list[ImageFile], images: d
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    started = time.perf_counter()
     cfg = load_params().data
     root = acquire(cfg.resolved_source(), RAW_DIR)
     classes, files = scan(root, cfg.exclude_classes)
@@ -100,7 +102,8 @@ def main() -> None:
         write_split(name, splits[name], files, images, cfg.cache_size)
     write_json(PREPARED_DIR / "classes.json", classes)
     counts = {f"{name}_images": len(splits[name]) for name in SPLITS}
-    write_json(REPORT_PATH, {"classes": len(classes), **counts, "skipped_files": len(skipped), "skipped": skipped})
+    report = {"classes": len(classes), **counts, "skipped_files": len(skipped), "wall_time_s": round(time.perf_counter() - started, 1)}
+    write_json(REPORT_PATH, {**report, "skipped": skipped})
     log.info("split: %s; skipped %d unreadable file(s)", counts, len(skipped))
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -23,8 +24,8 @@ from tqdm import tqdm
 from .config import MODES, ConfigError, TrainConfig, load_params
 from .data import load_classes, load_split, normalize, train_augmentation, train_loader
 from .fileio import atomic_path
-from .inference import predict_logits
-from .models import build_model, freeze_bn_stats, parameter_groups
+from .inference import default_device, predict_logits
+from .models import ModelError, build_model, freeze_bn_stats, parameter_groups
 
 log = logging.getLogger("transferlab.train")
 
@@ -58,9 +59,11 @@ def set_train_mode(model: nn.Module, cfg: TrainConfig) -> None:
 
 def train_one_epoch(model, loader, optimizer, scheduler, criterion, prep, cfg: TrainConfig, desc: str) -> tuple[float, float]:
     set_train_mode(model, cfg)
+    device = next(model.parameters()).device
     total_loss, correct, seen = 0.0, 0, 0
     bar = tqdm(loader, desc=desc, leave=False)
     for images, labels in bar:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         logits = model(normalize(images, prep, cfg.channels_last))
         loss = criterion(logits, labels)
         optimizer.zero_grad(set_to_none=True)
@@ -80,6 +83,7 @@ def save_checkpoint(path: Path, model: nn.Module, **info) -> None:
 
 
 def run(mode: str) -> dict:
+    started = time.perf_counter()
     params = load_params()
     cfg = params.train_config(mode)
     torch.manual_seed(cfg.seed)
@@ -87,6 +91,7 @@ def run(mode: str) -> dict:
     train_images, train_labels = load_split("train")
     val_images, val_labels = load_split("val")
     model, head, prep = build_model(params.model.arch, params.weights_for(mode), len(classes))
+    model = model.to(default_device())
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     groups = parameter_groups(model, head, cfg.lr, cfg.backbone_lr_scale if mode == "finetune" else None)
@@ -105,7 +110,7 @@ def run(mode: str) -> dict:
     }
     best = {"val_acc": -1.0, "epoch": -1}
     with Live(str(live_dir(mode)), dvcyaml=False, save_dvc_exp=False) as live:
-        live.log_params({"mode": mode, "arch": params.model.arch, **dataclasses.asdict(cfg)})
+        live.log_params({"mode": mode, "arch": params.model.arch, "weights": params.weights_for(mode), **dataclasses.asdict(cfg)})
         for epoch in range(cfg.epochs):
             for group in optimizer.param_groups:
                 live.log_metric(f"lr/{group['name']}", group["lr"])
@@ -130,6 +135,7 @@ def run(mode: str) -> dict:
         if len(val_labels):
             live.summary["best/val_acc"] = best["val_acc"]
         live.summary["best/epoch"] = best["epoch"]
+        live.summary["wall_time_s"] = round(time.perf_counter() - started, 1)
     return best
 
 
@@ -140,8 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         run(args.mode)
-    except ConfigError as err:
-        parser.exit(2, f"train: invalid params: {err}\n")
+    except (ConfigError, ModelError) as err:
+        parser.exit(2, f"train: {err}\n")
 
 
 if __name__ == "__main__":
