@@ -49,10 +49,13 @@ def test_torchvision_imagenet_weights_via_its_cache(tmp_path, monkeypatch):
     assert model(torch.randn(2, 3, 64, 64)).shape == (2, 101)
 
 
-@pytest.mark.parametrize(("arch", "head"), [("alexnet", "classifier.6"), ("squeezenet1_0", "classifier.1"), ("timm/resnet18", "fc")])
+@pytest.mark.parametrize(
+    ("arch", "head"), [("alexnet", "classifier.6"), ("squeezenet1_0", "classifier.1"), ("googlenet", "fc"), ("timm/resnet18", "fc")]
+)
 def test_head_is_replaced_by_a_fresh_101_way_layer(arch, head):
     model, found, _ = build_model(arch, "none", 101)
     assert found == head
+    model.train()  # googlenet would return a tuple with its auxiliary heads here
     assert model(torch.randn(2, 3, 96, 96)).shape == (2, 101)
 
 
@@ -93,7 +96,7 @@ def test_weights_for_another_architecture_or_class_count_are_refused(tmp_path):
     torch.save(state, ten_classes)
     with pytest.raises(ModelError, match="size mismatch for fc.weight"):
         build_model("resnet18", str(ten_classes), 101)
-    with pytest.raises(ModelError, match="no such file"):
+    with pytest.raises(ModelError, match="model.weights: no such file"):
         build_model("resnet18", str(tmp_path / "missing.pth"), 101)
 
 

@@ -41,6 +41,7 @@ def test_repro_then_experiment_then_plots(project_repo):
     exp = run(["dvc", "exp", "run", "-S", "train.lr=0.05"], repo)
     assert "Running stage 'train_finetune'" in exp.stdout
     assert "Stage 'prepare' didn't change" in exp.stdout
+    assert "Stage 'train_scratch' didn't change" in exp.stdout, "scratch overrides train.lr: it must not re-run"
     shown = json.loads(run(["dvc", "exp", "show", "--json"], repo).stdout)
     runs = [e for commit in shown for e in (commit.get("experiments") or [])]
     lrs = [r["revs"][0]["data"]["params"]["params.yaml"]["data"]["train"]["lr"] for r in runs]

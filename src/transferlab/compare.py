@@ -16,27 +16,23 @@ import yaml
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .config import load_params  # noqa: E402
-from .evaluate import result_dir  # noqa: E402
+from .config import MODES, load_params  # noqa: E402
 from .fileio import atomic_path, read_json, write_json, write_text  # noqa: E402
-from .train import live_dir  # noqa: E402
+from .paths import COMPARISON_JSON, COMPARISON_MD, CURVES_PNG, GAIN_PNG, evaluation_dir, train_dir  # noqa: E402
+from .stage import run_stage  # noqa: E402
 
 METRIC_LABELS = {"mean_per_class_acc": "Mean per-class accuracy", "top1": "Top-1 accuracy", "top5": "Top-5 accuracy"}
 CURVES = [("val/acc", "Validation accuracy"), ("val/loss", "Validation loss"), ("train/loss", "Training loss")]
-REPORT_MD = Path("metrics/comparison.md")
-REPORT_JSON = Path("metrics/comparison.json")
-CURVES_PNG = Path("plots/learning_curves.png")
-GAIN_PNG = Path("plots/per_class_gain.png")
 
 
 def read_per_class(mode: str) -> dict[str, float]:
     """Per-class accuracy (recall) by class name."""
-    with (result_dir(mode) / "per_class.csv").open() as f:
+    with (evaluation_dir(mode) / "per_class.csv").open() as f:
         return {row["class"]: float(row["recall"]) for row in csv.DictReader(f)}
 
 
 def read_curve(mode: str, metric: str) -> tuple[list[int], list[float]]:
-    path = live_dir(mode) / "plots" / "metrics" / f"{metric}.tsv"
+    path = train_dir(mode) / "plots" / "metrics" / f"{metric}.tsv"
     if not path.is_file():
         return [], []
     with path.open() as f:
@@ -47,7 +43,7 @@ def read_curve(mode: str, metric: str) -> tuple[list[int], list[float]]:
 
 def training_budget(mode: str) -> tuple[dict, dict]:
     """The run's settings (dvclive's params.yaml) and its summary (metrics.json), from the training stage's folder."""
-    return yaml.safe_load((live_dir(mode) / "params.yaml").read_text()), read_json(live_dir(mode) / "metrics.json")
+    return yaml.safe_load((train_dir(mode) / "params.yaml").read_text()), read_json(train_dir(mode) / "metrics.json")
 
 
 def budget_table(budgets: dict[str, tuple[dict, dict]]) -> list[str]:
@@ -91,12 +87,16 @@ def markdown_report(finetune: dict, scratch: dict, gains: list[tuple[str, float,
 def plot_curves(path: Path) -> None:
     fig, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 4))
     for ax, (metric, title) in zip(axes, CURVES):
-        for mode, style in (("finetune", "-o"), ("scratch", "-s")):
+        for mode, style in zip(MODES, ("-o", "-s")):
             epochs, values = read_curve(mode, metric)
             ax.plot(epochs, values, style, markersize=3, label=mode)
         ax.set(title=title, xlabel="epoch")
         ax.grid(alpha=0.3)
         ax.legend()
+    save_figure(fig, path)
+
+
+def save_figure(fig: plt.Figure, path: Path) -> None:
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
@@ -111,24 +111,21 @@ def plot_gains(path: Path, gains: list[tuple[str, float, float, float]]) -> None
     ax.set(xlabel="fine-tuned minus scratch, per-class test accuracy (points)", title="Gain from ImageNet pretraining per class")
     ax.tick_params(axis="y", labelsize=6)
     ax.axvline(0, color="black", linewidth=0.8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:
     top = load_params().evaluate.top_classes
-    finetune, scratch = (read_json(result_dir(mode) / "metrics.json") for mode in ("finetune", "scratch"))
+    finetune, scratch = (read_json(evaluation_dir(mode) / "metrics.json") for mode in MODES)
     per_ft, per_sc = read_per_class("finetune"), read_per_class("scratch")
     gains = sorted(((c, per_ft[c], per_sc[c], per_ft[c] - per_sc[c]) for c in per_ft), key=lambda g: (-g[3], g[0]))
-    budgets = {mode: training_budget(mode) for mode in ("finetune", "scratch")}
-    write_text(REPORT_MD, markdown_report(finetune, scratch, gains, top, budgets))
-    write_json(REPORT_JSON, {f"gain/{key}": finetune[key] - scratch[key] for key in METRIC_LABELS})
+    budgets = {mode: training_budget(mode) for mode in MODES}
+    write_text(COMPARISON_MD, markdown_report(finetune, scratch, gains, top, budgets))
+    write_json(COMPARISON_JSON, {f"gain/{key}": finetune[key] - scratch[key] for key in METRIC_LABELS})
     plot_curves(CURVES_PNG)
     plot_gains(GAIN_PNG, gains)
-    print(REPORT_MD.read_text())
+    print(COMPARISON_MD.read_text())
 
 
 if __name__ == "__main__":
-    main()
+    run_stage("compare", main)

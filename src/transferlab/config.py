@@ -64,9 +64,9 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = field(default=8, metadata=_range(1))
+    epochs: int = field(default=6, metadata=_range(1))
     batch_size: int = field(default=32, metadata=_range(1))
-    lr: float = field(default=0.01, metadata=_range(0, low_open=True))
+    lr: float = field(default=0.02, metadata=_range(0, low_open=True))
     # fine-tuning: pretrained layers train at lr * backbone_lr_scale (ignored for scratch)
     backbone_lr_scale: float = field(default=0.1, metadata=_range(0, 1))
     momentum: float = field(default=0.9, metadata=_range(0, 1))
@@ -74,7 +74,7 @@ class TrainConfig:
     label_smoothing: float = field(default=0.1, metadata=_range(0, 1))
     warmup_epochs: float = field(default=0.0, metadata=_range(0))
     # keep the pretrained batch-norm running statistics fixed while fine-tuning
-    freeze_bn_stats: bool = False
+    freeze_bn_stats: bool = True
     image_size: int = field(default=160, metadata=_range(16, 1024))
     eval_image_size: int = field(default=224, metadata=_range(16, 1024))
     # random-resized-crop scale range lower bound (upper bound is 1)
@@ -165,10 +165,10 @@ def parse_params(raw: dict) -> Params:
         raise ConfigError(f"unknown section(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(allowed))}")
     built = {name: _build(cls, name, raw.get(name)) for name, cls in SECTIONS.items()}
     overrides = {mode: _build(TrainConfig, mode, raw.get(mode), partial=True) for mode in MODES}
-    params = Params(**built, **overrides)
-    for mode in MODES:
-        params.train_config(mode)  # cross-field checks of the merged config
-    return params
+    from .models import check_model  # imported here: it loads torch, timm and torchvision
+
+    check_model(built["model"].arch, built["model"].weights)
+    return Params(**built, **overrides)
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

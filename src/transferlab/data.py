@@ -12,7 +12,7 @@ from torchvision.transforms import InterpolationMode, v2
 
 from .fileio import read_json
 from .models import Preprocessing
-from .prepare import PREPARED_DIR
+from .paths import PREPARED_DIR
 
 
 def load_classes(prepared_dir: Path = PREPARED_DIR) -> list[str]:
@@ -80,8 +80,7 @@ def train_loader(images, labels, transform, batch_size: int, seed: int) -> DataL
     return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=drop_last, generator=generator)
 
 
-def eval_batches(images: np.ndarray, labels: np.ndarray, transform: v2.Transform, batch_size: int):
+def eval_batches(images: np.ndarray, transform: v2.Transform, batch_size: int):
     """Deterministic evaluation batches: the resize runs on whole batches, not image by image."""
-    for start in range(0, len(labels), batch_size):
-        chunk = torch.from_numpy(np.array(images[start : start + batch_size])).permute(0, 3, 1, 2)
-        yield transform(chunk), torch.from_numpy(labels[start : start + batch_size])
+    for start in range(0, len(images), batch_size):
+        yield transform(torch.from_numpy(np.array(images[start : start + batch_size])).permute(0, 3, 1, 2))

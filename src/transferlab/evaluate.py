@@ -21,16 +21,13 @@ from .data import load_split
 from .fileio import atomic_path
 from .inference import default_device, predict_logits
 from .models import Preprocessing, load_checkpoint
-from .train import checkpoint_path
+from .paths import checkpoint_path, evaluation_dir
+from .stage import run_stage
 
 log = logging.getLogger("transferlab.evaluate")
 
 
-def result_dir(mode: str) -> Path:
-    return Path("metrics") / f"test_{mode}"
-
-
-def test_metrics(labels: np.ndarray, probs: np.ndarray) -> dict:
+def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict:
     classes = np.arange(probs.shape[1])
     return {
         "top1": float(top_k_accuracy_score(labels, probs, k=1, labels=classes)),
@@ -59,11 +56,11 @@ def evaluate_model(mode: str, images: np.ndarray, labels: np.ndarray, batch_size
     classes = checkpoint["classes"]
     prep = Preprocessing.from_dict(checkpoint["preprocessing"])
     logits = predict_logits(
-        model, images, labels, prep, checkpoint["eval_image_size"], batch_size, checkpoint["train_config"]["channels_last"], f"test {mode}"
+        model, images, prep, checkpoint["eval_image_size"], batch_size, checkpoint["train_config"]["channels_last"], f"test {mode}"
     )
     probs = logits.softmax(1).numpy()
-    metrics = {**test_metrics(labels, probs), "wall_time_s": round(time.perf_counter() - started, 1)}
-    out = result_dir(mode)
+    metrics = {**classification_metrics(labels, probs), "wall_time_s": round(time.perf_counter() - started, 1)}
+    out = evaluation_dir(mode)
     with Live(str(out), dvcyaml=False, save_dvc_exp=False) as live:
         for key, value in metrics.items():
             live.summary[key] = value
@@ -75,7 +72,6 @@ def evaluate_model(mode: str, images: np.ndarray, labels: np.ndarray, batch_size
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     params = load_params()
     images, labels = load_split("test")
     for mode in MODES:
@@ -83,4 +79,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage("evaluate", main)

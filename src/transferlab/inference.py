@@ -19,7 +19,6 @@ def default_device() -> torch.device:
 def predict_logits(
     model: nn.Module,
     images: np.ndarray,
-    labels: np.ndarray,
     prep: Preprocessing,
     image_size: int,
     batch_size: int,
@@ -32,8 +31,8 @@ def predict_logits(
     model.eval()
     transform = eval_resize(image_size, prep, images.shape[1])
     outputs = []
-    total = (len(labels) + batch_size - 1) // batch_size
-    for batch, _ in tqdm(eval_batches(images, labels, transform, batch_size), total=total, desc=desc, leave=False):
+    total = (len(images) + batch_size - 1) // batch_size
+    for batch in tqdm(eval_batches(images, transform, batch_size), total=total, desc=desc, leave=False):
         outputs.append(model(normalize(batch.to(device), prep, channels_last)).float().cpu())
     model.train(was_training)
     return torch.cat(outputs)

@@ -46,8 +46,6 @@ def torchvision_names() -> list[str]:
 
 
 def _load_state_dict_file(path: Path) -> dict:
-    if not path.is_file():
-        raise ModelError(f"model.weights: no such file {path} (expected 'imagenet', 'none' or a state-dict file)")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -73,27 +71,39 @@ def _load_weights_file(model: nn.Module, path: Path, arch: str) -> None:
         raise ModelError(f"weights file {path} does not fit {arch}: {first_lines}") from err
 
 
+def check_model(arch: str, weights: str) -> None:
+    """Fail before any work, naming the param, on an unknown architecture or a missing weights file."""
+    if arch.startswith(TIMM_PREFIX):
+        name = arch[len(TIMM_PREFIX) :]
+        if not timm.is_model(name):
+            raise ModelError(f"model.arch: {arch} is not a timm model (see timm.list_models())")
+        pretrained = timm.models.get_pretrained_cfg(name)
+        if weights == "imagenet" and not (pretrained and (pretrained.hf_hub_id or pretrained.url or pretrained.file)):
+            raise ModelError(f"model.weights: timm has no pretrained weights for {arch}; use 'none' or a weights file")
+    elif arch not in torchvision_names():
+        raise ModelError(
+            f"model.arch: {arch!r} is neither a torchvision classification model "
+            f"(one of {', '.join(torchvision_names())}) nor timm/<name>"
+        )
+    if weights not in ("imagenet", "none") and not Path(weights).is_file():
+        raise ModelError(f"model.weights: no such file {weights} (expected 'imagenet', 'none' or a state-dict file)")
+
+
 def _timm_model(name: str, weights: str) -> tuple[nn.Module, Preprocessing]:
-    if not timm.is_model(name):
-        raise ModelError(f"model.arch: {TIMM_PREFIX}{name} is not a timm model (see timm.list_models())")
     model = timm.create_model(name, pretrained=weights == "imagenet")
-    if weights not in ("imagenet", "none"):
-        _load_weights_file(model, Path(weights), TIMM_PREFIX + name)
     config = timm.data.resolve_data_config({}, model=model)
     prep = Preprocessing(tuple(config["mean"]), tuple(config["std"]), config["interpolation"], config["crop_pct"])
     return model, prep
 
 
+# these builders add auxiliary classifiers (a tuple output in training) unless told not to
+NO_AUX_LOGITS = {"googlenet", "inception_v3"}
+
+
 def _torchvision_model(name: str, weights: str) -> tuple[nn.Module, Preprocessing]:
-    if name not in torchvision_names():
-        raise ModelError(
-            f"model.arch: {name!r} is neither a torchvision classification model "
-            f"(one of {', '.join(torchvision_names())}) nor timm/<name>"
-        )
     default = torchvision.models.get_model_weights(name).DEFAULT
-    model = torchvision.models.get_model(name, weights=default if weights == "imagenet" else None)
-    if weights not in ("imagenet", "none"):
-        _load_weights_file(model, Path(weights), name)
+    options = {"aux_logits": False} if name in NO_AUX_LOGITS else {}
+    model = torchvision.models.get_model(name, weights=default if weights == "imagenet" else None, **options)
     transform = default.transforms()
     prep = Preprocessing(
         tuple(transform.mean), tuple(transform.std), transform.interpolation.value, transform.crop_size[0] / transform.resize_size[0]
@@ -115,12 +125,15 @@ def _replace_torchvision_head(model: nn.Module, num_classes: int) -> str:
 
 def build_model(arch: str, weights: str, num_classes: int) -> tuple[nn.Module, str, Preprocessing]:
     """Return the model with a freshly initialised ``num_classes``-way head, the head's module name, and its preprocessing."""
-    if arch.startswith(TIMM_PREFIX):
-        model, prep = _timm_model(arch[len(TIMM_PREFIX) :], weights)
+    check_model(arch, weights)
+    is_timm = arch.startswith(TIMM_PREFIX)
+    model, prep = _timm_model(arch[len(TIMM_PREFIX) :], weights) if is_timm else _torchvision_model(arch, weights)
+    if weights not in ("imagenet", "none"):
+        _load_weights_file(model, Path(weights), arch)
+    if is_timm:
         model.reset_classifier(num_classes)
         head = next(n for n, m in model.named_modules() if m is model.get_classifier())
     else:
-        model, prep = _torchvision_model(arch, weights)
         head = _replace_torchvision_head(model, num_classes)
     return model, head, prep
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import sys
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -21,12 +20,11 @@ from tqdm import tqdm
 from .config import DataConfig, load_params
 from .dataset import DatasetError, ImageFile, acquire, load_image, scan
 from .fileio import atomic_path, write_json
+from .paths import PREPARE_REPORT, PREPARED_DIR, RAW_DIR
+from .stage import run_stage
 
 log = logging.getLogger("transferlab.prepare")
 
-PREPARED_DIR = Path("data/prepared")
-RAW_DIR = Path("data/raw")
-REPORT_PATH = Path("metrics/prepare.json")
 SPLITS = ("train", "val", "test")
 
 
@@ -90,7 +88,6 @@ def write_split(name: str, indices: list[int], files: list[ImageFile], images: d
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     started = time.perf_counter()
     cfg = load_params().data
     root = acquire(cfg.resolved_source(), RAW_DIR)
@@ -103,12 +100,10 @@ def main() -> None:
     write_json(PREPARED_DIR / "classes.json", classes)
     counts = {f"{name}_images": len(splits[name]) for name in SPLITS}
     report = {"classes": len(classes), **counts, "skipped_files": len(skipped), "wall_time_s": round(time.perf_counter() - started, 1)}
-    write_json(REPORT_PATH, {**report, "skipped": skipped})
+    # the source actually read (data.source, or TRANSFERLAB_DATA which DVC does not see)
+    write_json(PREPARE_REPORT, {**report, "source": str(root), "skipped": skipped})
     log.info("split: %s; skipped %d unreadable file(s)", counts, len(skipped))
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except DatasetError as err:
-        sys.exit(f"prepare: {err}")
+    run_stage("prepare", main)

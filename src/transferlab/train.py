@@ -21,23 +21,15 @@ from dvclive import Live
 from torch import nn
 from tqdm import tqdm
 
-from .config import MODES, ConfigError, TrainConfig, load_params
+from .config import MODES, TrainConfig, load_params
 from .data import load_classes, load_split, normalize, train_augmentation, train_loader
 from .fileio import atomic_path
 from .inference import default_device, predict_logits
-from .models import ModelError, build_model, freeze_bn_stats, parameter_groups
+from .models import build_model, freeze_bn_stats, parameter_groups
+from .paths import checkpoint_path, train_dir
+from .stage import run_stage
 
 log = logging.getLogger("transferlab.train")
-
-MODELS_DIR = Path("data/models")
-
-
-def checkpoint_path(mode: str) -> Path:
-    return MODELS_DIR / f"{mode}.pt"
-
-
-def live_dir(mode: str) -> Path:
-    return Path("metrics") / f"train_{mode}"
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
@@ -108,8 +100,8 @@ def run(mode: str) -> dict:
         "eval_image_size": cfg.eval_image_size,
         "train_config": dataclasses.asdict(cfg),
     }
-    best = {"val_acc": -1.0, "epoch": -1}
-    with Live(str(live_dir(mode)), dvcyaml=False, save_dvc_exp=False) as live:
+    best = {"val_acc": None, "epoch": 0}
+    with Live(str(train_dir(mode)), dvcyaml=False, save_dvc_exp=False) as live:
         live.log_params({"mode": mode, "arch": params.model.arch, "weights": params.weights_for(mode), **dataclasses.asdict(cfg)})
         for epoch in range(cfg.epochs):
             for group in optimizer.param_groups:
@@ -119,20 +111,19 @@ def run(mode: str) -> dict:
             )
             live.log_metric("train/loss", train_loss)
             live.log_metric("train/acc", train_acc)
-            # without a validation split the last epoch is kept
-            val_acc = float(epoch)
+            val_acc = None  # without a validation split, the last epoch is kept
             if len(val_labels):
-                logits = predict_logits(model, val_images, val_labels, prep, cfg.eval_image_size, cfg.batch_size * 2, cfg.channels_last, "val")
+                logits = predict_logits(model, val_images, prep, cfg.eval_image_size, cfg.batch_size * 2, cfg.channels_last, "val")
                 val_loss = nn.functional.cross_entropy(logits, torch.from_numpy(val_labels)).item()
                 val_acc = (logits.argmax(1).numpy() == val_labels).mean().item()
                 live.log_metric("val/loss", val_loss)
                 live.log_metric("val/acc", val_acc)
                 log.info("%s epoch %d: train loss %.4f acc %.4f | val loss %.4f acc %.4f", mode, epoch + 1, train_loss, train_acc, val_loss, val_acc)
-            if val_acc > best["val_acc"]:
+            if val_acc is None or best["val_acc"] is None or val_acc > best["val_acc"]:
                 best = {"val_acc": val_acc, "epoch": epoch + 1}
                 save_checkpoint(checkpoint_path(mode), model, epoch=epoch + 1, val_acc=val_acc, **checkpoint_info)
             live.next_step()
-        if len(val_labels):
+        if best["val_acc"] is not None:
             live.summary["best/val_acc"] = best["val_acc"]
         live.summary["best/epoch"] = best["epoch"]
         live.summary["wall_time_s"] = round(time.perf_counter() - started, 1)
@@ -140,14 +131,10 @@ def run(mode: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mode", choices=MODES)
     args = parser.parse_args(argv)
-    try:
-        run(args.mode)
-    except (ConfigError, ModelError) as err:
-        parser.exit(2, f"train: {err}\n")
+    run_stage(f"train {args.mode}", lambda: run(args.mode))
 
 
 if __name__ == "__main__":

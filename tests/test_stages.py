@@ -1,0 +1,81 @@
+"""Stage logic with known answers: test metrics, the comparison, atomic writes, training without validation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import tiny_params
+from transferlab import compare, prepare, train
+from transferlab.evaluate import classification_metrics
+from transferlab.fileio import atomic_path, write_json
+from transferlab.paths import COMPARISON_JSON, COMPARISON_MD, checkpoint_path, evaluation_dir, train_dir
+
+
+def test_metrics_with_known_answers():
+    labels = np.array([0, 0, 0, 0, 1, 2])
+    probs = np.eye(6, dtype=float)[[0, 0, 0, 1, 1, 3]]  # class 0: 3/4 right, class 1: right, class 2: wrong
+    probs[5, 2] = 0.5  # the last image's true class is its 2nd guess
+    probs += np.linspace(0, 0.01, 6)  # no ties: class 0 ranks last wherever it is not the guess
+    metrics = classification_metrics(labels, probs)
+    assert metrics["top1"] == pytest.approx(4 / 6)
+    assert metrics["mean_per_class_acc"] == pytest.approx((3 / 4 + 1 + 0) / 3)
+    assert metrics["top5"] == pytest.approx(5 / 6)  # only image 3 (class 0 ranked 6th) misses
+
+
+def test_atomic_write_leaves_the_old_file_when_the_writer_fails(tmp_path):
+    target = tmp_path / "metrics.json"
+    write_json(target, {"top1": 0.5})
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text('{"top1": 0.')
+        raise RuntimeError("killed mid-write")
+    assert json.loads(target.read_text()) == {"top1": 0.5}
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def write_results(mode: str, top1: float, per_class: dict[str, float]) -> None:
+    out = evaluation_dir(mode)
+    out.mkdir(parents=True)
+    write_json(out / "metrics.json", {"top1": top1, "top5": 1.0, "mean_per_class_acc": sum(per_class.values()) / len(per_class), "test_images": 40})
+    rows = ["class,precision,recall,f1,support"] + [f"{name},0.5,{acc},0.5,10" for name, acc in per_class.items()]
+    (out / "per_class.csv").write_text("\n".join(rows) + "\n")
+    curves = train_dir(mode) / "plots" / "metrics"
+    for metric in ("val/acc", "val/loss", "train/loss"):
+        (curves / metric).parent.mkdir(parents=True, exist_ok=True)
+        name = metric.split("/")[1]
+        (curves / f"{metric}.tsv").write_text(f"step\t{name}\n0\t0.5\n1\t0.6\n")
+    (train_dir(mode) / "params.yaml").write_text(yaml.safe_dump({"epochs": 2, "image_size": 32, "eval_image_size": 32, "lr": 0.1, "backbone_lr_scale": 0.1, "weights": "none"}))
+    write_json(train_dir(mode) / "metrics.json", {"best/val_acc": 0.6, "best/epoch": 2, "wall_time_s": 30.0})
+
+
+def test_comparison_gains_and_ranking(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
+    write_results("finetune", 0.9, {"cat": 1.0, "dog": 0.5, "emu": 0.9, "fox": 0.8})
+    write_results("scratch", 0.4, {"cat": 0.2, "dog": 0.7, "emu": 0.9, "fox": 0.3})
+    compare.main()
+    gains = json.loads(COMPARISON_JSON.read_text())
+    assert gains["gain/top1"] == pytest.approx(0.5)
+    assert gains["gain/mean_per_class_acc"] == pytest.approx((0.8 + -0.2 + 0 + 0.5) / 4)
+    report = COMPARISON_MD.read_text()
+    assert "pretraining helps 2 classes, hurts 1, ties 1" in report
+    most = report.split("## Classes that gain most")[1].split("##")[0]
+    assert most.index("| cat |") < most.index("| fox |") < most.index("| emu |") < most.index("| dog |")
+    assert "+80.0%" in most and "-20.0%" in most
+
+
+def test_training_without_a_validation_split_keeps_the_last_epoch(tmp_path, tiny_folder, monkeypatch):
+    params = tiny_params()
+    params["data"].update(source=str(tiny_folder), val_per_class=0)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    prepare.main()
+    best = train.run("scratch")
+    assert best == {"val_acc": None, "epoch": 2}
+    checkpoint = torch.load(checkpoint_path("scratch"), weights_only=True)
+    assert checkpoint["epoch"] == 2 and checkpoint["val_acc"] is None and checkpoint["classes"] == ["class_0", "class_1", "class_2"]
+    assert "best/val_acc" not in json.loads((train_dir("scratch") / "metrics.json").read_text())
