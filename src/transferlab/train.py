@@ -1,7 +1,7 @@
 """Stages ``train_finetune`` and ``train_scratch``: one training loop, the mode is data.
 
     python -m transferlab.train finetune   # ImageNet weights, new head at train.lr, body at lr * backbone_lr_scale
-    python -m transferlab.train scratch    # same architecture from random init, every layer at train.lr
+    python -m transferlab.train scratch    # same architecture from random init, every layer at scratch.lr
 
 Per epoch, dvclive logs train/val loss and accuracy and each parameter group's learning rate
 to ``metrics/train_<mode>/``; the checkpoint with the best validation accuracy is kept in
