@@ -96,7 +96,7 @@ def test_dvc_stage_params_match_what_each_mode_reads():
     """train_scratch lists exactly the train keys that scratch: does not override (and that scratch uses)."""
     stages = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
     raw = yaml.safe_load((PROJECT / "params.yaml").read_text())
-    finetune_only = {"backbone_lr_scale"}
+    finetune_only = {"backbone_lr_scale", "mode", "frozen_stages", "freeze_bn_stats"}
     expected = {f.name for f in dataclasses.fields(TrainConfig)} - set(raw["scratch"]) - finetune_only
     listed = {p.removeprefix("train.") for p in stages["train_scratch"]["params"] if p.startswith("train.")}
     assert listed == expected

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from conftest import HF_HOME
-from transferlab.models import ModelError, build_model, freeze_bn_stats, parameter_groups
+from transferlab.models import ModelError, backbone_stages, build_model, freeze_stages, parameter_groups, set_train_mode
 
 RESNET18_FILE = "resnet18-f37072fd.pth"  # the file name torchvision's ResNet18_Weights.IMAGENET1K_V1 downloads to
 
@@ -120,24 +120,61 @@ def test_unknown_architectures():
         build_model("timm/nonsense_net", "none", 101)
 
 
-def test_learning_rate_groups():
+def test_learning_rate_and_weight_decay_groups():
     model, head, _ = build_model("resnet18", "none", 101)
-    finetune = parameter_groups(model, head, lr=0.01, backbone_lr_scale=0.1)
-    assert [(g["name"], g["lr"]) for g in finetune] == [("backbone", pytest.approx(0.001)), ("head", 0.01)]
-    assert {id(p) for p in finetune[1]["params"]} == {id(model.fc.weight), id(model.fc.bias)}
+    finetune = parameter_groups(model, head, lr=0.01, backbone_lr_scale=0.1, weight_decay=1e-4, decay_norm_and_bias=False)
+    summary = [(g["name"], g["lr"], g["weight_decay"]) for g in finetune]
+    assert summary == [
+        ("backbone", pytest.approx(0.001), 1e-4),
+        ("backbone", pytest.approx(0.001), 0.0),
+        ("head", 0.01, 1e-4),
+        ("head", 0.01, 0.0),
+    ]
+    assert [p for p in finetune[2]["params"]] == [model.fc.weight] and [p for p in finetune[3]["params"]] == [model.fc.bias]
+    undecayed = {id(p) for p in finetune[1]["params"]}
+    assert id(model.bn1.weight) in undecayed and id(model.bn1.bias) in undecayed and id(model.conv1.weight) not in undecayed
     grouped = [id(p) for g in finetune for p in g["params"]]
     assert sorted(grouped) == sorted(id(p) for p in model.parameters())
-    scratch = parameter_groups(model, head, lr=0.05, backbone_lr_scale=None)
+    scratch = parameter_groups(model, head, lr=0.05, backbone_lr_scale=None, weight_decay=1e-4, decay_norm_and_bias=True)
     assert len(scratch) == 1 and len(scratch[0]["params"]) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize(
+    ("arch", "stages", "first", "last"),
+    [
+        ("resnet18", 5, ["conv1", "bn1"], ["layer4"]),
+        ("timm/resnet18", 5, ["conv1", "bn1"], ["layer4"]),
+        ("alexnet", 7, ["features.0"], ["classifier.4"]),
+        ("efficientnet_b0", 9, ["features.0"], ["features.8"]),
+        ("timm/tf_efficientnet_lite0", 8, ["conv_stem", "bn1"], ["blocks.6", "conv_head", "bn2"]),
+    ],
+)
+def test_backbone_stages_of_torchvision_and_timm_models(arch, stages, first, last):
+    model, head, _ = build_model(arch, "none", 101)
+    found = backbone_stages(model, head)
+    assert len(found) == stages and found[0] == first
+    assert found[-1] == last
+    assert all(not name.startswith(head) for stage in found for name in stage)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "timm/resnet18"])
+def test_freezing_the_first_stages_trains_only_layer3_layer4_and_the_head(arch):
+    model, head, _ = build_model(arch, "none", 101)
+    frozen = freeze_stages(model, head, 3)  # stem, layer1, layer2
+    trainable = {name.split(".")[0] for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"layer3", "layer4", "fc"}
+    set_train_mode(model, frozen, freeze_bn=False)
+    assert not model.layer1.training and not model.bn1.training and model.layer3.training
+    with pytest.raises(ModelError, match="train.frozen_stages: 6 is more than the 5 stages"):
+        freeze_stages(model, head, 6)
 
 
 def test_frozen_bn_statistics_do_not_move():
     model, _, _ = build_model("resnet18", "none", 101)
     before = model.bn1.running_mean.clone()
-    model.train()
-    freeze_bn_stats(model)
+    set_train_mode(model, [], freeze_bn=True)
     model(torch.randn(4, 3, 64, 64) * 5 + 3)
     torch.testing.assert_close(model.bn1.running_mean, before)
-    model.train()
+    set_train_mode(model, [], freeze_bn=False)
     model(torch.randn(4, 3, 64, 64) * 5 + 3)
     assert not torch.equal(model.bn1.running_mean, before)

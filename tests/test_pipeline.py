@@ -18,7 +18,7 @@ def test_repro_then_experiment_then_plots(project_repo):
         assert f"Running stage '{stage}'" in result.stdout
 
     for mode in ("finetune", "scratch"):
-        assert (repo / f"data/models/{mode}.pt").is_file()
+        assert (repo / f"data/models/{mode}/model.pt").is_file()
         curve = (repo / f"metrics/train_{mode}/plots/metrics/val/acc.tsv").read_text().splitlines()
         assert len(curve) == 1 + 2, "one header line plus one row per epoch"
         test = json.loads((repo / f"metrics/test_{mode}/metrics.json").read_text())

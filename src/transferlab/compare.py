@@ -16,7 +16,7 @@ import yaml
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .config import MODES, load_params  # noqa: E402
+from .config import RUNS, load_params  # noqa: E402
 from .fileio import atomic_path, read_json, write_json, write_text  # noqa: E402
 from .paths import COMPARISON_JSON, COMPARISON_MD, CURVES_PNG, GAIN_PNG, evaluation_dir, train_dir  # noqa: E402
 from .stage import run_stage  # noqa: E402
@@ -25,14 +25,14 @@ METRIC_LABELS = {"mean_per_class_acc": "Mean per-class accuracy", "top1": "Top-1
 CURVES = [("val/acc", "Validation accuracy"), ("val/loss", "Validation loss"), ("train/loss", "Training loss")]
 
 
-def read_per_class(mode: str) -> dict[str, float]:
+def read_per_class(run: str) -> dict[str, float]:
     """Per-class accuracy (recall) by class name."""
-    with (evaluation_dir(mode) / "per_class.csv").open() as f:
+    with (evaluation_dir(run) / "per_class.csv").open() as f:
         return {row["class"]: float(row["recall"]) for row in csv.DictReader(f)}
 
 
-def read_curve(mode: str, metric: str) -> tuple[list[int], list[float]]:
-    path = train_dir(mode) / "plots" / "metrics" / f"{metric}.tsv"
+def read_curve(run: str, metric: str) -> tuple[list[int], list[float]]:
+    path = train_dir(run) / "plots" / "metrics" / f"{metric}.tsv"
     if not path.is_file():
         return [], []
     with path.open() as f:
@@ -41,23 +41,25 @@ def read_curve(mode: str, metric: str) -> tuple[list[int], list[float]]:
     return [int(r["step"]) + 1 for r in rows], [float(r[name]) for r in rows]
 
 
-def training_budget(mode: str) -> tuple[dict, dict]:
+def training_budget(run: str) -> tuple[dict, dict]:
     """The run's settings (dvclive's params.yaml) and its summary (metrics.json), from the training stage's folder."""
-    return yaml.safe_load((train_dir(mode) / "params.yaml").read_text()), read_json(train_dir(mode) / "metrics.json")
+    return yaml.safe_load((train_dir(run) / "params.yaml").read_text()), read_json(train_dir(run) / "metrics.json")
 
 
 def budget_table(budgets: dict[str, tuple[dict, dict]]) -> list[str]:
     lines = [
         "## Training budget",
         "",
-        "| Model | Weights | Epochs | Train / eval resolution | lr | Best val acc (epoch) | Training wall time |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| Model | Mode | Weights | Epochs | Train / eval resolution | lr | Best val acc (epoch) | Training wall time |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
     ]
-    for mode, (cfg, summary) in budgets.items():
-        lr = f"{cfg['lr']:g}" + (f" (body {cfg['lr'] * cfg['backbone_lr_scale']:g})" if mode == "finetune" else "")
+    for run, (cfg, summary) in budgets.items():
+        mode = cfg.get("mode", run)
+        body = cfg["lr"] * cfg["backbone_lr_scale"]
+        lr = f"{cfg['lr']:g}" + {"finetune": f" (body {body:g})", "feature_extract": " (body frozen)"}.get(mode, "")
         val = f"{summary['best/val_acc']:.2%} ({summary['best/epoch']})" if "best/val_acc" in summary else "n/a"
         lines.append(
-            f"| {mode} | {cfg['weights']} | {cfg['epochs']} | {cfg['image_size']} / {cfg['eval_image_size']} px | {lr} "
+            f"| {run} | {mode} | {cfg['weights']} | {cfg['epochs']} | {cfg['image_size']} / {cfg['eval_image_size']} px | {lr} "
             f"| {val} | {summary['wall_time_s'] / 60:.1f} min |"
         )
     return lines + [""]
@@ -87,9 +89,9 @@ def markdown_report(finetune: dict, scratch: dict, gains: list[tuple[str, float,
 def plot_curves(path: Path) -> None:
     fig, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 4))
     for ax, (metric, title) in zip(axes, CURVES):
-        for mode, style in zip(MODES, ("-o", "-s")):
-            epochs, values = read_curve(mode, metric)
-            ax.plot(epochs, values, style, markersize=3, label=mode)
+        for run, style in zip(RUNS, ("-o", "-s")):
+            epochs, values = read_curve(run, metric)
+            ax.plot(epochs, values, style, markersize=3, label=run)
         ax.set(title=title, xlabel="epoch")
         ax.grid(alpha=0.3)
         ax.legend()
@@ -116,10 +118,10 @@ def plot_gains(path: Path, gains: list[tuple[str, float, float, float]]) -> None
 
 def main() -> None:
     top = load_params().evaluate.top_classes
-    finetune, scratch = (read_json(evaluation_dir(mode) / "metrics.json") for mode in MODES)
+    finetune, scratch = (read_json(evaluation_dir(run) / "metrics.json") for run in RUNS)
     per_ft, per_sc = read_per_class("finetune"), read_per_class("scratch")
     gains = sorted(((c, per_ft[c], per_sc[c], per_ft[c] - per_sc[c]) for c in per_ft), key=lambda g: (-g[3], g[0]))
-    budgets = {mode: training_budget(mode) for mode in MODES}
+    budgets = {run: training_budget(run) for run in RUNS}
     write_text(COMPARISON_MD, markdown_report(finetune, scratch, gains, top, budgets))
     write_json(COMPARISON_JSON, {f"gain/{key}": finetune[key] - scratch[key] for key in METRIC_LABELS})
     plot_curves(CURVES_PNG)

@@ -18,7 +18,8 @@ from typing import Any
 
 import yaml
 
-MODES = ("finetune", "scratch")
+# the two trained models, each with its stage (train_<run>) and its params section of overrides
+RUNS = ("finetune", "scratch")
 DATA_SOURCE_ENV = "TRANSFERLAB_DATA"
 
 
@@ -62,25 +63,81 @@ class ModelConfig:
     weights: str = "imagenet"
 
 
+def _choice(*allowed: str) -> dict:
+    return {"choices": allowed}
+
+
+TRAINING_MODES = ("finetune", "feature_extract", "scratch")
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad", "adadelta")
+SCHEDULES = ("constant", "step", "multistep", "exponential", "cosine", "linear", "plateau")
+AUTO_AUGMENTS = ("none", "trivialaugment", "randaugment")
+PRECISIONS = ("fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+MONITORS = ("val_acc", "val_loss")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
+    # finetune: every layer trains, the pretrained ones at lr * backbone_lr_scale (the first
+    # frozen_stages stages of the backbone stay fixed: partial unfreezing);
+    # feature_extract: only the new head trains on the frozen backbone's features;
+    # scratch: random init, every layer at lr (the train_scratch stage always runs this mode)
+    mode: str = field(default="finetune", metadata=_choice(*TRAINING_MODES))
+    frozen_stages: int = field(default=0, metadata=_range(0))
     epochs: int = field(default=6, metadata=_range(1))
     batch_size: int = field(default=32, metadata=_range(1))
     lr: float = field(default=0.02, metadata=_range(0, low_open=True))
-    # fine-tuning: pretrained layers train at lr * backbone_lr_scale (ignored for scratch)
     backbone_lr_scale: float = field(default=0.1, metadata=_range(0, 1))
-    momentum: float = field(default=0.9, metadata=_range(0, 1))
+    optimizer: str = field(default="sgd", metadata=_choice(*OPTIMIZERS))
+    momentum: float = field(default=0.9, metadata=_range(0, 1))  # sgd and rmsprop
+    nesterov: bool = True  # sgd with momentum > 0
     weight_decay: float = field(default=5e-5, metadata=_range(0))
+    decay_norm_and_bias: bool = False  # weight decay on biases and normalisation weights too
+    # learning-rate schedule, stepped every optimizer step (plateau: every epoch, on `monitor`)
+    schedule: str = field(default="cosine", metadata=_choice(*SCHEDULES))
+    warmup_epochs: float = field(default=0.0, metadata=_range(0))  # linear warm-up, in epochs ...
+    warmup_steps: int = field(default=0, metadata=_range(0))  # ... or in optimizer steps (not both)
+    step_epochs: int = field(default=2, metadata=_range(1))  # step: multiply by gamma every step_epochs
+    milestones: list = field(default_factory=list)  # multistep: epochs at which the lr is multiplied by gamma
+    gamma: float = field(default=0.1, metadata=_range(0, 1, low_open=True))  # step, multistep, exponential (per epoch), plateau
+    plateau_patience: int = field(default=1, metadata=_range(0))
+    # validation metric that picks the best epoch, drives plateau and early stopping
+    monitor: str = field(default="val_acc", metadata=_choice(*MONITORS))
+    early_stopping_patience: int = field(default=0, metadata=_range(0))  # epochs without improvement; 0 = off
+    grad_clip_norm: float = field(default=0.0, metadata=_range(0))  # 0 = off
     label_smoothing: float = field(default=0.1, metadata=_range(0, 1))
-    warmup_epochs: float = field(default=0.0, metadata=_range(0))
+    # fp16 needs CUDA (with a gradient scaler); bf16 runs on CUDA or on a CPU with native bf16 support
+    precision: str = field(default="fp32", metadata=_choice(*PRECISIONS))
     # keep the pretrained batch-norm running statistics fixed while fine-tuning
     freeze_bn_stats: bool = True
     image_size: int = field(default=160, metadata=_range(16, 1024))
     eval_image_size: int = field(default=224, metadata=_range(16, 1024))
-    # random-resized-crop scale range lower bound (upper bound is 1)
-    crop_scale_min: float = field(default=0.25, metadata=_range(0, 1, low_open=True))
+    # augmentation (torchvision.transforms.v2, on the training device); augment: false turns all of it off
+    # and trains on the evaluation centre crop, which lets feature_extract compute features once
+    augment: bool = True
+    crop_scale_min: float = field(default=0.25, metadata=_range(0, 1, low_open=True))  # random resized crop
+    hflip: bool = True
+    rotation_degrees: float = field(default=0.0, metadata=_range(0, 180))
+    color_jitter: float = field(default=0.0, metadata=_range(0, 1))  # brightness, contrast, saturation strength
+    auto_augment: str = field(default="none", metadata=_choice(*AUTO_AUGMENTS))
+    random_erasing: float = field(default=0.0, metadata=_range(0, 1))  # probability per image
+    mixup_alpha: float = field(default=0.0, metadata=_range(0))  # 0 = off; with cutmix, one of the two per batch
+    cutmix_alpha: float = field(default=0.0, metadata=_range(0))
+    balanced_sampling: bool = False  # draw every class equally often (Caltech-101 has 31 to 800 images a class)
+    device: str = field(default="auto", metadata=_choice(*DEVICES))  # auto: cuda, else mps, else cpu
     channels_last: bool = True
+    compile: bool = False  # torch.compile the model
     seed: int = 0
+
+    def __post_init__(self):
+        if self.warmup_epochs and self.warmup_steps:
+            raise ConfigError("train.warmup_epochs and train.warmup_steps are both set: give the warm-up in one unit")
+        if not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in self.milestones) or sorted(
+            set(self.milestones)
+        ) != list(self.milestones):
+            raise ConfigError(f"train.milestones must be increasing epoch numbers >= 1, got {self.milestones!r}")
+        if self.schedule == "multistep" and not self.milestones:
+            raise ConfigError("train.schedule: multistep needs train.milestones (epochs at which the lr drops)")
 
 
 @dataclass(frozen=True)
@@ -99,14 +156,39 @@ class Params:
     scratch: dict
     evaluate: EvaluateConfig
 
-    def train_config(self, mode: str) -> TrainConfig:
-        """The ``train:`` section with the mode's overrides applied."""
-        if mode not in MODES:
-            raise ConfigError(f"unknown training mode {mode!r}; allowed: {', '.join(MODES)}")
-        return dataclasses.replace(self.train, **getattr(self, mode))
+    def train_config(self, run: str) -> TrainConfig:
+        """The ``train:`` section with the run's overrides applied, checked as a whole."""
+        if run not in RUNS:
+            raise ConfigError(f"unknown training run {run!r}; allowed: {', '.join(RUNS)}")
+        overrides = getattr(self, run)
+        cfg = dataclasses.replace(self.train, **overrides)
 
-    def weights_for(self, mode: str) -> str:
-        return self.model.weights if mode == "finetune" else "none"
+        def key(name: str) -> str:
+            return f"{run if name in overrides else 'train'}.{name}"
+
+        if run == "scratch":  # mode and frozen_stages of the train: section are the fine-tuning's
+            for name, allowed in (("mode", "scratch"), ("frozen_stages", 0)):
+                if overrides.get(name, allowed) != allowed:
+                    raise ConfigError(f"scratch.{name}: train_scratch trains every layer from random init; allowed: {allowed}")
+            cfg = dataclasses.replace(cfg, mode="scratch", frozen_stages=0)
+        needs_validation = [k for k, on in (("schedule", cfg.schedule == "plateau"), ("early_stopping_patience", cfg.early_stopping_patience)) if on]
+        if needs_validation and not self.data.val_per_class:
+            raise ConfigError(f"{key(needs_validation[0])} watches the validation split, but data.val_per_class is 0")
+        pretrained = cfg.mode != "scratch" and self.model.weights != "none"
+        if cfg.mode == "feature_extract" and not pretrained:
+            raise ConfigError(
+                f"{key('mode')}: feature_extract trains a head on pretrained features, but model.weights is none; "
+                f"with random weights use one of: finetune, scratch"
+            )
+        if cfg.frozen_stages and (cfg.mode != "finetune" or not pretrained):
+            raise ConfigError(
+                f"{key('frozen_stages')}: freezing stages needs mode finetune with pretrained weights "
+                f"(mode is {cfg.mode}, model.weights is {self.model.weights}); allowed here: 0"
+            )
+        return cfg
+
+    def weights_for(self, run: str) -> str:
+        return "none" if self.train_config(run).mode == "scratch" else self.model.weights
 
 
 def _check_type(key: str, value: Any, annotation: Any) -> Any:
@@ -124,6 +206,10 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
 
 
 def _check_range(key: str, value: Any, meta: typing.Mapping) -> None:
+    if "choices" in meta:
+        if value not in meta["choices"]:
+            raise ConfigError(f"{key} must be one of {', '.join(meta['choices'])}; got {value!r}")
+        return
     if value is None or not meta:
         return
     low, high = meta["low"], meta["high"]
@@ -159,16 +245,19 @@ SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "eva
 def parse_params(raw: dict) -> Params:
     if not isinstance(raw, dict):
         raise ConfigError("params.yaml must be a mapping of sections")
-    allowed = set(SECTIONS) | set(MODES)
+    allowed = set(SECTIONS) | set(RUNS)
     unknown = set(raw) - allowed
     if unknown:
         raise ConfigError(f"unknown section(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(allowed))}")
     built = {name: _build(cls, name, raw.get(name)) for name, cls in SECTIONS.items()}
-    overrides = {mode: _build(TrainConfig, mode, raw.get(mode), partial=True) for mode in MODES}
+    overrides = {run: _build(TrainConfig, run, raw.get(run), partial=True) for run in RUNS}
     from .models import check_model  # imported here: it loads torch, timm and torchvision
 
     check_model(built["model"].arch, built["model"].weights)
-    return Params(**built, **overrides)
+    params = Params(**built, **overrides)
+    for run in RUNS:
+        params.train_config(run)
+    return params
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import RandomSampler, WeightedRandomSampler
 from torchvision.transforms import InterpolationMode, v2
 
+from .config import TrainConfig
 from .fileio import read_json
 from .models import Preprocessing
 from .paths import PREPARED_DIR
@@ -33,13 +34,55 @@ def _interpolation(prep: Preprocessing) -> InterpolationMode:
     return InterpolationMode(prep.interpolation)
 
 
-def train_augmentation(size: int, prep: Preprocessing, crop_scale_min: float) -> v2.Transform:
-    return v2.Compose(
-        [
-            v2.RandomResizedCrop(size, scale=(crop_scale_min, 1.0), interpolation=_interpolation(prep), antialias=True),
-            v2.RandomHorizontalFlip(),
-        ]
-    )
+def _per_image_augmentation(cfg: TrainConfig, prep: Preprocessing) -> v2.Transform:
+    interpolation = _interpolation(prep)
+    steps = [v2.RandomResizedCrop(cfg.image_size, scale=(cfg.crop_scale_min, 1.0), interpolation=interpolation, antialias=True)]
+    if cfg.hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    if cfg.rotation_degrees:
+        steps.append(v2.RandomRotation(cfg.rotation_degrees, interpolation=interpolation))
+    if cfg.color_jitter:
+        steps.append(v2.ColorJitter(brightness=cfg.color_jitter, contrast=cfg.color_jitter, saturation=cfg.color_jitter))
+    if cfg.auto_augment == "trivialaugment":
+        steps.append(v2.TrivialAugmentWide(interpolation=interpolation))
+    elif cfg.auto_augment == "randaugment":
+        steps.append(v2.RandAugment(interpolation=interpolation))
+    if cfg.random_erasing:
+        steps.append(v2.RandomErasing(p=cfg.random_erasing))
+    return v2.Compose(steps)
+
+
+def _batch_mixing(cfg: TrainConfig, num_classes: int) -> v2.Transform | None:
+    mixers = [v2.MixUp(alpha=cfg.mixup_alpha, num_classes=num_classes)] if cfg.mixup_alpha else []
+    if cfg.cutmix_alpha:
+        mixers.append(v2.CutMix(alpha=cfg.cutmix_alpha, num_classes=num_classes))
+    return v2.RandomChoice(mixers) if mixers else None
+
+
+class BatchAugmenter:
+    """Training inputs from a uint8 NCHW batch already on the training device (so a GPU does the work).
+
+    Random crops, flips, rotation, colour jitter, TrivialAugment/RandAugment and random erasing are drawn
+    per image (a v2 transform given a whole batch would draw one set of parameters for all of it); MixUp
+    and CutMix mix the batch and turn the labels into class probabilities. With ``augment: false`` the
+    batch gets the deterministic evaluation crop at ``image_size``.
+    """
+
+    def __init__(self, cfg: TrainConfig, prep: Preprocessing, num_classes: int, cache_size: int):
+        self.prep, self.channels_last = prep, cfg.channels_last
+        self.per_image = _per_image_augmentation(cfg, prep) if cfg.augment else None
+        self.whole_batch = None if cfg.augment else eval_resize(cfg.image_size, prep, cache_size)
+        self.mixing = _batch_mixing(cfg, num_classes) if cfg.augment else None
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalised float batch, targets: class indices, or class probabilities after MixUp/CutMix)."""
+        if self.per_image is not None:
+            images = torch.stack([self.per_image(image) for image in images])
+        else:
+            images = self.whole_batch(images)
+        if self.mixing is not None:
+            images, labels = self.mixing(images, labels)
+        return normalize(images, self.prep, self.channels_last), labels
 
 
 def eval_resize(size: int, prep: Preprocessing, cache_size: int) -> v2.Transform:
@@ -58,26 +101,21 @@ def normalize(batch: torch.Tensor, prep: Preprocessing, channels_last: bool = Fa
     return batch.contiguous(memory_format=torch.channels_last) if channels_last else batch
 
 
-class AugmentedArray(Dataset):
-    """Random crops and flips of cached uint8 images, one sample at a time (each gets its own crop)."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: v2.Transform):
-        self.images, self.labels, self.transform = images, labels, transform
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int):
-        image = torch.from_numpy(np.array(self.images[index])).permute(2, 0, 1)
-        return self.transform(image), self.labels[index]
+def epoch_order(labels: np.ndarray, generator: torch.Generator, balanced: bool) -> torch.Tensor:
+    """The sample indices of one epoch: a shuffle, or (balanced) a draw with every class equally likely."""
+    if balanced:
+        counts = np.bincount(labels)
+        weights = torch.from_numpy(1.0 / counts[labels])
+        sampler = WeightedRandomSampler(weights, num_samples=len(labels), replacement=True, generator=generator)
+    else:
+        sampler = RandomSampler(range(len(labels)), generator=generator)
+    return torch.tensor(list(sampler), dtype=torch.int64)
 
 
-def train_loader(images, labels, transform, batch_size: int, seed: int) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed)
-    dataset = AugmentedArray(images, labels, transform)
-    # drop a ragged last batch (noisy batch-norm statistics), unless that would leave no batch at all
-    drop_last = len(dataset) > batch_size
-    return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=drop_last, generator=generator)
+def batch_slices(count: int, batch_size: int) -> list[slice]:
+    """Batches of an epoch; a ragged last batch is dropped (noisy batch-norm statistics) unless it is the only one."""
+    full = count // batch_size if count > batch_size else 1
+    return [slice(i * batch_size, min((i + 1) * batch_size, count)) for i in range(full)]
 
 
 def eval_batches(images: np.ndarray, transform: v2.Transform, batch_size: int):

@@ -1,6 +1,6 @@
 """Stage ``evaluate``: both trained models on the test split.
 
-For each mode, ``metrics/test_<mode>/`` gets ``metrics.json`` (top-1, top-5, mean per-class
+For each run, ``metrics/test_<run>/`` gets ``metrics.json`` (top-1, top-5, mean per-class
 accuracy: the standard Caltech-101 metric), ``per_class.csv`` (precision, recall = per-class
 accuracy, F1, support; scikit-learn) and dvclive's confusion-matrix plot.
 """
@@ -16,10 +16,11 @@ import numpy as np
 from dvclive import Live
 from sklearn.metrics import balanced_accuracy_score, precision_recall_fscore_support, top_k_accuracy_score
 
-from .config import MODES, load_params
+from .config import RUNS, load_params
 from .data import load_split
 from .fileio import atomic_path
-from .inference import default_device, predict_logits
+from .device import resolve_device
+from .inference import predict_logits
 from .models import Preprocessing, load_checkpoint
 from .paths import checkpoint_path, evaluation_dir
 from .stage import run_stage
@@ -49,33 +50,33 @@ def write_per_class(path: Path, labels: np.ndarray, predictions: np.ndarray, cla
             writer.writerow([row[0], *(f"{v:.4f}" for v in row[1:4]), int(row[4])])
 
 
-def evaluate_model(mode: str, images: np.ndarray, labels: np.ndarray, batch_size: int) -> dict:
+def evaluate_model(run: str, images: np.ndarray, labels: np.ndarray, batch_size: int) -> dict:
     started = time.perf_counter()
-    model, checkpoint = load_checkpoint(checkpoint_path(mode))
-    model.to(default_device())
+    model, checkpoint = load_checkpoint(checkpoint_path(run))
+    model.to(resolve_device())
     classes = checkpoint["classes"]
     prep = Preprocessing.from_dict(checkpoint["preprocessing"])
     logits = predict_logits(
-        model, images, prep, checkpoint["eval_image_size"], batch_size, checkpoint["train_config"]["channels_last"], f"test {mode}"
+        model, images, prep, checkpoint["eval_image_size"], batch_size, checkpoint["train_config"]["channels_last"], f"test {run}"
     )
     probs = logits.softmax(1).numpy()
     metrics = {**classification_metrics(labels, probs), "wall_time_s": round(time.perf_counter() - started, 1)}
-    out = evaluation_dir(mode)
+    out = evaluation_dir(run)
     with Live(str(out), dvcyaml=False, save_dvc_exp=False) as live:
         for key, value in metrics.items():
             live.summary[key] = value
         names = np.array(classes)
         live.log_sklearn_plot("confusion_matrix", names[labels].tolist(), names[probs.argmax(1)].tolist(), name="confusion_matrix.json")
     write_per_class(out / "per_class.csv", labels, probs.argmax(1), classes)
-    log.info("%s on %d test images: %s", mode, len(labels), metrics)
+    log.info("%s on %d test images: %s", run, len(labels), metrics)
     return metrics
 
 
 def main() -> None:
     params = load_params()
     images, labels = load_split("test")
-    for mode in MODES:
-        evaluate_model(mode, images, labels, params.evaluate.batch_size)
+    for run in RUNS:
+        evaluate_model(run, images, labels, params.evaluate.batch_size)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,6 @@ from .data import eval_batches, eval_resize, normalize
 from .models import Preprocessing
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 @torch.inference_mode()
 def predict_logits(
     model: nn.Module,
@@ -24,15 +20,26 @@ def predict_logits(
     batch_size: int,
     channels_last: bool = True,
     desc: str = "predict",
+    inputs_of: nn.Module | None = None,
 ) -> torch.Tensor:
-    """Logits (N x classes, on the CPU) for the centre-cropped images at ``image_size``, computed where the model is."""
+    """Logits (N x classes, on the CPU) for the centre-cropped images at ``image_size``, computed where the model is.
+
+    With ``inputs_of`` (the classifier head), return what that module receives instead: the backbone's features.
+    """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     transform = eval_resize(image_size, prep, images.shape[1])
     outputs = []
+    captured = []
+    hook = inputs_of.register_forward_pre_hook(lambda module, args: captured.append(args[0])) if inputs_of else None
     total = (len(images) + batch_size - 1) // batch_size
-    for batch in tqdm(eval_batches(images, transform, batch_size), total=total, desc=desc, leave=False):
-        outputs.append(model(normalize(batch.to(device), prep, channels_last)).float().cpu())
-    model.train(was_training)
+    try:
+        for batch in tqdm(eval_batches(images, transform, batch_size), total=total, desc=desc, leave=False):
+            logits = model(normalize(batch.to(device), prep, channels_last))
+            outputs.append((captured.pop() if hook else logits).float().cpu())
+    finally:
+        if hook:
+            hook.remove()
+        model.train(was_training)
     return torch.cat(outputs)

@@ -138,24 +138,113 @@ def build_model(arch: str, weights: str, num_classes: int) -> tuple[nn.Module, s
     return model, head, prep
 
 
-def parameter_groups(model: nn.Module, head: str, lr: float, backbone_lr_scale: float | None) -> list[dict]:
-    """One group for everything (scratch), or the new head at ``lr`` and the pretrained rest at ``lr * backbone_lr_scale``."""
-    if backbone_lr_scale is None:
-        return [{"name": "all", "params": list(model.parameters()), "lr": lr}]
-    head_params = list(model.get_submodule(head).parameters())
-    head_ids = {id(p) for p in head_params}
-    backbone = [p for p in model.parameters() if id(p) not in head_ids]
+NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+
+
+def _trainable_parts(module: nn.Module, head: nn.Module) -> list[tuple[str, nn.Module]]:
+    head_ids = {id(p) for p in head.parameters()}
     return [
-        {"name": "backbone", "params": backbone, "lr": lr * backbone_lr_scale},
-        {"name": "head", "params": head_params, "lr": lr},
+        (name, child)
+        for name, child in module.named_children()
+        if child is not head and any(id(p) not in head_ids for p in child.parameters())
     ]
 
 
-def freeze_bn_stats(model: nn.Module) -> None:
-    """Put every batch-norm layer in eval mode so its running statistics stay the pretrained ones."""
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.eval()
+def _torchvision_stages(module: nn.Module, head: nn.Module, prefix: str = "") -> list[list[str]]:
+    """A torchvision model's parameterised top-level parts, input side first.
+
+    A level that is only a wrapper (at most two parts besides the head, such as AlexNet's
+    ``features`` + ``classifier``) is opened, until the parts are real stages (conv1..conv5, fc6, fc7).
+    A normalisation layer joins the layer before it (ResNet's stem is ``conv1`` + ``bn1``).
+    """
+    parts = _trainable_parts(module, head)
+    stages: list[list[str]] = []
+    for name, child in parts:
+        if len(parts) <= 2 and any(True for _ in child.children()):
+            stages.extend(_torchvision_stages(child, head, f"{prefix}{name}."))
+        elif isinstance(child, NORM_LAYERS) and stages:
+            stages[-1].append(prefix + name)
+        else:
+            stages.append([prefix + name])
+    return stages
+
+
+def backbone_stages(model: nn.Module, head: str) -> list[list[str]]:
+    """The pretrained body as consecutive stages (lists of module names), input side first; the head excluded.
+
+    timm models define their own stages (``group_matcher(coarse=True)``: stem, then each block stage);
+    torchvision models are split by :func:`_torchvision_stages`. ResNet-18 gives
+    stem, layer1, layer2, layer3, layer4 in both libraries.
+    """
+    if hasattr(model, "group_matcher"):
+        groups = timm.models.group_modules(model, model.group_matcher(coarse=True))
+        return [_outermost(model, names) for names in groups.values() if head not in names]
+    return _torchvision_stages(model, model.get_submodule(head))
+
+
+def _outermost(model: nn.Module, names: list[str]) -> list[str]:
+    """The largest modules made only of the named parameter-holding modules (``layer1`` for ``layer1.0.conv1``, ...)."""
+    owners = {n for n, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))}
+    members, outer = set(names), []
+    for name in names:
+        parts = name.split(".")
+        for depth in range(1, len(parts) + 1):
+            prefix = ".".join(parts[:depth])
+            if {n for n in owners if n == prefix or n.startswith(prefix + ".")} <= members:
+                if prefix not in outer:
+                    outer.append(prefix)
+                break
+    return outer
+
+
+def freeze_stages(model: nn.Module, head: str, count: int) -> list[str]:
+    """Stop gradients into the first ``count`` backbone stages; return their module names (to keep in eval mode)."""
+    stages = backbone_stages(model, head)
+    if count > len(stages):
+        raise ModelError(f"train.frozen_stages: {count} is more than the {len(stages)} stages of this model's backbone")
+    frozen = [name for stage in stages[:count] for name in stage]
+    for name in frozen:
+        model.get_submodule(name).requires_grad_(False)
+    return frozen
+
+
+def parameter_groups(
+    model: nn.Module, head: str, lr: float, backbone_lr_scale: float | None, weight_decay: float, decay_norm_and_bias: bool
+) -> list[dict]:
+    """Optimizer groups for the trainable parameters.
+
+    One learning rate for everything (``backbone_lr_scale`` None: scratch), or the new head at ``lr`` and the
+    pretrained rest at ``lr * backbone_lr_scale``. Unless ``decay_norm_and_bias``, biases and normalisation
+    weights (every parameter with fewer than two dimensions) get no weight decay, as in timm and torchvision.
+    """
+    head_ids = {id(p) for p in model.get_submodule(head).parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if backbone_lr_scale is None:
+        parts = [("all", trainable, lr)]
+    else:
+        parts = [
+            ("backbone", [p for p in trainable if id(p) not in head_ids], lr * backbone_lr_scale),
+            ("head", [p for p in trainable if id(p) in head_ids], lr),
+        ]
+    groups = []
+    for name, params, group_lr in parts:
+        decayed = [p for p in params if decay_norm_and_bias or p.ndim > 1]
+        undecayed = [p for p in params if not (decay_norm_and_bias or p.ndim > 1)]
+        for selected, decay in ((decayed, weight_decay), (undecayed, 0.0)):
+            if selected:
+                groups.append({"name": name, "params": selected, "lr": group_lr, "weight_decay": decay})
+    return groups
+
+
+def set_train_mode(model: nn.Module, frozen_modules: list[str], freeze_bn: bool) -> None:
+    """Training mode, except frozen stages (no dropout, fixed batch-norm statistics) and, if asked, every batch norm."""
+    model.train()
+    for name in frozen_modules:
+        model.get_submodule(name).eval()
+    if freeze_bn:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
 
 
 def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:

@@ -7,6 +7,7 @@ from pathlib import Path
 RAW_DIR = Path("data/raw")
 PREPARED_DIR = Path("data/prepared")
 MODELS_DIR = Path("data/models")
+RESUME_DIR = Path("data/resume")  # not a DVC output: DVC deletes outputs before it re-runs a stage
 PREPARE_REPORT = Path("metrics/prepare.json")
 COMPARISON_MD = Path("metrics/comparison.md")
 COMPARISON_JSON = Path("metrics/comparison.json")
@@ -14,15 +15,26 @@ CURVES_PNG = Path("plots/learning_curves.png")
 GAIN_PNG = Path("plots/per_class_gain.png")
 
 
-def checkpoint_path(mode: str) -> Path:
-    return MODELS_DIR / f"{mode}.pt"
+def checkpoint_path(run: str) -> Path:
+    """The trained model (best epoch) with everything needed to use it."""
+    return MODELS_DIR / run / "model.pt"
 
 
-def train_dir(mode: str) -> Path:
+def features_path(run: str) -> Path:
+    """Backbone features of the train and validation images, when feature_extract computes them once."""
+    return MODELS_DIR / run / "features.pt"
+
+
+def resume_path(run: str) -> Path:
+    """The latest training state of an unfinished run; removed when the run completes."""
+    return RESUME_DIR / f"{run}.pt"
+
+
+def train_dir(run: str) -> Path:
     """dvclive folder of a training stage: per-epoch curves, settings, summary."""
-    return Path("metrics") / f"train_{mode}"
+    return Path("metrics") / f"train_{run}"
 
 
-def evaluation_dir(mode: str) -> Path:
+def evaluation_dir(run: str) -> Path:
     """Test-split results of one model: metrics.json, per_class.csv, confusion matrix."""
-    return Path("metrics") / f"test_{mode}"
+    return Path("metrics") / f"test_{run}"

@@ -1,11 +1,15 @@
-"""Stages ``train_finetune`` and ``train_scratch``: one training loop, the mode is data.
+"""Stages ``train_finetune`` and ``train_scratch``: one training loop; the mode is data.
 
-    python -m transferlab.train finetune   # ImageNet weights, new head at train.lr, body at lr * backbone_lr_scale
-    python -m transferlab.train scratch    # same architecture from random init, every layer at scratch.lr
+    python -m transferlab.train finetune   # train.mode with the finetune: overrides (finetune | feature_extract)
+    python -m transferlab.train scratch    # the same architecture from random init, with the scratch: overrides
 
-Per epoch, dvclive logs train/val loss and accuracy and each parameter group's learning rate
-to ``metrics/train_<mode>/``; the checkpoint with the best validation accuracy is kept in
-``data/models/<mode>.pt`` together with everything needed to use it (arch, classes, preprocessing).
+Modes (``train.mode``): ``finetune`` trains every layer, the pretrained ones at ``lr * backbone_lr_scale``,
+except the first ``frozen_stages`` backbone stages (partial unfreezing); ``feature_extract`` trains only the
+new head on the frozen backbone (without augmentation the features are computed once and cached);
+``scratch`` starts from random weights. Per epoch, dvclive logs train/val loss and accuracy and each
+parameter group's learning rate to ``metrics/train_<run>/``; the best epoch on the validation split
+(``train.monitor``) is kept in ``data/models/<run>/model.pt`` with everything needed to use it.
+An interrupted run (killed, Ctrl-C) resumes where it stopped when started again (see ``resume.py``).
 """
 
 from __future__ import annotations
@@ -14,127 +18,256 @@ import argparse
 import dataclasses
 import logging
 import time
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Callable
 
+import numpy as np
 import torch
 from dvclive import Live
 from torch import nn
 from tqdm import tqdm
 
-from .config import MODES, TrainConfig, load_params
-from .data import load_classes, load_split, normalize, train_augmentation, train_loader
+from . import resume
+from .config import RUNS, TrainConfig, load_params
+from .data import BatchAugmenter, batch_slices, epoch_order, load_classes, load_split
+from .device import autocast, autocast_dtype, resolve_device
 from .fileio import atomic_path
-from .inference import default_device, predict_logits
-from .models import build_model, freeze_bn_stats, parameter_groups
-from .paths import checkpoint_path, train_dir
+from .inference import predict_logits
+from .models import build_model, freeze_stages, parameter_groups, set_train_mode
+from .optim import LrSchedule, build_optimizer
+from .paths import checkpoint_path, features_path, resume_path, train_dir
 from .stage import run_stage
 
 log = logging.getLogger("transferlab.train")
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
-    """Per-step cosine decay to zero, after an optional linear warm-up."""
-    total = cfg.epochs * steps_per_epoch
-    warmup = min(round(cfg.warmup_epochs * steps_per_epoch), total - 1)
-    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total - warmup)
-    if warmup <= 0:
-        return cosine
-    ramp = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=warmup)
-    return torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
+@dataclass
+class Inputs:
+    """Where training batches come from and how they become logits: one of the two kinds below."""
+
+    fetch: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # indices -> inputs, targets, labels
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    validate: Callable[[], torch.Tensor]  # logits of the validation split, on the CPU
 
 
-def set_train_mode(model: nn.Module, cfg: TrainConfig) -> None:
-    model.train()
-    if cfg.freeze_bn_stats:
-        freeze_bn_stats(model)
+def image_inputs(model, head, data, cfg: TrainConfig, prep, device, num_classes: int) -> Inputs:
+    """Cached uint8 images, augmented on the training device, through the model (or, feature_extract, its frozen body)."""
+    (train_images, train_labels), (val_images, _) = data
+    augment = BatchAugmenter(cfg, prep, num_classes, train_images.shape[1])
+    run_model = torch.compile(model) if cfg.compile else model
+
+    def fetch(indices):
+        index = indices.numpy()
+        images = torch.from_numpy(train_images[index]).to(device, non_blocking=True).permute(0, 3, 1, 2)
+        labels = torch.from_numpy(train_labels[index]).to(device, non_blocking=True)
+        inputs, targets = augment(images, labels)
+        return inputs, targets, labels
+
+    def frozen_body_then_head(inputs):
+        captured = []
+        hook = head.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+        try:
+            with torch.no_grad():
+                run_model(inputs)
+        finally:
+            hook.remove()
+        return head(captured[0])
+
+    def validate():
+        return predict_logits(model, val_images, prep, cfg.eval_image_size, cfg.batch_size * 2, cfg.channels_last, "val")
+
+    forward = frozen_body_then_head if cfg.mode == "feature_extract" else run_model
+    return Inputs(fetch, forward, validate)
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, criterion, prep, cfg: TrainConfig, desc: str) -> tuple[float, float]:
-    set_train_mode(model, cfg)
-    device = next(model.parameters()).device
-    total_loss, correct, seen = 0.0, 0, 0
-    bar = tqdm(loader, desc=desc, leave=False)
-    for images, labels in bar:
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        logits = model(normalize(images, prep, cfg.channels_last))
-        loss = criterion(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        total_loss += loss.item() * len(labels)
-        correct += (logits.argmax(1) == labels).sum().item()
-        seen += len(labels)
-        bar.set_postfix(loss=f"{total_loss / seen:.3f}")
-    return total_loss / seen, correct / seen
+def feature_inputs(run: str, model, head, data, cfg: TrainConfig, prep, device) -> Inputs:
+    """feature_extract without augmentation: the frozen backbone sees each image once; the head trains on its features."""
+    (train_images, train_labels), (val_images, _) = data
+    started = time.perf_counter()
+    batch = cfg.batch_size * 2
+    train_features = predict_logits(model, train_images, prep, cfg.image_size, batch, cfg.channels_last, "features train", head)
+    val_features = predict_logits(model, val_images, prep, cfg.eval_image_size, batch, cfg.channels_last, "features val", head)
+    log.info("backbone features of %d images in %.1f s", len(train_images) + len(val_images), time.perf_counter() - started)
+    with atomic_path(features_path(run)) as tmp:
+        torch.save({"train": train_features, "val": val_features, "image_size": cfg.image_size, "eval_image_size": cfg.eval_image_size}, tmp)
+    train_features, val_features = train_features.to(device), val_features.to(device)
+    labels = torch.from_numpy(train_labels).to(device)
+
+    def fetch(indices):
+        indices = indices.to(device)
+        return train_features[indices], labels[indices], labels[indices]
+
+    def validate():
+        with torch.no_grad():
+            return head(val_features).float().cpu()
+
+    return Inputs(fetch, head, validate)
 
 
-def save_checkpoint(path: Path, model: nn.Module, **info) -> None:
-    with atomic_path(path) as tmp:
-        torch.save({"model": model.state_dict(), **info}, tmp)
+def enter_train_mode(model: nn.Module, head: nn.Module, frozen: list[str], cfg: TrainConfig) -> None:
+    if cfg.mode == "feature_extract":
+        model.eval()
+        head.train()
+    else:
+        set_train_mode(model, frozen, cfg.freeze_bn_stats and cfg.mode == "finetune")
 
 
-def run(mode: str) -> dict:
+def validation_metrics(logits: torch.Tensor, labels: np.ndarray) -> dict:
+    return {
+        "val/loss": nn.functional.cross_entropy(logits, torch.from_numpy(labels)).item(),
+        "val/acc": (logits.argmax(1).numpy() == labels).mean().item(),
+    }
+
+
+def run(name: str) -> dict:
+    """Train the run ``name`` (finetune or scratch); return its best epoch and validation score."""
     started = time.perf_counter()
     params = load_params()
-    cfg = params.train_config(mode)
-    torch.manual_seed(cfg.seed)
+    cfg = params.train_config(name)
+    weights = params.weights_for(name)
+    device = resolve_device(cfg.device)
+    amp_dtype = autocast_dtype(cfg.precision, device)
     classes = load_classes()
-    train_images, train_labels = load_split("train")
-    val_images, val_labels = load_split("val")
-    model, head, prep = build_model(params.model.arch, params.weights_for(mode), len(classes))
-    model = model.to(default_device())
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    groups = parameter_groups(model, head, cfg.lr, cfg.backbone_lr_scale if mode == "finetune" else None)
-    optimizer = torch.optim.SGD(groups, momentum=cfg.momentum, nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
-    loader = train_loader(train_images, train_labels, train_augmentation(cfg.image_size, prep, cfg.crop_scale_min), cfg.batch_size, cfg.seed)
-    scheduler = make_scheduler(optimizer, cfg, len(loader))
+    data = (load_split("train"), load_split("val"))
+    (train_images, train_labels), (_, val_labels) = data
+    torch.manual_seed(cfg.seed)
+    model, head_name, prep = build_model(params.model.arch, weights, len(classes))
+    head = model.get_submodule(head_name)
+    frozen = freeze_stages(model, head_name, cfg.frozen_stages)
+    if cfg.mode == "feature_extract":
+        model.requires_grad_(False)
+        head.requires_grad_(True)
+    model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
+    fingerprint = resume.fingerprint(name, params.model.arch, weights, cfg)
+    state = resume.load_state(resume_path(name), fingerprint)
+
+    scale = None if cfg.mode == "scratch" else cfg.backbone_lr_scale
+    optimizer = build_optimizer(parameter_groups(model, head_name, cfg.lr, scale, cfg.weight_decay, cfg.decay_norm_and_bias), cfg)
+    slices = batch_slices(len(train_labels), cfg.batch_size)
+    schedule = LrSchedule(optimizer, cfg, len(slices))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    checkpoint_info = {
-        "mode": mode,
-        "arch": params.model.arch,
-        "weights": params.weights_for(mode),
-        "classes": classes,
-        "preprocessing": prep.as_dict(),
-        "eval_image_size": cfg.eval_image_size,
-        "train_config": dataclasses.asdict(cfg),
-    }
-    best = {"val_acc": None, "epoch": 0}
-    with Live(str(train_dir(mode)), dvcyaml=False, save_dvc_exp=False) as live:
-        live.log_params({"mode": mode, "arch": params.model.arch, "weights": params.weights_for(mode), **dataclasses.asdict(cfg)})
-        for epoch in range(cfg.epochs):
-            for group in optimizer.param_groups:
-                live.log_metric(f"lr/{group['name']}", group["lr"])
-            train_loss, train_acc = train_one_epoch(
-                model, loader, optimizer, scheduler, criterion, prep, cfg, desc=f"{mode} epoch {epoch + 1}/{cfg.epochs}"
-            )
-            live.log_metric("train/loss", train_loss)
-            live.log_metric("train/acc", train_acc)
-            val_acc = None  # without a validation split, the last epoch is kept
-            if len(val_labels):
-                logits = predict_logits(model, val_images, prep, cfg.eval_image_size, cfg.batch_size * 2, cfg.channels_last, "val")
-                val_loss = nn.functional.cross_entropy(logits, torch.from_numpy(val_labels)).item()
-                val_acc = (logits.argmax(1).numpy() == val_labels).mean().item()
-                live.log_metric("val/loss", val_loss)
-                live.log_metric("val/acc", val_acc)
-                log.info("%s epoch %d: train loss %.4f acc %.4f | val loss %.4f acc %.4f", mode, epoch + 1, train_loss, train_acc, val_loss, val_acc)
-            if val_acc is None or best["val_acc"] is None or val_acc > best["val_acc"]:
-                best = {"val_acc": val_acc, "epoch": epoch + 1}
-                save_checkpoint(checkpoint_path(mode), model, epoch=epoch + 1, val_acc=val_acc, **checkpoint_info)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    progress, best_model = resume.Progress(), None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        scaler.load_state_dict(state["scaler"])
+        generator.set_state(state["generator"])
+        resume.restore_rng(state["rng"])
+        progress, best_model = resume.Progress(**state["progress"]), state["best_model"]
+        log.info("resuming %s from epoch %d, step %d (%s)", name, progress.epoch + 1, progress.step, resume_path(name))
+    if cfg.mode == "feature_extract" and not cfg.augment:
+        inputs = feature_inputs(name, model, head, data, cfg, prep, device)
+    else:
+        inputs = image_inputs(model, head, data, cfg, prep, device, len(classes))
+
+    def save_state(epoch_start_generator: torch.Tensor) -> None:
+        resume.save_state(
+            resume_path(name),
+            {
+                "fingerprint": fingerprint,
+                "progress": dataclasses.asdict(progress),
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(),
+                "scaler": scaler.state_dict(),
+                "generator": epoch_start_generator,
+                "rng": resume.rng_state(device),
+                "best_model": best_model,
+                "params": {"run": name, "arch": params.model.arch, "weights": weights, "train": dataclasses.asdict(cfg)},
+            },
+        )
+
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    with Live(str(train_dir(name)), dvcyaml=False, save_dvc_exp=False) as live, resume.stop_requests() as stop_requested:
+        live.log_params({"run": name, "arch": params.model.arch, "weights": weights, **dataclasses.asdict(cfg)})
+        for logged in progress.history:  # curves of the epochs done before an interruption, at their own steps
+            for key, value in logged.items():
+                live.log_metric(key, value)
             live.next_step()
+        while progress.epoch < cfg.epochs and not progress.stopped_early:
+            epoch_start_generator = generator.get_state()
+            order = epoch_order(train_labels, generator, cfg.balanced_sampling)
+            if progress.step == 0:
+                progress.start_epoch({f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups})
+            enter_train_mode(model, head, frozen, cfg)
+            bar = tqdm(slices, initial=progress.step, desc=f"{name} epoch {progress.epoch + 1}/{cfg.epochs}", leave=False)
+            for batch in slices[progress.step :]:
+                model_inputs, targets, labels = inputs.fetch(order[batch])
+                with autocast(device, amp_dtype):
+                    logits = inputs.forward(model_inputs)
+                    loss = criterion(logits, targets)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if cfg.grad_clip_norm:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(trainable, cfg.grad_clip_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                schedule.step()
+                progress.step += 1
+                progress.loss_sum += loss.item() * len(labels)
+                progress.correct += (logits.argmax(1) == labels).sum().item()
+                progress.seen += len(labels)
+                bar.update()
+                bar.set_postfix(loss=f"{progress.loss_sum / progress.seen:.3f}")
+                if stop_requested():
+                    save_state(epoch_start_generator)
+                    bar.close()
+                    raise SystemExit(f"stopped: {name} saved at epoch {progress.epoch + 1}, step {progress.step}; run again to resume")
+            bar.close()
+            logged = {**progress.epoch_lrs, "train/loss": progress.loss_sum / progress.seen, "train/acc": progress.correct / progress.seen}
+            if len(val_labels):
+                logged.update(validation_metrics(inputs.validate(), val_labels))
+            progress.epoch += 1
+            progress.step = 0
+            progress.history.append(logged)
+            score = {"val_acc": logged.get("val/acc"), "val_loss": -logged.get("val/loss", 0)}[cfg.monitor] if len(val_labels) else None
+            if score is None or progress.best_score is None or score > progress.best_score:
+                progress.best_score, progress.best_epoch, progress.epochs_since_best = score, progress.epoch, 0
+                best_model = {key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items()}
+            else:
+                progress.epochs_since_best += 1
+                progress.stopped_early = 0 < cfg.early_stopping_patience <= progress.epochs_since_best
+            schedule.end_epoch(logged.get(cfg.monitor.replace("_", "/")))
+            log.info("%s epoch %d: %s", name, progress.epoch, ", ".join(f"{k} {v:.4g}" for k, v in logged.items()))
+            for key, value in logged.items():
+                live.log_metric(key, value)
+            live.next_step()
+            save_state(generator.get_state())
+        best = {"val_acc": progress.history[progress.best_epoch - 1].get("val/acc"), "epoch": progress.best_epoch}
+        with atomic_path(checkpoint_path(name)) as tmp:
+            torch.save(
+                {
+                    "model": best_model,
+                    "run": name,
+                    "mode": cfg.mode,
+                    "arch": params.model.arch,
+                    "weights": weights,
+                    "classes": classes,
+                    "preprocessing": prep.as_dict(),
+                    "eval_image_size": cfg.eval_image_size,
+                    "train_config": dataclasses.asdict(cfg),
+                    **best,
+                },
+                tmp,
+            )
         if best["val_acc"] is not None:
             live.summary["best/val_acc"] = best["val_acc"]
         live.summary["best/epoch"] = best["epoch"]
+        live.summary["epochs_run"] = progress.epoch
         live.summary["wall_time_s"] = round(time.perf_counter() - started, 1)
+    resume_path(name).unlink(missing_ok=True)
     return best
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=MODES)
+    parser.add_argument("run", choices=RUNS)
     args = parser.parse_args(argv)
-    run_stage(f"train {args.mode}", lambda: run(args.mode))
+    run_stage(f"train {args.run}", lambda: run(args.run))
 
 
 if __name__ == "__main__":

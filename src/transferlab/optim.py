@@ -1,0 +1,79 @@
+"""Optimizers and learning-rate schedules from ``torch.optim``, chosen by params.
+
+Every schedule except ``plateau`` is stepped once per optimizer step: epoch-based settings
+(step size, milestones, exponential decay per epoch, warm-up in epochs) are converted to steps,
+so a warm-up can precede any of them. ``plateau`` is stepped per epoch on the monitored metric.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.optim import lr_scheduler
+
+from .config import TrainConfig
+
+
+def build_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer named by ``train.optimizer``; each group carries its own lr and weight decay."""
+    options = {
+        "sgd": (torch.optim.SGD, {"momentum": cfg.momentum, "nesterov": cfg.nesterov and cfg.momentum > 0}),
+        "adam": (torch.optim.Adam, {}),
+        "adamw": (torch.optim.AdamW, {}),
+        "rmsprop": (torch.optim.RMSprop, {"momentum": cfg.momentum}),
+        "adagrad": (torch.optim.Adagrad, {}),
+        "adadelta": (torch.optim.Adadelta, {}),
+    }
+    optimizer_class, kwargs = options[cfg.optimizer]
+    return optimizer_class(groups, lr=cfg.lr, **kwargs)
+
+
+def warmup_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    total = cfg.epochs * steps_per_epoch
+    return min(cfg.warmup_steps or round(cfg.warmup_epochs * steps_per_epoch), total - 1)
+
+
+def _main_schedule(optimizer, cfg: TrainConfig, steps_per_epoch: int, warmup: int):
+    remaining = cfg.epochs * steps_per_epoch - warmup
+    if cfg.schedule == "cosine":
+        return lr_scheduler.CosineAnnealingLR(optimizer, T_max=remaining)
+    if cfg.schedule == "linear":
+        return lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=0.0, total_iters=remaining)
+    if cfg.schedule == "step":
+        return lr_scheduler.StepLR(optimizer, step_size=cfg.step_epochs * steps_per_epoch, gamma=cfg.gamma)
+    if cfg.schedule == "multistep":
+        milestones = [max(1, m * steps_per_epoch - warmup) for m in cfg.milestones]
+        return lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=cfg.gamma)
+    if cfg.schedule == "exponential":  # gamma per epoch, applied at epoch boundaries
+        return lr_scheduler.StepLR(optimizer, step_size=steps_per_epoch, gamma=cfg.gamma)
+    return lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)  # constant, and plateau between its drops
+
+
+class LrSchedule:
+    """The per-step schedule (after an optional linear warm-up) and, for ``plateau``, the per-epoch one."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
+        warmup = warmup_steps(cfg, steps_per_epoch)
+        per_step = _main_schedule(optimizer, cfg, steps_per_epoch, warmup)
+        if warmup > 0:
+            ramp = lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=warmup)
+            per_step = lr_scheduler.SequentialLR(optimizer, [ramp, per_step], milestones=[warmup])
+        self.per_step = per_step
+        self.plateau = None
+        if cfg.schedule == "plateau":
+            mode = "max" if cfg.monitor == "val_acc" else "min"
+            self.plateau = lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=cfg.gamma, patience=cfg.plateau_patience)
+
+    def step(self) -> None:
+        self.per_step.step()
+
+    def end_epoch(self, monitored: float | None) -> None:
+        if self.plateau is not None and monitored is not None:
+            self.plateau.step(monitored)
+
+    def state_dict(self) -> dict:
+        return {"per_step": self.per_step.state_dict(), "plateau": self.plateau.state_dict() if self.plateau else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.per_step.load_state_dict(state["per_step"])
+        if self.plateau is not None:
+            self.plateau.load_state_dict(state["plateau"])

@@ -1,0 +1,113 @@
+"""Never lose a run: the training state is saved atomically after every epoch (and on Ctrl-C), and a
+re-run with the same params and data picks it up; anything that matters changed, it starts fresh.
+
+The state lives in ``data/resume/<run>.pt``, outside DVC's outputs (DVC deletes a stage's outputs
+before running it again), and is removed when the run completes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from .config import TrainConfig
+from .fileio import atomic_path
+from .paths import PREPARED_DIR
+
+log = logging.getLogger("transferlab.resume")
+
+
+@dataclass
+class Progress:
+    """Where a run stands, in plain values (saved with the weights)."""
+
+    epoch: int = 0  # completed epochs
+    step: int = 0  # completed batches of the current epoch
+    loss_sum: float = 0.0  # running sums of the current epoch
+    correct: int = 0
+    seen: int = 0
+    epoch_lrs: dict = field(default_factory=dict)  # each group's learning rate when the current epoch began
+    history: list = field(default_factory=list)  # the metrics logged for each completed epoch
+    best_score: float | None = None
+    best_epoch: int = 0
+    epochs_since_best: int = 0
+    stopped_early: bool = False
+
+    def start_epoch(self, lrs: dict) -> None:
+        self.step, self.loss_sum, self.correct, self.seen, self.epoch_lrs = 0, 0.0, 0, 0, lrs
+
+
+def fingerprint(run: str, arch: str, weights: str, cfg: TrainConfig, prepared_dir: Path = PREPARED_DIR) -> str:
+    """Identifies what a run computes: its params and its data. A saved state resumes only under the same one."""
+    data = hashlib.sha256()
+    for name in ("classes.json", "train.csv", "val.csv"):
+        data.update((prepared_dir / name).read_bytes())
+    for name in ("train.npy", "val.npy"):
+        data.update(str((prepared_dir / name).stat().st_size).encode())
+    weights_file = Path(weights)
+    weights_id = [weights, weights_file.stat().st_size, weights_file.stat().st_mtime_ns] if weights_file.is_file() else weights
+    payload = {"run": run, "arch": arch, "weights": weights_id, "train": dataclasses.asdict(cfg), "data": data.hexdigest()}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def save_state(path: Path, state: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_state(path: Path, expected_fingerprint: str) -> dict | None:
+    """The saved state of an interrupted run with the same fingerprint, else None (and a stale one is removed)."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # an unreadable state is never trusted: start fresh
+        log.warning("ignoring unreadable training state %s (%s): starting fresh", path, err)
+        state = None
+    if state is not None and state.get("fingerprint") == expected_fingerprint:
+        return state
+    if state is not None:
+        log.info("params or data changed since %s was saved: starting fresh", path)
+    path.unlink()
+    return None
+
+
+def rng_state(device: torch.device) -> dict:
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextlib.contextmanager
+def stop_requests() -> Iterator[Callable[[], bool]]:
+    """Turn the first Ctrl-C (or SIGTERM) into a request the loop honours after its current step.
+
+    Yields a function that tells whether a stop was requested. A second Ctrl-C interrupts at once.
+    """
+    requested = []
+
+    def handler(signum, frame):
+        if requested:
+            raise KeyboardInterrupt
+        requested.append(signum)
+        log.warning("stop requested: finishing this step and saving (Ctrl-C again to abort without saving)")
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield lambda: bool(requested)
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
