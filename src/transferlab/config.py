@@ -161,7 +161,10 @@ class Params:
         if run not in RUNS:
             raise ConfigError(f"unknown training run {run!r}; allowed: {', '.join(RUNS)}")
         overrides = getattr(self, run)
-        cfg = dataclasses.replace(self.train, **overrides)
+        warmup_units = {"warmup_epochs": "warmup_steps", "warmup_steps": "warmup_epochs"}
+        # a warm-up given in one unit by the run's section replaces the shared one in either unit
+        units_reset = {other: 0 for unit, other in warmup_units.items() if unit in overrides and other not in overrides}
+        cfg = dataclasses.replace(self.train, **units_reset, **overrides)
 
         def key(name: str) -> str:
             return f"{run if name in overrides else 'train'}.{name}"

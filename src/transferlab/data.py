@@ -80,9 +80,10 @@ class BatchAugmenter:
             images = torch.stack([self.per_image(image) for image in images])
         else:
             images = self.whole_batch(images)
-        if self.mixing is not None:
+        images = normalize(images, self.prep)
+        if self.mixing is not None:  # on float images: a mix of uint8 images would be rounded
             images, labels = self.mixing(images, labels)
-        return normalize(images, self.prep, self.channels_last), labels
+        return (images.contiguous(memory_format=torch.channels_last) if self.channels_last else images), labels
 
 
 def eval_resize(size: int, prep: Preprocessing, cache_size: int) -> v2.Transform:

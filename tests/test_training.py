@@ -1,0 +1,239 @@
+"""Every training mode and option, on tiny generated data: what each one must change, and what it must not."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+import yaml
+
+from conftest import tiny_params
+from transferlab import prepare, train
+from transferlab.config import ConfigError, TrainConfig
+from transferlab.data import BatchAugmenter, epoch_order, load_split
+from transferlab.device import cpu_supports_bf16
+from transferlab.inference import predict_logits
+from transferlab.models import Preprocessing, load_checkpoint
+from transferlab.optim import LrSchedule, build_optimizer
+from transferlab.paths import checkpoint_path, features_path, resume_path, train_dir
+
+PREP = Preprocessing((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "bilinear", 0.875)
+
+
+@pytest.fixture
+def project(tmp_path, tiny_folder, monkeypatch):
+    """A prepared tiny project whose model.weights is a (random) resnet18 state dict standing in for ImageNet's."""
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(1)
+    weights = tmp_path / "resnet18_imagenet.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    params = tiny_params()
+    params["data"]["source"] = str(tiny_folder)
+    params["model"]["weights"] = str(weights)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    prepare.main()
+
+    def configure(**train_values):
+        params["train"].update(train_values)
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+
+    configure.weights = torch.load(weights, weights_only=True)
+    return configure
+
+
+def trained_state(run: str = "finetune") -> dict:
+    return torch.load(checkpoint_path(run), weights_only=True)["model"]
+
+
+def logged(run: str, metric: str) -> list[float]:
+    rows = (train_dir(run) / "plots" / "metrics" / f"{metric}.tsv").read_text().splitlines()[1:]
+    return [float(row.split("\t")[1]) for row in rows]
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.float(), b.float())
+
+
+def test_finetune_trains_every_layer_and_keeps_batch_norm_statistics(project):
+    project(mode="finetune")
+    train.run("finetune")
+    state, pretrained = trained_state(), project.weights
+    assert not same(state["conv1.weight"], pretrained["conv1.weight"])
+    assert not same(state["layer4.1.conv2.weight"], pretrained["layer4.1.conv2.weight"])
+    assert same(state["layer2.0.bn1.running_mean"], pretrained["layer2.0.bn1.running_mean"])  # freeze_bn_stats
+
+
+def test_partial_unfreezing_trains_only_layer3_layer4_and_the_head(project):
+    project(mode="finetune", frozen_stages=3, freeze_bn_stats=False)
+    train.run("finetune")
+    state, pretrained = trained_state(), project.weights
+    for key in ("conv1.weight", "bn1.running_mean", "layer1.0.conv1.weight", "layer2.1.bn2.running_var", "layer2.1.bn2.weight"):
+        assert same(state[key], pretrained[key]), f"{key} is in a frozen stage"
+    for key in ("layer3.0.conv1.weight", "layer4.1.bn2.running_mean"):
+        assert not same(state[key], pretrained[key]), f"{key} should train"
+
+
+def test_feature_extract_without_augmentation_trains_the_head_on_cached_features(project):
+    project(mode="feature_extract", augment=False, epochs=3)
+    best = train.run("finetune")
+    state, pretrained = trained_state(), project.weights
+    assert all(same(state[k], v) for k, v in pretrained.items() if not k.startswith("fc."))
+    features = torch.load(features_path("finetune"), weights_only=True)
+    assert features["train"].shape == (3 * 4, 512) and features["val"].shape == (3 * 2, 512)
+    # the head trained on cached features scores the same on the full model as during training
+    model, checkpoint = load_checkpoint(checkpoint_path("finetune"))
+    images, labels = load_split("val")
+    logits = predict_logits(model, images, Preprocessing.from_dict(checkpoint["preprocessing"]), 32, 8)
+    assert (logits.argmax(1).numpy() == labels).mean() == pytest.approx(best["val_acc"])
+
+
+def test_feature_extract_with_augmentation_keeps_the_whole_backbone_fixed(project):
+    project(mode="feature_extract", augment=True)
+    train.run("finetune")
+    state, pretrained = trained_state(), project.weights
+    assert all(same(state[k], v) for k, v in pretrained.items() if not k.startswith("fc."))
+    assert not same(state["fc.weight"], train_head_init())
+    assert not features_path("finetune").exists()
+
+
+def train_head_init() -> torch.Tensor:
+    torch.manual_seed(0)
+    from transferlab.models import build_model
+
+    return build_model("resnet18", "none", 3)[0].fc.weight
+
+
+def test_scratch_ignores_the_fine_tuning_mode_and_pretrained_weights(project):
+    project(mode="feature_extract", frozen_stages=0)
+    train.run("scratch")
+    checkpoint = torch.load(checkpoint_path("scratch"), weights_only=True)
+    assert checkpoint["mode"] == "scratch" and checkpoint["weights"] == "none"
+
+
+def test_same_params_give_the_same_metrics_and_weights(project):
+    project(epochs=2, auto_augment="trivialaugment", mixup_alpha=0.2)
+    train.run("finetune")
+    first, first_state = logged("finetune", "train/loss") + logged("finetune", "val/loss"), trained_state()
+    train.run("finetune")
+    assert logged("finetune", "train/loss") + logged("finetune", "val/loss") == first
+    assert all(torch.equal(first_state[k], v) for k, v in trained_state().items())
+
+
+def test_every_augmentation_and_option_together(project):
+    project(
+        epochs=2,
+        batch_size=4,
+        rotation_degrees=15,
+        color_jitter=0.3,
+        auto_augment="randaugment",
+        random_erasing=0.5,
+        mixup_alpha=0.2,
+        cutmix_alpha=1.0,
+        balanced_sampling=True,
+        grad_clip_norm=1.0,
+        optimizer="adamw",
+        lr=0.001,
+        schedule="linear",
+        warmup_steps=2,
+        compile=True,
+    )
+    train.run("finetune")
+    assert len(logged("finetune", "train/loss")) == 2 and all(np.isfinite(logged("finetune", "train/loss")))
+    assert logged("finetune", "lr/head")[0] == pytest.approx(0.001 * 0.01)  # warm-up starts at 1 %
+
+
+def test_early_stopping_ends_the_run_when_validation_stops_improving(project):
+    project(epochs=6, lr=1e-12, early_stopping_patience=2)
+    best = train.run("finetune")
+    summary = json.loads((train_dir("finetune") / "metrics.json").read_text())
+    assert summary["epochs_run"] == 3 and best["epoch"] == 1
+    assert not resume_path("finetune").exists()
+
+
+def test_unavailable_precision_and_device_fail_before_any_work(project):
+    project(precision="fp16")
+    with pytest.raises(ConfigError, match="train.precision: fp16 needs a CUDA device"):
+        train.run("finetune")
+    if not torch.cuda.is_available():
+        project(precision="fp32", device="cuda")
+        with pytest.raises(ConfigError, match="train.device: cuda is not available on this machine; available: auto, cpu"):
+            train.run("finetune")
+    if not cpu_supports_bf16():
+        project(precision="bf16", device="cpu")
+        with pytest.raises(ConfigError, match="train.precision: this cpu has no native bf16 support"):
+            train.run("finetune")
+    assert not train_dir("finetune").exists()
+
+
+def test_augmentation_draws_per_image_on_whole_batches():
+    cfg = TrainConfig(image_size=24, crop_scale_min=0.2, auto_augment="trivialaugment", mixup_alpha=0.4, channels_last=False)
+    image = torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8)
+    batch, labels = image.expand(4, 3, 40, 40).clone(), torch.tensor([0, 1, 2, 0])
+    inputs, targets = BatchAugmenter(cfg, PREP, num_classes=3, cache_size=40)(batch, labels)
+    assert inputs.shape == (4, 3, 24, 24) and inputs.dtype == torch.float32
+    assert len({tuple(x.flatten()[:50].tolist()) for x in inputs}) == 4, "each image gets its own crop"
+    assert targets.shape == (4, 3) and torch.allclose(targets.sum(1), torch.ones(4))  # MixUp: class probabilities
+    plain = BatchAugmenter(TrainConfig(image_size=24, augment=False, channels_last=False), PREP, 3, 40)
+    fixed, same_labels = plain(batch, labels)
+    assert torch.equal(fixed[0], fixed[3]) and torch.equal(same_labels, labels)
+
+
+def test_balanced_sampling_draws_classes_equally():
+    labels = np.array([0] * 90 + [1] * 10)
+    generator = torch.Generator().manual_seed(0)
+    drawn = torch.cat([epoch_order(labels, generator, balanced=True) for _ in range(20)])
+    assert 0.45 < (labels[drawn.numpy()] == 1).mean() < 0.55
+    shuffled = epoch_order(labels, generator, balanced=False)
+    assert sorted(shuffled.tolist()) == list(range(100))
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [("sgd", {"nesterov": True}), ("adam", {}), ("adamw", {}), ("rmsprop", {"momentum": 0.9}), ("adagrad", {}), ("adadelta", {})],
+)
+def test_optimizers(name, options):
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = build_optimizer([{"params": [weight], "lr": 0.1, "weight_decay": 0.01}], TrainConfig(optimizer=name, lr=0.1))
+    assert type(optimizer).__name__.lower() == name
+    for key, value in options.items():
+        assert optimizer.defaults[key] == value
+    (weight**2).sum().backward()
+    optimizer.step()
+    assert not torch.equal(weight.detach(), torch.ones(3))
+
+
+def lr_per_epoch(steps_per_epoch: int = 4, monitored: list[float] | None = None, **cfg) -> list[float]:
+    """The learning rate at the start of each epoch under the schedule of ``cfg``."""
+    cfg = TrainConfig(lr=1.0, **cfg)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    schedule = LrSchedule(optimizer, cfg, steps_per_epoch)
+    rates = []
+    for epoch in range(cfg.epochs):
+        rates.append(round(optimizer.param_groups[0]["lr"], 6))
+        for _ in range(steps_per_epoch):
+            optimizer.step()
+            schedule.step()
+        schedule.end_epoch(monitored[epoch] if monitored else None)
+    return rates
+
+
+@pytest.mark.parametrize(
+    ("cfg", "expected"),
+    [
+        ({"schedule": "constant"}, [1, 1, 1, 1]),
+        ({"schedule": "step", "step_epochs": 2, "gamma": 0.5}, [1, 1, 0.5, 0.5]),
+        ({"schedule": "multistep", "milestones": [1, 3], "gamma": 0.1}, [1, 0.1, 0.1, 0.01]),
+        ({"schedule": "exponential", "gamma": 0.5}, [1, 0.5, 0.25, 0.125]),
+        ({"schedule": "linear"}, [1, 0.75, 0.5, 0.25]),
+        ({"schedule": "cosine"}, [1, 0.853553, 0.5, 0.146447]),
+        ({"schedule": "cosine", "warmup_epochs": 1.0}, [0.01, 1, 0.75, 0.25]),
+        ({"schedule": "constant", "warmup_steps": 2}, [0.01, 1, 1, 1]),
+        ({"schedule": "plateau", "gamma": 0.5, "plateau_patience": 0, "monitored": [0.5, 0.6, 0.6, 0.6]}, [1, 1, 1, 0.5]),
+    ],
+)
+def test_schedules(cfg, expected):
+    monitored = cfg.pop("monitored", None)
+    assert lr_per_epoch(epochs=4, monitored=monitored, **cfg) == pytest.approx(expected, abs=1e-6)
