@@ -45,6 +45,27 @@ class Progress:
     def start_epoch(self, lrs: dict) -> None:
         self.step, self.loss_sum, self.correct, self.seen, self.epoch_lrs = 0, 0.0, 0, 0, lrs
 
+    def add_batch(self, loss_sum: float, correct: int, seen: int) -> None:
+        self.step += 1
+        self.loss_sum += loss_sum
+        self.correct += correct
+        self.seen += seen
+
+    def train_metrics(self) -> dict:
+        return {**self.epoch_lrs, "train/loss": self.loss_sum / self.seen, "train/acc": self.correct / self.seen}
+
+    def end_epoch(self, logged: dict, score: float | None, patience: int) -> bool:
+        """Close the epoch; True if it is the best so far (always, without a validation score)."""
+        self.epoch, self.step = self.epoch + 1, 0
+        self.history.append(logged)
+        improved = score is None or self.best_score is None or score > self.best_score
+        if improved:
+            self.best_score, self.best_epoch, self.epochs_since_best = score, self.epoch, 0
+        else:
+            self.epochs_since_best += 1
+            self.stopped_early = 0 < patience <= self.epochs_since_best
+        return improved
+
 
 def fingerprint(run: str, arch: str, weights: str, cfg: TrainConfig, prepared_dir: Path = PREPARED_DIR) -> str:
     """Identifies what a run computes: its params and its data. A saved state resumes only under the same one."""

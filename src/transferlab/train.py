@@ -80,17 +80,21 @@ def image_inputs(model, head, data, cfg: TrainConfig, prep, device, num_classes:
     return Inputs(fetch, forward, validate)
 
 
-def feature_inputs(run: str, model, head, data, cfg: TrainConfig, prep, device) -> Inputs:
-    """feature_extract without augmentation: the frozen backbone sees each image once; the head trains on its features."""
-    (train_images, train_labels), (val_images, _) = data
-    started = time.perf_counter()
+def compute_features(model, head, data, cfg: TrainConfig, prep) -> dict:
+    """One pass of the frozen backbone over the train (at image_size) and validation (at eval_image_size) images."""
+    (train_images, _), (val_images, _) = data
     batch = cfg.batch_size * 2
-    train_features = predict_logits(model, train_images, prep, cfg.image_size, batch, cfg.channels_last, "features train", head)
-    val_features = predict_logits(model, val_images, prep, cfg.eval_image_size, batch, cfg.channels_last, "features val", head)
-    log.info("backbone features of %d images in %.1f s", len(train_images) + len(val_images), time.perf_counter() - started)
-    with atomic_path(features_path(run)) as tmp:
-        torch.save({"train": train_features, "val": val_features, "image_size": cfg.image_size, "eval_image_size": cfg.eval_image_size}, tmp)
-    train_features, val_features = train_features.to(device), val_features.to(device)
+    return {
+        "train": predict_logits(model, train_images, prep, cfg.image_size, batch, cfg.channels_last, "features train", head),
+        "val": predict_logits(model, val_images, prep, cfg.eval_image_size, batch, cfg.channels_last, "features val", head),
+        "image_size": cfg.image_size,
+        "eval_image_size": cfg.eval_image_size,
+    }
+
+
+def feature_inputs(features: dict, train_labels: np.ndarray, head: nn.Module, device: torch.device) -> Inputs:
+    """feature_extract without augmentation: the head trains on features computed once."""
+    train_features, val_features = features["train"].to(device), features["val"].to(device)
     labels = torch.from_numpy(train_labels).to(device)
 
     def fetch(indices):
@@ -104,12 +108,83 @@ def feature_inputs(run: str, model, head, data, cfg: TrainConfig, prep, device) 
     return Inputs(fetch, head, validate)
 
 
-def enter_train_mode(model: nn.Module, head: nn.Module, frozen: list[str], cfg: TrainConfig) -> None:
-    if cfg.mode == "feature_extract":
-        model.eval()
-        head.train()
-    else:
-        set_train_mode(model, frozen, cfg.freeze_bn_stats and cfg.mode == "finetune")
+@dataclass
+class Trainer:
+    """A model made ready for one training mode, with its optimizer, schedule and loss: what one step needs."""
+
+    cfg: TrainConfig
+    model: nn.Module
+    head: nn.Module
+    frozen: list[str]  # modules of the frozen backbone stages
+    optimizer: torch.optim.Optimizer
+    schedule: LrSchedule
+    scaler: torch.amp.GradScaler
+    criterion: nn.Module
+    device: torch.device
+    amp_dtype: torch.dtype | None
+
+    @classmethod
+    def create(cls, model: nn.Module, head_name: str, cfg: TrainConfig, steps_per_epoch: int) -> "Trainer":
+        device = resolve_device(cfg.device)
+        amp_dtype = autocast_dtype(cfg.precision, device)
+        head = model.get_submodule(head_name)
+        frozen = freeze_stages(model, head_name, cfg.frozen_stages)
+        if cfg.mode == "feature_extract":
+            model.requires_grad_(False)
+            head.requires_grad_(True)
+        model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
+        scale = None if cfg.mode == "scratch" else cfg.backbone_lr_scale
+        groups = parameter_groups(model, head_name, cfg.lr, scale, cfg.weight_decay, cfg.decay_norm_and_bias)
+        optimizer = build_optimizer(groups, cfg)
+        return cls(
+            cfg,
+            model,
+            head,
+            frozen,
+            optimizer,
+            LrSchedule(optimizer, cfg, steps_per_epoch),
+            torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
+            nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
+            device,
+            amp_dtype,
+        )
+
+    def enter_train_mode(self) -> None:
+        if self.cfg.mode == "feature_extract":
+            self.model.eval()
+            self.head.train()
+        else:
+            set_train_mode(self.model, self.frozen, self.cfg.freeze_bn_stats and self.cfg.mode == "finetune")
+
+    def step(self, inputs: Inputs, indices: torch.Tensor) -> tuple[float, int, int]:
+        """One optimizer step on the batch ``indices``; returns (summed loss, correct predictions, images)."""
+        model_inputs, targets, labels = inputs.fetch(indices)
+        with autocast(self.device, self.amp_dtype):
+            logits = inputs.forward(model_inputs)
+            loss = self.criterion(logits, targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg.grad_clip_norm:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], self.cfg.grad_clip_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.schedule.step()
+        return loss.item() * len(labels), (logits.argmax(1) == labels).sum().item(), len(labels)
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.scaler.load_state_dict(state["scaler"])
 
 
 def validation_metrics(logits: torch.Tensor, labels: np.ndarray) -> dict:
@@ -119,49 +194,61 @@ def validation_metrics(logits: torch.Tensor, labels: np.ndarray) -> dict:
     }
 
 
+def training_inputs(name: str, trainer: Trainer, data, prep, num_classes: int) -> Inputs:
+    cfg = trainer.cfg
+    if cfg.mode == "feature_extract" and not cfg.augment:
+        started = time.perf_counter()
+        features = compute_features(trainer.model, trainer.head, data, cfg, prep)
+        log.info("backbone features of the train and val images in %.1f s", time.perf_counter() - started)
+        with atomic_path(features_path(name)) as tmp:
+            torch.save(features, tmp)
+        return feature_inputs(features, data[0][1], trainer.head, trainer.device)
+    return image_inputs(trainer.model, trainer.head, data, cfg, prep, trainer.device, num_classes)
+
+
+def save_model(path, state: dict, *, run: str, arch: str, weights: str, classes: list[str], prep, cfg: TrainConfig, **best) -> None:
+    """The trained model with everything needed to use it: architecture, classes, preprocessing, how it was trained."""
+    checkpoint = {
+        "model": state,
+        "run": run,
+        "mode": cfg.mode,
+        "arch": arch,
+        "weights": weights,
+        "classes": classes,
+        "preprocessing": prep.as_dict(),
+        "eval_image_size": cfg.eval_image_size,
+        "train_config": dataclasses.asdict(cfg),
+        **best,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(checkpoint, tmp)
+
+
 def run(name: str) -> dict:
     """Train the run ``name`` (finetune or scratch); return its best epoch and validation score."""
     started = time.perf_counter()
     params = load_params()
     cfg = params.train_config(name)
     weights = params.weights_for(name)
-    device = resolve_device(cfg.device)
-    amp_dtype = autocast_dtype(cfg.precision, device)
+    autocast_dtype(cfg.precision, resolve_device(cfg.device))  # an unavailable device or precision fails here
     classes = load_classes()
     data = (load_split("train"), load_split("val"))
     (train_images, train_labels), (_, val_labels) = data
     torch.manual_seed(cfg.seed)
     model, head_name, prep = build_model(params.model.arch, weights, len(classes))
-    head = model.get_submodule(head_name)
-    frozen = freeze_stages(model, head_name, cfg.frozen_stages)
-    if cfg.mode == "feature_extract":
-        model.requires_grad_(False)
-        head.requires_grad_(True)
-    model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
+    slices = batch_slices(len(train_labels), cfg.batch_size)
+    trainer = Trainer.create(model, head_name, cfg, len(slices))
+    generator = torch.Generator().manual_seed(cfg.seed)
     fingerprint = resume.fingerprint(name, params.model.arch, weights, cfg)
     state = resume.load_state(resume_path(name), fingerprint)
-
-    scale = None if cfg.mode == "scratch" else cfg.backbone_lr_scale
-    optimizer = build_optimizer(parameter_groups(model, head_name, cfg.lr, scale, cfg.weight_decay, cfg.decay_norm_and_bias), cfg)
-    slices = batch_slices(len(train_labels), cfg.batch_size)
-    schedule = LrSchedule(optimizer, cfg, len(slices))
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    generator = torch.Generator().manual_seed(cfg.seed)
     progress, best_model = resume.Progress(), None
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        scaler.load_state_dict(state["scaler"])
+        trainer.load_state_dict(state["trainer"])
         generator.set_state(state["generator"])
         resume.restore_rng(state["rng"])
         progress, best_model = resume.Progress(**state["progress"]), state["best_model"]
         log.info("resuming %s from epoch %d, step %d (%s)", name, progress.epoch + 1, progress.step, resume_path(name))
-    if cfg.mode == "feature_extract" and not cfg.augment:
-        inputs = feature_inputs(name, model, head, data, cfg, prep, device)
-    else:
-        inputs = image_inputs(model, head, data, cfg, prep, device, len(classes))
+    inputs = training_inputs(name, trainer, data, prep, len(classes))
 
     def save_state(epoch_start_generator: torch.Tensor) -> None:
         resume.save_state(
@@ -169,18 +256,14 @@ def run(name: str) -> dict:
             {
                 "fingerprint": fingerprint,
                 "progress": dataclasses.asdict(progress),
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(),
-                "scaler": scaler.state_dict(),
+                "trainer": trainer.state_dict(),
                 "generator": epoch_start_generator,
-                "rng": resume.rng_state(device),
+                "rng": resume.rng_state(trainer.device),
                 "best_model": best_model,
                 "params": {"run": name, "arch": params.model.arch, "weights": weights, "train": dataclasses.asdict(cfg)},
             },
         )
 
-    trainable = [p for group in optimizer.param_groups for p in group["params"]]
     with Live(str(train_dir(name)), dvcyaml=False, save_dvc_exp=False) as live, resume.stop_requests() as stop_requested:
         live.log_params({"run": name, "arch": params.model.arch, "weights": weights, **dataclasses.asdict(cfg)})
         for logged in progress.history:  # curves of the epochs done before an interruption, at their own steps
@@ -191,26 +274,11 @@ def run(name: str) -> dict:
             epoch_start_generator = generator.get_state()
             order = epoch_order(train_labels, generator, cfg.balanced_sampling)
             if progress.step == 0:
-                progress.start_epoch({f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups})
-            enter_train_mode(model, head, frozen, cfg)
+                progress.start_epoch({f"lr/{g['name']}": g["lr"] for g in trainer.optimizer.param_groups})
+            trainer.enter_train_mode()
             bar = tqdm(slices, initial=progress.step, desc=f"{name} epoch {progress.epoch + 1}/{cfg.epochs}", leave=False)
             for batch in slices[progress.step :]:
-                model_inputs, targets, labels = inputs.fetch(order[batch])
-                with autocast(device, amp_dtype):
-                    logits = inputs.forward(model_inputs)
-                    loss = criterion(logits, targets)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg.grad_clip_norm:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(trainable, cfg.grad_clip_norm)
-                scaler.step(optimizer)
-                scaler.update()
-                schedule.step()
-                progress.step += 1
-                progress.loss_sum += loss.item() * len(labels)
-                progress.correct += (logits.argmax(1) == labels).sum().item()
-                progress.seen += len(labels)
+                progress.add_batch(*trainer.step(inputs, order[batch]))
                 bar.update()
                 bar.set_postfix(loss=f"{progress.loss_sum / progress.seen:.3f}")
                 if stop_requested():
@@ -218,42 +286,21 @@ def run(name: str) -> dict:
                     bar.close()
                     raise SystemExit(f"stopped: {name} saved at epoch {progress.epoch + 1}, step {progress.step}; run again to resume")
             bar.close()
-            logged = {**progress.epoch_lrs, "train/loss": progress.loss_sum / progress.seen, "train/acc": progress.correct / progress.seen}
+            logged = progress.train_metrics()
+            score = None
             if len(val_labels):
                 logged.update(validation_metrics(inputs.validate(), val_labels))
-            progress.epoch += 1
-            progress.step = 0
-            progress.history.append(logged)
-            score = {"val_acc": logged.get("val/acc"), "val_loss": -logged.get("val/loss", 0)}[cfg.monitor] if len(val_labels) else None
-            if score is None or progress.best_score is None or score > progress.best_score:
-                progress.best_score, progress.best_epoch, progress.epochs_since_best = score, progress.epoch, 0
+                score = logged["val/acc"] if cfg.monitor == "val_acc" else -logged["val/loss"]
+            if progress.end_epoch(logged, score, cfg.early_stopping_patience):
                 best_model = {key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items()}
-            else:
-                progress.epochs_since_best += 1
-                progress.stopped_early = 0 < cfg.early_stopping_patience <= progress.epochs_since_best
-            schedule.end_epoch(logged.get(cfg.monitor.replace("_", "/")))
+            trainer.schedule.end_epoch(logged.get(cfg.monitor.replace("_", "/")))
             log.info("%s epoch %d: %s", name, progress.epoch, ", ".join(f"{k} {v:.4g}" for k, v in logged.items()))
             for key, value in logged.items():
                 live.log_metric(key, value)
             live.next_step()
             save_state(generator.get_state())
         best = {"val_acc": progress.history[progress.best_epoch - 1].get("val/acc"), "epoch": progress.best_epoch}
-        with atomic_path(checkpoint_path(name)) as tmp:
-            torch.save(
-                {
-                    "model": best_model,
-                    "run": name,
-                    "mode": cfg.mode,
-                    "arch": params.model.arch,
-                    "weights": weights,
-                    "classes": classes,
-                    "preprocessing": prep.as_dict(),
-                    "eval_image_size": cfg.eval_image_size,
-                    "train_config": dataclasses.asdict(cfg),
-                    **best,
-                },
-                tmp,
-            )
+        save_model(checkpoint_path(name), best_model, run=name, arch=params.model.arch, weights=weights, classes=classes, prep=prep, cfg=cfg, **best)
         if best["val_acc"] is not None:
             live.summary["best/val_acc"] = best["val_acc"]
         live.summary["best/epoch"] = best["epoch"]
