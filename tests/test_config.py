@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 import sys
 
@@ -51,6 +52,51 @@ def test_bad_values_name_the_key(section, key, value, message):
     raw[section][key] = value
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         parse_params(raw)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"train": {"optimizer": "adamx"}}, "train.optimizer must be one of sgd, adam, adamw, rmsprop, adagrad, adadelta; got 'adamx'"),
+        ({"train": {"schedule": "cosin"}}, "train.schedule must be one of constant, step, multistep, exponential, cosine, linear, plateau"),
+        ({"train": {"mode": "linear"}}, "train.mode must be one of finetune, feature_extract, scratch"),
+        ({"finetune": {"mode": "feature_extract"}}, "finetune.mode: feature_extract trains a head on pretrained features, but model.weights is none"),
+        ({"train": {"frozen_stages": 2}}, "train.frozen_stages: freezing stages needs mode finetune with pretrained weights"),
+        ({"scratch": {"mode": "finetune"}}, "scratch.mode: train_scratch trains every layer from random init; allowed: scratch"),
+        ({"scratch": {"frozen_stages": 1}}, "scratch.frozen_stages: train_scratch trains every layer from random init; allowed: 0"),
+        ({"train": {"warmup_epochs": 1.0, "warmup_steps": 10}}, "train.warmup_epochs and train.warmup_steps are both set"),
+        ({"train": {"schedule": "multistep"}}, "train.schedule: multistep needs train.milestones"),
+        ({"train": {"milestones": [3, 2]}}, "train.milestones must be increasing epoch numbers"),
+        ({"train": {"gamma": 0}}, "train.gamma must be > 0"),
+        ({"train": {"precision": "fp8"}}, "train.precision must be one of fp32, bf16, fp16"),
+        ({"train": {"device": "tpu"}}, "train.device must be one of auto, cpu, cuda, mps"),
+        ({"train": {"auto_augment": "autoaugment"}}, "train.auto_augment must be one of none, trivialaugment, randaugment"),
+        ({"train": {"monitor": "val_top5"}}, "train.monitor must be one of val_acc, val_loss"),
+        ({"data": {"val_per_class": 0}, "train": {"early_stopping_patience": 2}}, "train.early_stopping_patience watches the validation split"),
+        ({"data": {"val_per_class": 0}, "finetune": {"schedule": "plateau"}}, "finetune.schedule watches the validation split"),
+        ({"train": {"random_erasing": 1.5}}, "train.random_erasing must be <= 1"),
+    ],
+)
+def test_invalid_training_options_and_combinations_name_the_param(values, message):
+    raw = tiny_params()
+    for section, entries in values.items():
+        raw.setdefault(section, {}).update(entries)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_params(raw)
+
+
+def test_frozen_stages_with_pretrained_weights_and_scratch_ignoring_them(tmp_path):
+    raw = tiny_params()
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"")
+    raw["model"]["weights"] = str(weights)
+    raw["train"].update(frozen_stages=3, mode="finetune", warmup_steps=5)
+    params = parse_params(raw)
+    assert params.train_config("finetune").frozen_stages == 3
+    scratch = params.train_config("scratch")
+    assert (scratch.mode, scratch.frozen_stages, params.weights_for("scratch")) == ("scratch", 0, "none")
+    raw["scratch"]["warmup_epochs"] = 1.0  # a run's warm-up in epochs replaces the shared one in steps
+    assert parse_params(raw).train_config("scratch").warmup_steps == 0
 
 
 @pytest.mark.parametrize(

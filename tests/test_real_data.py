@@ -52,3 +52,9 @@ def test_pretrained_weights_beat_random_init_by_a_wide_margin(tmp_path, monkeypa
     scratch = train.run("scratch")["val_acc"]
     assert finetuned >= 0.8, f"fine-tuned ImageNet weights reach only {finetuned:.2f} on 10 easy classes: were they loaded?"
     assert finetuned - scratch >= 0.4, (finetuned, scratch)
+
+    # a head on the frozen real features, computed once, is as good on these easy classes
+    params["finetune"] = {"mode": "feature_extract", "augment": False, "epochs": 10, "lr": 0.1, "image_size": 128}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    probe = train.run("finetune")["val_acc"]
+    assert probe >= 0.8, f"a head on frozen ImageNet features reaches only {probe:.2f}"

@@ -168,6 +168,15 @@ def test_unavailable_precision_and_device_fail_before_any_work(project):
     assert not train_dir("finetune").exists()
 
 
+def test_bf16_autocast_path_where_the_cpu_has_native_bf16(project, monkeypatch):
+    """The bf16 code path, run on this CPU even without native support (emulated: slow but correct)."""
+    monkeypatch.setattr("transferlab.device.cpu_supports_bf16", lambda: True)
+    project(precision="bf16", device="cpu", epochs=1)
+    train.run("finetune")
+    assert np.isfinite(logged("finetune", "train/loss")).all()
+    assert torch.load(checkpoint_path("finetune"), weights_only=True)["model"]["fc.weight"].dtype == torch.float32
+
+
 def test_augmentation_draws_per_image_on_whole_batches():
     cfg = TrainConfig(image_size=24, crop_scale_min=0.2, auto_augment="trivialaugment", mixup_alpha=0.4, channels_last=False)
     image = torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8)

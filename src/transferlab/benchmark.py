@@ -8,7 +8,7 @@ For one model, resolution and batch size it measures, in images per second:
 2. this pipeline: a real epoch of the cached uint8 images from ``prepare`` (augmented per image on the
    training device), through the same ``Trainer.step`` the training stages use;
 3. the seeds' baseline: torchvision ``ImageFolder`` decoding the JPEGs every epoch, per-image transforms,
-   ``DataLoader(num_workers=2)`` (only with ``--jpeg-folder``);
+   ``DataLoader(num_workers=2)``, for as many batches as (2) (only with ``--jpeg-folder``);
 and evaluation throughput (the test split at ``--eval-image-size``), the wall time of the feature-extract
 fast path (one backbone pass over train + val, then the head's epochs on the cached features), and the
 process's peak memory. Results go to stdout as a Markdown table (and to ``--json``).
@@ -85,8 +85,8 @@ def cached_pipeline(arch: str, cfg: TrainConfig, data, num_classes: int, max_ste
     return timed_steps(trainer, inputs, [order[s] for s in slices[: max_steps and max_steps + 2]])
 
 
-def jpeg_baseline(arch: str, cfg: TrainConfig, folder: Path, num_classes: int, max_steps: int | None, workers: int) -> float:
-    """The way the seeds train: decode and transform each JPEG in DataLoader workers, every epoch."""
+def jpeg_baseline(arch: str, cfg: TrainConfig, folder: Path, num_classes: int, max_steps: int, workers: int) -> float:
+    """The way the seeds train: decode and transform each JPEG in DataLoader workers, every epoch (``max_steps`` batches)."""
     trainer, prep = fresh_trainer(arch, cfg, num_classes, 1)
     transform = v2.Compose(
         [
@@ -108,7 +108,7 @@ def jpeg_baseline(arch: str, cfg: TrainConfig, folder: Path, num_classes: int, m
         images = images.to(device)
         return (images.contiguous(memory_format=torch.channels_last) if cfg.channels_last else images), labels, labels
 
-    steps = len(loader) if max_steps is None else min(len(loader), max_steps + 2)
+    steps = min(len(loader), max_steps + 2)
     return timed_steps(trainer, Inputs(fetch, trainer.model, lambda: None), [torch.empty(0)] * steps)
 
 
@@ -170,7 +170,11 @@ def main(argv: list[str] | None = None) -> None:
     measurements = {
         "compute": ("compute_only_img_s", lambda: compute_bound(args.arch, cfg, num_classes, args.compute_steps)),
         "pipeline": ("cached_pipeline_img_s", lambda: cached_pipeline(args.arch, cfg, data, num_classes, args.max_steps)),
-        "jpeg": ("jpeg_dataloader_img_s", lambda: jpeg_baseline(args.arch, cfg, args.jpeg_folder, num_classes, args.max_steps, args.workers)),
+        # as many batches as one epoch of the cached training split, unless capped
+        "jpeg": (
+            "jpeg_dataloader_img_s",
+            lambda: jpeg_baseline(args.arch, cfg, args.jpeg_folder, num_classes, args.max_steps or len(batch_slices(len(data[0][1]), cfg.batch_size)), args.workers),
+        ),
         "eval": ("eval_img_s", lambda: evaluation_throughput(args.arch, cfg, load_split("test")[0], num_classes)),
         "features": ("feature_extract_wall_s", lambda: feature_extract_wall_time(args.arch, cfg, data, num_classes)),
     }
