@@ -122,6 +122,6 @@ def test_a_changed_param_starts_fresh_instead_of_resuming(repo, monkeypatch, cap
     monkeypatch.chdir(repo)
     with caplog.at_level("INFO"):
         train.run("finetune")
-    assert "params or data changed" in caplog.text and "resuming" not in caplog.text
+    assert "params, data or code changed" in caplog.text and "resuming" not in caplog.text
     lrs = results(repo)["curves"]["lr/head.tsv"]
     assert [float(lr) for _, lr in lrs[1:2]] == [0.03] and len(lrs) == 1 + 2

@@ -16,7 +16,7 @@ from transferlab.config import ConfigError, TrainConfig
 from transferlab.data import BatchAugmenter, epoch_order, load_split
 from transferlab.device import cpu_supports_bf16
 from transferlab.inference import predict_logits
-from transferlab.models import Preprocessing, load_checkpoint
+from transferlab.models import ModelError, Preprocessing, load_checkpoint
 from transferlab.optim import LrSchedule, build_optimizer
 from transferlab.paths import checkpoint_path, features_path, resume_path, train_dir
 
@@ -41,6 +41,7 @@ def project(tmp_path, tiny_folder, monkeypatch):
         (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
 
     configure.weights = torch.load(weights, weights_only=True)
+    configure.weights_path = str(weights)
     return configure
 
 
@@ -83,11 +84,25 @@ def test_feature_extract_without_augmentation_trains_the_head_on_cached_features
     assert all(same(state[k], v) for k, v in pretrained.items() if not k.startswith("fc."))
     features = torch.load(features_path("finetune"), weights_only=True)
     assert features["train"].shape == (3 * 4, 512) and features["val"].shape == (3 * 2, 512)
-    # the head trained on cached features scores the same on the full model as during training
+    # the head trained on cached features gives the full model's logits
     model, checkpoint = load_checkpoint(checkpoint_path("finetune"))
     images, labels = load_split("val")
     logits = predict_logits(model, images, Preprocessing.from_dict(checkpoint["preprocessing"]), 32, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(model.fc(features["val"]), logits)
     assert (logits.argmax(1).numpy() == labels).mean() == pytest.approx(best["val_acc"])
+
+
+def test_feature_extract_cache_needs_a_final_linear_head(project, tiny_folder):
+    project(mode="feature_extract", augment=False)
+    params = yaml.safe_load(open("params.yaml"))
+    params["model"] = {"arch": "squeezenet1_1", "weights": project.weights_path}
+    squeezenet = torchvision.models.squeezenet1_1().state_dict()
+    torch.save(squeezenet, project.weights_path)
+    with open("params.yaml", "w") as f:
+        yaml.safe_dump(params, f)
+    with pytest.raises(ModelError, match="train.augment: false with feature_extract trains the final Linear layer"):
+        train.run("finetune")
 
 
 def test_feature_extract_with_augmentation_keeps_the_whole_backbone_fixed(project):
@@ -138,11 +153,17 @@ def test_every_augmentation_and_option_together(project):
         lr=0.001,
         schedule="linear",
         warmup_steps=2,
-        compile=True,
     )
     train.run("finetune")
     assert len(logged("finetune", "train/loss")) == 2 and all(np.isfinite(logged("finetune", "train/loss")))
     assert logged("finetune", "lr/head")[0] == pytest.approx(0.001 * 0.01)  # warm-up starts at 1 %
+
+
+@pytest.mark.parametrize("mode", ["finetune", "feature_extract"])
+def test_torch_compile(project, mode):
+    project(mode=mode, compile=True, epochs=2)
+    train.run("finetune")
+    assert len(logged("finetune", "val/acc")) == 2
 
 
 def test_early_stopping_ends_the_run_when_validation_stops_improving(project):
@@ -240,6 +261,9 @@ def lr_per_epoch(steps_per_epoch: int = 4, monitored: list[float] | None = None,
         ({"schedule": "cosine"}, [1, 0.853553, 0.5, 0.146447]),
         ({"schedule": "cosine", "warmup_epochs": 1.0}, [0.01, 1, 0.75, 0.25]),
         ({"schedule": "constant", "warmup_steps": 2}, [0.01, 1, 1, 1]),
+        ({"schedule": "step", "step_epochs": 2, "gamma": 0.5, "warmup_epochs": 1.0}, [0.01, 1, 0.5, 0.5]),
+        ({"schedule": "exponential", "gamma": 0.5, "warmup_steps": 2}, [0.01, 0.5, 0.25, 0.125]),
+        ({"schedule": "multistep", "milestones": [2], "gamma": 0.1, "warmup_epochs": 1.0}, [0.01, 1, 0.1, 0.1]),
         ({"schedule": "plateau", "gamma": 0.5, "plateau_patience": 0, "monitored": [0.5, 0.6, 0.6, 0.6]}, [1, 1, 1, 0.5]),
     ],
 )

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 from torchvision import datasets
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
 
 from .config import TrainConfig
 from .data import batch_slices, epoch_order, load_classes, load_split
@@ -80,9 +80,22 @@ def cached_pipeline(arch: str, cfg: TrainConfig, data, num_classes: int, max_ste
     (_, labels), _ = data
     slices = batch_slices(len(labels), cfg.batch_size)
     trainer, prep = fresh_trainer(arch, cfg, num_classes, len(slices))
-    inputs = image_inputs(trainer.model, trainer.head, data, cfg, prep, trainer.device, num_classes)
+    inputs = image_inputs(trainer.model, data, cfg, prep, trainer.device, num_classes)
     order = epoch_order(labels, torch.Generator().manual_seed(0), balanced=False)
     return timed_steps(trainer, inputs, [order[s] for s in slices[: max_steps and max_steps + 2]])
+
+
+class ImageFolderWithout(datasets.ImageFolder):
+    """torchvision's ImageFolder, leaving out the classes the pipeline excludes (``BACKGROUND_Google``)."""
+
+    def __init__(self, root: Path, exclude: list[str], **kwargs):
+        self.exclude = set(exclude)
+        super().__init__(root, **kwargs)
+
+    def find_classes(self, directory):
+        classes, _ = super().find_classes(directory)
+        kept = [name for name in classes if name not in self.exclude]
+        return kept, {name: index for index, name in enumerate(kept)}
 
 
 def jpeg_baseline(arch: str, cfg: TrainConfig, folder: Path, num_classes: int, max_steps: int, workers: int) -> float:
@@ -90,22 +103,22 @@ def jpeg_baseline(arch: str, cfg: TrainConfig, folder: Path, num_classes: int, m
     trainer, prep = fresh_trainer(arch, cfg, num_classes, 1)
     transform = v2.Compose(
         [
-            v2.RandomResizedCrop(cfg.image_size, scale=(cfg.crop_scale_min, 1.0), antialias=True),
+            v2.RGB(),
+            v2.RandomResizedCrop(cfg.image_size, scale=(cfg.crop_scale_min, 1.0), interpolation=InterpolationMode(prep.interpolation), antialias=True),
             v2.RandomHorizontalFlip(),
             v2.PILToTensor(),
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(list(prep.mean), list(prep.std)),
         ]
     )
-    dataset = datasets.ImageFolder(folder, transform=v2.Compose([v2.RGB(), transform]))
+    dataset = ImageFolderWithout(folder, exclude=["BACKGROUND_Google"], transform=transform)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=workers, drop_last=True)
     batches = iter(loader)
     device = trainer.device
 
     def fetch(_):
         images, labels = next(batches)
-        labels = labels.clamp(max=num_classes - 1).to(device)
-        images = images.to(device)
+        images, labels = images.to(device), labels.to(device)
         return (images.contiguous(memory_format=torch.channels_last) if cfg.channels_last else images), labels, labels
 
     steps = min(len(loader), max_steps + 2)

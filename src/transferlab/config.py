@@ -136,6 +136,10 @@ class TrainConfig:
             set(self.milestones)
         ) != list(self.milestones):
             raise ConfigError(f"train.milestones must be increasing epoch numbers >= 1, got {self.milestones!r}")
+        augmentations = ("rotation_degrees", "color_jitter", "random_erasing", "mixup_alpha", "cutmix_alpha")
+        unused = [name for name in augmentations if getattr(self, name)] + (["auto_augment"] if self.auto_augment != "none" else [])
+        if not self.augment and unused:
+            raise ConfigError(f"train.{unused[0]} has no effect with train.augment: false; set it to its off value or augment: true")
         if self.schedule == "multistep" and not self.milestones:
             raise ConfigError("train.schedule: multistep needs train.milestones (epochs at which the lr drops)")
 

@@ -47,8 +47,6 @@ def _per_image_augmentation(cfg: TrainConfig, prep: Preprocessing) -> v2.Transfo
         steps.append(v2.TrivialAugmentWide(interpolation=interpolation))
     elif cfg.auto_augment == "randaugment":
         steps.append(v2.RandAugment(interpolation=interpolation))
-    if cfg.random_erasing:
-        steps.append(v2.RandomErasing(p=cfg.random_erasing))
     return v2.Compose(steps)
 
 
@@ -72,6 +70,8 @@ class BatchAugmenter:
         self.prep, self.channels_last = prep, cfg.channels_last
         self.per_image = _per_image_augmentation(cfg, prep) if cfg.augment else None
         self.whole_batch = None if cfg.augment else eval_resize(cfg.image_size, prep, cache_size)
+        # erasing comes after normalisation, so an erased patch is the dataset mean (0), as in timm and torchvision
+        self.erasing = v2.RandomErasing(p=cfg.random_erasing) if cfg.augment and cfg.random_erasing else None
         self.mixing = _batch_mixing(cfg, num_classes) if cfg.augment else None
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,6 +81,8 @@ class BatchAugmenter:
         else:
             images = self.whole_batch(images)
         images = normalize(images, self.prep)
+        if self.erasing is not None:
+            images = torch.stack([self.erasing(image) for image in images])
         if self.mixing is not None:  # on float images: a mix of uint8 images would be rounded
             images, labels = self.mixing(images, labels)
         return (images.contiguous(memory_format=torch.channels_last) if self.channels_last else images), labels

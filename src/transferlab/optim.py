@@ -2,7 +2,9 @@
 
 Every schedule except ``plateau`` is stepped once per optimizer step: epoch-based settings
 (step size, milestones, exponential decay per epoch, warm-up in epochs) are converted to steps,
-so a warm-up can precede any of them. ``plateau`` is stepped per epoch on the monitored metric.
+so a warm-up can precede any of them, and ``step``, ``multistep`` and ``exponential`` drop the
+rate at the same epoch boundaries with or without one. ``plateau`` is stepped per epoch on the
+monitored metric.
 """
 
 from __future__ import annotations
@@ -33,18 +35,21 @@ def warmup_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
 
 
 def _main_schedule(optimizer, cfg: TrainConfig, steps_per_epoch: int, warmup: int):
+    """The schedule after the warm-up; its step 0 is the first step after it."""
     remaining = cfg.epochs * steps_per_epoch - warmup
     if cfg.schedule == "cosine":
         return lr_scheduler.CosineAnnealingLR(optimizer, T_max=remaining)
     if cfg.schedule == "linear":
         return lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=0.0, total_iters=remaining)
-    if cfg.schedule == "step":
-        return lr_scheduler.StepLR(optimizer, step_size=cfg.step_epochs * steps_per_epoch, gamma=cfg.gamma)
-    if cfg.schedule == "multistep":
-        milestones = [max(1, m * steps_per_epoch - warmup) for m in cfg.milestones]
+    drop_epochs = {
+        "step": range(cfg.step_epochs, cfg.epochs, cfg.step_epochs),
+        "multistep": cfg.milestones,
+        "exponential": range(1, cfg.epochs),  # gamma per epoch
+    }.get(cfg.schedule)
+    if drop_epochs is not None:
+        # drops at the same epoch boundaries with or without a warm-up (none while it lasts)
+        milestones = [epoch * steps_per_epoch - warmup for epoch in drop_epochs if epoch * steps_per_epoch > warmup]
         return lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=cfg.gamma)
-    if cfg.schedule == "exponential":  # gamma per epoch, applied at epoch boundaries
-        return lr_scheduler.StepLR(optimizer, step_size=steps_per_epoch, gamma=cfg.gamma)
     return lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)  # constant, and plateau between its drops
 
 

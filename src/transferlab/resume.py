@@ -17,13 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+import timm
 import torch
+import torchvision
 
 from .config import TrainConfig
 from .fileio import atomic_path
 from .paths import PREPARED_DIR
 
 log = logging.getLogger("transferlab.resume")
+PACKAGE_DIR = Path(__file__).parent
 
 
 @dataclass
@@ -32,8 +35,8 @@ class Progress:
 
     epoch: int = 0  # completed epochs
     step: int = 0  # completed batches of the current epoch
-    loss_sum: float = 0.0  # running sums of the current epoch
-    correct: int = 0
+    loss_sum: float | torch.Tensor = 0.0  # running sums of the current epoch (tensors on the training device)
+    correct: int | torch.Tensor = 0
     seen: int = 0
     epoch_lrs: dict = field(default_factory=dict)  # each group's learning rate when the current epoch began
     history: list = field(default_factory=list)  # the metrics logged for each completed epoch
@@ -52,7 +55,7 @@ class Progress:
         self.seen += seen
 
     def train_metrics(self) -> dict:
-        return {**self.epoch_lrs, "train/loss": self.loss_sum / self.seen, "train/acc": self.correct / self.seen}
+        return {**self.epoch_lrs, "train/loss": float(self.loss_sum) / self.seen, "train/acc": int(self.correct) / self.seen}
 
     def end_epoch(self, logged: dict, score: float | None, patience: int) -> bool:
         """Close the epoch; True if it is the best so far (always, without a validation score)."""
@@ -67,16 +70,27 @@ class Progress:
         return improved
 
 
-def fingerprint(run: str, arch: str, weights: str, cfg: TrainConfig, prepared_dir: Path = PREPARED_DIR) -> str:
-    """Identifies what a run computes: its params and its data. A saved state resumes only under the same one."""
-    data = hashlib.sha256()
-    for name in ("classes.json", "train.csv", "val.csv"):
-        data.update((prepared_dir / name).read_bytes())
+def fingerprint(run: str, arch: str, weights: str, cfg: TrainConfig, device: torch.device, prepared_dir: Path = PREPARED_DIR) -> str:
+    """Identifies what a run computes: params, data, code, library versions and device.
+
+    A saved state resumes only under the same fingerprint, so a resumed run never mixes two versions of anything.
+    """
+    digest = hashlib.sha256()
+    for path in [prepared_dir / name for name in ("classes.json", "train.csv", "val.csv")] + sorted(PACKAGE_DIR.glob("*.py")):
+        digest.update(path.read_bytes())
     for name in ("train.npy", "val.npy"):
-        data.update(str((prepared_dir / name).stat().st_size).encode())
+        digest.update(str((prepared_dir / name).stat().st_size).encode())
     weights_file = Path(weights)
     weights_id = [weights, weights_file.stat().st_size, weights_file.stat().st_mtime_ns] if weights_file.is_file() else weights
-    payload = {"run": run, "arch": arch, "weights": weights_id, "train": dataclasses.asdict(cfg), "data": data.hexdigest()}
+    payload = {
+        "run": run,
+        "arch": arch,
+        "weights": weights_id,
+        "train": dataclasses.asdict(cfg),
+        "device": str(device),
+        "versions": [torch.__version__, torchvision.__version__, timm.__version__],
+        "data_and_code": digest.hexdigest(),
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -97,7 +111,7 @@ def load_state(path: Path, expected_fingerprint: str) -> dict | None:
     if state is not None and state.get("fingerprint") == expected_fingerprint:
         return state
     if state is not None:
-        log.info("params or data changed since %s was saved: starting fresh", path)
+        log.info("params, data or code changed since %s was saved: starting fresh", path)
     path.unlink()
     return None
 

@@ -33,7 +33,7 @@ from .data import BatchAugmenter, batch_slices, epoch_order, load_classes, load_
 from .device import autocast, autocast_dtype, resolve_device
 from .fileio import atomic_path
 from .inference import predict_logits
-from .models import build_model, freeze_stages, parameter_groups, set_train_mode
+from .models import ModelError, build_model, freeze_stages, parameter_groups, set_train_mode
 from .optim import LrSchedule, build_optimizer
 from .paths import checkpoint_path, features_path, resume_path, train_dir
 from .stage import run_stage
@@ -50,11 +50,14 @@ class Inputs:
     validate: Callable[[], torch.Tensor]  # logits of the validation split, on the CPU
 
 
-def image_inputs(model, head, data, cfg: TrainConfig, prep, device, num_classes: int) -> Inputs:
-    """Cached uint8 images, augmented on the training device, through the model (or, feature_extract, its frozen body)."""
+def image_inputs(model, data, cfg: TrainConfig, prep, device, num_classes: int) -> Inputs:
+    """Cached uint8 images, augmented on the training device, through the model.
+
+    With feature_extract the backbone's parameters need no gradient and it runs in eval mode, so autograd
+    records only the head: the frozen body costs one forward pass per batch.
+    """
     (train_images, train_labels), (val_images, _) = data
     augment = BatchAugmenter(cfg, prep, num_classes, train_images.shape[1])
-    run_model = torch.compile(model) if cfg.compile else model
 
     def fetch(indices):
         index = indices.numpy()
@@ -63,21 +66,10 @@ def image_inputs(model, head, data, cfg: TrainConfig, prep, device, num_classes:
         inputs, targets = augment(images, labels)
         return inputs, targets, labels
 
-    def frozen_body_then_head(inputs):
-        captured = []
-        hook = head.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
-        try:
-            with torch.no_grad():
-                run_model(inputs)
-        finally:
-            hook.remove()
-        return head(captured[0])
-
     def validate():
         return predict_logits(model, val_images, prep, cfg.eval_image_size, cfg.batch_size * 2, cfg.channels_last, "val")
 
-    forward = frozen_body_then_head if cfg.mode == "feature_extract" else run_model
-    return Inputs(fetch, forward, validate)
+    return Inputs(fetch, torch.compile(model) if cfg.compile else model, validate)
 
 
 def compute_features(model, head, data, cfg: TrainConfig, prep) -> dict:
@@ -156,8 +148,11 @@ class Trainer:
         else:
             set_train_mode(self.model, self.frozen, self.cfg.freeze_bn_stats and self.cfg.mode == "finetune")
 
-    def step(self, inputs: Inputs, indices: torch.Tensor) -> tuple[float, int, int]:
-        """One optimizer step on the batch ``indices``; returns (summed loss, correct predictions, images)."""
+    def step(self, inputs: Inputs, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """One optimizer step on the batch ``indices``; returns (summed loss, correct predictions, images).
+
+        The sums stay on the device (as float64 and int64 tensors): reading them every step would make a GPU wait.
+        """
         model_inputs, targets, labels = inputs.fetch(indices)
         with autocast(self.device, self.amp_dtype):
             logits = inputs.forward(model_inputs)
@@ -170,7 +165,7 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.schedule.step()
-        return loss.item() * len(labels), (logits.argmax(1) == labels).sum().item(), len(labels)
+        return loss.detach().double() * len(labels), (logits.argmax(1) == labels).sum(), len(labels)
 
     def state_dict(self) -> dict:
         return {
@@ -197,13 +192,18 @@ def validation_metrics(logits: torch.Tensor, labels: np.ndarray) -> dict:
 def training_inputs(name: str, trainer: Trainer, data, prep, num_classes: int) -> Inputs:
     cfg = trainer.cfg
     if cfg.mode == "feature_extract" and not cfg.augment:
+        if not isinstance(trainer.head, nn.Linear):
+            raise ModelError(
+                f"train.augment: false with feature_extract trains the final Linear layer on cached features, but this "
+                f"model's classifier is a {type(trainer.head).__name__} followed by more layers; use augment: true"
+            )
         started = time.perf_counter()
         features = compute_features(trainer.model, trainer.head, data, cfg, prep)
         log.info("backbone features of the train and val images in %.1f s", time.perf_counter() - started)
         with atomic_path(features_path(name)) as tmp:
             torch.save(features, tmp)
         return feature_inputs(features, data[0][1], trainer.head, trainer.device)
-    return image_inputs(trainer.model, trainer.head, data, cfg, prep, trainer.device, num_classes)
+    return image_inputs(trainer.model, data, cfg, prep, trainer.device, num_classes)
 
 
 def save_model(path, state: dict, *, run: str, arch: str, weights: str, classes: list[str], prep, cfg: TrainConfig, **best) -> None:
@@ -239,7 +239,7 @@ def run(name: str) -> dict:
     slices = batch_slices(len(train_labels), cfg.batch_size)
     trainer = Trainer.create(model, head_name, cfg, len(slices))
     generator = torch.Generator().manual_seed(cfg.seed)
-    fingerprint = resume.fingerprint(name, params.model.arch, weights, cfg)
+    fingerprint = resume.fingerprint(name, params.model.arch, weights, cfg, trainer.device)
     state = resume.load_state(resume_path(name), fingerprint)
     progress, best_model = resume.Progress(), None
     if state is not None:
@@ -280,7 +280,8 @@ def run(name: str) -> dict:
             for batch in slices[progress.step :]:
                 progress.add_batch(*trainer.step(inputs, order[batch]))
                 bar.update()
-                bar.set_postfix(loss=f"{progress.loss_sum / progress.seen:.3f}")
+                if progress.step % 10 == 0:
+                    bar.set_postfix(loss=f"{float(progress.loss_sum) / progress.seen:.3f}")
                 if stop_requested():
                     save_state(epoch_start_generator)
                     bar.close()
