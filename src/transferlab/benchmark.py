@@ -30,7 +30,7 @@ from torchvision.transforms import InterpolationMode, v2
 
 from .config import TrainConfig
 from .data import batch_slices, epoch_order, load_classes, load_split
-from .device import resolve_device
+from .device import resolve_device, training_device
 from .inference import predict_logits
 from .models import build_model
 from .train import Inputs, Trainer, compute_features, feature_inputs, image_inputs
@@ -63,7 +63,7 @@ def synchronize(device: torch.device) -> None:
 def fresh_trainer(arch: str, cfg: TrainConfig, num_classes: int, steps_per_epoch: int):
     torch.manual_seed(cfg.seed)
     model, head, prep = build_model(arch, "none", num_classes)
-    return Trainer.create(model, head, cfg, steps_per_epoch), prep
+    return Trainer.create(model, head, cfg, steps_per_epoch, *training_device(cfg.device, cfg.precision)), prep
 
 
 def compute_bound(arch: str, cfg: TrainConfig, num_classes: int, steps: int) -> float:

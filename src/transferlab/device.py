@@ -49,3 +49,9 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def training_device(device: str, precision: str) -> tuple[torch.device, torch.dtype | None]:
+    """The device and autocast dtype for ``train.device`` and ``train.precision``; unavailable ones are a ConfigError."""
+    resolved = resolve_device(device)
+    return resolved, autocast_dtype(precision, resolved)

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from . import resume
 from .config import RUNS, TrainConfig, load_params
 from .data import BatchAugmenter, batch_slices, epoch_order, load_classes, load_split
-from .device import autocast, autocast_dtype, resolve_device
+from .device import autocast, training_device
 from .fileio import atomic_path
 from .inference import predict_logits
 from .models import ModelError, build_model, freeze_stages, parameter_groups, set_train_mode
@@ -116,9 +116,8 @@ class Trainer:
     amp_dtype: torch.dtype | None
 
     @classmethod
-    def create(cls, model: nn.Module, head_name: str, cfg: TrainConfig, steps_per_epoch: int) -> "Trainer":
-        device = resolve_device(cfg.device)
-        amp_dtype = autocast_dtype(cfg.precision, device)
+    def create(cls, model: nn.Module, head_name: str, cfg: TrainConfig, steps_per_epoch: int, device: torch.device, amp_dtype) -> "Trainer":
+        """``device`` and ``amp_dtype`` from :func:`training_device`."""
         head = model.get_submodule(head_name)
         frozen = freeze_stages(model, head_name, cfg.frozen_stages)
         if cfg.mode == "feature_extract":
@@ -230,14 +229,14 @@ def run(name: str) -> dict:
     params = load_params()
     cfg = params.train_config(name)
     weights = params.weights_for(name)
-    autocast_dtype(cfg.precision, resolve_device(cfg.device))  # an unavailable device or precision fails here
+    device, amp_dtype = training_device(cfg.device, cfg.precision)  # an unavailable one fails here, before any work
     classes = load_classes()
     data = (load_split("train"), load_split("val"))
     (train_images, train_labels), (_, val_labels) = data
     torch.manual_seed(cfg.seed)
     model, head_name, prep = build_model(params.model.arch, weights, len(classes))
     slices = batch_slices(len(train_labels), cfg.batch_size)
-    trainer = Trainer.create(model, head_name, cfg, len(slices))
+    trainer = Trainer.create(model, head_name, cfg, len(slices), device, amp_dtype)
     generator = torch.Generator().manual_seed(cfg.seed)
     fingerprint = resume.fingerprint(name, params.model.arch, weights, cfg, trainer.device)
     state = resume.load_state(resume_path(name), fingerprint)
