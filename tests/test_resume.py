@@ -49,6 +49,14 @@ def saved_epoch(repo: Path) -> int:
         return 0
 
 
+def is_trainer(process: psutil.Process) -> bool:
+    """The Python training process itself: DVC's shell wrapper around it may or may not exec it, depending on the system."""
+    try:
+        return process.cmdline()[1:3] == ["-m", "transferlab.train"]
+    except psutil.Error:
+        return False
+
+
 def results(repo: Path) -> dict:
     """Everything a finished run leaves: curves, summary, weights."""
     curves = repo / "metrics/train_finetune/plots/metrics"
@@ -79,7 +87,7 @@ def uninterrupted(repo: Path, monkeypatch) -> dict:
 def test_sigkill_mid_run_then_dvc_repro_resumes_and_matches_an_uninterrupted_run(repo, monkeypatch):
     dvc = subprocess.Popen(["dvc", "repro", "train_finetune"], cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     wait_for(lambda: saved_epoch(repo) >= 2, "the second epoch's saved state")
-    trainers = [p for p in psutil.Process(dvc.pid).children(recursive=True) if "transferlab.train" in " ".join(p.cmdline())]
+    trainers = [p for p in psutil.Process(dvc.pid).children(recursive=True) if is_trainer(p)]
     assert len(trainers) == 1, "the training process should still be running"
     trainers[0].send_signal(signal.SIGKILL)
     dvc.wait(timeout=120)
