@@ -45,6 +45,11 @@ def test_mode_sections_override_the_shared_train_section():
         ("data", "val_per_class", 30, "data.val_per_class (30) must be smaller than data.train_per_class"),
         ("train", "backbone_lr_scale", 2.0, "train.backbone_lr_scale must be <= 1"),
         ("data", "train_per_class", True, "data.train_per_class must be of type int"),
+        ("evaluate", "topk", [1, 0], "evaluate.topk must be a non-empty list of integers >= 1"),
+        ("evaluate", "topk", 5, "evaluate.topk must be of type list"),
+        ("evaluate", "calibration_bins", 1, "evaluate.calibration_bins must be >= 2"),
+        ("logging", "tensorboard", "yes", "logging.tensorboard must be of type bool"),
+        ("logging", "wandb", True, "unknown param logging.wandb"),
     ],
 )
 def test_bad_values_name_the_key(section, key, value, message):

@@ -270,3 +270,23 @@ def lr_per_epoch(steps_per_epoch: int = 4, monitored: list[float] | None = None,
 def test_schedules(cfg, expected):
     monitored = cfg.pop("monitored", None)
     assert lr_per_epoch(epochs=4, monitored=monitored, **cfg) == pytest.approx(expected, abs=1e-6)
+
+
+def test_tensorboard_logs_what_dvclive_logs_and_changes_nothing_else(project, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    project(epochs=2)
+    train.run("finetune")
+    without = trained_state()
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["logging"] = {"tensorboard": True}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    train.run("finetune")
+    assert all(torch.equal(without[k], v) for k, v in trained_state().items())
+
+    events = EventAccumulator(str(train_dir("finetune") / "tensorboard")).Reload()
+    for metric in ("train/loss", "val/acc", "lr/head", "lr/backbone"):
+        scalars = events.Scalars(metric)
+        assert [s.step for s in scalars] == [0, 1]
+        assert [s.value for s in scalars] == pytest.approx(logged("finetune", metric))
+    assert events.Tags()["images"] and events.Tags()["tensors"], "training images and the params as text"

@@ -149,6 +149,22 @@ class EvaluateConfig:
     batch_size: int = field(default=64, metadata=_range(1))
     # classes listed in the comparison as gaining / losing most from pretraining
     top_classes: int = field(default=10, metadata=_range(1))
+    topk: list = field(default_factory=lambda: [1, 5])  # top-k accuracies reported for each k
+    # the confusion-matrix image shows the N classes most often confused (0: all of them)
+    confusion_classes: int = field(default=25, metadata=_range(0))
+    calibration_bins: int = field(default=15, metadata=_range(2, 100))  # reliability diagram and ECE
+    gallery_size: int = field(default=24, metadata=_range(0, 200))  # misclassified test images shown
+    gradcam_images: int = field(default=6, metadata=_range(0, 50))  # test images in the Grad-CAM panel
+
+    def __post_init__(self):
+        if not self.topk or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in self.topk):
+            raise ConfigError(f"evaluate.topk must be a non-empty list of integers >= 1, got {self.topk!r}")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    # also write TensorBoard event files (scalars, learning rates, a few images) to metrics/train_<run>/tensorboard
+    tensorboard: bool = False
 
 
 @dataclass(frozen=True)
@@ -159,6 +175,7 @@ class Params:
     finetune: dict
     scratch: dict
     evaluate: EvaluateConfig
+    logging: LoggingConfig
 
     def train_config(self, run: str) -> TrainConfig:
         """The ``train:`` section with the run's overrides applied, checked as a whole."""
@@ -246,7 +263,7 @@ def _build(cls, section: str, raw: Any, *, partial: bool = False):
     return checked if partial else cls(**checked)
 
 
-SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "evaluate": EvaluateConfig}
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "evaluate": EvaluateConfig, "logging": LoggingConfig}
 
 
 def parse_params(raw: dict) -> Params:

@@ -23,7 +23,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-from dvclive import Live
 from torch import nn
 from tqdm import tqdm
 
@@ -37,6 +36,7 @@ from .models import ModelError, build_model, freeze_stages, parameter_groups, se
 from .optim import LrSchedule, build_optimizer
 from .paths import checkpoint_path, features_path, resume_path, train_dir
 from .stage import run_stage
+from .tracking import TrainingLog
 
 log = logging.getLogger("transferlab.train")
 
@@ -205,7 +205,9 @@ def training_inputs(name: str, trainer: Trainer, data, prep, num_classes: int) -
     return image_inputs(trainer.model, data, cfg, prep, trainer.device, num_classes)
 
 
-def save_model(path, state: dict, *, run: str, arch: str, weights: str, classes: list[str], prep, cfg: TrainConfig, **best) -> None:
+def save_model(
+    path, state: dict, *, run: str, arch: str, weights: str, classes: list[str], prep, cache_size: int, cfg: TrainConfig, **best
+) -> None:
     """The trained model with everything needed to use it: architecture, classes, preprocessing, how it was trained."""
     checkpoint = {
         "model": state,
@@ -215,6 +217,7 @@ def save_model(path, state: dict, *, run: str, arch: str, weights: str, classes:
         "weights": weights,
         "classes": classes,
         "preprocessing": prep.as_dict(),
+        "cache_size": cache_size,  # images were decoded to this square size before the evaluation crop
         "eval_image_size": cfg.eval_image_size,
         "train_config": dataclasses.asdict(cfg),
         **best,
@@ -263,12 +266,12 @@ def run(name: str) -> dict:
             },
         )
 
-    with Live(str(train_dir(name)), dvcyaml=False, save_dvc_exp=False) as live, resume.stop_requests() as stop_requested:
+    training_log = TrainingLog(train_dir(name), params.logging.tensorboard)
+    with training_log as live, resume.stop_requests() as stop_requested:
         live.log_params({"run": name, "arch": params.model.arch, "weights": weights, **dataclasses.asdict(cfg)})
+        live.log_images("train images (cached, before augmentation)", train_images[:16])
         for logged in progress.history:  # curves of the epochs done before an interruption, at their own steps
-            for key, value in logged.items():
-                live.log_metric(key, value)
-            live.next_step()
+            live.log_epoch(logged)
         while progress.epoch < cfg.epochs and not progress.stopped_early:
             epoch_start_generator = generator.get_state()
             order = epoch_order(train_labels, generator, cfg.balanced_sampling)
@@ -295,12 +298,13 @@ def run(name: str) -> dict:
                 best_model = {key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items()}
             trainer.schedule.end_epoch(logged.get(cfg.monitor.replace("_", "/")))
             log.info("%s epoch %d: %s", name, progress.epoch, ", ".join(f"{k} {v:.4g}" for k, v in logged.items()))
-            for key, value in logged.items():
-                live.log_metric(key, value)
-            live.next_step()
+            live.log_epoch(logged)
             save_state(generator.get_state())
         best = {"val_acc": progress.history[progress.best_epoch - 1].get("val/acc"), "epoch": progress.best_epoch}
-        save_model(checkpoint_path(name), best_model, run=name, arch=params.model.arch, weights=weights, classes=classes, prep=prep, cfg=cfg, **best)
+        save_model(
+            checkpoint_path(name), best_model, run=name, arch=params.model.arch, weights=weights, classes=classes,
+            prep=prep, cache_size=train_images.shape[1], cfg=cfg, **best
+        )
         if best["val_acc"] is not None:
             live.summary["best/val_acc"] = best["val_acc"]
         live.summary["best/epoch"] = best["epoch"]

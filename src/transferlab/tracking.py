@@ -1,0 +1,57 @@
+"""Where a training run's curves go: dvclive always; TensorBoard event files too with ``logging.tensorboard``."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from dvclive import Live
+
+
+class TrainingLog:
+    """One epoch's metrics reach every logger at the same step (dvclive's step = TensorBoard's global step)."""
+
+    def __init__(self, folder: Path, tensorboard: bool):
+        self.folder, self.tensorboard = Path(folder), tensorboard
+        self.live, self.writer = None, None
+
+    def __enter__(self) -> "TrainingLog":
+        self.live = Live(str(self.folder), dvcyaml=False, save_dvc_exp=False)
+        if self.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # imports the tensorboard package: only when asked for
+
+            events = self.folder / "tensorboard"
+            shutil.rmtree(events, ignore_errors=True)  # a resumed run replays its history: no duplicate events
+            self.writer = SummaryWriter(str(events))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.live.end()
+
+    @property
+    def summary(self) -> dict:
+        return self.live.summary
+
+    def log_params(self, params: dict) -> None:
+        self.live.log_params(params)
+        if self.writer is not None:
+            self.writer.add_text("params", f"```\n{yaml.safe_dump(params, sort_keys=False)}```")
+
+    def log_epoch(self, metrics: dict) -> None:
+        for key, value in metrics.items():
+            self.live.log_metric(key, value)
+            if self.writer is not None:
+                self.writer.add_scalar(key, value, self.live.step)
+        self.live.next_step()
+        if self.writer is not None:
+            self.writer.flush()
+
+    def log_images(self, tag: str, images: np.ndarray) -> None:
+        """A few cached uint8 images (N x H x W x 3), for TensorBoard's image tab."""
+        if self.writer is not None:
+            self.writer.add_images(tag, torch.from_numpy(np.array(images)), 0, dataformats="NHWC")
