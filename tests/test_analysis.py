@@ -21,6 +21,7 @@ from transferlab.analysis import (
     plot_calibration,
     plot_confusion_matrix,
     plot_misclassified,
+    topk_accuracies,
 )
 from transferlab.explain import feature_maps, find_layer, gradcam, last_spatial_layer
 from transferlab.models import ModelError, Preprocessing
@@ -37,12 +38,18 @@ def test_expected_calibration_error_with_known_answers():
 
 def test_calibration_bins_agree_with_scikit_learn():
     rng = np.random.default_rng(0)
-    confidence = rng.uniform(0.01, 0.99, 500)
+    confidence = np.concatenate([rng.uniform(0.01, 0.99, 496), [0.2, 0.4, 0.6, 0.8]])  # and values on bin edges
     correct = rng.uniform(size=500) < confidence**2
-    accuracy, mean_confidence = calibration_curve(correct, confidence, n_bins=15)
-    bins = calibration_bins(confidence, correct, 15)
+    accuracy, mean_confidence = calibration_curve(correct, confidence, n_bins=5)
+    bins = calibration_bins(confidence, correct, 5)
     assert [b[1] for b in bins] == pytest.approx(accuracy) and [b[0] for b in bins] == pytest.approx(mean_confidence)
     assert sum(b[2] for b in bins) == 500
+
+
+def test_topk_with_two_classes_and_k_beyond_the_classes():
+    labels = np.array([0, 1, 1, 0])
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.4, 0.6]])
+    assert topk_accuracies(labels, probs, [1, 2, 5]) == {"top1": 0.5, "top2": 1.0, "top5": 1.0}
 
 
 def test_confused_pairs_and_most_confused_classes():
@@ -73,7 +80,7 @@ def test_pictures_are_written(tmp_path):
 
 def trained(model: nn.Module, classes: list[str], size: int = 64) -> TrainedModel:
     prep = Preprocessing((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "bilinear", 1.0)
-    return TrainedModel(model.eval(), Path("model.pt"), "test", "test", classes, prep, size, size, False)
+    return TrainedModel(model.eval(), Path("model.pt"), "test", classes, prep, size, size, False)
 
 
 def colour_detector() -> nn.Module:

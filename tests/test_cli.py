@@ -51,7 +51,7 @@ def transferlab(project: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "transferlab.cli", *args], cwd=project, capture_output=True, text=True)
 
 
-def test_predict_a_folder_with_bad_files_csv_json_and_the_pipelines_numbers(project):
+def test_predict_a_folder_with_bad_files_csv_json_and_the_pipelines_numbers(project, monkeypatch):
     images = project / "to_predict"
     images.mkdir()
     test_rows = list(csv.DictReader((project / PREPARED_DIR / "test.csv").open()))[:4]
@@ -72,7 +72,7 @@ def test_predict_a_folder_with_bad_files_csv_json_and_the_pipelines_numbers(proj
     assert len(rows) == 4 * 2 + 2 and rows[0]["rank"] == "1"
 
     # the same probabilities as the pipeline's own path (prepared cache -> evaluation crop -> model)
-    os.chdir(project)
+    monkeypatch.chdir(project)
     trained = TrainedModel.load(checkpoint_path("finetune"), device="cpu")
     cached, _ = load_split("test")
     expected = trained.probabilities(cached[:4])
@@ -83,12 +83,30 @@ def test_predict_a_folder_with_bad_files_csv_json_and_the_pipelines_numbers(proj
     assert str(report["predictions"][0]["path"]) in result.stdout
 
 
-def test_predict_a_missing_model_or_path_is_one_clear_line(project):
-    missing = transferlab(project, "predict", "images", "--model", "nowhere/model.pt")
-    assert missing.returncode == 2 and "no trained model at nowhere/model.pt" in missing.stderr
-    assert "Traceback" not in missing.stderr
-    no_images = transferlab(project, "predict", "no_such_folder", "--model", str(checkpoint_path("finetune")))
-    assert no_images.returncode == 2 and "no_such_folder does not exist" in no_images.stderr
+def test_the_installed_command_predicts_a_single_grayscale_image(project):
+    Image.open(project / "images/class_2/image_0001.jpg").convert("L").save(project / "gray.png")
+    command = Path(sys.executable).parent / "transferlab"  # the console script of pyproject.toml
+    result = subprocess.run([str(command), "predict", "gray.png", "--topk", "10"], cwd=project, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == "gray.png" and len(result.stdout.splitlines()) == 1 + 3, "top-k stops at the 3 classes"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["predict", "images", "--model", "nowhere/model.pt"], "no trained model at nowhere/model.pt"),
+        (["predict", "no_such_folder"], "no_such_folder does not exist"),
+        (["predict", "data"], "no image files under data"),
+        (["gradcam", "images/class_0/image_0000.jpg", "--layer", "fc"], "layer 'fc' does not output a grid of feature maps"),
+        (["features", "images/class_0/image_0000.jpg", "--layer", "avgpool"], "layer 'avgpool' does not output a grid of feature maps"),
+        (["features", "images/class_0/image_0000.jpg", "--layer", "layer9"], "layer 'layer9' is not a module of resnet18"),
+    ],
+)
+def test_bad_arguments_are_one_clear_line(project, args, message):
+    (project / "data" / "empty").mkdir(exist_ok=True)
+    result = transferlab(project, *args)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_gradcam_and_features_write_pictures(project):
@@ -130,3 +148,4 @@ def test_export_check_fails_when_the_export_differs(project, monkeypatch, tmp_pa
     sample = np.random.default_rng(0).integers(0, 256, (3, 40, 40, 3), dtype=np.uint8)
     with pytest.raises(export.ExportError, match="differs from the model"):
         export.export(trained, "torchscript", tmp_path / "bad.pt", sample)
+    assert list(tmp_path.iterdir()) == [], "an export that fails its check is not left behind"

@@ -1,11 +1,12 @@
 """What a model gets wrong and how sure it is: top-k accuracy, confused pairs, calibration, and their pictures.
 
-Everything here works on the test labels and the model's class probabilities (N x classes);
-the numbers come from scikit-learn, the pictures from its display helpers and matplotlib.
+Everything here works on the test labels and the model's class probabilities (N x classes); the
+pictures come from scikit-learn's display helpers and matplotlib. Also the stages' CSV and figure writers.
 """
 
 from __future__ import annotations
 
+import csv
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from sklearn.calibration import CalibrationDisplay  # noqa: E402
-from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix, top_k_accuracy_score  # noqa: E402
+from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix  # noqa: E402
 
 from .fileio import atomic_path  # noqa: E402
 
@@ -29,12 +30,17 @@ def save_figure(fig: plt.Figure, path: Path, dpi: int = 110) -> None:
     plt.close(fig)
 
 
+def write_csv(path: Path, header: list[str], rows) -> None:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
 def topk_accuracies(labels: np.ndarray, probs: np.ndarray, ks: list[int]) -> dict[str, float]:
-    """``top<k>`` for each k (a k at or above the number of classes is always right, and is reported as such)."""
-    classes = np.arange(probs.shape[1])
-    return {
-        f"top{k}": 1.0 if k >= len(classes) else float(top_k_accuracy_score(labels, probs, k=k, labels=classes)) for k in ks
-    }
+    """``top<k>``: the share of images whose true class is among the k most probable (ties count in its favour)."""
+    rank = (probs > probs[np.arange(len(labels)), labels][:, None]).sum(1)  # classes ranked strictly above the true one
+    return {f"top{k}": float((rank < k).mean()) for k in ks}
 
 
 @dataclass(frozen=True)
@@ -83,7 +89,7 @@ def plot_confusion_matrix(path: Path, labels: np.ndarray, predictions: np.ndarra
 def calibration_bins(confidence: np.ndarray, correct: np.ndarray, bins: int) -> list[tuple[float, float, int]]:
     """(mean confidence, accuracy, count) of each non-empty equal-width confidence bin (scikit-learn's binning)."""
     edges = np.linspace(0.0, 1.0, bins + 1)
-    which = np.searchsorted(edges[1:-1], confidence, side="right")
+    which = np.searchsorted(edges[1:-1], confidence)  # a confidence on an edge goes to the lower bin, as in scikit-learn
     return [
         (float(confidence[which == b].mean()), float(correct[which == b].mean()), int((which == b).sum()))
         for b in range(bins)

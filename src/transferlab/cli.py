@@ -42,17 +42,17 @@ def class_index(classes: list[str], name: str) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .predict import find_images, format_predictions, predict, write_csv, write_json_report
+    from .predict import find_images, format_predictions, predict, write_json_report, write_predictions_csv
     from .trained_model import TrainedModel
 
     trained = TrainedModel.load(args.model)
-    result = predict(trained, find_images(args.images), min(args.topk, len(trained.classes)), args.batch_size)
+    result = predict(trained, find_images(args.images), args.topk, args.batch_size)
     if result.paths:
         print(format_predictions(result))
     for path, reason in result.failures:
         print(f"cannot read {path}: {reason}", file=sys.stderr)
     if args.csv:
-        write_csv(args.csv, result)
+        write_predictions_csv(args.csv, result)
     if args.json:
         write_json_report(args.json, result)
     log.info("predicted %d image(s), %d unreadable", len(result.paths), len(result.failures))
@@ -154,8 +154,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    if getattr(args, "topk", 1) < 1:
-        raise SystemExit("transferlab predict: --topk must be at least 1")
+    for option in ("topk", "batch_size", "count"):
+        if getattr(args, option, 1) < 1:
+            raise SystemExit(f"transferlab {args.command}: --{option.replace('_', '-')} must be at least 1")
     status = 0
 
     def run_command() -> None:

@@ -11,7 +11,6 @@ confident mistakes). ``plots/gradcam.jpg`` shows, for a fixed set of test images
 
 from __future__ import annotations
 
-import csv
 import logging
 import time
 from pathlib import Path
@@ -27,11 +26,11 @@ from .analysis import (
     plot_confusion_matrix,
     plot_misclassified,
     topk_accuracies,
+    write_csv,
 )
 from .config import RUNS, EvaluateConfig, load_params
 from .data import load_split
 from .explain import plot_gradcam_panel
-from .fileio import atomic_path
 from .paths import GRADCAM_IMAGE, checkpoint_path, evaluation_dir
 from .stage import run_stage
 from .trained_model import TrainedModel
@@ -50,13 +49,6 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, topk: list[int
     }
 
 
-def write_csv(path: Path, header: list[str], rows) -> None:
-    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-
-
 def write_per_class(path: Path, labels: np.ndarray, predictions: np.ndarray, classes: list[str]) -> None:
     precision, recall, f1, support = precision_recall_fscore_support(
         labels, predictions, labels=np.arange(len(classes)), zero_division=0
@@ -70,9 +62,8 @@ def write_confused_pairs(path: Path, labels: np.ndarray, predictions: np.ndarray
     write_csv(path, ["true_class", "predicted_class", "count", "share_of_true_class"], rows)
 
 
-def evaluate_model(run: str, images: np.ndarray, labels: np.ndarray, cfg: EvaluateConfig) -> dict:
+def evaluate_model(run: str, trained: TrainedModel, images: np.ndarray, labels: np.ndarray, cfg: EvaluateConfig) -> dict:
     started = time.perf_counter()
-    trained = TrainedModel.load(checkpoint_path(run))
     classes = trained.classes
     probs = trained.probabilities(images, cfg.batch_size, f"test {run}")
     predictions = probs.argmax(1)
@@ -100,10 +91,10 @@ def gradcam_sample(labels: np.ndarray, count: int) -> np.ndarray:
 def main() -> None:
     cfg = load_params().evaluate
     images, labels = load_split("test")
-    for run in RUNS:
-        evaluate_model(run, images, labels, cfg)
-    sample = gradcam_sample(labels, cfg.gradcam_images)
     models = {run: TrainedModel.load(checkpoint_path(run)) for run in RUNS}
+    for run, trained in models.items():
+        evaluate_model(run, trained, images, labels, cfg)
+    sample = gradcam_sample(labels, cfg.gradcam_images)
     plot_gradcam_panel(GRADCAM_IMAGE, images[sample], labels[sample], models)
 
 

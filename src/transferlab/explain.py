@@ -55,15 +55,24 @@ def find_layer(trained: TrainedModel, name: str | None) -> tuple[str, nn.Module]
         raise ModelError(f"layer {name!r} is not a module of {trained.arch} (a dotted module path; top-level modules: {top})") from None
 
 
+def require_spatial(layer: str, output: torch.Tensor) -> None:
+    if output.dim() != 4 or min(output.shape[2:]) < 2:
+        raise ModelError(
+            f"layer {layer!r} does not output a grid of feature maps (N x C x H x W, H and W > 1): "
+            f"choose a convolutional layer (or leave --layer out for the last spatial one)"
+        )
+
+
 def gradcam(trained: TrainedModel, images: np.ndarray, targets: list[int] | None = None, layer: str | None = None, size: int | None = None) -> np.ndarray:
     """Grad-CAM maps (N x size x size, each scaled to [0, 1]) for ``targets`` (default: the predicted classes)."""
-    _, module = find_layer(trained, layer)
+    name, module = find_layer(trained, layer)
     inputs = trained.inputs(images)
     model = trained.model.eval()
     if targets is None:
         with torch.no_grad():
             targets = model(inputs).argmax(1).tolist()
     cams = LayerGradCam(model, module).attribute(inputs, target=list(targets), relu_attributions=True)
+    require_spatial(name, cams)
     side = size or trained.image_size
     cams = LayerAttribution.interpolate(cams.detach().float(), (side, side), "bilinear")[:, 0]
     peak = cams.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
@@ -75,6 +84,7 @@ def feature_maps(trained: TrainedModel, images: np.ndarray, layer: str | None = 
     name, module = find_layer(trained, layer)
     with torch.no_grad():
         maps = LayerActivation(trained.model.eval(), module).attribute(trained.inputs(images))
+    require_spatial(name, maps)
     return name, maps.detach().float().cpu()
 
 
@@ -92,7 +102,10 @@ def display_images(trained: TrainedModel, images: np.ndarray, size: int) -> np.n
 
 
 def plot_gradcam_panel(path: Path, images: np.ndarray, labels: np.ndarray, models: dict[str, TrainedModel], size: int = 224) -> None:
-    """One row per image: the image, then each model's Grad-CAM for its own prediction (green right, red wrong)."""
+    """One row per image: the image, then each model's Grad-CAM for its own prediction (green right, red wrong).
+
+    The maps are drawn on the first model's evaluation crop: the runs share the architecture, so the crop too.
+    """
     if not len(images):
         fig, ax = plt.subplots(figsize=(6, 1))
         ax.axis("off")

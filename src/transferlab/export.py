@@ -46,9 +46,7 @@ def metadata(trained: TrainedModel) -> str:
 
 
 def _export_torchscript(model: torch.nn.Module, example: torch.Tensor, path: Path, meta: str):
-    traced = torch.jit.trace(model, example)
-    with atomic_path(path) as tmp:
-        torch.jit.save(traced, str(tmp), _extra_files={f"{METADATA_KEY}.json": meta})
+    torch.jit.save(torch.jit.trace(model, example), str(path), _extra_files={f"{METADATA_KEY}.json": meta})
     loaded = torch.jit.load(str(path))
     return lambda x: loaded(x).numpy()
 
@@ -61,27 +59,28 @@ def _export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, meta
     program = torch.onnx.export(model, (example,), dynamic_shapes=({0: batch},), input_names=["images"], output_names=["logits"], dynamo=True)
     proto = program.model_proto
     onnx.helper.set_model_props(proto, {METADATA_KEY: meta})
-    with atomic_path(path) as tmp:
-        onnx.save(proto, str(tmp))
+    onnx.save(proto, str(path))
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return lambda x: session.run(None, {"images": x.numpy()})[0]
 
 
 def export(trained: TrainedModel, fmt: str, path: Path, sample: np.ndarray, tolerance: float = 1e-3) -> ExportCheck:
-    """Write the export to ``path``; compare its logits with the model's on ``sample`` (uint8 N x H x W x 3 images)."""
+    """Write the export to ``path`` if its logits match the model's on ``sample`` (uint8 N x H x W x 3 images).
+
+    The export is written and checked under a temporary name: one that fails the check is never left at ``path``.
+    """
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; allowed: {', '.join(FORMATS)}")
     model = trained.model.cpu().eval()
     trained_inputs = trained.inputs(sample).cpu()
-    with torch.no_grad():
+    writer = _export_torchscript if fmt == "torchscript" else _export_onnx
+    with torch.no_grad(), atomic_path(path) as tmp:
         expected = model(trained_inputs).numpy()
-        writer = _export_torchscript if fmt == "torchscript" else _export_onnx
         example = trained_inputs[:1].repeat(2, 1, 1, 1)  # batch size 2: a batch of 1 would be fixed into the ONNX graph
-        run_export = writer(model, example, path, metadata(trained))
-        got = run_export(trained_inputs)
-    diff = float(np.abs(got - expected).max())
-    same = int((got.argmax(1) == expected.argmax(1)).sum())
-    check = ExportCheck(len(sample), same, diff)
-    if diff > tolerance * max(1.0, float(np.abs(expected).max())) or same != len(sample):
-        raise ExportError(f"the {fmt} export of {trained.path} differs from the model: {check}")
+        got = writer(model, example, tmp, metadata(trained))(trained_inputs)
+        diff = float(np.abs(got - expected).max())
+        same = int((got.argmax(1) == expected.argmax(1)).sum())
+        check = ExportCheck(len(sample), same, diff)
+        if diff > tolerance * max(1.0, float(np.abs(expected).max())) or same != len(sample):
+            raise ExportError(f"the {fmt} export of {trained.path} differs from the model: {check}")
     return check

@@ -7,14 +7,14 @@ are still predicted.
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .dataset import IMAGE_EXTENSIONS, DatasetError, load_image
-from .fileio import atomic_path, write_json
+from .analysis import write_csv
+from .fileio import write_json
 from .trained_model import TrainedModel
 
 
@@ -30,7 +30,10 @@ def find_images(target: Path) -> list[Path]:
     if target.is_file():
         return [target]
     if target.is_dir():
-        return sorted(p for p in target.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        found = sorted(p for p in target.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not found:
+            raise DatasetError(f"no image files under {target} (extensions read: {' '.join(IMAGE_EXTENSIONS)})")
+        return found
     raise DatasetError(f"{target} does not exist: give an image file or a folder of images")
 
 
@@ -66,13 +69,10 @@ def format_predictions(result: Predictions) -> str:
     return "\n".join(lines)
 
 
-def write_csv(path: Path, result: Predictions) -> None:
-    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "rank", "class", "probability", "error"])
-        for image, top in zip(result.paths, result.top):
-            writer.writerows((image, rank, name, f"{prob:.6f}", "") for rank, (name, prob) in enumerate(top, start=1))
-        writer.writerows((image, "", "", "", reason) for image, reason in result.failures)
+def write_predictions_csv(path: Path, result: Predictions) -> None:
+    """One row per (image, rank); an unreadable image gets one row with its error."""
+    rows = [(image, rank, name, f"{prob:.6f}", "") for image, top in zip(result.paths, result.top) for rank, (name, prob) in enumerate(top, start=1)]
+    write_csv(path, ["path", "rank", "class", "probability", "error"], rows + [(image, "", "", "", reason) for image, reason in result.failures])
 
 
 def write_json_report(path: Path, result: Predictions) -> None:

@@ -19,7 +19,6 @@ from .models import ModelError, Preprocessing, load_checkpoint
 class TrainedModel:
     model: nn.Module
     path: Path
-    run: str
     arch: str
     classes: list[str]
     prep: Preprocessing
@@ -33,13 +32,12 @@ class TrainedModel:
         if not path.is_file():
             raise ModelError(f"no trained model at {path}: give the model.pt that a training stage wrote (data/models/<run>/model.pt)")
         model, checkpoint = load_checkpoint(path)
-        missing = [key for key in ("classes", "arch", "preprocessing", "cache_size", "eval_image_size") if key not in checkpoint]
+        missing = [key for key in ("classes", "arch", "preprocessing", "cache_size", "eval_image_size", "train_config") if key not in checkpoint]
         if missing:
             raise ModelError(f"{path} lacks {', '.join(missing)}: it was written by an older version; re-run its training stage")
         return cls(
             model=model.to(device or resolve_device()),
             path=path,
-            run=checkpoint.get("run", path.parent.name),
             arch=checkpoint["arch"],
             classes=checkpoint["classes"],
             prep=Preprocessing.from_dict(checkpoint["preprocessing"]),
