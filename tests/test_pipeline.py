@@ -5,10 +5,25 @@ from __future__ import annotations
 import json
 
 import yaml
+from PIL import Image
 
+from browser import open_page
 from conftest import run
 
 STAGES = ["prepare", "train_finetune", "train_scratch", "evaluate", "compare"]
+
+
+def check_report(repo):
+    """The HTML report: a DVC output (not in git), one file that renders in chromium with every picture."""
+    report = repo / "metrics/report.html"
+    assert "report.html" in (repo / "metrics/.gitignore").read_text()
+    seen = open_page(report, repo / "screenshot.png")
+    assert seen.console_errors == [] and seen.broken_images == []
+    assert seen.images == 3 + 2 * 3, "curves, Grad-CAM, per-class gain; per model: confusion matrix, calibration, mistakes"
+    assert "Mean per-class accuracy" in seen.text and "Params of both runs" in seen.text
+    with Image.open(repo / "screenshot.png") as shot:
+        assert shot.width == 1280 and shot.height > 3000, "the whole page, pictures included"
+        assert len(shot.convert("L").getcolors(maxcolors=1 << 16) or range(1 << 16)) > 50, "not a blank page"
 
 
 def test_repro_then_experiment_then_plots(project_repo):
@@ -32,6 +47,10 @@ def test_repro_then_experiment_then_plots(project_repo):
     assert (repo / "plots/learning_curves.png").read_bytes()[:4] == b"\x89PNG"
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert set(lock["stages"]) == set(STAGES)
+    for mode in ("finetune", "scratch"):
+        for picture in ("confusion_matrix.png", "calibration.png", "misclassified.jpg", "confused_pairs.csv"):
+            assert (repo / f"metrics/test_{mode}/{picture}").is_file()
+    check_report(repo)
 
     # a complete run leaves nothing to do
     assert "Data and pipelines are up to date" in run(["dvc", "repro"], repo).stdout

@@ -21,10 +21,12 @@ def test_metrics_with_known_answers():
     probs = np.eye(6, dtype=float)[[0, 0, 0, 1, 1, 3]]  # class 0: 3/4 right, class 1: right, class 2: wrong
     probs[5, 2] = 0.5  # the last image's true class is its 2nd guess
     probs += np.linspace(0, 0.01, 6)  # no ties: class 0 ranks last wherever it is not the guess
-    metrics = classification_metrics(labels, probs)
+    metrics = classification_metrics(labels, probs, topk=[1, 2, 5, 6])
     assert metrics["top1"] == pytest.approx(4 / 6)
     assert metrics["mean_per_class_acc"] == pytest.approx((3 / 4 + 1 + 0) / 3)
+    assert metrics["top2"] == pytest.approx(5 / 6)  # image 5's class is its 2nd guess; image 3's is ranked last
     assert metrics["top5"] == pytest.approx(5 / 6)  # only image 3 (class 0 ranked 6th) misses
+    assert metrics["top6"] == 1.0
 
 
 def test_atomic_write_leaves_the_old_file_when_the_writer_fails(tmp_path):

@@ -1,13 +1,18 @@
-"""Stage ``compare``: what ImageNet pretraining buys, from the metric files alone (no dvc calls).
+"""Stage ``compare``: what ImageNet pretraining buys, from the stages' result files alone (no dvc calls).
 
-Writes ``metrics/comparison.md`` (test metrics of both models, the gain, the classes that gain
-and lose most), ``metrics/comparison.json`` (the gains, as DVC metrics), and two pictures:
-``plots/learning_curves.png`` (both models' curves on shared axes) and ``plots/per_class_gain.png``.
+Writes ``metrics/comparison.md`` (test metrics of both models, the gain, training budgets, the classes
+that gain and lose most, the most confused pairs), ``metrics/comparison.json`` (the gains, as DVC
+metrics), ``plots/learning_curves.png``, ``plots/per_class_gain.png``, and ``metrics/report.html``:
+one self-contained page (every picture embedded) with the tables, curves, confusion matrices,
+calibration, Grad-CAM panel, misclassification galleries and the params of both runs.
 """
 
 from __future__ import annotations
 
+import base64
 import csv
+import html
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -16,19 +21,45 @@ import yaml
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .analysis import save_figure  # noqa: E402
 from .config import RUNS, load_params  # noqa: E402
-from .fileio import atomic_path, read_json, write_json, write_text  # noqa: E402
-from .paths import COMPARISON_JSON, COMPARISON_MD, CURVES_PNG, GAIN_PNG, evaluation_dir, train_dir  # noqa: E402
+from .fileio import read_json, write_json, write_text  # noqa: E402
+from .paths import COMPARISON_JSON, COMPARISON_MD, CURVES_PNG, GAIN_PNG, GRADCAM_IMAGE, REPORT_HTML, evaluation_dir, train_dir  # noqa: E402
 from .stage import run_stage  # noqa: E402
 
-METRIC_LABELS = {"mean_per_class_acc": "Mean per-class accuracy", "top1": "Top-1 accuracy", "top5": "Top-5 accuracy"}
 CURVES = [("val/acc", "Validation accuracy"), ("val/loss", "Validation loss"), ("train/loss", "Training loss")]
+EVALUATION_PICTURES = [
+    ("confusion_matrix.png", "Confusion matrices"),
+    ("calibration.png", "Calibration"),
+    ("misclassified.jpg", "Most confident mistakes"),
+]
+
+
+@dataclass(frozen=True)
+class Table:
+    title: str
+    headers: list[str]
+    rows: list[list[str]]
+
+
+def metric_labels(metrics: dict) -> dict[str, str]:
+    """The test metrics both models report, in display order (top-k in order of k)."""
+    topk = sorted((key for key in metrics if key.startswith("top") and key[3:].isdigit()), key=lambda key: int(key[3:]))
+    return {"mean_per_class_acc": "Mean per-class accuracy", **{key: f"Top-{key[3:]} accuracy" for key in topk}}
 
 
 def read_per_class(run: str) -> dict[str, float]:
     """Per-class accuracy (recall) by class name."""
     with (evaluation_dir(run) / "per_class.csv").open() as f:
         return {row["class"]: float(row["recall"]) for row in csv.DictReader(f)}
+
+
+def read_confused_pairs(run: str, count: int) -> list[dict]:
+    path = evaluation_dir(run) / "confused_pairs.csv"
+    if not path.is_file():
+        return []
+    with path.open() as f:
+        return list(csv.DictReader(f))[:count]
 
 
 def read_curve(run: str, metric: str) -> tuple[list[int], list[float]]:
@@ -46,44 +77,120 @@ def training_budget(run: str) -> tuple[dict, dict]:
     return yaml.safe_load((train_dir(run) / "params.yaml").read_text()), read_json(train_dir(run) / "metrics.json")
 
 
-def budget_table(budgets: dict[str, tuple[dict, dict]]) -> list[str]:
-    lines = [
-        "## Training budget",
-        "",
-        "| Model | Mode | Weights | Epochs | Train / eval resolution | lr | Best val acc (epoch) | Training wall time |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
-    ]
+def metrics_table(finetune: dict, scratch: dict) -> Table:
+    rows = [[label, f"{finetune[key]:.2%}", f"{scratch[key]:.2%}", f"{finetune[key] - scratch[key]:+.2%}"] for key, label in metric_labels(finetune).items()]
+    if "ece" in finetune and "ece" in scratch:
+        rows.append(["Expected calibration error (lower is better)", f"{finetune['ece']:.3f}", f"{scratch['ece']:.3f}", f"{finetune['ece'] - scratch['ece']:+.3f}"])
+    return Table("Pretrained (fine-tuned) vs from scratch, test split", ["Metric", "Fine-tuned", "Scratch", "Gain from pretraining"], rows)
+
+
+def budget_table(budgets: dict[str, tuple[dict, dict]]) -> Table:
+    rows = []
     for run, (cfg, summary) in budgets.items():
         mode = cfg.get("mode", run)
         body = cfg["lr"] * cfg["backbone_lr_scale"]
         lr = f"{cfg['lr']:g}" + {"finetune": f" (body {body:g})", "feature_extract": " (body frozen)"}.get(mode, "")
         val = f"{summary['best/val_acc']:.2%} ({summary['best/epoch']})" if "best/val_acc" in summary else "n/a"
-        lines.append(
-            f"| {run} | {mode} | {cfg['weights']} | {cfg['epochs']} | {cfg['image_size']} / {cfg['eval_image_size']} px | {lr} "
-            f"| {val} | {summary['wall_time_s'] / 60:.1f} min |"
+        rows.append(
+            [run, mode, cfg["weights"], str(cfg["epochs"]), f"{cfg['image_size']} / {cfg['eval_image_size']} px", lr, val, f"{summary['wall_time_s'] / 60:.1f} min"]
         )
-    return lines + [""]
+    headers = ["Model", "Mode", "Weights", "Epochs", "Train / eval resolution", "lr", "Best val acc (epoch)", "Training wall time"]
+    return Table("Training budget", headers, rows)
 
 
-def markdown_report(finetune: dict, scratch: dict, gains: list[tuple[str, float, float, float]], top: int, budgets: dict) -> str:
-    lines = [
-        "# Pretrained (fine-tuned) vs from scratch, test split",
-        "",
-        "| Metric | Fine-tuned | Scratch | Gain from pretraining |",
-        "|---|---:|---:|---:|",
+def gain_tables(gains: list[tuple[str, float, float, float]], top: int) -> list[Table]:
+    headers = ["Class", "Fine-tuned", "Scratch", "Gain"]
+    return [
+        Table(f"Classes that {title}", headers, [[name, f"{ft:.1%}", f"{sc:.1%}", f"{gain:+.1%}"] for name, ft, sc, gain in rows])
+        for title, rows in (("gain most", gains[:top]), ("gain least (or lose)", gains[::-1][:top]))
     ]
-    for key, label in METRIC_LABELS.items():
-        lines.append(f"| {label} | {finetune[key]:.2%} | {scratch[key]:.2%} | {finetune[key] - scratch[key]:+.2%} |")
-    lines += ["", f"Test images: {finetune['test_images']}.", ""]
-    lines += budget_table(budgets)
+
+
+def confusion_tables(top: int) -> list[Table]:
+    headers = ["True class", "Predicted as", "Test images", "Share of the class"]
+    tables = []
+    for run in RUNS:
+        pairs = read_confused_pairs(run, top)
+        rows = [[p["true_class"], p["predicted_class"], p["count"], f"{float(p['share_of_true_class']):.0%}"] for p in pairs]
+        tables.append(Table(f"Most confused pairs, {run}", headers, rows))
+    return tables
+
+
+def markdown(table: Table) -> list[str]:
+    lines = [f"## {table.title}", "", "| " + " | ".join(table.headers) + " |", "|---|" + "---:|" * (len(table.headers) - 1)]
+    return lines + ["| " + " | ".join(row) + " |" for row in table.rows] + [""]
+
+
+def html_table(table: Table, heading: bool = True) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in table.headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in row) + "</tr>" for row in table.rows)
+    title = f"<h2>{html.escape(table.title)}</h2>\n" if heading else ""
+    return f"{title}<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def summary_line(gains: list[tuple[str, float, float, float]], finetune: dict) -> str:
     improved = sum(1 for *_, gain in gains if gain > 0)
     worse = sum(1 for *_, gain in gains if gain < 0)
-    lines += [f"Per class: pretraining helps {improved} classes, hurts {worse}, ties {len(gains) - improved - worse}.", ""]
-    for title, rows in (("gain most", gains[:top]), ("gain least (or lose)", gains[::-1][:top])):
-        lines += [f"## Classes that {title}", "", "| Class | Fine-tuned | Scratch | Gain |", "|---|---:|---:|---:|"]
-        lines += [f"| {name} | {ft:.1%} | {sc:.1%} | {gain:+.1%} |" for name, ft, sc, gain in rows]
-        lines.append("")
+    return f"Test images: {finetune['test_images']}. Per class: pretraining helps {improved} classes, hurts {worse}, ties {len(gains) - improved - worse}."
+
+
+def markdown_report(finetune: dict, scratch: dict, gains: list, top: int, budgets: dict) -> str:
+    main_table = metrics_table(finetune, scratch)
+    lines = [f"# {main_table.title}", "", *markdown(main_table)[2:], summary_line(gains, finetune), ""]
+    for table in [budget_table(budgets), *gain_tables(gains, top), *confusion_tables(top)]:
+        lines += markdown(table)
     return "\n".join(lines)
+
+
+def embedded_image(path: Path, alt: str) -> str:
+    """An <img> carrying the picture itself, so the report is one file."""
+    if not path.is_file():
+        return f"<p class='missing'>{html.escape(alt)}: not produced ({html.escape(str(path))})</p>"
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    mime = "image/jpeg" if path.suffix.lower() in (".jpg", ".jpeg") else "image/png"
+    return f'<figure><img src="data:{mime};base64,{data}" alt="{html.escape(alt)}"><figcaption>{html.escape(alt)}</figcaption></figure>'
+
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+figure { display: inline-block; margin: 0.5em; vertical-align: top; }
+img { max-width: 100%; border: 1px solid #ddd; }
+figcaption { font-size: 0.85em; color: #555; }
+.row { display: flex; gap: 1em; flex-wrap: wrap; } .row figure { flex: 1 1 45%; }
+pre { background: #f6f6f6; padding: 0.8em; font-size: 0.8em; overflow-x: auto; }
+"""
+
+
+def html_report(finetune: dict, scratch: dict, gains: list, top: int, budgets: dict) -> str:
+    def pictures(name: str) -> str:
+        return "<div class='row'>" + "".join(embedded_image(evaluation_dir(run) / name, run) for run in RUNS) + "</div>"
+
+    def params_of(run: str) -> str:
+        return f"<h3>{run}</h3><pre>{html.escape(yaml.safe_dump(budgets[run][0], sort_keys=False))}</pre>"
+
+    main_table = metrics_table(finetune, scratch)
+    parts = [
+        f"<h1>{html.escape(main_table.title)}</h1>",
+        html_table(main_table, heading=False),
+        f"<p>{html.escape(summary_line(gains, finetune))}</p>",
+        "<h2>Learning curves</h2>",
+        embedded_image(CURVES_PNG, "learning curves of both models"),
+        html_table(budget_table(budgets)),
+        "<h2>Grad-CAM: where each model looks</h2>",
+        embedded_image(GRADCAM_IMAGE, "Grad-CAM panel, fixed test images"),
+        "<h2>Per-class gain</h2>",
+        embedded_image(GAIN_PNG, "fine-tuned minus scratch, per class"),
+        *(html_table(t) for t in gain_tables(gains, top)),
+    ]
+    for name, title in EVALUATION_PICTURES:
+        parts += [f"<h2>{html.escape(title)}</h2>", pictures(name)]
+    parts += [html_table(t) for t in confusion_tables(top)]
+    parts += ["<h2>Params of both runs</h2>", *(params_of(run) for run in RUNS)]
+    body = "\n".join(parts)
+    return f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>transferlab report</title><style>{STYLE}</style></head>\n<body>\n{body}\n</body></html>\n"
 
 
 def plot_curves(path: Path) -> None:
@@ -96,13 +203,6 @@ def plot_curves(path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     save_figure(fig, path)
-
-
-def save_figure(fig: plt.Figure, path: Path) -> None:
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
 
 
 def plot_gains(path: Path, gains: list[tuple[str, float, float, float]]) -> None:
@@ -123,9 +223,10 @@ def main() -> None:
     gains = sorted(((c, per_ft[c], per_sc[c], per_ft[c] - per_sc[c]) for c in per_ft), key=lambda g: (-g[3], g[0]))
     budgets = {run: training_budget(run) for run in RUNS}
     write_text(COMPARISON_MD, markdown_report(finetune, scratch, gains, top, budgets))
-    write_json(COMPARISON_JSON, {f"gain/{key}": finetune[key] - scratch[key] for key in METRIC_LABELS})
+    write_json(COMPARISON_JSON, {f"gain/{key}": finetune[key] - scratch[key] for key in metric_labels(finetune)})
     plot_curves(CURVES_PNG)
     plot_gains(GAIN_PNG, gains)
+    write_text(REPORT_HTML, html_report(finetune, scratch, gains, top, budgets))
     print(COMPARISON_MD.read_text())
 
 

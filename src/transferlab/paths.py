@@ -13,6 +13,8 @@ COMPARISON_MD = Path("metrics/comparison.md")
 COMPARISON_JSON = Path("metrics/comparison.json")
 CURVES_PNG = Path("plots/learning_curves.png")
 GAIN_PNG = Path("plots/per_class_gain.png")
+GRADCAM_IMAGE = Path("plots/gradcam.jpg")
+REPORT_HTML = Path("metrics/report.html")
 
 
 def checkpoint_path(run: str) -> Path:

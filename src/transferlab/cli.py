@@ -1,0 +1,171 @@
+"""``transferlab``: use any trained model (a ``model.pt`` a training stage wrote) outside the pipeline.
+
+    transferlab predict IMAGE_OR_FOLDER --model data/models/finetune/model.pt --topk 5 [--csv F] [--json F]
+    transferlab gradcam IMAGE --model PATH [--class NAME] [--layer NAME] [--out gradcam.png]
+    transferlab features IMAGE --model PATH [--layer NAME] [--count 16] [--out features.png]
+    transferlab export --model PATH --format torchscript|onnx --out FILE [--check IMAGE_OR_FOLDER]
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .dataset import DatasetError
+from .models import ModelError
+from .stage import run_stage
+
+DEFAULT_MODEL = "data/models/finetune/model.pt"
+log = logging.getLogger("transferlab")
+
+
+def one_image(trained, path: Path) -> np.ndarray:
+    from .predict import read_images
+
+    _, images, failures = read_images([path], trained.cache_size)
+    if failures:
+        raise DatasetError(f"cannot read {failures[0][0]}: {failures[0][1]}")
+    return images
+
+
+def class_index(classes: list[str], name: str) -> int:
+    if name in classes:
+        return classes.index(name)
+    close = difflib.get_close_matches(name, classes, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; the model knows {len(classes)} classes"
+    raise ModelError(f"--class {name!r} is not one of the model's classes{hint}")
+
+
+def cmd_predict(args) -> int:
+    from .predict import find_images, format_predictions, predict, write_json_report, write_predictions_csv
+    from .trained_model import TrainedModel
+
+    trained = TrainedModel.load(args.model)
+    result = predict(trained, find_images(args.images), args.topk, args.batch_size)
+    if result.paths:
+        print(format_predictions(result))
+    for path, reason in result.failures:
+        print(f"cannot read {path}: {reason}", file=sys.stderr)
+    if args.csv:
+        write_predictions_csv(args.csv, result)
+    if args.json:
+        write_json_report(args.json, result)
+    log.info("predicted %d image(s), %d unreadable", len(result.paths), len(result.failures))
+    return 1 if result.failures else 0
+
+
+def cmd_gradcam(args) -> int:
+    import matplotlib.pyplot as plt
+
+    from .analysis import save_figure
+    from .explain import display_images, gradcam, show_overlay
+    from .trained_model import TrainedModel
+
+    trained = TrainedModel.load(args.model)
+    image = one_image(trained, args.image)
+    probs = trained.probabilities(image)[0]
+    target = class_index(trained.classes, args.target) if args.target else int(probs.argmax())
+    cam = gradcam(trained, image, [target], args.layer, size=224)[0]
+    shown = display_images(trained, image, 224)[0]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(7, 3.8))
+    show_overlay(left, shown, None, args.image.name)
+    show_overlay(right, shown, cam, f"Grad-CAM for {trained.classes[target]} ({probs[target]:.1%})")
+    save_figure(fig, args.out)
+    print(f"{args.out}: Grad-CAM of {trained.classes[target]} (p={probs[target]:.3f}); predicted {trained.classes[int(probs.argmax())]}")
+    return 0
+
+
+def cmd_features(args) -> int:
+    from .explain import display_images, feature_maps, plot_feature_maps
+    from .trained_model import TrainedModel
+
+    trained = TrainedModel.load(args.model)
+    image = one_image(trained, args.image)
+    layer, maps = feature_maps(trained, image, args.layer)
+    plot_feature_maps(args.out, display_images(trained, image, trained.image_size)[0], maps[0], layer, args.count)
+    print(f"{args.out}: feature maps of {layer}, shape {tuple(maps.shape[1:])}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import ExportError, export
+    from .predict import find_images, read_images
+    from .trained_model import TrainedModel
+
+    trained = TrainedModel.load(args.model, device="cpu")
+    if args.check:
+        _, sample, _ = read_images(find_images(args.check)[:16], trained.cache_size)
+        if not len(sample):
+            raise DatasetError(f"--check {args.check}: no readable image to compare on")
+    else:  # random images: the check then compares logits, not meaningful predictions
+        sample = np.random.default_rng(0).integers(0, 256, (4, trained.cache_size, trained.cache_size, 3), dtype=np.uint8)
+    try:
+        check = export(trained, args.format, args.out, sample)
+    except ExportError as err:
+        print(f"transferlab export: {err}", file=sys.stderr)
+        return 1
+    print(
+        f"{args.out}: {args.format} export; on {check.images} image(s) the same top-1 for {check.same_top1}, "
+        f"largest logit difference {check.max_abs_logit_diff:.2e}"
+    )
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    main_parser = argparse.ArgumentParser(prog="transferlab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = main_parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, handler, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--model", type=Path, default=Path(DEFAULT_MODEL), help=f"a trained model.pt (default: {DEFAULT_MODEL})")
+        sub.set_defaults(handler=handler)
+        return sub
+
+    predict = command("predict", cmd_predict, "top-k classes and probabilities of an image or of every image in a folder")
+    predict.add_argument("images", type=Path, metavar="IMAGE_OR_FOLDER")
+    predict.add_argument("--topk", type=int, default=5)
+    predict.add_argument("--batch-size", type=int, default=32)
+    predict.add_argument("--csv", type=Path, help="also write the predictions (and unreadable files) as CSV")
+    predict.add_argument("--json", type=Path, help="also write them as JSON")
+
+    gradcam = command("gradcam", cmd_gradcam, "Grad-CAM heatmap of an image for the predicted (or a chosen) class")
+    gradcam.add_argument("image", type=Path)
+    gradcam.add_argument("--class", dest="target", help="class to explain (default: the predicted one)")
+    gradcam.add_argument("--layer", help="dotted module name (default: the last layer with a spatial output)")
+    gradcam.add_argument("--out", type=Path, default=Path("gradcam.png"))
+
+    features = command("features", cmd_features, "feature maps of a layer for an image")
+    features.add_argument("image", type=Path)
+    features.add_argument("--layer", help="dotted module name (default: the last layer with a spatial output)")
+    features.add_argument("--count", type=int, default=16, help="channels shown (those with the highest mean activation)")
+    features.add_argument("--out", type=Path, default=Path("features.png"))
+
+    export = command("export", cmd_export, "export to TorchScript or ONNX and check it predicts what the model predicts")
+    export.add_argument("--format", choices=("torchscript", "onnx"), required=True)
+    export.add_argument("--out", type=Path, required=True)
+    export.add_argument("--check", type=Path, metavar="IMAGE_OR_FOLDER", help="images to compare on (default: 4 random images)")
+    return main_parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    for option in ("topk", "batch_size", "count"):
+        if getattr(args, option, 1) < 1:
+            raise SystemExit(f"transferlab {args.command}: --{option.replace('_', '-')} must be at least 1")
+    status = 0
+
+    def run_command() -> None:
+        nonlocal status
+        status = args.handler(args)
+
+    run_stage(f"transferlab {args.command}", run_command)
+    sys.exit(status)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Class probabilities for image files, from a trained model's checkpoint alone.
+
+Images are decoded the way ``prepare`` decodes them (shorter side resized, centre square, RGB), then
+get the model's evaluation crop. A file that cannot be read is reported with the reason; the rest
+are still predicted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .dataset import IMAGE_EXTENSIONS, DatasetError, load_image
+from .analysis import write_csv
+from .fileio import write_json
+from .trained_model import TrainedModel
+
+
+@dataclass
+class Predictions:
+    paths: list[str] = field(default_factory=list)
+    top: list[list[tuple[str, float]]] = field(default_factory=list)  # per image: (class, probability), best first
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+
+def find_images(target: Path) -> list[Path]:
+    """``target`` itself, or every image file under the folder ``target`` (by extension, sorted)."""
+    if target.is_file():
+        return [target]
+    if target.is_dir():
+        found = sorted(p for p in target.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not found:
+            raise DatasetError(f"no image files under {target} (extensions read: {' '.join(IMAGE_EXTENSIONS)})")
+        return found
+    raise DatasetError(f"{target} does not exist: give an image file or a folder of images")
+
+
+def read_images(paths: list[Path], size: int) -> tuple[list[Path], np.ndarray, list[tuple[str, str]]]:
+    """Decode every file to a size x size x 3 uint8 image; return the readable ones, their pixels and the failures."""
+    readable, images, failures = [], [], []
+    for path in paths:
+        try:
+            images.append(load_image(path, size))
+            readable.append(path)
+        except Exception as err:  # PIL raises many types for bad files; each is reported, none stops the others
+            failures.append((str(path), f"{type(err).__name__}: {err}"))
+    return readable, np.stack(images) if images else np.empty((0, size, size, 3), np.uint8), failures
+
+
+def predict(trained: TrainedModel, paths: list[Path], topk: int, batch_size: int = 32) -> Predictions:
+    readable, images, failures = read_images(paths, trained.cache_size)
+    result = Predictions(failures=failures)
+    if not len(images):
+        return result
+    probs = trained.probabilities(images, batch_size)
+    best = np.argsort(-probs, axis=1, kind="stable")[:, :topk]
+    result.paths = [str(p) for p in readable]
+    result.top = [[(trained.classes[c], float(probs[row, c])) for c in best[row]] for row in range(len(readable))]
+    return result
+
+
+def format_predictions(result: Predictions) -> str:
+    lines = []
+    for path, top in zip(result.paths, result.top):
+        lines.append(path)
+        lines += [f"  {rank}. {name:<30} {prob:7.2%}" for rank, (name, prob) in enumerate(top, start=1)]
+    return "\n".join(lines)
+
+
+def write_predictions_csv(path: Path, result: Predictions) -> None:
+    """One row per (image, rank); an unreadable image gets one row with its error."""
+    rows = [(image, rank, name, f"{prob:.6f}", "") for image, top in zip(result.paths, result.top) for rank, (name, prob) in enumerate(top, start=1)]
+    write_csv(path, ["path", "rank", "class", "probability", "error"], rows + [(image, "", "", "", reason) for image, reason in result.failures])
+
+
+def write_json_report(path: Path, result: Predictions) -> None:
+    write_json(
+        path,
+        {
+            "predictions": [
+                {"path": image, "top": [{"class": name, "probability": prob} for name, prob in top]}
+                for image, top in zip(result.paths, result.top)
+            ],
+            "failures": [{"path": image, "error": reason} for image, reason in result.failures],
+        },
+    )
+

@@ -1,0 +1,64 @@
+"""A trained model as ``evaluate``, ``predict``, Grad-CAM and export use it: built from its checkpoint alone."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import eval_resize, normalize
+from .device import resolve_device
+from .inference import predict_logits
+from .models import ModelError, Preprocessing, load_checkpoint
+
+
+@dataclass
+class TrainedModel:
+    model: nn.Module
+    path: Path
+    arch: str
+    classes: list[str]
+    prep: Preprocessing
+    cache_size: int  # images are decoded to this square size (data.cache_size) before the evaluation crop
+    image_size: int  # evaluation resolution
+    channels_last: bool
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device | None = None) -> "TrainedModel":
+        path = Path(path)
+        if not path.is_file():
+            raise ModelError(f"no trained model at {path}: give the model.pt that a training stage wrote (data/models/<run>/model.pt)")
+        model, checkpoint = load_checkpoint(path)
+        missing = [key for key in ("classes", "arch", "preprocessing", "cache_size", "eval_image_size", "train_config") if key not in checkpoint]
+        if missing:
+            raise ModelError(f"{path} lacks {', '.join(missing)}: it was written by an older version; re-run its training stage")
+        return cls(
+            model=model.to(device or resolve_device()),
+            path=path,
+            arch=checkpoint["arch"],
+            classes=checkpoint["classes"],
+            prep=Preprocessing.from_dict(checkpoint["preprocessing"]),
+            cache_size=checkpoint["cache_size"],
+            image_size=checkpoint["eval_image_size"],
+            channels_last=checkpoint["train_config"]["channels_last"],
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def crop(self, images: np.ndarray, size: int | None = None) -> torch.Tensor:
+        """The evaluation crop (uint8 N x 3 x S x S) of cached images (uint8 N x H x W x 3), at ``size`` or the model's."""
+        batch = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+        return eval_resize(size or self.image_size, self.prep, images.shape[1])(batch)
+
+    def inputs(self, images: np.ndarray) -> torch.Tensor:
+        """Normalised model inputs, on the model's device."""
+        return normalize(self.crop(images).to(self.device), self.prep)
+
+    def probabilities(self, images: np.ndarray, batch_size: int = 64, desc: str = "predict") -> np.ndarray:
+        logits = predict_logits(self.model, images, self.prep, self.image_size, batch_size, self.channels_last, desc)
+        return logits.softmax(1).numpy()

@@ -1,0 +1,151 @@
+"""The ``transferlab`` command on a model trained on tiny data: predict, gradcam, features, export."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from conftest import tiny_params
+from transferlab import export, prepare, train
+from transferlab.data import load_split
+from transferlab.paths import PREPARED_DIR, checkpoint_path
+from transferlab.trained_model import TrainedModel
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A tiny dataset, prepared, with a fine-tuned model (random resnet18 weights standing in for ImageNet's)."""
+    from imagegen import make_image_folder
+
+    root = tmp_path_factory.mktemp("cli")
+    folder = make_image_folder(root / "images", classes=3, per_class=12)
+    torch.manual_seed(0)
+    weights = root / "resnet18.pth"
+    torch.save(__import__("torchvision").models.resnet18().state_dict(), weights)
+    params = tiny_params()
+    params["data"]["source"] = str(folder)
+    params["model"]["weights"] = str(weights)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        prepare.main()
+        train.run("finetune")
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+def transferlab(project: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "transferlab.cli", *args], cwd=project, capture_output=True, text=True)
+
+
+def test_predict_a_folder_with_bad_files_csv_json_and_the_pipelines_numbers(project, monkeypatch):
+    images = project / "to_predict"
+    images.mkdir()
+    test_rows = list(csv.DictReader((project / PREPARED_DIR / "test.csv").open()))[:4]
+    for row in test_rows:
+        (images / Path(row["path"]).name.replace("image", row["class"])).write_bytes((project / "images" / row["path"]).read_bytes())
+    (images / "notes.jpg").write_text("not an image")
+    (images / "empty.png").write_bytes(b"")
+    (images / "readme.txt").write_text("not an image file name: ignored")
+
+    result = transferlab(project, "predict", "to_predict", "--topk", "2", "--csv", "out.csv", "--json", "out.json")
+    assert result.returncode == 1, "some files could not be read"
+    assert "cannot read to_predict/notes.jpg" in result.stderr and "cannot read to_predict/empty.png" in result.stderr
+    assert "readme.txt" not in result.stderr + result.stdout
+    report = json.loads((project / "out.json").read_text())
+    assert len(report["predictions"]) == 4 and {f["path"] for f in report["failures"]} == {"to_predict/notes.jpg", "to_predict/empty.png"}
+    assert all(len(p["top"]) == 2 for p in report["predictions"])
+    rows = list(csv.DictReader((project / "out.csv").open()))
+    assert len(rows) == 4 * 2 + 2 and rows[0]["rank"] == "1"
+
+    # the same probabilities as the pipeline's own path (prepared cache -> evaluation crop -> model)
+    monkeypatch.chdir(project)
+    trained = TrainedModel.load(checkpoint_path("finetune"), device="cpu")
+    cached, _ = load_split("test")
+    expected = trained.probabilities(cached[:4])
+    by_name = {Path(p["path"]).name: p["top"][0] for p in report["predictions"]}
+    for row, probs in zip(test_rows, expected):
+        top = by_name[Path(row["path"]).name.replace("image", row["class"])]
+        assert top["class"] == trained.classes[probs.argmax()] and top["probability"] == pytest.approx(probs.max(), abs=1e-5)
+    assert str(report["predictions"][0]["path"]) in result.stdout
+
+
+def test_the_installed_command_predicts_a_single_grayscale_image(project):
+    Image.open(project / "images/class_2/image_0001.jpg").convert("L").save(project / "gray.png")
+    command = Path(sys.executable).parent / "transferlab"  # the console script of pyproject.toml
+    result = subprocess.run([str(command), "predict", "gray.png", "--topk", "10"], cwd=project, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == "gray.png" and len(result.stdout.splitlines()) == 1 + 3, "top-k stops at the 3 classes"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["predict", "images", "--model", "nowhere/model.pt"], "no trained model at nowhere/model.pt"),
+        (["predict", "no_such_folder"], "no_such_folder does not exist"),
+        (["predict", "data"], "no image files under data"),
+        (["gradcam", "images/class_0/image_0000.jpg", "--layer", "fc"], "layer 'fc' does not output a grid of feature maps"),
+        (["features", "images/class_0/image_0000.jpg", "--layer", "avgpool"], "layer 'avgpool' does not output a grid of feature maps"),
+        (["features", "images/class_0/image_0000.jpg", "--layer", "layer9"], "layer 'layer9' is not a module of resnet18"),
+    ],
+)
+def test_bad_arguments_are_one_clear_line(project, args, message):
+    (project / "data" / "empty").mkdir(exist_ok=True)
+    result = transferlab(project, *args)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_gradcam_and_features_write_pictures(project):
+    image = "images/class_1/image_0000.jpg"
+    model = str(checkpoint_path("finetune"))
+    result = transferlab(project, "gradcam", image, "--model", model, "--class", "class_2", "--out", "cam.png")
+    assert result.returncode == 0, result.stderr
+    assert "Grad-CAM of class_2" in result.stdout
+    result = transferlab(project, "features", image, "--model", model, "--layer", "layer3", "--count", "8", "--out", "maps.png")
+    assert result.returncode == 0, result.stderr
+    assert "feature maps of layer3" in result.stdout
+    for name in ("cam.png", "maps.png"):
+        with Image.open(project / name) as picture:
+            assert picture.format == "PNG"
+    wrong_class = transferlab(project, "gradcam", image, "--model", model, "--class", "class_7")
+    assert wrong_class.returncode == 2 and "--class 'class_7' is not one of the model's classes; did you mean" in wrong_class.stderr
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_export_predicts_what_the_model_predicts(project, fmt):
+    out = f"model.{fmt}"
+    result = transferlab(project, "export", "--model", str(checkpoint_path("finetune")), "--format", fmt, "--out", out, "--check", "images")
+    assert result.returncode == 0, result.stderr
+    assert "the same top-1 for 16" in result.stdout
+    if fmt == "onnx":
+        props = {p.key: p.value for p in onnx.load(str(project / out)).metadata_props}
+        assert json.loads(props["transferlab"])["classes"] == ["class_0", "class_1", "class_2"]
+    else:
+        extra = {"transferlab.json": ""}
+        torch.jit.load(str(project / out), _extra_files=extra)
+        assert json.loads(extra["transferlab.json"])["image_size"] == 32
+
+
+def test_export_check_fails_when_the_export_differs(project, monkeypatch, tmp_path):
+    monkeypatch.chdir(project)
+    trained = TrainedModel.load(checkpoint_path("finetune"), device="cpu")
+    real = export._export_torchscript
+    monkeypatch.setattr(export, "_export_torchscript", lambda *args: (lambda x, run=real(*args): run(x) + np.eye(3)[[2]] * 5))
+    sample = np.random.default_rng(0).integers(0, 256, (3, 40, 40, 3), dtype=np.uint8)
+    with pytest.raises(export.ExportError, match="differs from the model"):
+        export.export(trained, "torchscript", tmp_path / "bad.pt", sample)
+    assert list(tmp_path.iterdir()) == [], "an export that fails its check is not left behind"
