@@ -23,7 +23,8 @@ from .fileio import atomic_path  # noqa: E402
 
 def save_figure(fig: plt.Figure, path: Path, dpi: int = 110) -> None:
     """Write a figure atomically, in the format its suffix names, and free it (JPEG for photo panels: 5x smaller)."""
-    fig.tight_layout()
+    # leave room for a figure title above the panels' own titles
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()) if fig.get_suptitle() else None)
     fmt = path.suffix.lstrip(".").lower()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format=fmt, dpi=dpi, **({"pil_kwargs": {"quality": 85}} if fmt in ("jpg", "jpeg") else {}))
@@ -81,8 +82,8 @@ def plot_confusion_matrix(path: Path, labels: np.ndarray, predictions: np.ndarra
     display.plot(ax=ax, include_values=len(shown) <= 12, cmap="Blues", xticks_rotation="vertical", values_format=".2f", im_kw={"vmin": 0, "vmax": 1})
     fontsize = 8 if len(shown) <= 30 else 5
     ax.tick_params(labelsize=fontsize)
-    subset = "" if len(shown) == len(classes) else f", the {len(shown)} classes most often confused"
-    ax.set_title(f"{title}: confusion matrix (rows normalised{subset})", fontsize=10)
+    subset = "all classes" if len(shown) == len(classes) else f"the {len(shown)} classes most often confused"
+    ax.set_title(f"{title}: confusion matrix\n{subset}, rows normalised (where each class's test images went)", fontsize=9)
     save_figure(fig, path)
 
 
