@@ -82,8 +82,8 @@ def plot_confusion_matrix(path: Path, labels: np.ndarray, predictions: np.ndarra
     display.plot(ax=ax, include_values=len(shown) <= 12, cmap="Blues", xticks_rotation="vertical", values_format=".2f", im_kw={"vmin": 0, "vmax": 1})
     fontsize = 8 if len(shown) <= 30 else 5
     ax.tick_params(labelsize=fontsize)
-    subset = "all classes" if len(shown) == len(classes) else f"the {len(shown)} classes most often confused"
-    ax.set_title(f"{title}: confusion matrix\n{subset}, rows normalised (where each class's test images went)", fontsize=9)
+    subset = "all classes" if len(shown) == len(classes) else f"the {len(shown)} most confused classes"
+    ax.set_title(f"{title}: confusion matrix\n{subset}, rows normalised", fontsize=9)
     save_figure(fig, path)
 
 
