@@ -17,6 +17,7 @@ from transferlab.analysis import (
     calibration_bins,
     confused_pairs,
     expected_calibration_error,
+    gallery_indices,
     most_confused_classes,
     plot_calibration,
     plot_confusion_matrix,
@@ -60,6 +61,14 @@ def test_confused_pairs_and_most_confused_classes():
     assert [(p.true_class, p.predicted_class, p.count) for p in pairs] == [("cat", "dog", 3), ("dog", "cat", 1), ("emu", "fox", 1)]
     assert pairs[0].share == pytest.approx(0.75)
     assert most_confused_classes(labels, predictions, 4, 2).tolist() == [0, 1]  # cat and dog: 4 mistakes each
+
+
+def test_the_gallery_takes_the_most_confident_mistakes_at_most_two_per_pair():
+    labels = np.array([0, 0, 0, 1, 2, 2])
+    probs = np.array([[0.1, 0.9, 0], [0.2, 0.8, 0], [0.3, 0.7, 0], [0.05, 0, 0.95], [0.6, 0, 0.4], [0, 0, 1]])
+    # mistakes: 0->1 at 0.9, 0.8, 0.7; 1->2 at 0.95; 2->0 at 0.6; image 5 is right
+    assert gallery_indices(labels, probs, 10) == [3, 0, 1, 4]
+    assert gallery_indices(labels, probs, 2) == [3, 0]
 
 
 def test_pictures_are_written(tmp_path):

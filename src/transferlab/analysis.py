@@ -117,13 +117,26 @@ def plot_calibration(path: Path, confidence: np.ndarray, correct: np.ndarray, bi
     save_figure(fig, path)
 
 
+def gallery_indices(labels: np.ndarray, probs: np.ndarray, count: int, per_pair: int = 2) -> list[int]:
+    """The ``count`` most confident mistakes, at most ``per_pair`` of each (true, predicted) pair, so that one
+    frequent confusion (Faces_easy -> Faces) does not fill the whole gallery."""
+    predictions = probs.argmax(1)
+    wrong = np.flatnonzero(predictions != labels)
+    chosen, per = [], {}
+    for index in wrong[np.argsort(-probs[wrong, predictions[wrong]], kind="stable")]:
+        pair = (labels[index], predictions[index])
+        if per.get(pair, 0) < per_pair and len(chosen) < count:
+            chosen.append(int(index))
+            per[pair] = per.get(pair, 0) + 1
+    return chosen
+
+
 def plot_misclassified(
     path: Path, images: np.ndarray, labels: np.ndarray, probs: np.ndarray, classes: list[str], count: int, title: str
 ) -> int:
-    """A gallery of the most confident mistakes (true class, predicted class, confidence); returns how many it shows."""
+    """A gallery of confident mistakes (true class, predicted class, confidence); returns how many it shows."""
     predictions = probs.argmax(1)
-    wrong = np.flatnonzero(predictions != labels)
-    shown = wrong[np.argsort(-probs[wrong, predictions[wrong]], kind="stable")][:count]
+    shown = gallery_indices(labels, probs, count)
     columns = 6
     rows = max(1, -(-len(shown) // columns))
     fig, axes = plt.subplots(rows, columns, figsize=(2.0 * columns, 2.3 * rows + 0.4), squeeze=False)
@@ -135,6 +148,6 @@ def plot_misclassified(
     if not len(shown):
         message = "gallery turned off (evaluate.gallery_size: 0)" if not count else "no misclassified test images"
         axes.flat[0].text(0, 0.5, message, va="center")
-    fig.suptitle(f"{title}: most confident mistakes (true → predicted, confidence)", fontsize=10)
+    fig.suptitle(f"{title}: most confident mistakes, at most 2 per confused pair (true → predicted, confidence)", fontsize=10)
     save_figure(fig, path, dpi=80)
     return len(shown)
