@@ -97,6 +97,7 @@ def cmd_export(args) -> int:
     from .predict import find_images, read_images
     from .trained_model import TrainedModel
 
+    logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # the ONNX optimiser logs every pass at INFO
     trained = TrainedModel.load(args.model, device="cpu")
     if args.check:
         _, sample, _ = read_images(find_images(args.check)[:16], trained.cache_size)
