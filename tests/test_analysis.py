@@ -78,7 +78,7 @@ def test_pictures_are_written(tmp_path):
     probs = rng.dirichlet(np.ones(40) * 0.3, size=len(labels))
     predictions = probs.argmax(1)
     plot_confusion_matrix(tmp_path / "cm.png", labels, predictions, classes, 10, "test")
-    plot_calibration(tmp_path / "calibration.png", probs.max(1), predictions == labels, 10, "test")
+    plot_calibration(tmp_path / "calibration.png", probs.max(1), predictions == labels, 10, 0.1, "test")
     images = rng.integers(0, 256, (len(labels), 32, 32, 3), dtype=np.uint8)
     shown = plot_misclassified(tmp_path / "wrong.jpg", images, labels, probs, classes, 8, "test")
     assert shown == 8

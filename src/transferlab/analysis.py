@@ -52,10 +52,16 @@ class ConfusedPair:
     share: float  # of the true class's test images
 
 
+def mistake_counts(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    """The confusion matrix of counts with its diagonal (the right answers) zeroed."""
+    matrix = confusion_matrix(labels, predictions, labels=np.arange(num_classes))
+    np.fill_diagonal(matrix, 0)
+    return matrix
+
+
 def confused_pairs(labels: np.ndarray, predictions: np.ndarray, classes: list[str]) -> list[ConfusedPair]:
     """Every (true, predicted) pair of different classes that occurs, most frequent first."""
-    matrix = confusion_matrix(labels, predictions, labels=np.arange(len(classes)))
-    np.fill_diagonal(matrix, 0)
+    matrix = mistake_counts(labels, predictions, len(classes))
     support = np.bincount(labels, minlength=len(classes))
     rows, cols = np.nonzero(matrix)
     pairs = [ConfusedPair(classes[r], classes[c], int(matrix[r, c]), matrix[r, c] / support[r]) for r, c in zip(rows, cols)]
@@ -64,8 +70,7 @@ def confused_pairs(labels: np.ndarray, predictions: np.ndarray, classes: list[st
 
 def most_confused_classes(labels: np.ndarray, predictions: np.ndarray, num_classes: int, count: int) -> np.ndarray:
     """The ``count`` classes involved in most mistakes (as the true or the predicted class), in label order."""
-    matrix = confusion_matrix(labels, predictions, labels=np.arange(num_classes))
-    np.fill_diagonal(matrix, 0)
+    matrix = mistake_counts(labels, predictions, num_classes)
     involvement = matrix.sum(0) + matrix.sum(1)
     chosen = np.argsort(-involvement, kind="stable")[:count]
     return np.sort(chosen)
@@ -103,9 +108,8 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins
     return float(sum(count * abs(acc - conf) for conf, acc, count in calibration_bins(confidence, correct, bins)) / len(correct))
 
 
-def plot_calibration(path: Path, confidence: np.ndarray, correct: np.ndarray, bins: int, title: str) -> None:
+def plot_calibration(path: Path, confidence: np.ndarray, correct: np.ndarray, bins: int, ece: float, title: str) -> None:
     """Reliability diagram (accuracy against confidence of the top class) and confidence of right vs wrong predictions."""
-    ece = expected_calibration_error(confidence, correct, bins)
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
     CalibrationDisplay.from_predictions(correct.astype(int), confidence, n_bins=bins, ax=left, name=title)
     left.set(xlabel="confidence (top-class probability)", ylabel="accuracy", title=f"Reliability, ECE {ece:.3f}")

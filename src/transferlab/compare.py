@@ -134,10 +134,32 @@ def summary_line(gains: list[tuple[str, float, float, float]], finetune: dict) -
     return f"Test images: {finetune['test_images']}. Per class: pretraining helps {improved} classes, hurts {worse}, ties {len(gains) - improved - worse}."
 
 
-def markdown_report(finetune: dict, scratch: dict, gains: list, top: int, budgets: dict) -> str:
-    main_table = metrics_table(finetune, scratch)
-    lines = [f"# {main_table.title}", "", *markdown(main_table)[2:], summary_line(gains, finetune), ""]
-    for table in [budget_table(budgets), *gain_tables(gains, top), *confusion_tables(top)]:
+@dataclass(frozen=True)
+class Comparison:
+    """Everything the Markdown and HTML reports show, read and computed once."""
+
+    metrics: Table
+    summary: str
+    budget: Table
+    gains: list[Table]
+    confusions: list[Table]
+    params: dict[str, dict]  # each run's settings, as its training stage logged them
+
+
+def build_comparison(finetune: dict, scratch: dict, gains: list, top: int, budgets: dict) -> Comparison:
+    return Comparison(
+        metrics=metrics_table(finetune, scratch),
+        summary=summary_line(gains, finetune),
+        budget=budget_table(budgets),
+        gains=gain_tables(gains, top),
+        confusions=confusion_tables(top),
+        params={run: cfg for run, (cfg, _) in budgets.items()},
+    )
+
+
+def markdown_report(comparison: Comparison) -> str:
+    lines = [f"# {comparison.metrics.title}", "", *markdown(comparison.metrics)[2:], comparison.summary, ""]
+    for table in [comparison.budget, *comparison.gains, *comparison.confusions]:
         lines += markdown(table)
     return "\n".join(lines)
 
@@ -164,31 +186,30 @@ pre { background: #f6f6f6; padding: 0.8em; font-size: 0.8em; overflow-x: auto; }
 """
 
 
-def html_report(finetune: dict, scratch: dict, gains: list, top: int, budgets: dict) -> str:
+def html_report(comparison: Comparison) -> str:
     def pictures(name: str) -> str:
         return "<div class='row'>" + "".join(embedded_image(evaluation_dir(run) / name, run) for run in RUNS) + "</div>"
 
-    def params_of(run: str) -> str:
-        return f"<h3>{run}</h3><pre>{html.escape(yaml.safe_dump(budgets[run][0], sort_keys=False))}</pre>"
+    def params_of(run: str, cfg: dict) -> str:
+        return f"<h3>{run}</h3><pre>{html.escape(yaml.safe_dump(cfg, sort_keys=False))}</pre>"
 
-    main_table = metrics_table(finetune, scratch)
     parts = [
-        f"<h1>{html.escape(main_table.title)}</h1>",
-        html_table(main_table, heading=False),
-        f"<p>{html.escape(summary_line(gains, finetune))}</p>",
+        f"<h1>{html.escape(comparison.metrics.title)}</h1>",
+        html_table(comparison.metrics, heading=False),
+        f"<p>{html.escape(comparison.summary)}</p>",
         "<h2>Learning curves</h2>",
         embedded_image(CURVES_PNG, "learning curves of both models"),
-        html_table(budget_table(budgets)),
+        html_table(comparison.budget),
         "<h2>Grad-CAM: where each model looks</h2>",
         embedded_image(GRADCAM_IMAGE, "Grad-CAM panel, fixed test images"),
         "<h2>Per-class gain</h2>",
         embedded_image(GAIN_PNG, "fine-tuned minus scratch, per class"),
-        *(html_table(t) for t in gain_tables(gains, top)),
+        *(html_table(t) for t in comparison.gains),
     ]
     for name, title in EVALUATION_PICTURES:
         parts += [f"<h2>{html.escape(title)}</h2>", pictures(name)]
-    parts += [html_table(t) for t in confusion_tables(top)]
-    parts += ["<h2>Params of both runs</h2>", *(params_of(run) for run in RUNS)]
+    parts += [html_table(t) for t in comparison.confusions]
+    parts += ["<h2>Params of both runs</h2>", *(params_of(run, cfg) for run, cfg in comparison.params.items())]
     body = "\n".join(parts)
     return f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>transferlab report</title><style>{STYLE}</style></head>\n<body>\n{body}\n</body></html>\n"
 
@@ -221,12 +242,12 @@ def main() -> None:
     finetune, scratch = (read_json(evaluation_dir(run) / "metrics.json") for run in RUNS)
     per_ft, per_sc = read_per_class("finetune"), read_per_class("scratch")
     gains = sorted(((c, per_ft[c], per_sc[c], per_ft[c] - per_sc[c]) for c in per_ft), key=lambda g: (-g[3], g[0]))
-    budgets = {run: training_budget(run) for run in RUNS}
-    write_text(COMPARISON_MD, markdown_report(finetune, scratch, gains, top, budgets))
+    comparison = build_comparison(finetune, scratch, gains, top, {run: training_budget(run) for run in RUNS})
+    write_text(COMPARISON_MD, markdown_report(comparison))
     write_json(COMPARISON_JSON, {f"gain/{key}": finetune[key] - scratch[key] for key in metric_labels(finetune)})
     plot_curves(CURVES_PNG)
     plot_gains(GAIN_PNG, gains)
-    write_text(REPORT_HTML, html_report(finetune, scratch, gains, top, budgets))
+    write_text(REPORT_HTML, html_report(comparison))
     print(COMPARISON_MD.read_text())
 
 

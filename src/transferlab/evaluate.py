@@ -77,7 +77,7 @@ def evaluate_model(run: str, trained: TrainedModel, images: np.ndarray, labels: 
     write_per_class(out / "per_class.csv", labels, predictions, classes)
     write_confused_pairs(out / "confused_pairs.csv", labels, predictions, classes)
     plot_confusion_matrix(out / "confusion_matrix.png", labels, predictions, classes, cfg.confusion_classes, run)
-    plot_calibration(out / "calibration.png", probs.max(1), predictions == labels, cfg.calibration_bins, run)
+    plot_calibration(out / "calibration.png", probs.max(1), predictions == labels, cfg.calibration_bins, metrics["ece"], run)
     plot_misclassified(out / "misclassified.jpg", images, labels, probs, classes, cfg.gallery_size, run)
     log.info("%s on %d test images: %s", run, len(labels), metrics)
     return metrics
