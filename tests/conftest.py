@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torchvision
 import yaml
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -20,12 +22,15 @@ if HF_HOME.is_dir():
 
 sys.path.insert(0, str(Path(__file__).parent))
 from imagegen import make_image_folder  # noqa: E402
+from transferlab import prepare  # noqa: E402
 
-# Small enough to train in seconds on 2 CPU cores.
+# Small enough to train in seconds on 2 CPU cores. A training run here needs no probe and validates every
+# epoch; test_pipeline puts the project's defaults back (LP-FT from the probe, train + val).
 TINY_PARAMS = {
     "data": {"train_per_class": 6, "val_per_class": 2, "cache_size": 40, "exclude_classes": ["BACKGROUND_Google"]},
     "model": {"arch": "resnet18", "weights": "none"},
-    "train": {"epochs": 2, "batch_size": 8, "image_size": 32, "eval_image_size": 32},
+    "probe": {"image_size": 32, "batch_size": 16},
+    "train": {"epochs": 2, "batch_size": 8, "image_size": 32, "eval_image_size": 32, "init_head": "random", "train_on_val": False},
     "scratch": {"epochs": 2, "image_size": 32, "eval_image_size": 32},
 }
 
@@ -73,3 +78,27 @@ def project_repo(tmp_path, tiny_folder) -> Path:
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "init"], repo)
     return repo
+
+
+@pytest.fixture
+def project(tmp_path, tiny_folder, monkeypatch):
+    """A prepared tiny project whose model.weights is a (random) resnet18 state dict standing in for ImageNet's."""
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(1)
+    weights = tmp_path / "resnet18_imagenet.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    params = tiny_params()
+    params["data"]["source"] = str(tiny_folder)
+    params["model"]["weights"] = str(weights)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    prepare.main()
+
+    def configure(probe: dict | None = None, **train_values):
+        """Set train: keys (and probe: keys) in params.yaml."""
+        params["train"].update(train_values)
+        params["probe"].update(probe or {})
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+
+    configure.weights = torch.load(weights, weights_only=True)
+    configure.weights_path = str(weights)
+    return configure

@@ -75,7 +75,8 @@ def test_predict_a_folder_with_bad_files_csv_json_and_the_pipelines_numbers(proj
     monkeypatch.chdir(project)
     trained = TrainedModel.load(checkpoint_path("finetune"), device="cpu")
     cached, _ = load_split("test")
-    expected = trained.probabilities(cached[:4])
+    expected = trained.probabilities(cached[:4], tta="flip")  # predict and evaluate default to flip TTA
+    assert not np.allclose(expected, trained.probabilities(cached[:4], tta="none"), atol=1e-4), "TTA must make a difference here"
     by_name = {Path(p["path"]).name: p["top"][0] for p in report["predictions"]}
     for row, probs in zip(test_rows, expected):
         top = by_name[Path(row["path"]).name.replace("image", row["class"])]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import re
 import subprocess
@@ -50,6 +51,12 @@ def test_mode_sections_override_the_shared_train_section():
         ("evaluate", "calibration_bins", 1, "evaluate.calibration_bins must be >= 2"),
         ("logging", "tensorboard", "yes", "logging.tensorboard must be of type bool"),
         ("logging", "wandb", True, "unknown param logging.wandb"),
+        ("probe", "C", [], "probe.C must be a non-empty list of numbers > 0"),
+        ("probe", "C", [0.1, -1], "probe.C must be a non-empty list of numbers > 0"),
+        ("probe", "image_size", 8, "probe.image_size must be >= 16"),
+        ("probe", "flip", "yes", "probe.flip must be of type bool"),
+        ("evaluate", "tta", "ten_crop", "evaluate.tta must be one of none, flip"),
+        ("train", "init_head", "imagenet", "train.init_head must be one of random, probe"),
     ],
 )
 def test_bad_values_name_the_key(section, key, value, message):
@@ -81,6 +88,9 @@ def test_bad_values_name_the_key(section, key, value, message):
         ({"data": {"val_per_class": 0}, "finetune": {"schedule": "plateau"}}, "finetune.schedule watches the validation split"),
         ({"train": {"random_erasing": 1.5}}, "train.random_erasing must be <= 1"),
         ({"train": {"augment": False, "mixup_alpha": 0.2}}, "train.mixup_alpha has no effect with train.augment: false"),
+        ({"scratch": {"init_head": "probe"}}, "scratch.init_head: train_scratch trains every layer from random init; allowed: random"),
+        ({"train": {"train_on_val": True, "schedule": "plateau"}}, "train.schedule watches the validation split, but train.train_on_val trains on it"),
+        ({"data": {"val_per_class": 0}, "probe": {"C": [0.1, 1.0]}}, "probe.C lists several values to choose from on the validation split"),
     ],
 )
 def test_invalid_training_options_and_combinations_name_the_param(values, message):
@@ -148,10 +158,35 @@ def test_dvc_stage_params_match_what_each_mode_reads():
     """train_scratch lists exactly the train keys that scratch: does not override (and that scratch uses)."""
     stages = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
     raw = yaml.safe_load((PROJECT / "params.yaml").read_text())
-    finetune_only = {"backbone_lr_scale", "mode", "frozen_stages", "freeze_bn_stats"}
+    finetune_only = {"backbone_lr_scale", "mode", "frozen_stages", "freeze_bn_stats", "init_head"}
     # a warm-up in one unit in scratch: resets the other unit, so scratch does not read it from train:
     reset_by_scratch = {"warmup_steps"} if "warmup_epochs" in raw["scratch"] else set()
     expected = {f.name for f in dataclasses.fields(TrainConfig)} - set(raw["scratch"]) - finetune_only - reset_by_scratch
     listed = {p.removeprefix("train.") for p in stages["train_scratch"]["params"] if p.startswith("train.")}
     assert listed == expected
     assert {"train", "finetune", "model"} <= set(stages["train_finetune"]["params"])
+
+
+def package_imports(module: str) -> set[str]:
+    """The transferlab modules ``module`` imports, directly or through others (function-level imports too)."""
+    seen, todo = set(), [module]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        tree = ast.parse((PROJECT / "src/transferlab" / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                todo += [node.module] if node.module else [alias.name for alias in node.names]
+    return seen
+
+
+def test_every_stage_depends_on_the_code_it_runs():
+    """A change to any module a stage imports re-runs that stage (dvc.yaml deps), and nothing listed is missing."""
+    stages = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        module = stage["cmd"].split()[2].removeprefix("transferlab.")
+        code = {dep for dep in stage["deps"] if dep.startswith("src/")}
+        assert code == {f"src/transferlab/{m}.py" for m in package_imports(module)}, name
+        assert all((PROJECT / dep).exists() for dep in code)

@@ -10,7 +10,8 @@ from PIL import Image
 from browser import open_page
 from conftest import run
 
-STAGES = ["prepare", "train_finetune", "train_scratch", "evaluate", "compare"]
+STAGES = ["prepare", "train_probe", "train_finetune", "train_scratch", "evaluate", "compare"]
+MODELS = ("probe", "finetune", "scratch")
 
 
 def check_report(repo):
@@ -19,23 +20,30 @@ def check_report(repo):
     assert "report.html" in (repo / "metrics/.gitignore").read_text()
     seen = open_page(report, repo / "screenshot.png")
     assert seen.console_errors == [] and seen.broken_images == []
-    assert seen.images == 3 + 2 * 3, "curves, Grad-CAM, per-class gain; per model: confusion matrix, calibration, mistakes"
-    assert "Mean per-class accuracy" in seen.text and "Params of both runs" in seen.text
+    assert seen.images == 3 + 3 * 3, "curves, Grad-CAM, per-class gain; per model: confusion matrix, calibration, mistakes"
+    assert "Mean per-class accuracy" in seen.text and "Params of each model" in seen.text
     with Image.open(repo / "screenshot.png") as shot:
         assert shot.width == 1280 and shot.height > 3000, "the whole page, pictures included"
         assert len(shot.convert("L").getcolors(maxcolors=1 << 16) or range(1 << 16)) > 50, "not a blank page"
 
 
 def test_repro_then_experiment_then_plots(project_repo):
+    """The project's default recipe (probe, LP-FT from it, train + val) on tiny data, with the real dvc commands."""
     repo = project_repo
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"].update(init_head="probe", train_on_val=True)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     result = run(["dvc", "repro"], repo)
     for stage in STAGES:
         assert f"Running stage '{stage}'" in result.stdout
 
+    assert (repo / "metrics/train_probe/regularization.csv").read_text().startswith("C,val_acc,val_loss")
     for mode in ("finetune", "scratch"):
-        assert (repo / f"data/models/{mode}/model.pt").is_file()
-        curve = (repo / f"metrics/train_{mode}/plots/metrics/val/acc.tsv").read_text().splitlines()
+        curve = (repo / f"metrics/train_{mode}/plots/metrics/train/acc.tsv").read_text().splitlines()
         assert len(curve) == 1 + 2, "one header line plus one row per epoch"
+        assert not (repo / f"metrics/train_{mode}/plots/metrics/val").exists(), "trained on train + val"
+    for mode in MODELS:
+        assert (repo / f"data/models/{mode}/model.pt").is_file()
         test = json.loads((repo / f"metrics/test_{mode}/metrics.json").read_text())
         assert 0 <= test["top1"] <= test["top5"] <= 1
         assert test["test_images"] == 3 * (12 - 6)
@@ -43,11 +51,11 @@ def test_repro_then_experiment_then_plots(project_repo):
         per_class = (repo / f"metrics/test_{mode}/per_class.csv").read_text().splitlines()
         assert per_class[0] == "class,precision,recall,f1,support" and len(per_class) == 1 + 3
     report = (repo / "metrics/comparison.md").read_text()
-    assert "| Mean per-class accuracy |" in report and "Gain from pretraining" in report
+    assert "| Mean per-class accuracy |" in report and "Gain over scratch" in report and "| Fine-tuned (LP-FT) |" in report
     assert (repo / "plots/learning_curves.png").read_bytes()[:4] == b"\x89PNG"
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert set(lock["stages"]) == set(STAGES)
-    for mode in ("finetune", "scratch"):
+    for mode in MODELS:
         for picture in ("confusion_matrix.png", "calibration.png", "misclassified.jpg", "confused_pairs.csv"):
             assert (repo / f"metrics/test_{mode}/{picture}").is_file()
     check_report(repo)
@@ -59,7 +67,7 @@ def test_repro_then_experiment_then_plots(project_repo):
     run(["git", "commit", "-qm", "baseline run"], repo)
     exp = run(["dvc", "exp", "run", "-S", "train.lr=0.05"], repo)
     assert "Running stage 'train_finetune'" in exp.stdout
-    assert "Stage 'prepare' didn't change" in exp.stdout
+    assert "Stage 'prepare' didn't change" in exp.stdout and "Stage 'train_probe' didn't change" in exp.stdout
     assert "Stage 'train_scratch' didn't change" in exp.stdout, "scratch overrides train.lr: it must not re-run"
     shown = json.loads(run(["dvc", "exp", "show", "--json"], repo).stdout)
     runs = [e for commit in shown for e in (commit.get("experiments") or [])]
@@ -69,7 +77,7 @@ def test_repro_then_experiment_then_plots(project_repo):
     # the experiment against the baseline commit: both revisions of the learning curves
     # (`dvc exp run` leaves the experiment in the workspace)
     diff = json.loads(run(["dvc", "plots", "diff", "HEAD", "--json"], repo).stdout)["data"]
-    points = diff["validation_accuracy"][0]["content"]["data"]["values"]
+    points = diff["training_accuracy"][0]["content"]["data"]["values"]
     assert {(p["rev"], p["filename"].split("/")[0]) for p in points} == {
         (rev, stage) for rev in ("workspace", "HEAD") for stage in ("train_finetune", "train_scratch")
     }

@@ -39,32 +39,44 @@ def test_atomic_write_leaves_the_old_file_when_the_writer_fails(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
 
 
-def write_results(mode: str, top1: float, per_class: dict[str, float]) -> None:
-    out = evaluation_dir(mode)
+def write_results(model: str, top1: float, per_class: dict[str, float]) -> None:
+    out = evaluation_dir(model)
     out.mkdir(parents=True)
     write_json(out / "metrics.json", {"top1": top1, "top5": 1.0, "mean_per_class_acc": sum(per_class.values()) / len(per_class), "test_images": 40})
     rows = ["class,precision,recall,f1,support"] + [f"{name},0.5,{acc},0.5,10" for name, acc in per_class.items()]
     (out / "per_class.csv").write_text("\n".join(rows) + "\n")
-    curves = train_dir(mode) / "plots" / "metrics"
-    for metric in ("val/acc", "val/loss", "train/loss"):
-        (curves / metric).parent.mkdir(parents=True, exist_ok=True)
-        name = metric.split("/")[1]
-        (curves / f"{metric}.tsv").write_text(f"step\t{name}\n0\t0.5\n1\t0.6\n")
-    (train_dir(mode) / "params.yaml").write_text(yaml.safe_dump({"epochs": 2, "image_size": 32, "eval_image_size": 32, "lr": 0.1, "backbone_lr_scale": 0.1, "weights": "none"}))
-    write_json(train_dir(mode) / "metrics.json", {"best/val_acc": 0.6, "best/epoch": 2, "wall_time_s": 30.0})
+    train_dir(model).mkdir(parents=True)
+    if model == "probe":
+        settings = {"mode": "linear_probe", "image_size": 32, "weights": "none", "train_on_val": True}
+        write_json(train_dir(model) / "metrics.json", {"best/val_acc": 0.7, "best/C": 0.3, "wall_time_s": 12.0})
+    else:
+        settings = {"mode": model, "epochs": 2, "image_size": 32, "eval_image_size": 32, "lr": 0.1, "backbone_lr_scale": 0.1, "weights": "none"}
+        write_json(train_dir(model) / "metrics.json", {"best/epoch": 2, "wall_time_s": 30.0})
+        curves = train_dir(model) / "plots" / "metrics" / "train"
+        curves.mkdir(parents=True)
+        for metric in ("acc", "loss"):
+            (curves / f"{metric}.tsv").write_text(f"step\t{metric}\n0\t0.5\n1\t0.6\n")
+    (train_dir(model) / "params.yaml").write_text(yaml.safe_dump(settings))
 
 
 def test_comparison_gains_and_ranking(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
+    write_results("probe", 0.8, {"cat": 0.9, "dog": 0.6, "emu": 0.9, "fox": 0.7})
     write_results("finetune", 0.9, {"cat": 1.0, "dog": 0.5, "emu": 0.9, "fox": 0.8})
     write_results("scratch", 0.4, {"cat": 0.2, "dog": 0.7, "emu": 0.9, "fox": 0.3})
     compare.main()
     gains = json.loads(COMPARISON_JSON.read_text())
-    assert gains["gain/top1"] == pytest.approx(0.5)
-    assert gains["gain/mean_per_class_acc"] == pytest.approx((0.8 + -0.2 + 0 + 0.5) / 4)
+    assert gains["gain_over_scratch/finetune/top1"] == pytest.approx(0.5)
+    assert gains["gain_over_scratch/finetune/mean_per_class_acc"] == pytest.approx((0.8 + -0.2 + 0 + 0.5) / 4)
+    assert gains["gain_over_scratch/probe/top1"] == pytest.approx(0.4)
     report = COMPARISON_MD.read_text()
-    assert "pretraining helps 2 classes, hurts 1, ties 1" in report
+    table = report.split("## Training budget")[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| Model")]
+    assert [row.split(" | ")[0] for row in rows] == ["| Linear probe", "| Fine-tuned", "| From scratch"]
+    assert rows[0].endswith("| +25.00% |") and rows[1].endswith("| +27.50% |") and rows[2].endswith("| - |"), "gain over scratch, mean per-class"
+    assert "| Linear probe | linear_probe | none | - | 32 px | C 0.3 | train + val | 70.00% (C 0.3) |" in report
+    assert "helps 2 classes, hurts 1, ties 1" in report
     most = report.split("## Classes that gain most")[1].split("##")[0]
     assert most.index("| cat |") < most.index("| fox |") < most.index("| emu |") < most.index("| dog |")
     assert "+80.0%" in most and "-20.0%" in most
@@ -73,6 +85,7 @@ def test_comparison_gains_and_ranking(tmp_path, monkeypatch):
 def test_training_without_a_validation_split_keeps_the_last_epoch(tmp_path, tiny_folder, monkeypatch):
     params = tiny_params()
     params["data"].update(source=str(tiny_folder), val_per_class=0)
+    params["probe"]["C"] = [1.0]  # nothing to choose among without a validation split
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
     prepare.main()

@@ -23,28 +23,6 @@ from transferlab.paths import checkpoint_path, features_path, resume_path, train
 PREP = Preprocessing((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "bilinear", 0.875)
 
 
-@pytest.fixture
-def project(tmp_path, tiny_folder, monkeypatch):
-    """A prepared tiny project whose model.weights is a (random) resnet18 state dict standing in for ImageNet's."""
-    monkeypatch.chdir(tmp_path)
-    torch.manual_seed(1)
-    weights = tmp_path / "resnet18_imagenet.pth"
-    torch.save(torchvision.models.resnet18().state_dict(), weights)
-    params = tiny_params()
-    params["data"]["source"] = str(tiny_folder)
-    params["model"]["weights"] = str(weights)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    prepare.main()
-
-    def configure(**train_values):
-        params["train"].update(train_values)
-        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-
-    configure.weights = torch.load(weights, weights_only=True)
-    configure.weights_path = str(weights)
-    return configure
-
-
 def trained_state(run: str = "finetune") -> dict:
     return torch.load(checkpoint_path(run), weights_only=True)["model"]
 

@@ -6,7 +6,6 @@ pictures come from scikit-learn's display helpers and matplotlib. Also the stage
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,13 +28,6 @@ def save_figure(fig: plt.Figure, path: Path, dpi: int = 110) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format=fmt, dpi=dpi, **({"pil_kwargs": {"quality": 85}} if fmt in ("jpg", "jpeg") else {}))
     plt.close(fig)
-
-
-def write_csv(path: Path, header: list[str], rows) -> None:
-    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
 
 
 def topk_accuracies(labels: np.ndarray, probs: np.ndarray, ks: list[int]) -> dict[str, float]:

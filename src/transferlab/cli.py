@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import TTA_MODES
 from .dataset import DatasetError
 from .models import ModelError
 from .stage import run_stage
@@ -46,7 +47,7 @@ def cmd_predict(args) -> int:
     from .trained_model import TrainedModel
 
     trained = TrainedModel.load(args.model)
-    result = predict(trained, find_images(args.images), args.topk, args.batch_size)
+    result = predict(trained, find_images(args.images), args.topk, args.batch_size, args.tta)
     if result.paths:
         print(format_predictions(result))
     for path, reason in result.failures:
@@ -131,6 +132,9 @@ def parser() -> argparse.ArgumentParser:
     predict.add_argument("images", type=Path, metavar="IMAGE_OR_FOLDER")
     predict.add_argument("--topk", type=int, default=5)
     predict.add_argument("--batch-size", type=int, default=32)
+    predict.add_argument(
+        "--tta", choices=TTA_MODES, default="flip", help="test-time augmentation, as evaluate's evaluate.tta (default: flip)"
+    )
     predict.add_argument("--csv", type=Path, help="also write the predictions (and unreadable files) as CSV")
     predict.add_argument("--json", type=Path, help="also write them as JSON")
 

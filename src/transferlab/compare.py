@@ -1,10 +1,11 @@
 """Stage ``compare``: what ImageNet pretraining buys, from the stages' result files alone (no dvc calls).
 
-Writes ``metrics/comparison.md`` (test metrics of both models, the gain, training budgets, the classes
-that gain and lose most, the most confused pairs), ``metrics/comparison.json`` (the gains, as DVC
-metrics), ``plots/learning_curves.png``, ``plots/per_class_gain.png``, and ``metrics/report.html``:
-one self-contained page (every picture embedded) with the tables, curves, confusion matrices,
-calibration, Grad-CAM panel, misclassification galleries and the params of both runs.
+Three models: the linear probe, the fine-tuned model and the one trained from scratch. Writes
+``metrics/comparison.md`` (test metrics of each with its gain over scratch, training budgets, the classes
+that gain and lose most from pretraining, the most confused pairs), ``metrics/comparison.json`` (the
+gains, as DVC metrics), ``plots/learning_curves.png`` (both trained models), ``plots/per_class_gain.png``,
+and ``metrics/report.html``: one self-contained page (every picture embedded) with the tables, curves,
+confusion matrices, calibration, Grad-CAM panel, misclassification galleries and the params of each run.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .analysis import save_figure  # noqa: E402
-from .config import RUNS, load_params  # noqa: E402
+from .config import MODELS, RUNS, load_params  # noqa: E402
 from .fileio import read_json, write_json, write_text  # noqa: E402
 from .paths import COMPARISON_JSON, COMPARISON_MD, CURVES_PNG, GAIN_PNG, GRADCAM_IMAGE, REPORT_HTML, evaluation_dir, train_dir  # noqa: E402
 from .stage import run_stage  # noqa: E402
 
-CURVES = [("val/acc", "Validation accuracy"), ("val/loss", "Validation loss"), ("train/loss", "Training loss")]
+# panels of the learning-curve plot; one without data (no validation with train.train_on_val) is left out
+CURVES = [("train/acc", "Training accuracy (augmented batches)"), ("train/loss", "Training loss"), ("val/acc", "Validation accuracy")]
+NAMES = {"probe": "Linear probe", "finetune": "Fine-tuned", "scratch": "From scratch"}
 EVALUATION_PICTURES = [
     ("confusion_matrix.png", "Confusion matrices"),
     ("calibration.png", "Calibration"),
@@ -77,42 +80,60 @@ def training_budget(run: str) -> tuple[dict, dict]:
     return yaml.safe_load((train_dir(run) / "params.yaml").read_text()), read_json(train_dir(run) / "metrics.json")
 
 
-def metrics_table(finetune: dict, scratch: dict) -> Table:
-    rows = [[label, f"{finetune[key]:.2%}", f"{scratch[key]:.2%}", f"{finetune[key] - scratch[key]:+.2%}"] for key, label in metric_labels(finetune).items()]
-    if "ece" in finetune and "ece" in scratch:
-        rows.append(["Expected calibration error (lower is better)", f"{finetune['ece']:.3f}", f"{scratch['ece']:.3f}", f"{finetune['ece'] - scratch['ece']:+.3f}"])
-    return Table("Pretrained (fine-tuned) vs from scratch, test split", ["Metric", "Fine-tuned", "Scratch", "Gain from pretraining"], rows)
+def model_name(model: str, cfg: dict) -> str:
+    return NAMES[model] + (" (LP-FT)" if model == "finetune" and cfg.get("init_head") == "probe" else "")
 
 
-def budget_table(budgets: dict[str, tuple[dict, dict]]) -> Table:
+def gains_over_scratch(results: dict[str, dict]) -> dict[str, float]:
+    """``<model>/<metric>``: how many points each pretrained model adds to the scratch model's test metric."""
+    return {f"{model}/{key}": results[model][key] - results["scratch"][key] for model in MODELS if model != "scratch" for key in metric_labels(results[model])}
+
+
+def metrics_table(results: dict[str, dict], names: dict[str, str]) -> Table:
+    labels = metric_labels(results["scratch"])
+    headers = ["Model", *labels.values(), "ECE (lower is better)", "Gain over scratch (mean per-class)"]
     rows = []
-    for run, (cfg, summary) in budgets.items():
-        mode = cfg.get("mode", run)
-        body = cfg["lr"] * cfg["backbone_lr_scale"]
-        lr = f"{cfg['lr']:g}" + {"finetune": f" (body {body:g})", "feature_extract": " (body frozen)"}.get(mode, "")
-        val = f"{summary['best/val_acc']:.2%} ({summary['best/epoch']})" if "best/val_acc" in summary else "n/a"
-        rows.append(
-            [run, mode, cfg["weights"], str(cfg["epochs"]), f"{cfg['image_size']} / {cfg['eval_image_size']} px", lr, val, f"{summary['wall_time_s'] / 60:.1f} min"]
-        )
-    headers = ["Model", "Mode", "Weights", "Epochs", "Train / eval resolution", "lr", "Best val acc (epoch)", "Training wall time"]
+    for model, metrics in results.items():
+        gain = metrics["mean_per_class_acc"] - results["scratch"]["mean_per_class_acc"]
+        ece = f"{metrics['ece']:.3f}" if "ece" in metrics else "n/a"
+        rows.append([names[model], *(f"{metrics[key]:.2%}" for key in labels), ece, "-" if model == "scratch" else f"{gain:+.2%}"])
+    return Table("Linear probe, fine-tuned and from scratch, test split", headers, rows)
+
+
+def budget_row(name: str, cfg: dict, summary: dict) -> list[str]:
+    mode = cfg.get("mode", "")
+    trained_on = "train + val" if cfg.get("train_on_val") else "train"
+    wall = f"{summary['wall_time_s'] / 60:.1f} min"
+    if mode == "linear_probe":
+        val = f"{summary['best/val_acc']:.2%} (C {summary['best/C']:g})" if "best/val_acc" in summary else "n/a"
+        return [name, mode, cfg["weights"], "-", f"{cfg['image_size']} px", f"C {summary['best/C']:g}", trained_on, val, wall]
+    body = cfg["lr"] * cfg["backbone_lr_scale"]
+    lr = f"{cfg['lr']:g}" + {"finetune": f" (body {body:g})", "feature_extract": " (body frozen)"}.get(mode, "")
+    val = f"{summary['best/val_acc']:.2%} (epoch {summary['best/epoch']})" if "best/val_acc" in summary else "n/a"
+    return [name, mode, cfg["weights"], str(cfg["epochs"]), f"{cfg['image_size']} / {cfg['eval_image_size']} px", lr, trained_on, val, wall]
+
+
+def budget_table(budgets: dict[str, tuple[dict, dict]], names: dict[str, str]) -> Table:
+    rows = [budget_row(names[model], cfg, summary) for model, (cfg, summary) in budgets.items()]
+    headers = ["Model", "Mode", "Weights", "Epochs", "Train / eval resolution", "lr (probe: C)", "Trained on", "Val acc", "Stage wall time"]
     return Table("Training budget", headers, rows)
 
 
 def gain_tables(gains: list[tuple[str, float, float, float]], top: int) -> list[Table]:
     headers = ["Class", "Fine-tuned", "Scratch", "Gain"]
     return [
-        Table(f"Classes that {title}", headers, [[name, f"{ft:.1%}", f"{sc:.1%}", f"{gain:+.1%}"] for name, ft, sc, gain in rows])
+        Table(f"Classes that {title} from fine-tuning", headers, [[name, f"{ft:.1%}", f"{sc:.1%}", f"{gain:+.1%}"] for name, ft, sc, gain in rows])
         for title, rows in (("gain most", gains[:top]), ("gain least (or lose)", gains[::-1][:top]))
     ]
 
 
-def confusion_tables(top: int) -> list[Table]:
+def confusion_tables(top: int, names: dict[str, str]) -> list[Table]:
     headers = ["True class", "Predicted as", "Test images", "Share of the class"]
     tables = []
-    for run in RUNS:
-        pairs = read_confused_pairs(run, top)
+    for model in MODELS:
+        pairs = read_confused_pairs(model, top)
         rows = [[p["true_class"], p["predicted_class"], p["count"], f"{float(p['share_of_true_class']):.0%}"] for p in pairs]
-        tables.append(Table(f"Most confused pairs, {run}", headers, rows))
+        tables.append(Table(f"Most confused pairs, {names[model]}", headers, rows))
     return tables
 
 
@@ -131,7 +152,10 @@ def html_table(table: Table, heading: bool = True) -> str:
 def summary_line(gains: list[tuple[str, float, float, float]], finetune: dict) -> str:
     improved = sum(1 for *_, gain in gains if gain > 0)
     worse = sum(1 for *_, gain in gains if gain < 0)
-    return f"Test images: {finetune['test_images']}. Per class: pretraining helps {improved} classes, hurts {worse}, ties {len(gains) - improved - worse}."
+    return (
+        f"Test images: {finetune['test_images']}. Per class, fine-tuning the pretrained model instead of training from scratch "
+        f"helps {improved} classes, hurts {worse}, ties {len(gains) - improved - worse}."
+    )
 
 
 @dataclass(frozen=True)
@@ -143,17 +167,18 @@ class Comparison:
     budget: Table
     gains: list[Table]
     confusions: list[Table]
-    params: dict[str, dict]  # each run's settings, as its training stage logged them
+    params: dict[str, dict]  # each model's settings, as its stage logged them, by display name
 
 
-def build_comparison(finetune: dict, scratch: dict, gains: list, top: int, budgets: dict) -> Comparison:
+def build_comparison(results: dict[str, dict], gains: list, top: int, budgets: dict) -> Comparison:
+    names = {model: model_name(model, cfg) for model, (cfg, _) in budgets.items()}
     return Comparison(
-        metrics=metrics_table(finetune, scratch),
-        summary=summary_line(gains, finetune),
-        budget=budget_table(budgets),
+        metrics=metrics_table(results, names),
+        summary=summary_line(gains, results["finetune"]),
+        budget=budget_table(budgets, names),
         gains=gain_tables(gains, top),
-        confusions=confusion_tables(top),
-        params={run: cfg for run, (cfg, _) in budgets.items()},
+        confusions=confusion_tables(top, names),
+        params={names[model]: cfg for model, (cfg, _) in budgets.items()},
     )
 
 
@@ -188,7 +213,7 @@ pre { background: #f6f6f6; padding: 0.8em; font-size: 0.8em; overflow-x: auto; }
 
 def html_report(comparison: Comparison) -> str:
     def pictures(name: str) -> str:
-        return "<div class='row'>" + "".join(embedded_image(evaluation_dir(run) / name, run) for run in RUNS) + "</div>"
+        return "<div class='row'>" + "".join(embedded_image(evaluation_dir(model) / name, NAMES[model]) for model in MODELS) + "</div>"
 
     def params_of(run: str, cfg: dict) -> str:
         return f"<h3>{run}</h3><pre>{html.escape(yaml.safe_dump(cfg, sort_keys=False))}</pre>"
@@ -198,7 +223,7 @@ def html_report(comparison: Comparison) -> str:
         html_table(comparison.metrics, heading=False),
         f"<p>{html.escape(comparison.summary)}</p>",
         "<h2>Learning curves</h2>",
-        embedded_image(CURVES_PNG, "learning curves of both models"),
+        embedded_image(CURVES_PNG, "learning curves of both trained models"),
         html_table(comparison.budget),
         "<h2>Grad-CAM: where each model looks</h2>",
         embedded_image(GRADCAM_IMAGE, "Grad-CAM panel, fixed test images"),
@@ -209,17 +234,18 @@ def html_report(comparison: Comparison) -> str:
     for name, title in EVALUATION_PICTURES:
         parts += [f"<h2>{html.escape(title)}</h2>", pictures(name)]
     parts += [html_table(t) for t in comparison.confusions]
-    parts += ["<h2>Params of both runs</h2>", *(params_of(run, cfg) for run, cfg in comparison.params.items())]
+    parts += ["<h2>Params of each model</h2>", *(params_of(name, cfg) for name, cfg in comparison.params.items())]
     body = "\n".join(parts)
     return f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>transferlab report</title><style>{STYLE}</style></head>\n<body>\n{body}\n</body></html>\n"
 
 
 def plot_curves(path: Path) -> None:
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 4))
-    for ax, (metric, title) in zip(axes, CURVES):
-        for run, style in zip(RUNS, ("-o", "-s")):
-            epochs, values = read_curve(run, metric)
-            ax.plot(epochs, values, style, markersize=3, label=run)
+    curves = {(metric, title): {run: read_curve(run, metric) for run in RUNS} for metric, title in CURVES}
+    curves = {panel: runs for panel, runs in curves.items() if any(epochs for epochs, _ in runs.values())}
+    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 4), squeeze=False)
+    for ax, ((metric, title), runs) in zip(axes[0], curves.items()):
+        for (run, (epochs, values)), style in zip(runs.items(), ("-o", "-s")):
+            ax.plot(epochs, values, style, markersize=3, label=NAMES[run])
         ax.set(title=title, xlabel="epoch")
         ax.grid(alpha=0.3)
         ax.legend()
@@ -239,12 +265,12 @@ def plot_gains(path: Path, gains: list[tuple[str, float, float, float]]) -> None
 
 def main() -> None:
     top = load_params().evaluate.top_classes
-    finetune, scratch = (read_json(evaluation_dir(run) / "metrics.json") for run in RUNS)
+    results = {model: read_json(evaluation_dir(model) / "metrics.json") for model in MODELS}
     per_ft, per_sc = read_per_class("finetune"), read_per_class("scratch")
     gains = sorted(((c, per_ft[c], per_sc[c], per_ft[c] - per_sc[c]) for c in per_ft), key=lambda g: (-g[3], g[0]))
-    comparison = build_comparison(finetune, scratch, gains, top, {run: training_budget(run) for run in RUNS})
+    comparison = build_comparison(results, gains, top, {model: training_budget(model) for model in MODELS})
     write_text(COMPARISON_MD, markdown_report(comparison))
-    write_json(COMPARISON_JSON, {f"gain/{key}": finetune[key] - scratch[key] for key in metric_labels(finetune)})
+    write_json(COMPARISON_JSON, {f"gain_over_scratch/{key}": gain for key, gain in gains_over_scratch(results).items()})
     plot_curves(CURVES_PNG)
     plot_gains(GAIN_PNG, gains)
     write_text(REPORT_HTML, html_report(comparison))

@@ -18,8 +18,10 @@ from typing import Any
 
 import yaml
 
-# the two trained models, each with its stage (train_<run>) and its params section of overrides
+# the two models the training loop trains, each with its stage (train_<run>) and its params section of overrides
 RUNS = ("finetune", "scratch")
+# every model evaluate and compare report on: the linear probe (stage train_probe) and the two trained ones
+MODELS = ("probe", *RUNS)
 DATA_SOURCE_ENV = "TRANSFERLAB_DATA"
 
 
@@ -74,6 +76,8 @@ AUTO_AUGMENTS = ("none", "trivialaugment", "randaugment")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 MONITORS = ("val_acc", "val_loss")
+HEAD_INITS = ("random", "probe")
+TTA_MODES = ("none", "flip")
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,11 @@ class TrainConfig:
     # feature_extract: only the new head trains on the frozen backbone's features;
     # scratch: random init, every layer at lr (the train_scratch stage always runs this mode)
     mode: str = field(default="finetune", metadata=_choice(*TRAINING_MODES))
+    # the new head starts from random weights, or from the linear probe's fitted head (LP-FT, Kumar et al. 2022)
+    init_head: str = field(default="random", metadata=_choice(*HEAD_INITS))
+    # train on the train and validation images together, for a fixed number of epochs, keeping the last one:
+    # the final fit once the settings were chosen on validation (no validation curve, no best-epoch choice)
+    train_on_val: bool = False
     frozen_stages: int = field(default=0, metadata=_range(0))
     epochs: int = field(default=6, metadata=_range(1))
     batch_size: int = field(default=32, metadata=_range(1))
@@ -145,6 +154,27 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class ProbeConfig:
+    """The linear probe (stage train_probe): a logistic regression on the frozen pretrained features."""
+
+    image_size: int = field(default=224, metadata=_range(16, 1024))  # features and evaluation at this resolution
+    # mirror images are extra training samples; a validation image is scored by the mean of both views (as evaluate.tta: flip)
+    flip: bool = True
+    # inverse regularisation strengths tried; the one with the best validation accuracy is kept
+    C: list = field(default_factory=lambda: [0.03, 0.1, 0.3, 1.0])
+    max_iter: int = field(default=1000, metadata=_range(1))  # L-BFGS iterations per fit
+    train_on_val: bool = True  # refit on train + validation with the chosen C
+    batch_size: int = field(default=64, metadata=_range(1))  # feature extraction
+    device: str = field(default="auto", metadata=_choice(*DEVICES))
+    channels_last: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.C or not all(isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0 for c in self.C):
+            raise ConfigError(f"probe.C must be a non-empty list of numbers > 0, got {self.C!r}")
+
+
+@dataclass(frozen=True)
 class EvaluateConfig:
     batch_size: int = field(default=64, metadata=_range(1))
     # classes listed in the comparison as gaining / losing most from pretraining
@@ -155,6 +185,7 @@ class EvaluateConfig:
     calibration_bins: int = field(default=15, metadata=_range(2, 100))  # reliability diagram and ECE
     gallery_size: int = field(default=24, metadata=_range(0, 200))  # misclassified test images shown
     gradcam_images: int = field(default=6, metadata=_range(0, 50))  # test images in the Grad-CAM panel
+    tta: str = field(default="flip", metadata=_choice(*TTA_MODES))  # flip: average the logits of image and mirror image
 
     def __post_init__(self):
         if not self.topk or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in self.topk):
@@ -171,6 +202,7 @@ class LoggingConfig:
 class Params:
     data: DataConfig
     model: ModelConfig
+    probe: ProbeConfig
     train: TrainConfig
     finetune: dict
     scratch: dict
@@ -190,15 +222,18 @@ class Params:
         def key(name: str) -> str:
             return f"{run if name in overrides else 'train'}.{name}"
 
-        if run == "scratch":  # mode and frozen_stages of the train: section are the fine-tuning's
-            for name, allowed in (("mode", "scratch"), ("frozen_stages", 0)):
+        if run == "scratch":  # mode, frozen_stages and init_head of the train: section are the fine-tuning's
+            for name, allowed in (("mode", "scratch"), ("frozen_stages", 0), ("init_head", "random")):
                 if overrides.get(name, allowed) != allowed:
                     raise ConfigError(f"scratch.{name}: train_scratch trains every layer from random init; allowed: {allowed}")
-            cfg = dataclasses.replace(cfg, mode="scratch", frozen_stages=0)
+            cfg = dataclasses.replace(cfg, mode="scratch", frozen_stages=0, init_head="random")
         needs_validation = [k for k, on in (("schedule", cfg.schedule == "plateau"), ("early_stopping_patience", cfg.early_stopping_patience)) if on]
         if needs_validation and not self.data.val_per_class:
             raise ConfigError(f"{key(needs_validation[0])} watches the validation split, but data.val_per_class is 0")
+        if needs_validation and cfg.train_on_val:
+            raise ConfigError(f"{key(needs_validation[0])} watches the validation split, but {key('train_on_val')} trains on it; set one of them off")
         pretrained = cfg.mode != "scratch" and self.model.weights != "none"
+
         if cfg.mode == "feature_extract" and not pretrained:
             raise ConfigError(
                 f"{key('mode')}: feature_extract trains a head on pretrained features, but model.weights is none; "
@@ -263,7 +298,7 @@ def _build(cls, section: str, raw: Any, *, partial: bool = False):
     return checked if partial else cls(**checked)
 
 
-SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "evaluate": EvaluateConfig, "logging": LoggingConfig}
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "probe": ProbeConfig, "train": TrainConfig, "evaluate": EvaluateConfig, "logging": LoggingConfig}
 
 
 def parse_params(raw: dict) -> Params:
@@ -281,6 +316,8 @@ def parse_params(raw: dict) -> Params:
     params = Params(**built, **overrides)
     for run in RUNS:
         params.train_config(run)
+    if len(params.probe.C) > 1 and not params.data.val_per_class:
+        raise ConfigError("probe.C lists several values to choose from on the validation split, but data.val_per_class is 0")
     return params
 
 

@@ -1,6 +1,6 @@
-"""Stage ``evaluate``: both trained models on the test split, and what they got wrong.
+"""Stage ``evaluate``: the linear probe and both trained models on the test split, and what they got wrong.
 
-For each run, ``metrics/test_<run>/`` gets ``metrics.json`` (mean per-class accuracy, the standard
+Predictions use ``evaluate.tta`` (flip: the mean logits of each image and its mirror image). For each model, ``metrics/test_<run>/`` gets ``metrics.json`` (mean per-class accuracy, the standard
 Caltech-101 metric; top-k for each k in ``evaluate.topk``; expected calibration error),
 ``per_class.csv`` (precision, recall = per-class accuracy, F1, support), ``confused_pairs.csv``
 (true -> predicted class, most frequent first), dvclive's interactive confusion matrix, and three
@@ -26,11 +26,11 @@ from .analysis import (
     plot_confusion_matrix,
     plot_misclassified,
     topk_accuracies,
-    write_csv,
 )
-from .config import RUNS, EvaluateConfig, load_params
+from .config import MODELS, EvaluateConfig, load_params
 from .data import load_split
 from .explain import plot_gradcam_panel
+from .fileio import write_csv
 from .paths import GRADCAM_IMAGE, checkpoint_path, evaluation_dir
 from .stage import run_stage
 from .trained_model import TrainedModel
@@ -65,7 +65,7 @@ def write_confused_pairs(path: Path, labels: np.ndarray, predictions: np.ndarray
 def evaluate_model(run: str, trained: TrainedModel, images: np.ndarray, labels: np.ndarray, cfg: EvaluateConfig) -> dict:
     started = time.perf_counter()
     classes = trained.classes
-    probs = trained.probabilities(images, cfg.batch_size, f"test {run}")
+    probs = trained.probabilities(images, cfg.batch_size, f"test {run}", cfg.tta)
     predictions = probs.argmax(1)
     metrics = {**classification_metrics(labels, probs, cfg.topk, cfg.calibration_bins), "wall_time_s": round(time.perf_counter() - started, 1)}
     out = evaluation_dir(run)
@@ -91,7 +91,7 @@ def gradcam_sample(labels: np.ndarray, count: int) -> np.ndarray:
 def main() -> None:
     cfg = load_params().evaluate
     images, labels = load_split("test")
-    models = {run: TrainedModel.load(checkpoint_path(run)) for run in RUNS}
+    models = {run: TrainedModel.load(checkpoint_path(run)) for run in MODELS}
     for run, trained in models.items():
         evaluate_model(run, trained, images, labels, cfg)
     sample = gradcam_sample(labels, cfg.gradcam_images)

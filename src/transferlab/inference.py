@@ -12,7 +12,7 @@ from .models import Preprocessing
 
 
 @torch.inference_mode()
-def predict_logits(
+def predict_views(
     model: nn.Module,
     images: np.ndarray,
     prep: Preprocessing,
@@ -21,10 +21,12 @@ def predict_logits(
     channels_last: bool = True,
     desc: str = "predict",
     inputs_of: nn.Module | None = None,
+    flip: bool = False,
 ) -> torch.Tensor:
-    """Logits (N x classes, on the CPU) for the centre-cropped images at ``image_size``, computed where the model is.
+    """Logits (views x N x classes, on the CPU) of the centre-cropped images at ``image_size``, computed where the model is.
 
-    With ``inputs_of`` (the classifier head), return what that module receives instead: the backbone's features.
+    The views are the evaluation crop and, with ``flip``, its mirror image. With ``inputs_of`` (the classifier
+    head), return what that module receives instead: the backbone's features.
     """
     device = next(model.parameters()).device
     was_training = model.training
@@ -36,10 +38,23 @@ def predict_logits(
     total = (len(images) + batch_size - 1) // batch_size
     try:
         for batch in tqdm(eval_batches(images, transform, batch_size), total=total, desc=desc, leave=False):
-            logits = model(normalize(batch.to(device), prep, channels_last))
-            outputs.append((captured.pop() if hook else logits).float().cpu())
+            views = []
+            for view in (batch, batch.flip(3)) if flip else (batch,):
+                logits = model(normalize(view.to(device), prep, channels_last))
+                views.append((captured.pop() if hook else logits).float().cpu())
+            outputs.append(torch.stack(views))
     finally:
         if hook:
             hook.remove()
         model.train(was_training)
-    return torch.cat(outputs)
+    return torch.cat(outputs, dim=1)
+
+
+def predict_logits(model: nn.Module, images: np.ndarray, prep: Preprocessing, image_size: int, batch_size: int, channels_last: bool = True,
+                   desc: str = "predict", inputs_of: nn.Module | None = None, flip: bool = False) -> torch.Tensor:
+    """Logits (N x classes) as :func:`predict_views`; with ``flip`` (test-time augmentation) the mean over both views.
+
+    For a linear head the mean of the logits is the head applied to the mean features, so a linear probe
+    evaluated with flip TTA sees exactly the flip-averaged features it was chosen on.
+    """
+    return predict_views(model, images, prep, image_size, batch_size, channels_last, desc, inputs_of, flip).mean(0)

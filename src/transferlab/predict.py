@@ -13,8 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .dataset import IMAGE_EXTENSIONS, DatasetError, load_image
-from .analysis import write_csv
-from .fileio import write_json
+from .fileio import write_csv, write_json
 from .trained_model import TrainedModel
 
 
@@ -49,12 +48,13 @@ def read_images(paths: list[Path], size: int) -> tuple[list[Path], np.ndarray, l
     return readable, np.stack(images) if images else np.empty((0, size, size, 3), np.uint8), failures
 
 
-def predict(trained: TrainedModel, paths: list[Path], topk: int, batch_size: int = 32) -> Predictions:
+def predict(trained: TrainedModel, paths: list[Path], topk: int, batch_size: int = 32, tta: str = "flip") -> Predictions:
+    """Top-k classes of each readable image; ``tta`` as ``evaluate.tta`` (flip: mean logits of image and mirror image)."""
     readable, images, failures = read_images(paths, trained.cache_size)
     result = Predictions(failures=failures)
     if not len(images):
         return result
-    probs = trained.probabilities(images, batch_size)
+    probs = trained.probabilities(images, batch_size, tta=tta)
     best = np.argsort(-probs, axis=1, kind="stable")[:, :topk]
     result.paths = [str(p) for p in readable]
     result.top = [[(trained.classes[c], float(probs[row, c])) for c in best[row]] for row in range(len(readable))]

@@ -70,13 +70,15 @@ class Progress:
         return improved
 
 
-def fingerprint(run: str, arch: str, weights: str, cfg: TrainConfig, device: torch.device, prepared_dir: Path = PREPARED_DIR) -> str:
-    """Identifies what a run computes: params, data, code, library versions and device.
+def fingerprint(
+    run: str, arch: str, weights: str, cfg: TrainConfig, device: torch.device, start_from: list[Path] = (), prepared_dir: Path = PREPARED_DIR
+) -> str:
+    """Identifies what a run computes: params, data, code, library versions, device and ``start_from`` (the probe's head).
 
     A saved state resumes only under the same fingerprint, so a resumed run never mixes two versions of anything.
     """
     digest = hashlib.sha256()
-    for path in [prepared_dir / name for name in ("classes.json", "train.csv", "val.csv")] + sorted(PACKAGE_DIR.glob("*.py")):
+    for path in [prepared_dir / name for name in ("classes.json", "train.csv", "val.csv")] + sorted(PACKAGE_DIR.glob("*.py")) + list(start_from):
         digest.update(path.read_bytes())
     for name in ("train.npy", "val.npy"):
         digest.update(str((prepared_dir / name).stat().st_size).encode())

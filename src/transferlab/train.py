@@ -32,11 +32,13 @@ from .data import BatchAugmenter, batch_slices, epoch_order, load_classes, load_
 from .device import autocast, training_device
 from .fileio import atomic_path
 from .inference import predict_logits
-from .models import ModelError, build_model, freeze_stages, parameter_groups, set_train_mode
+from .models import ModelError, Preprocessing, build_model, freeze_stages, parameter_groups, set_train_mode
+from .probe import start_from_probe
 from .optim import LrSchedule, build_optimizer
 from .paths import checkpoint_path, features_path, resume_path, train_dir
 from .stage import run_stage
 from .tracking import TrainingLog
+from .trained_model import save_checkpoint
 
 log = logging.getLogger("transferlab.train")
 
@@ -181,6 +183,24 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
 
 
+def initial_model(arch: str, weights: str, classes: list[str], cfg: TrainConfig) -> tuple[nn.Module, str, Preprocessing]:
+    """The model before its first step: a fresh head, or with ``init_head: probe`` the fitted linear probe (LP-FT)."""
+    torch.manual_seed(cfg.seed)
+    model, head_name, prep = build_model(arch, weights, len(classes))
+    if cfg.init_head == "probe":
+        start_from_probe(model, arch, weights, classes)
+    return model, head_name, prep
+
+
+def training_data(train_on_val: bool) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """(train images, labels), (validation images, labels); with ``train_on_val`` the validation images train too."""
+    (train_images, train_labels), (val_images, val_labels) = load_split("train"), load_split("val")
+    if not train_on_val:
+        return (train_images, train_labels), (val_images, val_labels)
+    merged = (np.concatenate([train_images, val_images]), np.concatenate([train_labels, val_labels]))
+    return merged, (val_images[:0], val_labels[:0])
+
+
 def validation_metrics(logits: torch.Tensor, labels: np.ndarray) -> dict:
     return {
         "val/loss": nn.functional.cross_entropy(logits, torch.from_numpy(labels)).item(),
@@ -205,27 +225,6 @@ def training_inputs(name: str, trainer: Trainer, data, prep, num_classes: int) -
     return image_inputs(trainer.model, data, cfg, prep, trainer.device, num_classes)
 
 
-def save_model(
-    path, state: dict, *, run: str, arch: str, weights: str, classes: list[str], prep, cache_size: int, cfg: TrainConfig, **best
-) -> None:
-    """The trained model with everything needed to use it: architecture, classes, preprocessing, how it was trained."""
-    checkpoint = {
-        "model": state,
-        "run": run,
-        "mode": cfg.mode,
-        "arch": arch,
-        "weights": weights,
-        "classes": classes,
-        "preprocessing": prep.as_dict(),
-        "cache_size": cache_size,  # images were decoded to this square size before the evaluation crop
-        "eval_image_size": cfg.eval_image_size,
-        "train_config": dataclasses.asdict(cfg),
-        **best,
-    }
-    with atomic_path(path) as tmp:
-        torch.save(checkpoint, tmp)
-
-
 def run(name: str) -> dict:
     """Train the run ``name`` (finetune or scratch); return its best epoch and validation score."""
     started = time.perf_counter()
@@ -234,14 +233,14 @@ def run(name: str) -> dict:
     weights = params.weights_for(name)
     device, amp_dtype = training_device(cfg.device, cfg.precision)  # an unavailable one fails here, before any work
     classes = load_classes()
-    data = (load_split("train"), load_split("val"))
+    data = training_data(cfg.train_on_val)
     (train_images, train_labels), (_, val_labels) = data
-    torch.manual_seed(cfg.seed)
-    model, head_name, prep = build_model(params.model.arch, weights, len(classes))
+    model, head_name, prep = initial_model(params.model.arch, weights, classes, cfg)
     slices = batch_slices(len(train_labels), cfg.batch_size)
     trainer = Trainer.create(model, head_name, cfg, len(slices), device, amp_dtype)
     generator = torch.Generator().manual_seed(cfg.seed)
-    fingerprint = resume.fingerprint(name, params.model.arch, weights, cfg, trainer.device)
+    start_from = [checkpoint_path("probe")] if cfg.init_head == "probe" else []
+    fingerprint = resume.fingerprint(name, params.model.arch, weights, cfg, trainer.device, start_from)
     state = resume.load_state(resume_path(name), fingerprint)
     progress, best_model = resume.Progress(), None
     if state is not None:
@@ -301,9 +300,10 @@ def run(name: str) -> dict:
             live.log_epoch(logged)
             save_state(generator.get_state())
         best = {"val_acc": progress.history[progress.best_epoch - 1].get("val/acc"), "epoch": progress.best_epoch}
-        save_model(
-            checkpoint_path(name), best_model, run=name, arch=params.model.arch, weights=weights, classes=classes,
-            prep=prep, cache_size=train_images.shape[1], cfg=cfg, **best
+        save_checkpoint(
+            checkpoint_path(name), best_model, run=name, mode=cfg.mode, arch=params.model.arch, weights=weights, classes=classes,
+            prep=prep, cache_size=train_images.shape[1], eval_image_size=cfg.eval_image_size, channels_last=cfg.channels_last,
+            config=dataclasses.asdict(cfg), **best
         )
         if best["val_acc"] is not None:
             live.summary["best/val_acc"] = best["val_acc"]

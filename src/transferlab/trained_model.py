@@ -11,8 +11,34 @@ from torch import nn
 
 from .data import eval_resize, normalize
 from .device import resolve_device
+from .fileio import atomic_path
 from .inference import predict_logits
 from .models import ModelError, Preprocessing, load_checkpoint
+
+REQUIRED_KEYS = ("classes", "arch", "preprocessing", "cache_size", "eval_image_size", "channels_last")
+
+
+def save_checkpoint(
+    path: Path, state: dict, *, run: str, mode: str, arch: str, weights: str, classes: list[str], prep: Preprocessing,
+    cache_size: int, eval_image_size: int, channels_last: bool, config: dict, **extra,
+) -> None:
+    """A trained model with everything needed to use it: architecture, classes, preprocessing, how it was made."""
+    checkpoint = {
+        "model": state,
+        "run": run,
+        "mode": mode,
+        "arch": arch,
+        "weights": weights,
+        "classes": classes,
+        "preprocessing": prep.as_dict(),
+        "cache_size": cache_size,  # images were decoded to this square size before the evaluation crop
+        "eval_image_size": eval_image_size,
+        "channels_last": channels_last,
+        "config": config,  # the run's settings (its params section, overrides applied)
+        **extra,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(checkpoint, tmp)
 
 
 @dataclass
@@ -32,7 +58,7 @@ class TrainedModel:
         if not path.is_file():
             raise ModelError(f"no trained model at {path}: give the model.pt that a training stage wrote (data/models/<run>/model.pt)")
         model, checkpoint = load_checkpoint(path)
-        missing = [key for key in ("classes", "arch", "preprocessing", "cache_size", "eval_image_size", "train_config") if key not in checkpoint]
+        missing = [key for key in REQUIRED_KEYS if key not in checkpoint]
         if missing:
             raise ModelError(f"{path} lacks {', '.join(missing)}: it was written by an older version; re-run its training stage")
         return cls(
@@ -43,7 +69,7 @@ class TrainedModel:
             prep=Preprocessing.from_dict(checkpoint["preprocessing"]),
             cache_size=checkpoint["cache_size"],
             image_size=checkpoint["eval_image_size"],
-            channels_last=checkpoint["train_config"]["channels_last"],
+            channels_last=checkpoint["channels_last"],
         )
 
     @property
@@ -59,6 +85,7 @@ class TrainedModel:
         """Normalised model inputs, on the model's device."""
         return normalize(self.crop(images).to(self.device), self.prep)
 
-    def probabilities(self, images: np.ndarray, batch_size: int = 64, desc: str = "predict") -> np.ndarray:
-        logits = predict_logits(self.model, images, self.prep, self.image_size, batch_size, self.channels_last, desc)
+    def probabilities(self, images: np.ndarray, batch_size: int = 64, desc: str = "predict", tta: str = "none") -> np.ndarray:
+        """Class probabilities; ``tta`` "flip" averages the logits of each image and its mirror image."""
+        logits = predict_logits(self.model, images, self.prep, self.image_size, batch_size, self.channels_last, desc, flip=tta == "flip")
         return logits.softmax(1).numpy()

@@ -1,0 +1,145 @@
+"""The linear probe, LP-FT, train/test resolutions and flip TTA, on tiny generated data."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from transferlab import evaluate, probe, train
+from transferlab.config import ProbeConfig, load_params
+from transferlab.data import load_classes, load_split, normalize
+from transferlab.inference import predict_logits
+from transferlab.models import ModelError
+from transferlab.paths import checkpoint_path, evaluation_dir, features_path, train_dir
+from transferlab.trained_model import TrainedModel
+
+
+def noisy_blobs(seed: int, count: int, classes: int = 3, dims: int = 20) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, count)
+    centres = np.random.default_rng(0).normal(size=(classes, dims))
+    return (centres[labels] + rng.normal(scale=2.0, size=(count, dims))).astype(np.float32), labels
+
+
+@pytest.mark.parametrize("winner", [0, 1])
+def test_the_regularisation_is_chosen_on_validation(winner):
+    """Validation labels are what one of two C values predicts: that C must be chosen, whatever the training fit says."""
+    train_set, (val_features, _) = noisy_blobs(1, 60), noisy_blobs(2, 200)
+    grid = [1e-4, 10.0]
+    heads = [probe.fit_head(*train_set, 3, C, 1000) for C in grid]
+    predictions = [head.logits(val_features).argmax(1) for head in heads]
+    assert (predictions[0] != predictions[1]).mean() > 0.1, "the two C values must disagree for the test to mean anything"
+    cfg = ProbeConfig(C=grid)
+    chosen, results = probe.choose_c(train_set, (val_features, predictions[winner]), 3, cfg)
+    assert chosen == grid[winner]
+    assert results[winner]["val_acc"] == 1.0 and results[1 - winner]["val_acc"] < 1.0
+
+
+def test_the_fitted_head_is_the_logistic_regression_on_raw_features():
+    """The standardisation is folded into the weights: the head takes raw features; two classes give a proper softmax."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    for classes in (2, 3):
+        features, labels = noisy_blobs(3, 90, classes)
+        head = probe.fit_head(features, labels, classes, 1.0, 1000)
+        scaler = StandardScaler().fit(features)
+        reference = LogisticRegression(C=1.0, max_iter=1000).fit(scaler.transform(features), labels)
+        expected = reference.predict_proba(scaler.transform(features))
+        got = torch.from_numpy(head.logits(features)).softmax(1).numpy()
+        np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_probe_stage_then_lp_ft_starts_from_exactly_the_probe(project):
+    project(probe={"C": [0.01, 1.0], "flip": True})
+    probe.main()
+    fitted = TrainedModel.load(checkpoint_path("probe"), device="cpu")
+    summary = json.loads((train_dir("probe") / "metrics.json").read_text())
+    with (train_dir("probe") / "regularization.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["C"]) for r in rows] == [0.01, 1.0]
+    best = max(rows, key=lambda r: (float(r["val_acc"]), -float(r["val_loss"])))  # ties: the lower validation loss
+    assert summary["best/C"] == float(best["C"]) and summary["train_images"] == 3 * 6, "refit on train + val"
+    features = torch.load(features_path("probe"), weights_only=False)
+    assert features["train"].shape == (2, 3 * 4, 512) and features["val"].shape == (2, 3 * 2, 512), "both views"
+
+    # the probe's checkpoint is an ordinary model: its head reproduces the logistic regression on the cached features
+    images, _ = load_split("val")
+    head = fitted.model.fc
+    logits = predict_logits(fitted.model, images, fitted.prep, 32, 16, True, flip=False)
+    with torch.no_grad():
+        recomputed = head(predict_logits(fitted.model, images, fitted.prep, 32, 16, True, inputs_of=head))
+    torch.testing.assert_close(logits, recomputed)
+
+    # LP-FT before its first step predicts exactly what the probe predicts
+    params = load_params()
+    cfg = params.train_config("finetune")
+    start, _, prep = train.initial_model(params.model.arch, project.weights_path, load_classes(), dataclasses.replace(cfg, init_head="probe"))
+    assert torch.equal(predict_logits(start, images, prep, 32, 16, False), predict_logits(fitted.model, images, fitted.prep, 32, 16, False))
+    fresh, _, _ = train.initial_model(params.model.arch, project.weights_path, load_classes(), cfg)
+    assert not torch.equal(fresh.fc.weight, start.fc.weight), "init_head: random keeps a fresh head"
+
+    project(init_head="probe", train_on_val=True, epochs=1)
+    best = train.run("finetune")
+    assert best == {"val_acc": None, "epoch": 1}, "trained on train + val: no validation, the last epoch kept"
+    assert not (train_dir("finetune") / "plots" / "metrics" / "val").exists()
+
+
+def test_lp_ft_refuses_a_probe_of_another_model(project):
+    probe.main()
+    other = TrainedModel.load(checkpoint_path("probe"), device="cpu")
+    with pytest.raises(ModelError, match="is for resnet18 .*weights none.*re-run train_probe"):
+        probe.start_from_probe(other.model, "resnet18", "none", other.classes)
+    checkpoint_path("probe").unlink()
+    with pytest.raises(ModelError, match="run its stage first"):
+        probe.start_from_probe(other.model, "resnet18", project.weights_path, other.classes)
+
+
+def test_train_and_test_resolutions_reach_the_model(project, monkeypatch):
+    """Training batches at train.image_size, validation and evaluation at eval_image_size, the probe at probe.image_size,
+    all cut from the one cached array decoded by prepare at data.cache_size."""
+    seen: list[int] = []
+    build = train.build_model
+
+    def recording_build(*args):
+        model, head, prep = build(*args)
+        model.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].shape[-1]))
+        return model, head, prep
+
+    monkeypatch.setattr(train, "build_model", recording_build)
+    monkeypatch.setattr(probe, "build_model", recording_build)
+    assert load_split("train")[0].shape[1:] == (40, 40, 3)
+    project(image_size=24, eval_image_size=36, probe={"image_size": 28, "C": [1.0]})
+    train.run("finetune")
+    assert set(seen) == {24, 36}
+    assert TrainedModel.load(checkpoint_path("finetune"), device="cpu").image_size == 36
+    seen.clear()
+    probe.main()
+    assert set(seen) == {28} and TrainedModel.load(checkpoint_path("probe"), device="cpu").image_size == 28
+
+
+def test_flip_tta_in_evaluate_is_the_mean_of_both_views(project, monkeypatch):
+    project(probe={"C": [1.0]})
+    probe.main()
+    trained = TrainedModel.load(checkpoint_path("probe"), device="cpu")
+    images, labels = load_split("test")
+    crops = trained.crop(images)  # the evaluation crop; TTA adds its mirror image
+    with torch.no_grad():
+        plain, mirrored = (trained.model(normalize(view, trained.prep)) for view in (crops, crops.flip(3)))
+    assert not torch.allclose(plain, mirrored), "the model must see the difference for the test to mean anything"
+    expected = ((plain + mirrored) / 2).softmax(1).numpy()
+    np.testing.assert_allclose(trained.probabilities(images, tta="flip"), expected, atol=1e-6)
+
+    monkeypatch.setattr(evaluate, "plot_misclassified", lambda *args: None)  # pictures are test_analysis's business
+    cfg = load_params().evaluate
+    metrics = evaluate.evaluate_model("probe", trained, images, labels, cfg)
+    with (evaluation_dir("probe") / "per_class.csv").open() as f:
+        recall = {row["class"]: float(row["recall"]) for row in csv.DictReader(f)}
+    predictions = expected.argmax(1)
+    assert recall == {name: pytest.approx((predictions[labels == c] == c).mean(), abs=1e-4) for c, name in enumerate(trained.classes)}
+    assert cfg.tta == "flip" and metrics["top1"] == pytest.approx((predictions == labels).mean())
