@@ -6,14 +6,16 @@ catch weights that silently fail to load, which no generated-data test can.
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 import yaml
 
 from conftest import CALTECH, HF_HOME, tiny_params
-from transferlab import prepare, train
+from transferlab import prepare, probe, train
 from transferlab.dataset import scan
+from transferlab.paths import train_dir
 
 pytestmark = [
     pytest.mark.real_data,
@@ -42,7 +44,7 @@ def test_pretrained_weights_beat_random_init_by_a_wide_margin(tmp_path, monkeypa
     params = tiny_params()
     params["data"].update(source=str(subset), train_per_class=12, val_per_class=4, test_per_class=5, cache_size=144)
     params["model"] = {"arch": "timm/tf_efficientnet_lite0", "weights": "imagenet"}
-    shared = {"epochs": 3, "batch_size": 16, "image_size": 112, "eval_image_size": 128, "lr": 0.02}
+    shared = {"epochs": 3, "batch_size": 16, "image_size": 112, "eval_image_size": 128, "lr": 0.02, "backbone_lr_scale": 0.1}
     params["train"].update(shared)
     params["scratch"] = dict(shared)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
@@ -56,5 +58,14 @@ def test_pretrained_weights_beat_random_init_by_a_wide_margin(tmp_path, monkeypa
     # a head on the frozen real features, computed once, is as good on these easy classes
     params["finetune"] = {"mode": "feature_extract", "augment": False, "epochs": 10, "lr": 0.1, "image_size": 128}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    probe = train.run("finetune")["val_acc"]
-    assert probe >= 0.8, f"a head on frozen ImageNet features reaches only {probe:.2f}"
+    head_only = train.run("finetune")["val_acc"]
+    assert head_only >= 0.8, f"a head on frozen ImageNet features reaches only {head_only:.2f}"
+
+    # the linear probe stage (logistic regression on the real features), and LP-FT starting from exactly it
+    params["probe"].update(image_size=128, C=[0.1, 1.0], train_on_val=False)
+    params["finetune"] = {"init_head": "probe", "epochs": 1, "lr": 0.002, "backbone_lr_scale": 1.0}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    probe.main()
+    fitted = json.loads((train_dir("probe") / "metrics.json").read_text())["best/val_acc"]
+    assert fitted >= 0.8, f"the linear probe on real ImageNet features reaches only {fitted:.2f}"
+    assert train.run("finetune")["val_acc"] >= 0.8
