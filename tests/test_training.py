@@ -10,8 +10,7 @@ import torch
 import torchvision
 import yaml
 
-from conftest import tiny_params
-from transferlab import prepare, train
+from transferlab import train
 from transferlab.config import ConfigError, TrainConfig
 from transferlab.data import BatchAugmenter, epoch_order, load_split
 from transferlab.device import cpu_supports_bf16
