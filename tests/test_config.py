@@ -91,6 +91,7 @@ def test_bad_values_name_the_key(section, key, value, message):
         ({"scratch": {"init_head": "probe"}}, "scratch.init_head: train_scratch trains every layer from random init; allowed: random"),
         ({"train": {"train_on_val": True, "schedule": "plateau"}}, "train.schedule watches the validation split, but train.train_on_val trains on it"),
         ({"data": {"val_per_class": 0}, "probe": {"C": [0.1, 1.0]}}, "probe.C lists several values to choose from on the validation split"),
+        ({"train": {"init_head": "probe", "train_on_val": False}}, "train.train_on_val: false validates every epoch, but the probe"),
     ],
 )
 def test_invalid_training_options_and_combinations_name_the_param(values, message):

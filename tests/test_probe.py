@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from transferlab import evaluate, probe, train
-from transferlab.config import ProbeConfig, load_params
+from transferlab.config import ConfigError, ProbeConfig, load_params
 from transferlab.data import load_classes, load_split, normalize
 from transferlab.inference import predict_logits
 from transferlab.models import ModelError
@@ -68,13 +68,12 @@ def test_probe_stage_then_lp_ft_starts_from_exactly_the_probe(project):
     features = torch.load(features_path("probe"), weights_only=False)
     assert features["train"].shape == (2, 3 * 4, 512) and features["val"].shape == (2, 3 * 2, 512), "both views"
 
-    # the probe's checkpoint is an ordinary model: its head reproduces the logistic regression on the cached features
+    # the checkpoint's head is the logistic regression refitted with the chosen C on train + val (both views)
+    samples = probe.as_samples(np.concatenate([features["train"], features["val"]], axis=1), np.concatenate([features["train_labels"], features["val_labels"]]))
+    refit = probe.fit_head(*samples, 3, summary["best/C"], 1000)
+    np.testing.assert_allclose(fitted.model.fc.weight.detach().numpy(), refit.weight, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(fitted.model.fc.bias.detach().numpy(), refit.bias, rtol=1e-5, atol=1e-6)
     images, _ = load_split("val")
-    head = fitted.model.fc
-    logits = predict_logits(fitted.model, images, fitted.prep, 32, 16, True, flip=False)
-    with torch.no_grad():
-        recomputed = head(predict_logits(fitted.model, images, fitted.prep, 32, 16, True, inputs_of=head))
-    torch.testing.assert_close(logits, recomputed)
 
     # LP-FT before its first step predicts exactly what the probe predicts
     params = load_params()
@@ -84,6 +83,8 @@ def test_probe_stage_then_lp_ft_starts_from_exactly_the_probe(project):
     fresh, _, _ = train.initial_model(params.model.arch, project.weights_path, load_classes(), cfg)
     assert not torch.equal(fresh.fc.weight, start.fc.weight), "init_head: random keeps a fresh head"
 
+    with pytest.raises(ConfigError, match="probe.train_on_val: true"):  # its head has seen the validation images
+        project(init_head="probe", train_on_val=False) or train.run("finetune")
     project(init_head="probe", train_on_val=True, epochs=1)
     best = train.run("finetune")
     assert best == {"val_acc": None, "epoch": 1}, "trained on train + val: no validation, the last epoch kept"
@@ -143,3 +144,10 @@ def test_flip_tta_in_evaluate_is_the_mean_of_both_views(project, monkeypatch):
     predictions = expected.argmax(1)
     assert recall == {name: pytest.approx((predictions[labels == c] == c).mean(), abs=1e-4) for c, name in enumerate(trained.classes)}
     assert cfg.tta == "flip" and metrics["top1"] == pytest.approx((predictions == labels).mean())
+
+
+def test_no_validation_images_the_probe_and_cached_feature_training_still_run(project):
+    """An empty validation split (train_on_val, or data.val_per_class: 0) is no work, not a crash."""
+    project(mode="feature_extract", augment=False, train_on_val=True, init_head="random")
+    assert train.run("finetune") == {"val_acc": None, "epoch": 2}
+    assert torch.load(features_path("finetune"), weights_only=True)["val"].numel() == 0

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from conftest import tiny_params
-from transferlab import compare, prepare, train
+from transferlab import compare, prepare, probe, train
 from transferlab.evaluate import classification_metrics
 from transferlab.fileio import atomic_path, write_json
 from transferlab.paths import COMPARISON_JSON, COMPARISON_MD, checkpoint_path, evaluation_dir, train_dir
@@ -89,6 +89,9 @@ def test_training_without_a_validation_split_keeps_the_last_epoch(tmp_path, tiny
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
     prepare.main()
+    probe.main()  # one C: nothing to choose, fitted on the training images
+    assert json.loads((train_dir("probe") / "metrics.json").read_text())["best/C"] == 1.0
+    assert (train_dir("probe") / "regularization.csv").read_text().startswith("C,fit_time_s")
     best = train.run("scratch")
     assert best == {"val_acc": None, "epoch": 2}
     checkpoint = torch.load(checkpoint_path("scratch"), weights_only=True)

@@ -46,7 +46,7 @@ class Table:
 
 
 def metric_labels(metrics: dict) -> dict[str, str]:
-    """The test metrics both models report, in display order (top-k in order of k)."""
+    """The test metrics every model reports, in display order (top-k in order of k)."""
     topk = sorted((key for key in metrics if key.startswith("top") and key[3:].isdigit()), key=lambda key: int(key[3:]))
     return {"mean_per_class_acc": "Mean per-class accuracy", **{key: f"Top-{key[3:]} accuracy" for key in topk}}
 

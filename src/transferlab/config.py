@@ -232,6 +232,11 @@ class Params:
             raise ConfigError(f"{key(needs_validation[0])} watches the validation split, but data.val_per_class is 0")
         if needs_validation and cfg.train_on_val:
             raise ConfigError(f"{key(needs_validation[0])} watches the validation split, but {key('train_on_val')} trains on it; set one of them off")
+        if cfg.init_head == "probe" and self.probe.train_on_val and not cfg.train_on_val and self.data.val_per_class:
+            raise ConfigError(
+                f"{key('train_on_val')}: false validates every epoch, but the probe the run starts from (train.init_head: probe) "
+                f"was fitted on the validation images too (probe.train_on_val: true); set both to false to choose settings"
+            )
         pretrained = cfg.mode != "scratch" and self.model.weights != "none"
 
         if cfg.mode == "feature_extract" and not pretrained:

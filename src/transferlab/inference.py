@@ -47,7 +47,7 @@ def predict_views(
         if hook:
             hook.remove()
         model.train(was_training)
-    return torch.cat(outputs, dim=1)
+    return torch.cat(outputs, dim=1) if outputs else torch.empty(2 if flip else 1, 0, 0)  # no images: no outputs
 
 
 def predict_logits(model: nn.Module, images: np.ndarray, prep: Preprocessing, image_size: int, batch_size: int, channels_last: bool = True,

@@ -6,9 +6,10 @@
 Modes (``train.mode``): ``finetune`` trains every layer, the pretrained ones at ``lr * backbone_lr_scale``,
 except the first ``frozen_stages`` backbone stages (partial unfreezing); ``feature_extract`` trains only the
 new head on the frozen backbone (without augmentation the features are computed once and cached);
-``scratch`` starts from random weights. Per epoch, dvclive logs train/val loss and accuracy and each
-parameter group's learning rate to ``metrics/train_<run>/``; the best epoch on the validation split
-(``train.monitor``) is kept in ``data/models/<run>/model.pt`` with everything needed to use it.
+``scratch`` starts from random weights. ``train.init_head: probe`` starts from the linear probe (LP-FT).
+Per epoch, dvclive logs train (and val) loss and accuracy and each parameter group's learning rate to
+``metrics/train_<run>/``; ``data/models/<run>/model.pt`` keeps, with everything needed to use it, the
+best epoch on the validation split (``train.monitor``), or the last one with ``train.train_on_val``.
 An interrupted run (killed, Ctrl-C) resumes where it stopped when started again (see ``resume.py``).
 """
 
@@ -226,7 +227,7 @@ def training_inputs(name: str, trainer: Trainer, data, prep, num_classes: int) -
 
 
 def run(name: str) -> dict:
-    """Train the run ``name`` (finetune or scratch); return its best epoch and validation score."""
+    """Train the run ``name`` (finetune or scratch); return the kept epoch and its validation score (None without validation)."""
     started = time.perf_counter()
     params = load_params()
     cfg = params.train_config(name)
