@@ -4,6 +4,7 @@
     transferlab gradcam IMAGE --model PATH [--class NAME] [--layer NAME] [--out gradcam.png]
     transferlab features IMAGE --model PATH [--layer NAME] [--count 16] [--out features.png]
     transferlab export --model PATH --format torchscript|onnx --out FILE [--check IMAGE_OR_FOLDER]
+    transferlab experiments [--json SHOWN] [--all-commits] [--out metrics/experiments]
 """
 
 from __future__ import annotations
@@ -118,6 +119,17 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_experiments(args) -> int:
+    from .experiments import ExperimentsError, run
+
+    try:
+        run(args.shown_json, args.out, args.all_commits)
+    except ExperimentsError as err:
+        print(f"transferlab experiments: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     main_parser = argparse.ArgumentParser(prog="transferlab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = main_parser.add_subparsers(dest="command", required=True)
@@ -154,6 +166,13 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=("torchscript", "onnx"), required=True)
     export.add_argument("--out", type=Path, required=True)
     export.add_argument("--check", type=Path, metavar="IMAGE_OR_FOLDER", help="images to compare on (default: 4 random images)")
+
+    summary_help = "summarise DVC experiments: plots against each varied param, each model's best setting chosen on validation"
+    experiments = commands.add_parser("experiments", help=summary_help, description=summary_help)
+    experiments.add_argument("--json", type=Path, dest="shown_json", help="a saved `dvc exp show --json` (default: run it here)")
+    experiments.add_argument("--all-commits", action="store_true", help="experiments of every commit, not only the current one")
+    experiments.add_argument("--out", type=Path, default=Path("metrics/experiments"), help="output folder (default: metrics/experiments)")
+    experiments.set_defaults(handler=cmd_experiments)
     return main_parser
 
 

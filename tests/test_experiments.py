@@ -1,0 +1,97 @@
+"""The experiments summary: each model's best setting chosen on validation alone; plots of what each param does."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+
+import pytest
+
+from conftest import tiny_params
+from transferlab import cli
+from transferlab.experiments import ExperimentsError, experiments_from_show, run
+
+
+def entry(name: str, overrides: dict, val: dict, test: dict | None = None) -> dict:
+    """One experiment as `dvc exp show --json` lists it: params.yaml with dotted overrides, and the metric files."""
+    params = copy.deepcopy(tiny_params())
+    for dotted, value in overrides.items():
+        section, key = dotted.split(".")
+        params.setdefault(section, {})[key] = value
+    metrics = {f"metrics/train_{model}/metrics.json": {"data": {"best/val_acc": acc}} for model, acc in val.items()}
+    for model, acc in (test or {}).items():
+        metrics[f"metrics/test_{model}/metrics.json"] = {"data": {"mean_per_class_acc": acc, "top1": acc}}
+    return {"rev": f"{abs(hash(name)):040x}"[:40], "name": name, "data": {"params": {"params.yaml": {"data": params}}, "metrics": metrics}, "error": None}
+
+
+def shown(baseline: dict, experiments: list[dict], queued: list[dict] = ()) -> list:
+    wrap = [{"revs": [e], "executor": None, "name": e["name"]} for e in experiments]
+    wrap += [{"revs": [e], "executor": {"state": "queued"}, "name": e["name"]} for e in queued]
+    return [{"rev": "workspace", "name": None, **{k: baseline[k] for k in ("data", "error")}}, {**baseline, "experiments": wrap}]
+
+
+def grid() -> list:
+    """A 2x2 fine-tuning grid over train.lr x train.epochs; the scratch run's own settings never change.
+
+    The best validation score (lr 0.01, 2 epochs) is not the best test score (lr 0.1, 1 epoch): the choice
+    must follow validation.
+    """
+    scores = {(0.01, 1): (0.60, 0.70), (0.01, 2): (0.80, 0.75), (0.1, 1): (0.70, 0.90), (0.1, 2): (0.50, 0.60)}
+    runs = [
+        entry(f"exp-{i}", {"train.lr": lr, "train.epochs": epochs}, {"finetune": val, "scratch": 0.3}, {"finetune": test, "scratch": 0.2})
+        for i, ((lr, epochs), (val, test)) in enumerate(scores.items())
+    ]
+    baseline = entry("main", {"train.train_on_val": True}, {}, {"finetune": 0.99})  # the final fit: no validation score
+    return shown(baseline, runs, queued=[entry("exp-queued", {"train.lr": 0.5}, {})])
+
+
+def test_summary_chooses_on_validation_and_plots_the_grid(tmp_path):
+    (tmp_path / "shown.json").write_text(json.dumps(grid()))
+    summary = run(tmp_path / "shown.json", tmp_path / "out")
+
+    finetune = summary["finetune"]
+    assert finetune["varied"] == ["epochs", "lr"]
+    assert finetune["chosen"]["runs"] == ["exp-1"] and finetune["chosen"]["values"] == {"epochs": 2, "lr": 0.01}
+    assert finetune["chosen"]["val_acc"] == 0.80
+    assert finetune["chosen"]["test"] == {"mean_per_class_acc": 0.75, "top1": 0.75}, "the chosen run's test score, not the best test score"
+    assert [s.val_acc for s in finetune["settings"]] == [0.80, 0.70, 0.60, 0.50]
+    scratch = summary["scratch"]
+    assert scratch["varied"] == [] and len(scratch["settings"]) == 1 and len(scratch["settings"][0].runs) == 4, "one setting, run 4 times"
+    assert "probe" not in summary, "no probe validation score in these experiments"
+
+    out = tmp_path / "out"
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["experiments_without_validation"] == 1 and saved["finetune"]["values"] == {"epochs": 2, "lr": 0.01}
+    report = (out / "experiments.md").read_text()
+    assert "**epochs=2, lr=0.01**" in report and "mean_per_class_acc 75.00%" in report
+    assert "90.00%" not in report, "test scores of runs that were not chosen are never shown"
+    assert "train.train_on_val=false" in report, "says how to get validation scores for the left-out run"
+    with (out / "experiments.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["model"], r["val_acc"]) for r in rows][:2] == [("finetune", "0.8"), ("finetune", "0.7")] and len(rows) == 5
+    for picture in ("validation_vs_params.png", "heatmap_finetune.png"):
+        assert (out / picture).read_bytes()[:4] == b"\x89PNG"
+    assert not (out / "heatmap_scratch.png").exists()
+
+
+def test_skips_workspace_queued_and_failed_and_breaks_ties_by_name(tmp_path):
+    runs = [entry("b-run", {"scratch.lr": 0.1}, {"scratch": 0.5}), entry("a-run", {"scratch.lr": 0.2}, {"scratch": 0.5})]
+    listing = shown(entry("main", {}, {}), runs, queued=[entry("q", {"scratch.lr": 9.0}, {"scratch": 1.0})])
+    listing[1]["experiments"].append({"revs": [entry("f", {"scratch.lr": 8.0}, {"scratch": 1.0})], "executor": {"state": "failed"}, "name": "f"})
+    assert [e.name for e in experiments_from_show(listing)] == ["main", "b-run", "a-run"]
+    (tmp_path / "shown.json").write_text(json.dumps(listing))
+    summary = run(tmp_path / "shown.json", tmp_path / "out")
+    assert summary["scratch"]["varied"] == ["lr"] and summary["scratch"]["chosen"]["runs"] == ["a-run"]
+    assert summary["scratch"]["chosen"]["test"] == {}, "not evaluated: said, not invented"
+    assert not list((tmp_path / "out").glob("heatmap_*.png")), "one varied setting: no heatmap"
+
+
+def test_no_validation_score_is_an_error_that_says_what_to_run(tmp_path, capsys):
+    listing = shown(entry("main", {}, {}), [entry("final", {"train.train_on_val": True, "train.lr": 0.1}, {})])
+    (tmp_path / "shown.json").write_text(json.dumps(listing))
+    with pytest.raises(ExperimentsError, match="train.train_on_val=false"):
+        run(tmp_path / "shown.json", tmp_path / "out")
+    with pytest.raises(SystemExit) as exit_code:
+        cli.main(["experiments", "--json", str(tmp_path / "shown.json"), "--out", str(tmp_path / "out")])
+    assert exit_code.value.code == 2 and "no experiment has a validation score" in capsys.readouterr().err
