@@ -134,6 +134,8 @@ class TrainConfig:
     cutmix_alpha: float = field(default=0.0, metadata=_range(0))
     balanced_sampling: bool = False  # draw every class equally often (Caltech-101 has 31 to 800 images a class)
     device: str = field(default="auto", metadata=_choice(*DEVICES))  # auto: cuda, else mps, else cpu
+    # data-parallel training processes on this machine (DDP, started with torchrun; one per GPU); batch_size is the global batch
+    processes: int = field(default=1, metadata=_range(1))
     channels_last: bool = True
     compile: bool = False  # torch.compile the model
     seed: int = 0
@@ -236,6 +238,11 @@ class Params:
             raise ConfigError(
                 f"{key('train_on_val')}: false validates every epoch, but the probe the run starts from (train.init_head: probe) "
                 f"was fitted on the validation images too (probe.train_on_val: true); set both to false to choose settings"
+            )
+        if cfg.batch_size % cfg.processes:
+            raise ConfigError(
+                f"{key('batch_size')} ({cfg.batch_size}) must be divisible by {key('processes')} ({cfg.processes}): "
+                f"it is the global batch, split evenly between the processes"
             )
         pretrained = cfg.mode != "scratch" and self.model.weights != "none"
 

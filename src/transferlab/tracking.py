@@ -12,13 +12,18 @@ from dvclive import Live
 
 
 class TrainingLog:
-    """One epoch's metrics reach every logger at the same step (dvclive's step = TensorBoard's global step)."""
+    """One epoch's metrics reach every logger at the same step (dvclive's step = TensorBoard's global step).
 
-    def __init__(self, folder: Path, tensorboard: bool):
-        self.folder, self.tensorboard = Path(folder), tensorboard
+    An inactive log (every data-parallel process but the first) writes nothing.
+    """
+
+    def __init__(self, folder: Path, tensorboard: bool, active: bool = True):
+        self.folder, self.tensorboard, self.active = Path(folder), tensorboard, active
         self.live, self.writer = None, None
 
     def __enter__(self) -> "TrainingLog":
+        if not self.active:
+            return self
         self.live = Live(str(self.folder), dvcyaml=False, save_dvc_exp=False)
         if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # imports the tensorboard package: only when asked for
@@ -31,18 +36,23 @@ class TrainingLog:
     def __exit__(self, *exc) -> None:
         if self.writer is not None:
             self.writer.close()
-        self.live.end()
+        if self.live is not None:
+            self.live.end()
 
     @property
     def summary(self) -> dict:
         return self.live.summary
 
     def log_params(self, params: dict) -> None:
+        if self.live is None:
+            return
         self.live.log_params(params)
         if self.writer is not None:
             self.writer.add_text("params", f"```\n{yaml.safe_dump(params, sort_keys=False)}```")
 
     def log_epoch(self, metrics: dict) -> None:
+        if self.live is None:
+            return
         for key, value in metrics.items():
             self.live.log_metric(key, value)
             if self.writer is not None:

@@ -11,6 +11,7 @@ Per epoch, dvclive logs train (and val) loss and accuracy and each parameter gro
 ``metrics/train_<run>/``; ``data/models/<run>/model.pt`` keeps, with everything needed to use it, the
 best epoch on the validation split (``train.monitor``), or the last one with ``train.train_on_val``.
 An interrupted run (killed, Ctrl-C) resumes where it stopped when started again (see ``resume.py``).
+With ``train.processes: N`` the same command trains in N data-parallel processes (see ``distributed.py``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from . import resume
 from .config import RUNS, TrainConfig, load_params
 from .data import BatchAugmenter, batch_slices, epoch_order, load_classes, load_split
 from .device import autocast, training_device
+from .distributed import World, launch, launched_by_torchrun, process_group
 from .fileio import atomic_path
 from .inference import predict_logits
 from .models import ModelError, Preprocessing, build_model, freeze_stages, parameter_groups, set_train_mode
@@ -53,12 +55,13 @@ class Inputs:
     validate: Callable[[], torch.Tensor]  # logits of the validation split, on the CPU
 
 
-def image_inputs(model, data, cfg: TrainConfig, prep, device, num_classes: int) -> Inputs:
+def image_inputs(model, data, cfg: TrainConfig, prep, world: World, num_classes: int) -> Inputs:
     """Cached uint8 images, augmented on the training device, through the model.
 
     With feature_extract the backbone's parameters need no gradient and it runs in eval mode, so autograd
     records only the head: the frozen body costs one forward pass per batch.
     """
+    device = world.device
     (train_images, train_labels), (val_images, _) = data
     augment = BatchAugmenter(cfg, prep, num_classes, train_images.shape[1])
 
@@ -70,25 +73,31 @@ def image_inputs(model, data, cfg: TrainConfig, prep, device, num_classes: int) 
         return inputs, targets, labels
 
     def validate():
-        return predict_logits(model, val_images, prep, cfg.eval_image_size, cfg.batch_size * 2, cfg.channels_last, "val")
+        world.share_buffers(model)
+        return world.map_rows(lambda rows: predict_logits(model, rows, prep, cfg.eval_image_size, cfg.batch_size * 2, cfg.channels_last, "val"), val_images)
 
-    return Inputs(fetch, torch.compile(model) if cfg.compile else model, validate)
+    forward = world.wrap(model)
+    return Inputs(fetch, torch.compile(forward) if cfg.compile else forward, validate)
 
 
-def compute_features(model, head, data, cfg: TrainConfig, prep) -> dict:
+def compute_features(model, head, data, cfg: TrainConfig, prep, world: World) -> dict:
     """One pass of the frozen backbone over the train (at image_size) and validation (at eval_image_size) images."""
     (train_images, _), (val_images, _) = data
-    batch = cfg.batch_size * 2
+
+    def features(images: np.ndarray, size: int, desc: str) -> torch.Tensor:
+        return world.map_rows(lambda rows: predict_logits(model, rows, prep, size, cfg.batch_size * 2, cfg.channels_last, desc, head), images)
+
     return {
-        "train": predict_logits(model, train_images, prep, cfg.image_size, batch, cfg.channels_last, "features train", head),
-        "val": predict_logits(model, val_images, prep, cfg.eval_image_size, batch, cfg.channels_last, "features val", head),
+        "train": features(train_images, cfg.image_size, "features train"),
+        "val": features(val_images, cfg.eval_image_size, "features val"),
         "image_size": cfg.image_size,
         "eval_image_size": cfg.eval_image_size,
     }
 
 
-def feature_inputs(features: dict, train_labels: np.ndarray, head: nn.Module, device: torch.device) -> Inputs:
+def feature_inputs(features: dict, train_labels: np.ndarray, head: nn.Module, world: World) -> Inputs:
     """feature_extract without augmentation: the head trains on features computed once."""
+    device = world.device
     train_features, val_features = features["train"].to(device), features["val"].to(device)
     labels = torch.from_numpy(train_labels).to(device)
 
@@ -100,7 +109,7 @@ def feature_inputs(features: dict, train_labels: np.ndarray, head: nn.Module, de
         with torch.no_grad():
             return head(val_features).float().cpu()
 
-    return Inputs(fetch, head, validate)
+    return Inputs(fetch, world.wrap(head), validate)
 
 
 @dataclass
@@ -115,12 +124,17 @@ class Trainer:
     schedule: LrSchedule
     scaler: torch.amp.GradScaler
     criterion: nn.Module
-    device: torch.device
+    world: World
     amp_dtype: torch.dtype | None
 
+    @property
+    def device(self) -> torch.device:
+        return self.world.device
+
     @classmethod
-    def create(cls, model: nn.Module, head_name: str, cfg: TrainConfig, steps_per_epoch: int, device: torch.device, amp_dtype) -> "Trainer":
-        """``device`` and ``amp_dtype`` from :func:`training_device`."""
+    def create(cls, model: nn.Module, head_name: str, cfg: TrainConfig, steps_per_epoch: int, world: World, amp_dtype) -> "Trainer":
+        """``world`` from :func:`process_group`, ``amp_dtype`` from :func:`training_device`."""
+        device = world.device
         head = model.get_submodule(head_name)
         frozen = freeze_stages(model, head_name, cfg.frozen_stages)
         if cfg.mode == "feature_extract":
@@ -139,7 +153,7 @@ class Trainer:
             LrSchedule(optimizer, cfg, steps_per_epoch),
             torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
             nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
-            device,
+            world,
             amp_dtype,
         )
 
@@ -154,20 +168,24 @@ class Trainer:
         """One optimizer step on the batch ``indices``; returns (summed loss, correct predictions, images).
 
         The sums stay on the device (as float64 and int64 tensors): reading them every step would make a GPU wait.
+        With several processes each one trains on its shard of the batch, and the sums are the whole batch's.
         """
-        model_inputs, targets, labels = inputs.fetch(indices)
+        model_inputs, targets, labels = inputs.fetch(self.world.shard(indices))
         with autocast(self.device, self.amp_dtype):
             logits = inputs.forward(model_inputs)
             loss = self.criterion(logits, targets)
+        # DDP averages the shards' gradients; weighting each shard's mean by its size makes that the batch mean
+        share = len(labels) * self.world.size / len(indices)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        self.scaler.scale(loss * share if share != 1 else loss).backward()
         if self.cfg.grad_clip_norm:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], self.cfg.grad_clip_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.schedule.step()
-        return loss.detach().double() * len(labels), (logits.argmax(1) == labels).sum(), len(labels)
+        loss_sum, correct = loss.detach().double() * len(labels), (logits.argmax(1) == labels).sum()
+        return self.world.sum(loss_sum), self.world.sum(correct), len(indices)
 
     def state_dict(self) -> dict:
         return {
@@ -210,6 +228,7 @@ def validation_metrics(logits: torch.Tensor, labels: np.ndarray) -> dict:
 
 
 def training_inputs(name: str, trainer: Trainer, data, prep, num_classes: int) -> Inputs:
+    world = trainer.world
     cfg = trainer.cfg
     if cfg.mode == "feature_extract" and not cfg.augment:
         if not isinstance(trainer.head, nn.Linear):
@@ -218,41 +237,51 @@ def training_inputs(name: str, trainer: Trainer, data, prep, num_classes: int) -
                 f"model's classifier is a {type(trainer.head).__name__} followed by more layers; use augment: true"
             )
         started = time.perf_counter()
-        features = compute_features(trainer.model, trainer.head, data, cfg, prep)
+        features = compute_features(trainer.model, trainer.head, data, cfg, prep, world)
         log.info("backbone features of the train and val images in %.1f s", time.perf_counter() - started)
-        with atomic_path(features_path(name)) as tmp:
-            torch.save(features, tmp)
-        return feature_inputs(features, data[0][1], trainer.head, trainer.device)
-    return image_inputs(trainer.model, data, cfg, prep, trainer.device, num_classes)
+        if world.main:
+            with atomic_path(features_path(name)) as tmp:
+                torch.save(features, tmp)
+        return feature_inputs(features, data[0][1], trainer.head, world)
+    return image_inputs(trainer.model, data, cfg, prep, world, num_classes)
 
 
-def run(name: str) -> dict:
-    """Train the run ``name`` (finetune or scratch); return the kept epoch and its validation score (None without validation)."""
+def run(name: str, world: World | None = None) -> dict:
+    """Train the run ``name`` (finetune or scratch); return the kept epoch and its validation score (None without validation).
+
+    ``world``: this process's place in a data-parallel run (default: the only process, on ``train.device``).
+    """
     started = time.perf_counter()
     params = load_params()
     cfg = params.train_config(name)
     weights = params.weights_for(name)
     device, amp_dtype = training_device(cfg.device, cfg.precision)  # an unavailable one fails here, before any work
+    world = world or World(device=device)
     classes = load_classes()
     data = training_data(cfg.train_on_val)
     (train_images, train_labels), (_, val_labels) = data
     model, head_name, prep = initial_model(params.model.arch, weights, classes, cfg)
+    if world.rank:  # every process starts from the same weights (DDP checks) but draws its own augmentations
+        torch.manual_seed(cfg.seed + world.rank)
     slices = batch_slices(len(train_labels), cfg.batch_size)
-    trainer = Trainer.create(model, head_name, cfg, len(slices), device, amp_dtype)
-    generator = torch.Generator().manual_seed(cfg.seed)
+    trainer = Trainer.create(model, head_name, cfg, len(slices), world, amp_dtype)
+    generator = torch.Generator().manual_seed(cfg.seed)  # the same on every process: one order, sharded per batch
     start_from = [checkpoint_path("probe")] if cfg.init_head == "probe" else []
     fingerprint = resume.fingerprint(name, params.model.arch, weights, cfg, trainer.device, start_from)
-    state = resume.load_state(resume_path(name), fingerprint)
+    state = world.from_main(resume.load_state(resume_path(name), fingerprint) if world.main else None)
     progress, best_model = resume.Progress(), None
     if state is not None:
         trainer.load_state_dict(state["trainer"])
         generator.set_state(state["generator"])
-        resume.restore_rng(state["rng"])
+        resume.restore_rng(state["rng"][world.rank])
         progress, best_model = resume.Progress(**state["progress"]), state["best_model"]
         log.info("resuming %s from epoch %d, step %d (%s)", name, progress.epoch + 1, progress.step, resume_path(name))
     inputs = training_inputs(name, trainer, data, prep, len(classes))
 
     def save_state(epoch_start_generator: torch.Tensor) -> None:
+        rng = world.gather(resume.rng_state(trainer.device))  # every process's random state, for an exact resume
+        if not world.main:
+            return
         resume.save_state(
             resume_path(name),
             {
@@ -260,13 +289,13 @@ def run(name: str) -> dict:
                 "progress": dataclasses.asdict(progress),
                 "trainer": trainer.state_dict(),
                 "generator": epoch_start_generator,
-                "rng": resume.rng_state(trainer.device),
+                "rng": rng,
                 "best_model": best_model,
                 "params": {"run": name, "arch": params.model.arch, "weights": weights, "train": dataclasses.asdict(cfg)},
             },
         )
 
-    training_log = TrainingLog(train_dir(name), params.logging.tensorboard)
+    training_log = TrainingLog(train_dir(name), params.logging.tensorboard, active=world.main)
     with training_log as live, resume.stop_requests() as stop_requested:
         live.log_params({"run": name, "arch": params.model.arch, "weights": weights, **dataclasses.asdict(cfg)})
         live.log_images("train images (cached, before augmentation)", train_images[:16])
@@ -278,13 +307,13 @@ def run(name: str) -> dict:
             if progress.step == 0:
                 progress.start_epoch({f"lr/{g['name']}": g["lr"] for g in trainer.optimizer.param_groups})
             trainer.enter_train_mode()
-            bar = tqdm(slices, initial=progress.step, desc=f"{name} epoch {progress.epoch + 1}/{cfg.epochs}", leave=False)
+            bar = tqdm(slices, initial=progress.step, desc=f"{name} epoch {progress.epoch + 1}/{cfg.epochs}", leave=False, disable=not world.main)
             for batch in slices[progress.step :]:
                 progress.add_batch(*trainer.step(inputs, order[batch]))
                 bar.update()
                 if progress.step % 10 == 0:
                     bar.set_postfix(loss=f"{float(progress.loss_sum) / progress.seen:.3f}")
-                if stop_requested():
+                if world.any(stop_requested()):
                     save_state(epoch_start_generator)
                     bar.close()
                     raise SystemExit(f"stopped: {name} saved at epoch {progress.epoch + 1}, step {progress.step}; run again to resume")
@@ -301,6 +330,8 @@ def run(name: str) -> dict:
             live.log_epoch(logged)
             save_state(generator.get_state())
         best = {"val_acc": progress.history[progress.best_epoch - 1].get("val/acc"), "epoch": progress.best_epoch}
+        if not world.main:
+            return best
         save_checkpoint(
             checkpoint_path(name), best_model, run=name, mode=cfg.mode, arch=params.model.arch, weights=weights, classes=classes,
             prep=prep, cache_size=train_images.shape[1], eval_image_size=cfg.eval_image_size, channels_last=cfg.channels_last,
@@ -315,11 +346,24 @@ def run(name: str) -> dict:
     return best
 
 
+def start(name: str) -> None:
+    """Train in this process, or with ``train.processes`` > 1 start the data-parallel processes that will."""
+    cfg = load_params().train_config(name)  # bad params fail here, before any process starts
+    if cfg.processes > 1 and not launched_by_torchrun():
+        status = launch(cfg.processes, "transferlab.train", [name])
+        if status:
+            raise SystemExit(f"train {name}: the data-parallel run failed (exit code {status})")
+        return
+    device, _ = training_device(cfg.device, cfg.precision)
+    with process_group(device, cfg.processes, cfg.batch_size) as world:
+        run(name, world)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", choices=RUNS)
     args = parser.parse_args(argv)
-    run_stage(f"train {args.run}", lambda: run(args.run))
+    run_stage(f"train {args.run}", lambda: start(args.run))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,151 @@
+"""Data-parallel training with PyTorch's DistributedDataParallel, started by torchrun: one stage command for one
+CPU, one GPU or N GPUs.
+
+``train.processes: N`` (> 1) makes ``python -m transferlab.train <run>`` start itself N times on this machine
+with ``torchrun --standalone``. Across machines, start that same command under ``torchrun`` on each
+(``--nnodes``, ``--nproc-per-node`` equal to ``train.processes``, a rendezvous endpoint): a process that
+torchrun started joins its process group instead of launching more.
+
+Each global batch of ``train.batch_size`` images is split into one equal shard per process (the sharding a
+distributed sampler does, applied to the run's one seeded order), and DDP averages the gradients, so N
+processes take the same optimizer steps on the same images as one process. Validation and feature passes are
+sharded too and gathered, so every logged metric covers the whole split. Rank 0 alone logs, checkpoints and
+writes outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .config import ConfigError
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the training processes (one process: rank 0 of 1, and every method is a no-op)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        """The module whose backward pass averages gradients across processes (DDP), for training steps only."""
+        if self.size == 1:
+            return module
+        return DistributedDataParallel(module, device_ids=[self.local_rank] if self.device.type == "cuda" else None)
+
+    def share_buffers(self, module: nn.Module) -> None:
+        """Rank 0's buffers on every process. DDP sends them before each training forward, which then updates each
+        process's batch-norm statistics from its own shard: without this, processes would validate different models."""
+        if self.size > 1:
+            for buffer in module.buffers():
+                dist.broadcast(buffer, src=0)
+
+    def shard(self, indices: torch.Tensor) -> torch.Tensor:
+        """This process's share of a global batch: every size-th index from its rank."""
+        return indices[self.rank :: self.size]
+
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        """The sum of ``value`` over the processes."""
+        if self.size > 1:
+            value = value.clone()
+            dist.all_reduce(value)
+        return value
+
+    def any(self, flag: bool) -> bool:
+        """True on every process if it is True on any (a stop request reaches all of them at the same step)."""
+        return bool(self.sum(torch.tensor([int(flag)], device=self.device)).item()) if self.size > 1 else flag
+
+    def gather(self, value) -> list:
+        """Every process's ``value`` (picklable), in rank order, on every process."""
+        if self.size == 1:
+            return [value]
+        gathered = [None] * self.size
+        dist.all_gather_object(gathered, value)
+        return gathered
+
+    def from_main(self, value):
+        """Rank 0's ``value`` on every process."""
+        if self.size == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def map_rows(self, compute: Callable[[np.ndarray], torch.Tensor], rows: np.ndarray) -> torch.Tensor:
+        """``compute(rows)`` (a CPU tensor, one row per input row), each process computing every size-th row."""
+        if self.size == 1:
+            return compute(rows)
+        parts = self.gather(compute(rows[self.rank :: self.size]))
+        shape = next((part.shape[1:] for part in parts if len(part)), (0,))
+        result = torch.empty((len(rows), *shape), dtype=parts[0].dtype)
+        for rank, part in enumerate(parts):
+            if len(part):
+                result[rank :: self.size] = part
+        return result
+
+
+def launched_by_torchrun() -> bool:
+    return "LOCAL_WORLD_SIZE" in os.environ
+
+
+def launch(processes: int, module: str, args: list[str]) -> int:
+    """Run ``python -m module args`` as ``processes`` processes on this machine with torchrun; their exit code.
+
+    On the CPU each process gets its share of the cores (torchrun alone would give each one thread).
+    """
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", "-m", module, *args]
+    return subprocess.call(command, env=env)
+
+
+@contextlib.contextmanager
+def process_group(device: torch.device, processes: int, batch_size: int) -> Iterator[World]:
+    """This process's :class:`World`: a process group when torchrun started it, else a single process.
+
+    ``device`` is the resolved ``train.device``; with CUDA each process takes the GPU of its local rank.
+    """
+    if not launched_by_torchrun():
+        yield World(device=device)
+        return
+    local_size, size = int(os.environ["LOCAL_WORLD_SIZE"]), int(os.environ["WORLD_SIZE"])
+    if local_size != processes:
+        raise ConfigError(f"train.processes is {processes} but torchrun started {local_size} processes per node; make them equal")
+    if batch_size % size:
+        raise ConfigError(f"train.batch_size ({batch_size}) must be divisible by the {size} processes: it is the global batch, split evenly")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if device.type == "cuda":
+        if torch.cuda.device_count() < local_size:
+            raise ConfigError(f"train.processes: {local_size} processes per node, but this machine has {torch.cuda.device_count()} GPU(s)")
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    elif device.type == "cpu":
+        backend = "gloo"
+    else:
+        raise ConfigError(f"train.processes: distributed training runs on cuda or cpu, not {device.type}; set train.processes: 1")
+    dist.init_process_group(backend)
+    world = World(dist.get_rank(), size, local_rank, device)
+    if not world.main:  # one process reports
+        logging.getLogger("transferlab").setLevel(logging.WARNING)
+    try:
+        yield world
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,77 @@
+"""Data-parallel training: the stage command started as 2 processes (torchrun, gloo, CPU) on tiny data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from transferlab.config import ConfigError, load_params
+from transferlab.data import load_split
+from transferlab.inference import predict_logits
+from transferlab.paths import checkpoint_path, train_dir
+from transferlab.trained_model import TrainedModel
+
+
+def train_stage(run: str) -> None:
+    """The training stage's own command, as dvc runs it."""
+    result = subprocess.run([sys.executable, "-m", "transferlab.train", run], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def outcome(run: str) -> tuple[dict, dict, list[float]]:
+    """The saved weights, the training summary, and the logged validation loss of each epoch."""
+    state = torch.load(checkpoint_path(run), weights_only=True)
+    summary = json.loads((train_dir(run) / "metrics.json").read_text())
+    rows = (train_dir(run) / "plots/metrics/val/loss.tsv").read_text().splitlines()[1:]
+    return state, summary, [float(row.split("\t")[1]) for row in rows]
+
+
+def full_validation_loss(run: str) -> float:
+    """The kept model's loss on every validation image, computed here in one process."""
+    trained = TrainedModel.load(checkpoint_path(run), device="cpu")
+    images, labels = load_split("val")
+    logits = predict_logits(trained.model, images, trained.prep, trained.image_size, 64, trained.channels_last)
+    return nn.functional.cross_entropy(logits, torch.from_numpy(labels)).item()
+
+
+def test_two_processes_take_the_same_steps_as_one(project):
+    """Same global batch: 2 shards of 4 images, gradients averaged, give the 1-process weights and accuracy.
+
+    Without augmentation, dropout or batch statistics (fine-tuning keeps them frozen) the only difference
+    left is the order of floating-point sums.
+    """
+    project(mode="finetune", augment=False, freeze_bn_stats=True, batch_size=8, epochs=2, lr=0.05, processes=1)
+    train_stage("finetune")
+    single, single_summary, _ = outcome("finetune")
+    project(processes=2)
+    train_stage("finetune")
+    double, double_summary, val_losses = outcome("finetune")
+
+    assert double["config"]["processes"] == 2 and single["config"]["processes"] == 1
+    assert single_summary["best/epoch"] == double_summary["best/epoch"]
+    assert abs(single_summary["best/val_acc"] - double_summary["best/val_acc"]) <= 0.02
+    for key, value in single["model"].items():
+        assert torch.allclose(value.float(), double["model"][key].float(), atol=1e-4), key
+    assert val_losses[double_summary["best/epoch"] - 1] == pytest.approx(full_validation_loss("finetune"), abs=1e-4), (
+        "the logged validation loss covers the whole validation split, not one process's shard"
+    )
+
+
+def test_two_processes_train_from_scratch_and_only_rank_0_writes(project):
+    project(mode="finetune", processes=2, batch_size=8, epochs=2)
+    train_stage("scratch")
+    state, summary, val_losses = outcome("scratch")
+    assert state["config"]["mode"] == "scratch" and summary["epochs_run"] == 2 and len(val_losses) == 2
+    assert val_losses[summary["best/epoch"] - 1] == pytest.approx(full_validation_loss("scratch"), abs=1e-4)
+    assert sorted(p.name for p in train_dir("scratch").iterdir()) == ["metrics.json", "params.yaml", "plots"]
+
+
+def test_global_batch_must_split_evenly(project):
+    project(processes=3, batch_size=8)
+    with pytest.raises(ConfigError, match=r"train.batch_size \(8\) must be divisible by train.processes \(3\)"):
+        load_params()
