@@ -5,9 +5,13 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import re
+import sys
+import time
 
 import pytest
 
+from conftest import run as run_command
 from conftest import tiny_params
 from transferlab import cli
 from transferlab.experiments import ExperimentsError, experiments_from_show, run
@@ -95,3 +99,46 @@ def test_no_validation_score_is_an_error_that_says_what_to_run(tmp_path, capsys)
     with pytest.raises(SystemExit) as exit_code:
         cli.main(["experiments", "--json", str(tmp_path / "shown.json"), "--out", str(tmp_path / "out")])
     assert exit_code.value.code == 2 and "no experiment has a validation score" in capsys.readouterr().err
+
+
+def wait_for_queue(repo, timeout_s: float = 900) -> str:
+    """Poll `dvc queue status` until every task has finished; its last output."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = run_command(["dvc", "queue", "status"], repo).stdout
+        if not re.search(r"\b(Queued|Running)\b", status):
+            return status
+        assert time.monotonic() < deadline, f"the queue did not finish in {timeout_s} s:\n{status}"
+        time.sleep(3)
+
+
+def test_queued_grid_with_two_workers_then_the_summary_picks_the_best_on_validation(project_repo):
+    """A 2x2 fine-tuning grid (lr x epochs) queued and run by two workers, with the real dvc commands."""
+    repo = project_repo
+    run_command(["dvc", "repro"], repo)
+    run_command(["git", "add", "-A"], repo)
+    run_command(["git", "commit", "-qm", "baseline"], repo)
+    run_command(["dvc", "exp", "run", "--queue", "-S", "train.lr=0.001,0.05", "-S", "train.epochs=1,2"], repo)
+    run_command(["dvc", "queue", "start", "-j", "2"], repo)
+    status = wait_for_queue(repo)
+    assert status.count("Success") == 4, status
+
+    listing = json.loads(run_command(["dvc", "exp", "show", "--json"], repo).stdout)
+    ran = [e["revs"][0] for commit in listing for e in commit.get("experiments") or []]
+    grid_points = {(r["data"]["params"]["params.yaml"]["data"]["train"]["lr"], r["data"]["params"]["params.yaml"]["data"]["train"]["epochs"]) for r in ran}
+    assert grid_points == {(0.001, 1), (0.001, 2), (0.05, 1), (0.05, 2)}
+    # the best fine-tuning run by validation accuracy, ties to the first name: the baseline commit competes too
+    baseline = next(commit for commit in listing if commit["rev"] != "workspace")
+    candidates = [(r["name"], r["data"]["metrics"]) for r in ran] + [(baseline["name"], baseline["data"]["metrics"])]
+    scores = {name: metrics["metrics/train_finetune/metrics.json"]["data"]["best/val_acc"] for name, metrics in candidates}
+    expected = min(scores, key=lambda name: (-scores[name], name))
+
+    summary_run = run_command([sys.executable, "-m", "transferlab.cli", "experiments"], repo)
+    summary = json.loads((repo / "metrics/experiments/summary.json").read_text())
+    assert summary["finetune"]["runs"] == [expected] and summary["finetune"]["val_acc"] == scores[expected]
+    assert summary["finetune"]["varied"] == ["epochs", "lr"], "the grid's two params, as the fine-tuning ran them"
+    assert summary["scratch"]["varied"] == [], "train.lr and train.epochs are overridden by scratch: its run never changed"
+    expected_test = dict(candidates)[expected]["metrics/test_finetune/metrics.json"]["data"]["mean_per_class_acc"]
+    assert summary["finetune"]["test"]["mean_per_class_acc"] == expected_test
+    assert (repo / "metrics/experiments/heatmap_finetune.png").read_bytes()[:4] == b"\x89PNG"
+    assert "metrics/experiments/summary.json" in summary_run.stdout

@@ -63,16 +63,24 @@ def test_repro_then_experiment_then_plots(project_repo):
     # a complete run leaves nothing to do
     assert "Data and pipelines are up to date" in run(["dvc", "repro"], repo).stdout
 
+    # the team's shared storage: a DVC remote for data and models, a git remote for code, params and dvc.lock
+    remote, origin = repo.parent / "dvc-remote", repo.parent / "origin.git"
+    run(["dvc", "remote", "add", "-d", "shared", str(remote)], repo)
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "baseline run"], repo)
+    run(["dvc", "push"], repo)
+    run(["git", "init", "-q", "--bare", str(origin)], repo)
+    run(["git", "remote", "add", "origin", str(origin)], repo)
+    run(["git", "push", "-q", "origin", "HEAD"], repo)
+
     exp = run(["dvc", "exp", "run", "-S", "train.lr=0.05"], repo)
     assert "Running stage 'train_finetune'" in exp.stdout
     assert "Stage 'prepare' didn't change" in exp.stdout and "Stage 'train_probe' didn't change" in exp.stdout
     assert "Stage 'train_scratch' didn't change" in exp.stdout, "scratch overrides train.lr: it must not re-run"
     shown = json.loads(run(["dvc", "exp", "show", "--json"], repo).stdout)
     runs = [e for commit in shown for e in (commit.get("experiments") or [])]
-    lrs = [r["revs"][0]["data"]["params"]["params.yaml"]["data"]["train"]["lr"] for r in runs]
-    assert 0.05 in lrs
+    lrs = {r["revs"][0]["name"]: r["revs"][0]["data"]["params"]["params.yaml"]["data"]["train"]["lr"] for r in runs}
+    (experiment,) = [name for name, lr in lrs.items() if lr == 0.05]
 
     # the experiment against the baseline commit: both revisions of the learning curves
     # (`dvc exp run` leaves the experiment in the workspace)
@@ -83,3 +91,14 @@ def test_repro_then_experiment_then_plots(project_repo):
     }
     confusion = diff["metrics/test_finetune/plots/sklearn/confusion_matrix.json"][0]["content"]["data"]["values"]
     assert {p["actual"] for p in confusion} == {"class_0", "class_1", "class_2"}
+
+    # a teammate clones, pulls the baseline's data and models instead of re-running, then the pushed experiment
+    run(["dvc", "exp", "push", "origin", experiment], repo)
+    clone = repo.parent / "clone"
+    run(["git", "clone", "-q", str(origin), str(clone)], repo.parent)
+    run(["dvc", "pull"], clone)
+    assert "Data and pipelines are up to date" in run(["dvc", "repro", "--dry"], clone).stdout, "pulled outputs need no re-run"
+    run(["dvc", "exp", "pull", "origin", experiment], clone)
+    run(["dvc", "exp", "apply", experiment], clone)
+    for path in ("data/models/finetune/model.pt", "metrics/test_finetune/metrics.json"):
+        assert (clone / path).read_bytes() == (repo / path).read_bytes(), path
