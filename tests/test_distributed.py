@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from torch import nn
@@ -17,10 +21,11 @@ from transferlab.paths import checkpoint_path, train_dir
 from transferlab.trained_model import TrainedModel
 
 
-def train_stage(run: str) -> None:
-    """The training stage's own command, as dvc runs it."""
+def train_stage(run: str) -> str:
+    """The training stage's own command, as dvc runs it; its stderr."""
     result = subprocess.run([sys.executable, "-m", "transferlab.train", run], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result.stderr
 
 
 def outcome(run: str) -> tuple[dict, dict, list[float]]:
@@ -75,3 +80,36 @@ def test_global_batch_must_split_evenly(project):
     project(processes=3, batch_size=8)
     with pytest.raises(ConfigError, match=r"train.batch_size \(8\) must be divisible by train.processes \(3\)"):
         load_params()
+
+
+def training_processes() -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        if "transferlab.train" in " ".join(process.info["cmdline"] or []):
+            found.append(process)
+    return found
+
+
+def test_ctrl_c_stops_every_process_which_save_and_the_rerun_resumes_exactly(project):
+    """Ctrl-C to the stage command reaches torchrun once; all processes stop at one step, rank 0 saves, none is left."""
+    project(mode="finetune", processes=2, batch_size=2, epochs=4)
+    state = Path("data/resume/finetune.pt")
+    stage = subprocess.Popen([sys.executable, "-m", "transferlab.train", "finetune"], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not state.exists():
+        assert time.monotonic() < deadline and stage.poll() is None, "no saved state after the first epoch"
+        time.sleep(0.05)
+    stage.send_signal(signal.SIGINT)
+    _, stderr = stage.communicate(timeout=120)
+    assert stage.returncode != 0 and "stopped: finetune saved at epoch" in stderr, stderr[-3000:]
+    assert training_processes() == [], "no training process outlives the stage command"
+    stopped_at = torch.load(state, weights_only=True)["progress"]["epoch"]
+    assert stopped_at < 4, "stopped before the end"
+
+    assert f"resuming finetune from epoch {stopped_at + 1}" in train_stage("finetune")
+    resumed, resumed_summary, resumed_losses = outcome("finetune")
+    train_stage("finetune")  # the same run again, uninterrupted
+    fresh, fresh_summary, fresh_losses = outcome("finetune")
+    assert resumed_losses == fresh_losses and resumed_summary["best/epoch"] == fresh_summary["best/epoch"]
+    for key, value in fresh["model"].items():
+        assert torch.equal(resumed["model"][key], value), key

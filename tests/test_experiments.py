@@ -91,6 +91,22 @@ def test_skips_workspace_queued_and_failed_and_breaks_ties_by_name(tmp_path):
     assert not list((tmp_path / "out").glob("heatmap_*.png")), "one varied setting: no heatmap"
 
 
+def test_names_repeated_across_commits_and_invalid_params(tmp_path):
+    """With --all-commits an experiment name can repeat under two commits; params this code rejects are listed, not fatal."""
+    first = shown(entry("main", {}, {}), [entry("same", {"scratch.lr": 0.1}, {"scratch": 0.4}, {"scratch": 0.1})])
+    second = shown(entry("old", {}, {}), [entry("same", {"scratch.lr": 0.2}, {"scratch": 0.6}, {"scratch": 0.3})])
+    second[1]["rev"] = "1" * 40
+    second[1]["experiments"][0]["revs"][0]["rev"] = "2" * 40
+    broken = entry("broken", {"train.lr": -1.0}, {"scratch": 0.9})
+    first[1]["experiments"].append({"revs": [broken], "executor": None, "name": "broken"})
+    (tmp_path / "shown.json").write_text(json.dumps(first + second[1:]))
+    summary = run(tmp_path / "shown.json", tmp_path / "out")
+    assert summary["scratch"]["chosen"]["values"] == {"lr": 0.2} and summary["scratch"]["chosen"]["test"]["top1"] == 0.3
+    saved = json.loads((tmp_path / "out/summary.json").read_text())
+    assert len(saved["left_out"]) == 1 and saved["left_out"][0].startswith("broken: ") and "train.lr" in saved["left_out"][0]
+    assert "broken: its params are not valid" in (tmp_path / "out/experiments.md").read_text()
+
+
 def test_no_validation_score_is_an_error_that_says_what_to_run(tmp_path, capsys):
     listing = shown(entry("main", {}, {}), [entry("final", {"train.train_on_val": True, "train.lr": 0.1}, {})])
     (tmp_path / "shown.json").write_text(json.dumps(listing))

@@ -7,10 +7,11 @@ with ``torchrun --standalone``. Across machines, start that same command under `
 torchrun started joins its process group instead of launching more.
 
 Each global batch of ``train.batch_size`` images is split into one equal shard per process (the sharding a
-distributed sampler does, applied to the run's one seeded order), and DDP averages the gradients, so N
-processes take the same optimizer steps on the same images as one process. Validation and feature passes are
-sharded too and gathered, so every logged metric covers the whole split. Rank 0 alone logs, checkpoints and
-writes outputs.
+distributed sampler does, applied to the run's one seeded order), and DDP averages the gradients: N
+processes step on the same images as one process. Without random augmentation, dropout or batch statistics
+the steps are the same up to rounding (tested); with them, each process draws its own randomness and
+normalises over its own shard. Validation and feature passes are sharded too and gathered, so every logged
+metric covers the whole split. Rank 0 alone logs, checkpoints and writes outputs.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -30,6 +32,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .config import ConfigError
+
+STOP_CHECK_STEPS = 10  # processes agree on a stop request every this many steps (each check makes a GPU wait)
 
 
 @dataclass(frozen=True)
@@ -69,9 +73,15 @@ class World:
             dist.all_reduce(value)
         return value
 
-    def any(self, flag: bool) -> bool:
-        """True on every process if it is True on any (a stop request reaches all of them at the same step)."""
-        return bool(self.sum(torch.tensor([int(flag)], device=self.device)).item()) if self.size > 1 else flag
+    def stop_now(self, requested: bool, step: int, steps: int) -> bool:
+        """Whether to stop after ``step`` of an epoch of ``steps``: at once with one process; with several, every
+        STOP_CHECK_STEPS steps and at the epoch's last, True on all if any was asked to (torchrun signals each
+        one, not at the same step)."""
+        if self.size == 1:
+            return requested
+        if step % STOP_CHECK_STEPS and step != steps:
+            return False
+        return bool(self.sum(torch.tensor([int(requested)], device=self.device)).item())
 
     def gather(self, value) -> list:
         """Every process's ``value`` (picklable), in rank order, on every process."""
@@ -109,12 +119,20 @@ def launched_by_torchrun() -> bool:
 def launch(processes: int, module: str, args: list[str]) -> int:
     """Run ``python -m module args`` as ``processes`` processes on this machine with torchrun; their exit code.
 
-    On the CPU each process gets its share of the cores (torchrun alone would give each one thread).
+    On the CPU each process gets its share of the cores (torchrun alone would give each one thread). torchrun
+    runs in its own session and this process passes Ctrl-C and SIGTERM on to it, once: torchrun then stops its
+    workers with the same signal, they save at the same step and exit, and a re-run resumes.
     """
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", "-m", module, *args]
-    return subprocess.call(command, env=env)
+    launcher = subprocess.Popen(command, env=env, start_new_session=True)
+    previous = {sig: signal.signal(sig, lambda signum, frame: launcher.send_signal(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return launcher.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @contextlib.contextmanager

@@ -15,7 +15,9 @@ of them vary. Writes to ``--out``:
 
 The choice uses the validation accuracy alone (``best/val_acc`` of the training stage's summary); test
 metrics are read only for the chosen setting. Runs without a validation score (``train.train_on_val:
-true``, the final fit) are left out, and the summary says how to run them with validation.
+true``, the final fit) are left out, and the summary says how to run them with validation. Settings a
+commit's params.yaml does not name are read as today's defaults (with ``--all-commits``, an old commit may
+have run with other ones).
 """
 
 from __future__ import annotations
@@ -50,11 +52,12 @@ class ExperimentsError(RuntimeError):
     """Nothing to summarise, or dvc could not list the experiments."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Experiment:
-    """One experiment (or a commit) as ``dvc exp show --json`` lists it."""
+    """One experiment (or a commit) as ``dvc exp show --json`` lists it; names can repeat across commits, revs do not."""
 
     name: str
+    rev: str
     params: dict  # params.yaml, as run
     metrics: dict  # metrics file path -> its values
 
@@ -64,8 +67,13 @@ class Setting:
     """One distinct setting of one model, with the experiments that ran it (several when it did not change)."""
 
     values: dict  # the settings the model ran with
-    runs: list[str]
-    val_acc: float
+    experiments: list[Experiment]
+    val_acc: float  # the best of its experiments' scores (equal unless a run was nondeterministic) ...
+    scored_by: Experiment  # ... scored by this one, whose test metrics are reported if the setting is chosen
+
+    @property
+    def runs(self) -> list[str]:
+        return [e.name for e in self.experiments]
 
 
 def experiments_from_show(shown: list) -> Iterator[Experiment]:
@@ -74,7 +82,7 @@ def experiments_from_show(shown: list) -> Iterator[Experiment]:
     for commit in shown:
         if commit.get("rev") == "workspace":
             continue
-        entries = [(commit.get("name") or commit["rev"][:7], commit)]
+        entries = [(commit.get("name") or commit["rev"][:7], {"rev": commit["rev"], **commit})]
         for exp in commit.get("experiments") or []:
             if (exp.get("executor") or {}).get("state") in ("queued", "running", "failed"):
                 continue
@@ -86,7 +94,7 @@ def experiments_from_show(shown: list) -> Iterator[Experiment]:
             if entry.get("error") or not params:
                 continue
             metrics = {path: (values or {}).get("data") or {} for path, values in (data.get("metrics") or {}).items()}
-            yield Experiment(name, params, metrics)
+            yield Experiment(name, entry.get("rev") or name, params, metrics)
 
 
 def model_settings(params: dict) -> dict[str, dict]:
@@ -115,30 +123,42 @@ def _key(value) -> str:
 
 
 def distinct_settings(experiments: list[Experiment], model: str) -> tuple[list[Setting], list[str]]:
-    """The model's distinct settings, best validation accuracy first (ties: the first run name), and the varied keys."""
+    """The model's distinct settings, best validation accuracy first (ties: the first run name), and the varied keys.
+
+    ``experiments`` have valid params (see :func:`valid_experiments`).
+    """
     by_values: dict[str, Setting] = {}
-    for experiment in experiments:
+    for experiment in sorted(experiments, key=lambda e: (e.name, e.rev)):
         score = validation_score(experiment, model)
         if score is None:
             continue
-        try:
-            values = model_settings(experiment.params)[model]
-        except ConfigError as err:
-            log.warning("skipping %s: its params are not valid here (%s)", experiment.name, err)
-            continue
-        setting = by_values.setdefault(_key(values), Setting(values, [], score))
-        setting.runs.append(experiment.name)
-        setting.val_acc = max(setting.val_acc, score)  # the same setting scores the same unless it ran nondeterministically
-    settings = sorted(by_values.values(), key=lambda s: (-s.val_acc, min(s.runs)))
+        values = model_settings(experiment.params)[model]
+        setting = by_values.setdefault(_key(values), Setting(values, [], score, experiment))
+        setting.experiments.append(experiment)
+        if score > setting.val_acc:
+            setting.val_acc, setting.scored_by = score, experiment
+    settings = sorted(by_values.values(), key=lambda s: (-s.val_acc, s.scored_by.name))
     varied = [key for key in (settings[0].values if settings else {}) if len({_key(s.values.get(key)) for s in settings}) > 1]
     return settings, varied
 
 
-def test_metrics(experiments: list[Experiment], run_name: str, model: str) -> dict:
+def test_metrics(experiment: Experiment, model: str) -> dict:
     """The test metrics of one run: read for the chosen setting only, after the choice."""
-    (chosen,) = [e for e in experiments if e.name == run_name]
-    found = chosen.metrics.get(f"metrics/test_{model}/metrics.json", {})
+    found = experiment.metrics.get(f"metrics/test_{model}/metrics.json", {})
     return {key: found[key] for key in TEST_METRICS if key in found}
+
+
+def valid_experiments(experiments: list[Experiment]) -> tuple[list[Experiment], list[str]]:
+    """The experiments whose params this code accepts, and a note for each of the others."""
+    valid, notes = [], []
+    for experiment in experiments:
+        try:
+            model_settings(experiment.params)
+        except ConfigError as err:
+            notes.append(f"{experiment.name}: its params are not valid for this code ({err})")
+            continue
+        valid.append(experiment)
+    return valid, notes
 
 
 def summarise(experiments: list[Experiment]) -> dict:
@@ -148,15 +168,16 @@ def summarise(experiments: list[Experiment]) -> dict:
         settings, varied = distinct_settings(experiments, model)
         if not settings:
             continue
-        best = settings[0]
+        chosen = settings[0]
         summary[model] = {
             "settings": settings,
             "varied": varied,
             "chosen": {
-                "runs": best.runs,
-                "val_acc": best.val_acc,
-                "values": {key: best.values[key] for key in varied},
-                "test": test_metrics(experiments, min(best.runs), model),
+                "runs": chosen.runs,
+                "scored_by": chosen.scored_by.name,
+                "val_acc": chosen.val_acc,
+                "values": {key: chosen.values[key] for key in varied},
+                "test": test_metrics(chosen.scored_by, model),
             },
         }
     if not summary:
@@ -168,10 +189,12 @@ def _shown(value) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
-def markdown(summary: dict, skipped: int) -> str:
+def markdown(summary: dict, skipped: int, notes: list[str]) -> str:
     lines = ["# Experiments: each model's best setting, chosen on the validation split", ""]
     if skipped:
         lines += [f"{skipped} experiment(s) without a validation score left out (trained on train + val); {NO_VALIDATION_HINT}.", ""]
+    if notes:
+        lines += ["Left out:", "", *(f"- {note}" for note in notes), ""]
     for model, part in summary.items():
         chosen, varied = part["chosen"], part["varied"]
         test = ", ".join(f"{key} {value:.2%}" for key, value in chosen["test"].items()) or "not evaluated"
@@ -181,7 +204,7 @@ def markdown(summary: dict, skipped: int) -> str:
             continue
         described = ", ".join(f"{key}={_shown(value)}" for key, value in chosen["values"].items())
         lines += [
-            f"Chosen on validation: **{described}** ({', '.join(chosen['runs'])}), validation accuracy {chosen['val_acc']:.2%}.",
+            f"Chosen on validation: **{described}** ({chosen['scored_by']}), validation accuracy {chosen['val_acc']:.2%}.",
             f"Its test metrics, reported once and never used to choose: {test}.",
             "",
             "| " + " | ".join(["validation accuracy", *varied, "experiments"]) + " |",
@@ -279,20 +302,21 @@ def plot_heatmap(model: str, part: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
-def summary_json(summary: dict, skipped: int) -> dict:
+def summary_json(summary: dict, skipped: int, notes: list[str]) -> dict:
     return {
         "metric": f"validation accuracy ({VALIDATION_METRIC}); test metrics of the chosen setting only",
         "experiments_without_validation": skipped,
+        "left_out": notes,
         **{model: {"varied": part["varied"], **part["chosen"]} for model, part in summary.items()},
     }
 
 
-def write_outputs(summary: dict, skipped: int, out: Path) -> list[Path]:
-    """Every output file, written atomically; heatmaps of an earlier summary that no longer apply are removed."""
-    for stale in out.glob("heatmap_*.png"):
-        stale.unlink()
-    write_text(out / "experiments.md", markdown(summary, skipped))
-    write_json(out / "summary.json", summary_json(summary, skipped))
+def write_outputs(summary: dict, skipped: int, notes: list[str], out: Path) -> list[Path]:
+    """Every output file, written atomically; pictures of an earlier summary that no longer apply are removed."""
+    for stale in [*out.glob("heatmap_*.png"), out / "validation_vs_params.png"]:
+        stale.unlink(missing_ok=True)
+    write_text(out / "experiments.md", markdown(summary, skipped, notes))
+    write_json(out / "summary.json", summary_json(summary, skipped, notes))
     varied = sorted({key for part in summary.values() for key in part["varied"]})
     rows = [
         [model, f"{s.val_acc:.6g}", *(_shown(s.values.get(key, "")) for key in varied), " ".join(s.runs)]
@@ -327,10 +351,12 @@ def run(shown_json: Path | None, out: Path, all_commits: bool = False) -> dict:
     experiments = list(experiments_from_show(shown))
     if not experiments:
         raise ExperimentsError("dvc exp show lists no completed experiment: run some with dvc exp run first")
-    with_validation = {e.name for e in experiments for model in MODELS if validation_score(e, model) is not None}
-    skipped = len(experiments) - len(with_validation)
+    experiments, notes = valid_experiments(experiments)
+    for note in notes:
+        log.warning("left out %s", note)
+    skipped = sum(all(validation_score(e, model) is None for model in MODELS) for e in experiments)
     summary = summarise(experiments)
-    for path in write_outputs(summary, skipped, out):
+    for path in write_outputs(summary, skipped, notes, out):
         print(path)
     for model, part in summary.items():
         chosen = part["chosen"]

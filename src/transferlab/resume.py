@@ -71,9 +71,11 @@ class Progress:
 
 
 def fingerprint(
-    run: str, arch: str, weights: str, cfg: TrainConfig, device: torch.device, start_from: list[Path] = (), prepared_dir: Path = PREPARED_DIR
+    run: str, arch: str, weights: str, cfg: TrainConfig, device: torch.device, start_from: list[Path] = (), processes: int = 1,
+    prepared_dir: Path = PREPARED_DIR,
 ) -> str:
-    """Identifies what a run computes: params, data, code, library versions, device and ``start_from`` (the probe's head).
+    """Identifies what a run computes: params, data, code, library versions, device, ``start_from`` (the probe's
+    head) and the number of data-parallel processes (all nodes).
 
     A saved state resumes only under the same fingerprint, so a resumed run never mixes two versions of anything.
     """
@@ -90,6 +92,7 @@ def fingerprint(
         "weights": weights_id,
         "train": dataclasses.asdict(cfg),
         "device": str(device),
+        "processes": processes,
         "versions": [torch.__version__, torchvision.__version__, timm.__version__],
         "data_and_code": digest.hexdigest(),
     }

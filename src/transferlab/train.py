@@ -29,7 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import resume
-from .config import RUNS, TrainConfig, load_params
+from .config import RUNS, ConfigError, TrainConfig, load_params
 from .data import BatchAugmenter, batch_slices, epoch_order, load_classes, load_split
 from .device import autocast, training_device
 from .distributed import World, launch, launched_by_torchrun, process_group
@@ -260,6 +260,8 @@ def run(name: str, world: World | None = None) -> dict:
     classes = load_classes()
     data = training_data(cfg.train_on_val)
     (train_images, train_labels), (_, val_labels) = data
+    if len(train_labels) < world.size:
+        raise ConfigError(f"train.processes: {world.size} processes but {len(train_labels)} training images; every process needs a share")
     model, head_name, prep = initial_model(params.model.arch, weights, classes, cfg)
     if world.rank:  # every process starts from the same weights (DDP checks) but draws its own augmentations
         torch.manual_seed(cfg.seed + world.rank)
@@ -267,7 +269,7 @@ def run(name: str, world: World | None = None) -> dict:
     trainer = Trainer.create(model, head_name, cfg, len(slices), world, amp_dtype)
     generator = torch.Generator().manual_seed(cfg.seed)  # the same on every process: one order, sharded per batch
     start_from = [checkpoint_path("probe")] if cfg.init_head == "probe" else []
-    fingerprint = resume.fingerprint(name, params.model.arch, weights, cfg, trainer.device, start_from)
+    fingerprint = resume.fingerprint(name, params.model.arch, weights, cfg, trainer.device, start_from, world.size)
     state = world.from_main(resume.load_state(resume_path(name), fingerprint) if world.main else None)
     progress, best_model = resume.Progress(), None
     if state is not None:
@@ -313,7 +315,7 @@ def run(name: str, world: World | None = None) -> dict:
                 bar.update()
                 if progress.step % 10 == 0:
                     bar.set_postfix(loss=f"{float(progress.loss_sum) / progress.seen:.3f}")
-                if world.any(stop_requested()):
+                if world.stop_now(stop_requested(), progress.step, len(slices)):
                     save_state(epoch_start_generator)
                     bar.close()
                     raise SystemExit(f"stopped: {name} saved at epoch {progress.epoch + 1}, step {progress.step}; run again to resume")
