@@ -6,14 +6,20 @@ import copy
 import csv
 import json
 import re
+import shlex
+import shutil
 import sys
 import time
 
 import pytest
+import yaml
+from dvc.utils.hydra import apply_overrides, get_hydra_sweeps
 
+from conftest import PROJECT
 from conftest import run as run_command
 from conftest import tiny_params
 from transferlab import cli
+from transferlab.config import parse_params
 from transferlab.experiments import ExperimentsError, experiments_from_show, run
 
 
@@ -158,3 +164,26 @@ def test_queued_grid_with_two_workers_then_the_summary_picks_the_best_on_validat
     assert summary["finetune"]["test"]["mean_per_class_acc"] == expected_test
     assert (repo / "metrics/experiments/heatmap_finetune.png").read_bytes()[:4] == b"\x89PNG"
     assert "metrics/experiments/summary.json" in summary_run.stdout
+
+
+def readme_experiment_commands() -> list[list[str]]:
+    """The -S overrides of every `dvc exp run` command in the README's code blocks."""
+    text = (PROJECT / "README.md").read_text().replace("\\\n", " ")
+    commands = []
+    for line in text.splitlines():
+        if line.startswith("uv run dvc exp run"):
+            args = shlex.split(line, comments=True)
+            commands.append([args[i + 1] for i, arg in enumerate(args) if arg == "-S"])
+    return commands
+
+
+def test_every_readme_experiment_command_gives_valid_params(tmp_path):
+    """Each README recipe, every point of its grid, applied to params.yaml the way dvc does, passes the config checks."""
+    commands = readme_experiment_commands()
+    assert len(commands) >= 10
+    for overrides in commands:
+        for point in get_hydra_sweeps({"params.yaml": overrides}):
+            params = tmp_path / "params.yaml"
+            shutil.copy(PROJECT / "params.yaml", params)
+            apply_overrides(params, point["params.yaml"])
+            parse_params(yaml.safe_load(params.read_text()), check_arch=False)
