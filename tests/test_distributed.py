@@ -82,10 +82,11 @@ def test_global_batch_must_split_evenly(project):
         load_params()
 
 
-def training_processes() -> list[psutil.Process]:
+def training_processes(project_dir: Path) -> list[psutil.Process]:
+    """Training processes (the stage command, torchrun, its workers) running in ``project_dir``."""
     found = []
-    for process in psutil.process_iter(["cmdline"]):
-        if "transferlab.train" in " ".join(process.info["cmdline"] or []):
+    for process in psutil.process_iter(["cmdline", "cwd"]):
+        if "transferlab.train" in " ".join(process.info["cmdline"] or []) and process.info["cwd"] == str(project_dir):
             found.append(process)
     return found
 
@@ -102,7 +103,7 @@ def test_ctrl_c_stops_every_process_which_save_and_the_rerun_resumes_exactly(pro
     stage.send_signal(signal.SIGINT)
     _, stderr = stage.communicate(timeout=120)
     assert stage.returncode != 0 and "stopped: finetune saved at epoch" in stderr, stderr[-3000:]
-    assert training_processes() == [], "no training process outlives the stage command"
+    assert training_processes(Path.cwd()) == [], "no training process outlives the stage command"
     stopped_at = torch.load(state, weights_only=True)["progress"]["epoch"]
     assert stopped_at < 4, "stopped before the end"
 
