@@ -38,11 +38,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .analysis import save_figure  # noqa: E402
+from .compare import NAMES  # noqa: E402
 from .config import MODELS, RUNS, ConfigError, parse_params  # noqa: E402
 from .fileio import read_json, write_csv, write_json, write_text  # noqa: E402
 
 log = logging.getLogger("transferlab.experiments")
-NAMES = {"probe": "Linear probe", "finetune": "Fine-tuned", "scratch": "From scratch"}
 VALIDATION_METRIC = "best/val_acc"
 TEST_METRICS = ("mean_per_class_acc", "top1")
 NO_VALIDATION_HINT = "run them with -S train.train_on_val=false -S probe.train_on_val=false"
