@@ -60,16 +60,14 @@ def run(cmd: list[str], cwd: Path, env: dict | None = None) -> subprocess.Comple
     return result
 
 
-@pytest.fixture
-def project_repo(tmp_path, tiny_folder) -> Path:
-    """A fresh git + DVC repo holding the project's pipeline, src and tiny params, first commit made."""
-    repo = tmp_path / "repo"
+def make_project_repo(repo: Path, images: Path) -> Path:
+    """A fresh git + DVC repo at ``repo`` holding the project's pipeline, src and tiny params, first commit made."""
     repo.mkdir()
     shutil.copytree(PROJECT / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".gitignore"):
         shutil.copy(PROJECT / name, repo / name)
     params = tiny_params()
-    params["data"]["source"] = str(tiny_folder)
+    params["data"]["source"] = str(images)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], repo)
     run(["git", "config", "user.email", "test@example.com"], repo)
@@ -78,6 +76,11 @@ def project_repo(tmp_path, tiny_folder) -> Path:
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "init"], repo)
     return repo
+
+
+@pytest.fixture
+def project_repo(tmp_path, tiny_folder) -> Path:
+    return make_project_repo(tmp_path / "repo", tiny_folder)
 
 
 @pytest.fixture

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import copy
 import csv
+import hashlib
 import json
 import re
 import shlex
 import shutil
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -134,21 +136,41 @@ def wait_for_queue(repo, timeout_s: float = 900) -> str:
         time.sleep(3)
 
 
+def md5_of_files(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_cache_intact(repo: Path) -> int:
+    """Every object in the DVC cache holds the bytes its name (their md5) promises; returns how many there are."""
+    objects = md5_of_files(repo / ".dvc/cache/files/md5")
+    for name, md5 in objects.items():
+        assert name.replace("/", "").removesuffix(".dir") == md5, f"cache object {name} is corrupt"
+    return len(objects)
+
+
 def test_queued_grid_with_two_workers_then_the_summary_picks_the_best_on_validation(project_repo):
     """A 2x2 fine-tuning grid (lr x epochs) queued and run by two workers, with the real dvc commands."""
     repo = project_repo
     run_command(["dvc", "repro"], repo)
     run_command(["git", "add", "-A"], repo)
     run_command(["git", "commit", "-qm", "baseline"], repo)
+    prepared = md5_of_files(repo / "data/prepared")
+    objects_before = assert_cache_intact(repo)
     run_command(["dvc", "exp", "run", "--queue", "-S", "train.lr=0.001,0.05", "-S", "train.epochs=1,2"], repo)
     run_command(["dvc", "queue", "start", "-j", "2"], repo)
     status = wait_for_queue(repo)
     assert status.count("Success") == 4, status
 
+    # two experiments at once corrupted neither the shared prepared data nor the shared cache, nor each other
+    assert md5_of_files(repo / "data/prepared") == prepared
+    assert assert_cache_intact(repo) > objects_before, "the experiments' models and results are in the cache"
     listing = json.loads(run_command(["dvc", "exp", "show", "--json"], repo).stdout)
     ran = [e["revs"][0] for commit in listing for e in commit.get("experiments") or []]
     grid_points = {(r["data"]["params"]["params.yaml"]["data"]["train"]["lr"], r["data"]["params"]["params.yaml"]["data"]["train"]["epochs"]) for r in ran}
     assert grid_points == {(0.001, 1), (0.001, 2), (0.05, 1), (0.05, 2)}
+    for r in ran:  # each experiment's results are its own run's
+        train_summary = r["data"]["metrics"]["metrics/train_finetune/metrics.json"]["data"]
+        assert train_summary["epochs_run"] == r["data"]["params"]["params.yaml"]["data"]["train"]["epochs"]
     # the best fine-tuning run by validation accuracy, ties to the first name: the baseline commit competes too
     baseline = next(commit for commit in listing if commit["rev"] != "workspace")
     candidates = [(r["name"], r["data"]["metrics"]) for r in ran] + [(baseline["name"], baseline["data"]["metrics"])]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import resource
 import time
@@ -31,6 +30,7 @@ from torchvision.transforms import InterpolationMode, v2
 from .config import TrainConfig
 from .data import batch_slices, epoch_order, load_classes, load_split
 from .device import resolve_device, training_device
+from .fileio import write_json
 from .inference import predict_logits
 from .models import build_model
 from .train import Inputs, Trainer, compute_features, feature_inputs, image_inputs
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     print("|" + "---|" * len(results))
     print("| " + " | ".join(str(v) for v in results.values()) + " |")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        write_json(args.json, results)
 
 
 if __name__ == "__main__":

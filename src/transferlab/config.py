@@ -222,7 +222,7 @@ class Params:
         cfg = dataclasses.replace(self.train, **units_reset, **overrides)
 
         def key(name: str) -> str:
-            return f"{run if name in overrides else 'train'}.{name}"
+            return self.key(run, name)
 
         if run == "scratch":  # mode, frozen_stages and init_head of the train: section are the fine-tuning's
             for name, allowed in (("mode", "scratch"), ("frozen_stages", 0), ("init_head", "random")):
@@ -257,6 +257,10 @@ class Params:
                 f"(mode is {cfg.mode}, model.weights is {self.model.weights}); allowed here: 0"
             )
         return cfg
+
+    def key(self, run: str, name: str) -> str:
+        """Where the run's setting ``name`` comes from: ``<run>.<name>`` if the run's section sets it, else ``train.<name>``."""
+        return f"{run if name in getattr(self, run) else 'train'}.{name}"
 
     def weights_for(self, run: str) -> str:
         return "none" if self.train_config(run).mode == "scratch" else self.model.weights
@@ -339,5 +343,11 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path} not found: run from the project root, where params.yaml lives")
-    with path.open() as f:
-        return parse_params(yaml.safe_load(f) or {})
+    try:
+        with path.open() as f:
+            raw = yaml.safe_load(f)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path} is not valid YAML{where}: {getattr(err, 'problem', None) or err}") from err
+    return parse_params(raw or {})

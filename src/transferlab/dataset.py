@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import shutil
+import http.client
 import tarfile
 import urllib.error
 import urllib.request
@@ -16,7 +16,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .config import DATA_SOURCE_ENV
-from .fileio import atomic_path
+from .fileio import atomic_dir, atomic_path
 
 CALTECH101_URL = "https://data.caltech.edu/records/mzrjq-6wc02/files/caltech-101.zip?download=1"
 CALTECH101_ZIP_MD5 = "3138e1922a9193bfa496528edbbc45d0"
@@ -25,6 +25,11 @@ CALTECH101_TAR_MD5 = "b224c7392d521a49829488ab0f1120d9"
 CALTECH101_FOLDER = "101_ObjectCategories"
 # as torchvision's ImageFolder: other files (the real archive's stray BACKGROUND_Google/tmp) are skipped
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+# Decompression-bomb guard: a larger image (Pillow's own warning threshold, about 0.27 GB as RGB) is skipped
+# before it is decoded (Caltech-101: at most 0.34 MP in its 101 classes, 11 MP in BACKGROUND_Google)
+MAX_IMAGE_PIXELS = 89_478_485
+# 16-bit greyscale (PNG, TIFF): Pillow's convert("RGB") would clip these at 255 instead of scaling them
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 class DatasetError(RuntimeError):
@@ -59,7 +64,7 @@ def download(url: str, dest: Path, md5: str) -> Path:
             if total is not None and tmp.stat().st_size != total:
                 raise DatasetError(f"download of {url} was cut short: {tmp.stat().st_size} of {total} bytes")
             verify_md5(tmp, md5)
-    except (urllib.error.URLError, OSError) as err:
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
         raise DatasetError(
             f"could not download {url} ({err}). Without network, point the pipeline at a local copy: "
             f"set data.source in params.yaml (or the {DATA_SOURCE_ENV} environment variable) to an unpacked "
@@ -78,31 +83,31 @@ def _extract_zip(archive: Path, target: Path) -> None:
         zf.extractall(root)
 
 
+def _refuse_absolute_paths(member: tarfile.TarInfo, destination: str) -> tarfile.TarInfo:
+    """tarfile's "data" filter (no "../" escapes, no links outside the target, no devices), and no absolute names:
+    that filter would quietly strip the leading "/", but an archive holding one was not made for this."""
+    if member.name.startswith("/"):
+        raise tarfile.AbsolutePathError(member)
+    return tarfile.data_filter(member, destination)
+
+
 def _extract_tar(archive: Path, target: Path) -> None:
     try:
         with tarfile.open(archive) as tf:
-            # the "data" filter refuses absolute paths, "../" escapes and links pointing outside the target
-            tf.extractall(target, filter="data")
+            tf.extractall(target, filter=_refuse_absolute_paths)
     except tarfile.FilterError as err:
         raise DatasetError(f"refusing to extract {archive}: {err}") from err
 
 
 def extract(archive: Path, target: Path) -> Path:
-    """Extract a .zip or .tar(.gz) archive into ``target`` atomically: into a sibling temp folder, then renamed."""
-    staging = target.with_name(target.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    """Extract a .zip or .tar(.gz) archive into ``target`` atomically: a refused or failed archive leaves nothing."""
+    with atomic_dir(target) as staging:
         if zipfile.is_zipfile(archive):
             _extract_zip(archive, staging)
         elif tarfile.is_tarfile(archive):
             _extract_tar(archive, staging)
         else:
-            raise DatasetError(f"{archive} is neither a zip nor a tar archive")
-        shutil.rmtree(target, ignore_errors=True)
-        staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            raise DatasetError(f"{archive} is neither a zip nor a tar archive (is it a web page saved under that name?)")
     return target
 
 
@@ -161,18 +166,32 @@ def scan(root: Path, exclude: list[str]) -> tuple[list[str], list[ImageFile]]:
         for f in sorted((root / name).iterdir())
         if f.is_file() and not f.name.startswith(".")
     ]
+    if not files:
+        nested = [name for name in classes if any(p.is_dir() for p in (root / name).iterdir())]
+        hint = (
+            f": they hold folders (such as {root / nested[0]}), so the data source points one level too high; "
+            f"point data.source at the folder whose subfolders hold the images" if nested else ""
+        )
+        raise DatasetError(f"the class folders of {root} hold no files{hint}")
     return classes, files
 
 
 def load_image(path: Path, size: int) -> np.ndarray:
     """Decode any PIL-readable image as RGB, resize its shorter side to ``size`` and centre-crop a square.
 
-    Grayscale, CMYK, palette and RGBA images are converted to RGB.
+    Grayscale, CMYK, palette and RGBA images are converted to RGB, 16-bit greyscale scaled to 8 bits.
+    An image over ``MAX_IMAGE_PIXELS`` is refused from its header, before any decoding.
     """
     if path.suffix.lower() not in IMAGE_EXTENSIONS:
         raise DatasetError(f"not an image file name (extensions read: {' '.join(IMAGE_EXTENSIONS)})")
     with Image.open(path) as image:
+        if image.width * image.height > MAX_IMAGE_PIXELS:
+            raise DatasetError(
+                f"{image.width} x {image.height} pixels is over the {MAX_IMAGE_PIXELS:,}-pixel limit (decompression-bomb guard)"
+            )
         image.draft("RGB", (size, size))  # lets JPEG decode at a reduced scale when the image is large
+        if image.mode in SIXTEEN_BIT_MODES:
+            image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).clip(0, 255).round().astype(np.uint8))
         image = image.convert("RGB")
         width, height = image.size
         scale = size / min(width, height)

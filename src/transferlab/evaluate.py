@@ -28,9 +28,10 @@ from .analysis import (
     topk_accuracies,
 )
 from .config import MODELS, EvaluateConfig, load_params
-from .data import load_split
+from .data import load_classes, load_split
 from .explain import plot_gradcam_panel
-from .fileio import write_csv
+from .fileio import atomic_dir, write_csv
+from .models import ModelError
 from .paths import GRADCAM_IMAGE, checkpoint_path, evaluation_dir
 from .stage import run_stage
 from .trained_model import TrainedModel
@@ -68,17 +69,17 @@ def evaluate_model(run: str, trained: TrainedModel, images: np.ndarray, labels: 
     probs = trained.probabilities(images, cfg.batch_size, f"test {run}", cfg.tta)
     predictions = probs.argmax(1)
     metrics = {**classification_metrics(labels, probs, cfg.topk, cfg.calibration_bins), "wall_time_s": round(time.perf_counter() - started, 1)}
-    out = evaluation_dir(run)
-    with Live(str(out), dvcyaml=False, save_dvc_exp=False) as live:
-        for key, value in metrics.items():
-            live.summary[key] = value
-        names = np.array(classes)
-        live.log_sklearn_plot("confusion_matrix", names[labels].tolist(), names[predictions].tolist(), name="confusion_matrix.json")
-    write_per_class(out / "per_class.csv", labels, predictions, classes)
-    write_confused_pairs(out / "confused_pairs.csv", labels, predictions, classes)
-    plot_confusion_matrix(out / "confusion_matrix.png", labels, predictions, classes, cfg.confusion_classes, run)
-    plot_calibration(out / "calibration.png", probs.max(1), predictions == labels, cfg.calibration_bins, metrics["ece"], run)
-    plot_misclassified(out / "misclassified.jpg", images, labels, probs, classes, cfg.gallery_size, run)
+    with atomic_dir(evaluation_dir(run)) as out:  # one model's results appear together or not at all
+        with Live(str(out), dvcyaml=False, save_dvc_exp=False) as live:
+            for key, value in metrics.items():
+                live.summary[key] = value
+            names = np.array(classes)
+            live.log_sklearn_plot("confusion_matrix", names[labels].tolist(), names[predictions].tolist(), name="confusion_matrix.json")
+        write_per_class(out / "per_class.csv", labels, predictions, classes)
+        write_confused_pairs(out / "confused_pairs.csv", labels, predictions, classes)
+        plot_confusion_matrix(out / "confusion_matrix.png", labels, predictions, classes, cfg.confusion_classes, run)
+        plot_calibration(out / "calibration.png", probs.max(1), predictions == labels, cfg.calibration_bins, metrics["ece"], run)
+        plot_misclassified(out / "misclassified.jpg", images, labels, probs, classes, cfg.gallery_size, run)
     log.info("%s on %d test images: %s", run, len(labels), metrics)
     return metrics
 
@@ -91,7 +92,14 @@ def gradcam_sample(labels: np.ndarray, count: int) -> np.ndarray:
 def main() -> None:
     cfg = load_params().evaluate
     images, labels = load_split("test")
+    classes = load_classes()
     models = {run: TrainedModel.load(checkpoint_path(run)) for run in MODELS}
+    for run, trained in models.items():  # labels index classes.json: a model trained on other classes would be scored wrongly
+        if trained.classes != classes:
+            raise ModelError(
+                f"{trained.path} was trained on {len(trained.classes)} classes that are not data/prepared/classes.json's "
+                f"{len(classes)}: re-run its training stage (dvc repro)"
+            )
     for run, trained in models.items():
         evaluate_model(run, trained, images, labels, cfg)
     sample = gradcam_sample(labels, cfg.gradcam_images)
@@ -99,4 +107,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_stage("evaluate", main)
+    run_stage("evaluate", main, lambda params: ("evaluate.batch_size", params.evaluate.batch_size))

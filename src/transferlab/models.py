@@ -45,16 +45,29 @@ def torchvision_names() -> list[str]:
     return torchvision.models.list_models(module=torchvision.models)
 
 
+def load_torch_file(path: str | Path) -> object:
+    """``torch.load`` of tensors and plain containers only (weights_only): a pickle that would run code is refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's message: a paragraph on the weights_only default, then the refused global; give the latter
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        reason = next((line for line in lines if "GLOBAL" in line), lines[0] if lines else "")
+        raise ModelError(f"refusing to load {path}: it holds more than tensors and plain containers ({reason})") from err
+    except (RuntimeError, EOFError, KeyError, ValueError) as err:  # truncated, empty or not a PyTorch file at all
+        raise ModelError(f"{path} is not a readable PyTorch file ({type(err).__name__}: {str(err)[:200]}); write it again") from err
+
+
 def _load_state_dict_file(path: Path) -> dict:
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(path)
-    try:
-        # weights_only: a pickle that would run code when loaded is refused
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ModelError(f"refusing to load {path}: it is not a plain state dict ({str(err).splitlines()[0]})") from err
+        try:
+            return load_file(path)
+        except SafetensorError as err:
+            raise ModelError(f"{path} is not a readable safetensors file ({err})") from err
+    state = load_torch_file(path)
     for key in ("state_dict", "model"):  # common checkpoint wrappers
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -249,7 +262,9 @@ def set_train_mode(model: nn.Module, frozen_modules: list[str], freeze_bn: bool)
 
 def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
     """Rebuild a trained model from its checkpoint alone (architecture, classes and preprocessing travel with it)."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = load_torch_file(path)
+    if not isinstance(checkpoint, dict) or not {"arch", "classes", "model"} <= set(checkpoint):
+        raise ModelError(f"{path} is not a checkpoint written by a training stage (no arch, classes and model)")
     model, _, _ = build_model(checkpoint["arch"], "none", len(checkpoint["classes"]))
     model.load_state_dict(checkpoint["model"])
     return model.eval(), checkpoint

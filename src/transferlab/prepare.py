@@ -1,13 +1,12 @@
 """Stage ``prepare``: get the images, split them per class, decode each one once into uint8 arrays.
 
-Outputs (``data/prepared/``): ``classes.json``; ``{train,val,test}.csv`` (the split, readable);
-``{train,val,test}.npy`` (N x S x S x 3 uint8, rows in CSV order). ``metrics/prepare.json``
-counts images per split and lists every skipped file with the reason.
+Outputs (``data/prepared/``, written whole to ``data/prepared.partial/`` and renamed): ``classes.json``;
+``{train,val,test}.csv`` (the split, readable); ``{train,val,test}.npy`` (N x S x S x 3 uint8, rows in
+CSV order). ``metrics/prepare.json`` counts images per split and lists every skipped file with the reason.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
 import time
 import zlib
@@ -19,7 +18,7 @@ from tqdm import tqdm
 
 from .config import DataConfig, load_params
 from .dataset import DatasetError, ImageFile, acquire, load_image, scan
-from .fileio import atomic_path, write_json
+from .fileio import atomic_dir, write_csv, write_json
 from .paths import PREPARE_REPORT, PREPARED_DIR, RAW_DIR
 from .stage import run_stage
 
@@ -73,18 +72,12 @@ def split_indices(files: list[ImageFile], readable: set[int], classes: list[str]
     return splits
 
 
-def write_split(name: str, indices: list[int], files: list[ImageFile], images: dict[int, np.ndarray], size: int) -> None:
+def write_split(folder: Path, name: str, indices: list[int], files: list[ImageFile], images: dict[int, np.ndarray], size: int) -> None:
     array = np.empty((len(indices), size, size, 3), dtype=np.uint8)
     for row, index in enumerate(indices):
         array[row] = images[index]
-    with atomic_path(PREPARED_DIR / f"{name}.npy") as tmp:
-        with tmp.open("wb") as f:
-            np.save(f, array)
-    with atomic_path(PREPARED_DIR / f"{name}.csv") as tmp:
-        with tmp.open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["path", "label", "class"])
-            writer.writerows((files[i].path, files[i].label, files[i].class_name) for i in indices)
+    np.save(folder / f"{name}.npy", array)
+    write_csv(folder / f"{name}.csv", ["path", "label", "class"], ((files[i].path, files[i].label, files[i].class_name) for i in indices))
 
 
 def main() -> None:
@@ -95,9 +88,10 @@ def main() -> None:
     log.info("found %d classes and %d files in %s", len(classes), len(files), root)
     images, skipped = decode_all(root, files, cfg.cache_size)
     splits = split_indices(files, set(images), classes, cfg)
-    for name in SPLITS:
-        write_split(name, splits[name], files, images, cfg.cache_size)
-    write_json(PREPARED_DIR / "classes.json", classes)
+    with atomic_dir(PREPARED_DIR) as folder:  # the seven files appear together or not at all
+        for name in SPLITS:
+            write_split(folder, name, splits[name], files, images, cfg.cache_size)
+        write_json(folder / "classes.json", classes)
     counts = {f"{name}_images": len(splits[name]) for name in SPLITS}
     report = {"classes": len(classes), **counts, "skipped_files": len(skipped), "wall_time_s": round(time.perf_counter() - started, 1)}
     # the source actually read (data.source, or TRANSFERLAB_DATA which DVC does not see)

@@ -32,9 +32,9 @@ from torch import nn
 from .config import ProbeConfig, load_params
 from .data import load_classes, load_split
 from .device import resolve_device
-from .fileio import atomic_path, write_csv
+from .fileio import atomic_dir, atomic_path, write_csv
 from .inference import predict_views
-from .models import ModelError, build_model
+from .models import ModelError, build_model, load_torch_file
 from .paths import checkpoint_path, features_path, train_dir
 from .stage import run_stage
 from .trained_model import save_checkpoint
@@ -109,7 +109,7 @@ def start_from_probe(model: nn.Module, arch: str, weights: str, classes: list[st
     path = path or checkpoint_path(RUN)
     if not path.is_file():
         raise ModelError(f"train.init_head: probe needs the linear probe at {path}: run its stage first (dvc repro train_probe)")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = load_torch_file(path)
     made_for = (checkpoint["arch"], checkpoint["weights"], checkpoint["classes"])
     if made_for != (arch, weights, classes):
         raise ModelError(
@@ -150,19 +150,19 @@ def main() -> None:
         arch=arch, weights=weights, classes=classes, prep=prep, cache_size=train_images.shape[1], eval_image_size=cfg.image_size,
         channels_last=cfg.channels_last, config=dataclasses.asdict(cfg), C=best_c, val_acc=chosen.get("val_acc"),
     )
-    out = train_dir(RUN)
-    with Live(str(out), dvcyaml=False, save_dvc_exp=False) as live:
-        live.log_params({"run": RUN, "mode": "linear_probe", "arch": arch, "weights": weights, **dataclasses.asdict(cfg)})
-        if "val_acc" in chosen:
-            live.summary["best/val_acc"] = chosen["val_acc"]
-        live.summary["best/C"] = best_c
-        live.summary["train_images"] = int(len(train_labels) + (len(val_labels) if cfg.train_on_val else 0))
-        live.summary["feature_time_s"] = round(feature_time, 1)
-        live.summary["wall_time_s"] = round(time.perf_counter() - started, 1)
-    keys = ["C", "val_acc", "val_loss", "fit_time_s"] if len(val_labels) else ["C", "fit_time_s"]
-    write_csv(out / "regularization.csv", keys, ([r[k] for k in keys] for r in results))
+    with atomic_dir(train_dir(RUN)) as out:
+        with Live(str(out), dvcyaml=False, save_dvc_exp=False) as live:
+            live.log_params({"run": RUN, "mode": "linear_probe", "arch": arch, "weights": weights, **dataclasses.asdict(cfg)})
+            if "val_acc" in chosen:
+                live.summary["best/val_acc"] = chosen["val_acc"]
+            live.summary["best/C"] = best_c
+            live.summary["train_images"] = int(len(train_labels) + (len(val_labels) if cfg.train_on_val else 0))
+            live.summary["feature_time_s"] = round(feature_time, 1)
+            live.summary["wall_time_s"] = round(time.perf_counter() - started, 1)
+        keys = ["C", "val_acc", "val_loss", "fit_time_s"] if len(val_labels) else ["C", "fit_time_s"]
+        write_csv(out / "regularization.csv", keys, ([r[k] for k in keys] for r in results))
     log.info("probe: C %g chosen on validation (%s), refitted on %s", best_c, chosen, "train + val" if cfg.train_on_val else "train")
 
 
 if __name__ == "__main__":
-    run_stage("train probe", main)
+    run_stage("train probe", main, lambda params: ("probe.batch_size", params.probe.batch_size))

@@ -23,6 +23,7 @@ import torchvision
 
 from .config import TrainConfig
 from .fileio import atomic_path
+from .models import ModelError, load_torch_file
 from .paths import PREPARED_DIR
 
 log = logging.getLogger("transferlab.resume")
@@ -109,13 +110,13 @@ def load_state(path: Path, expected_fingerprint: str) -> dict | None:
     if not path.is_file():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # an unreadable state is never trusted: start fresh
+        state = load_torch_file(path)
+    except ModelError as err:  # an unreadable state is never trusted: start fresh
         log.warning("ignoring unreadable training state %s (%s): starting fresh", path, err)
         state = None
-    if state is not None and state.get("fingerprint") == expected_fingerprint:
+    if isinstance(state, dict) and state.get("fingerprint") == expected_fingerprint:
         return state
-    if state is not None:
+    if isinstance(state, dict):
         log.info("params, data or code changed since %s was saved: starting fresh", path)
     path.unlink()
     return None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -10,34 +10,37 @@ import torch
 import yaml
 from dvclive import Live
 
+from .fileio import atomic_dir
+
 
 class TrainingLog:
     """One epoch's metrics reach every logger at the same step (dvclive's step = TensorBoard's global step).
 
+    The logs are written to ``<folder>.partial`` and take ``folder``'s place when the run completes: a
+    killed or stopped run never leaves a half-written log there (a resumed run replays its history).
     An inactive log (every data-parallel process but the first) writes nothing.
     """
 
     def __init__(self, folder: Path, tensorboard: bool, active: bool = True):
         self.folder, self.tensorboard, self.active = Path(folder), tensorboard, active
         self.live, self.writer = None, None
+        self._closing = contextlib.ExitStack()
 
     def __enter__(self) -> "TrainingLog":
         if not self.active:
             return self
-        self.live = Live(str(self.folder), dvcyaml=False, save_dvc_exp=False)
+        staging = self._closing.enter_context(atomic_dir(self.folder))
+        self.live = Live(str(staging), dvcyaml=False, save_dvc_exp=False)
+        self._closing.callback(self.live.end)
         if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # imports the tensorboard package: only when asked for
 
-            events = self.folder / "tensorboard"
-            shutil.rmtree(events, ignore_errors=True)  # a resumed run replays its history: no duplicate events
-            self.writer = SummaryWriter(str(events))
+            self.writer = SummaryWriter(str(staging / "tensorboard"))
+            self._closing.callback(self.writer.close)
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        if self.live is not None:
-            self.live.end()
+        self._closing.__exit__(*exc)
 
     @property
     def summary(self) -> dict:

@@ -365,7 +365,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", choices=RUNS)
     args = parser.parse_args(argv)
-    run_stage(f"train {args.run}", lambda: start(args.run))
+    run_stage(
+        f"train {args.run}",
+        lambda: start(args.run),
+        lambda params: (params.key(args.run, "batch_size"), params.train_config(args.run).batch_size),
+    )
 
 
 if __name__ == "__main__":

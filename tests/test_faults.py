@@ -1,0 +1,170 @@
+"""Killing a stage at any moment (SIGKILL: no clean-up runs) never leaves a corrupt output, and the re-run
+finishes with the results of an uninterrupted run. Two ways to pick the moment: a stage made to kill itself
+right after a chosen write (while its outputs are half-written), and kills at moments spread over a real
+``dvc repro``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from PIL import Image
+
+from conftest import make_project_repo, run
+from imagegen import make_image_folder
+from test_resume import assert_same_results, results, set_train, uninterrupted, wait_for
+
+# Runs ``python -m <module> <args>`` with <owner>.<function> replaced by one that calls the original and then
+# SIGKILLs the process, on the first call with an argument whose text contains <match>.
+DIES_AFTER = """
+import importlib, os, runpy, signal, sys
+module, target, match, *args = sys.argv[1:]
+owner_name, name = target.rsplit(".", 1)
+owner = importlib.import_module(owner_name)
+original = getattr(owner, name)
+
+def dies_after(*call_args, **kwargs):
+    result = original(*call_args, **kwargs)
+    if any(match in str(arg) for arg in (*call_args, *kwargs.values())):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return result
+
+setattr(owner, name, dies_after)
+sys.argv = [module, *args]
+runpy.run_module(module, run_name="__main__")
+"""
+
+EVALUATED = ("probe", "finetune", "scratch")
+PREPARED_FILES = {"classes.json", "train.npy", "train.csv", "val.npy", "val.csv", "test.npy", "test.csv"}
+EVALUATION_FILES = {"metrics.json", "per_class.csv", "confused_pairs.csv", "confusion_matrix.png", "calibration.png", "misclassified.jpg"}
+
+
+def die_after(repo: Path, module: str, target: str, match: str, *args: str) -> None:
+    result = subprocess.run([sys.executable, "-c", DIES_AFTER, module, target, match, *args], cwd=repo, capture_output=True, text=True)
+    assert result.returncode == -signal.SIGKILL, f"the stage should have been killed:\n{result.stderr[-2000:]}"
+
+
+def snapshot(folder: Path) -> dict[str, object]:
+    """A folder's files, comparable across runs: bytes, JSON without wall times, pictures decoded."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        key = str(path.relative_to(folder))
+        if path.suffix == ".json":
+            data = json.loads(path.read_text())
+            files[key] = {k: v for k, v in data.items() if k != "wall_time_s"} if isinstance(data, dict) else data
+        elif path.suffix in (".png", ".jpg"):
+            with Image.open(path) as picture:
+                files[key] = (picture.size, picture.mode, len(picture.tobytes()))  # decodes the whole file
+        else:
+            files[key] = path.read_bytes()
+    return files
+
+
+def assert_whole_or_absent(folder: Path, expected: dict, names: set[str]) -> bool:
+    """An output folder is either absent or complete and the same as the uninterrupted run's; True if present."""
+    if not folder.exists():
+        return False
+    got = snapshot(folder)
+    assert names <= set(got), f"{folder} is incomplete: {sorted(names - set(got))} missing"
+    assert got == expected, f"{folder} differs from the uninterrupted run's"
+    return True
+
+
+@pytest.fixture(scope="module")
+def finished_once(tmp_path_factory) -> tuple[Path, dict]:
+    """The tiny project after an uninterrupted ``dvc repro`` of the whole pipeline, and its outputs."""
+    root = tmp_path_factory.mktemp("faults")
+    repo = make_project_repo(root / "repo", make_image_folder(root / "images", classes=3, per_class=12))
+    run(["dvc", "repro"], repo)
+    reference = {"prepared": snapshot(repo / "data/prepared")}
+    reference.update({run_: snapshot(repo / f"metrics/test_{run_}") for run_ in EVALUATED})
+    return repo, reference
+
+
+@pytest.fixture
+def finished(finished_once, tmp_path) -> tuple[Path, dict]:
+    """A copy of that project for one test to break."""
+    template, reference = finished_once
+    return shutil.copytree(template, tmp_path / "repo", symlinks=True), reference
+
+
+def assert_pipeline_matches(repo: Path, reference: dict) -> None:
+    """After the re-run of the killed stage, the rest of the pipeline (dvc repro) and the outputs are as before."""
+    run(["dvc", "repro"], repo)
+    assert snapshot(repo / "data/prepared") == reference["prepared"]
+    for run_ in EVALUATED:
+        assert snapshot(repo / f"metrics/test_{run_}") == reference[run_]
+    assert "up to date" in run(["dvc", "status"], repo).stdout
+    assert not list(repo.rglob("*.partial")), "the re-run clears the staging folders"
+
+
+def test_prepare_killed_while_writing_its_arrays(finished):
+    repo, reference = finished
+    shutil.rmtree(repo / "data/prepared")  # as dvc repro does before it runs the stage
+    die_after(repo, "transferlab.prepare", "numpy.save", "val.npy")  # train.npy and val.npy written, test.npy not yet
+    assert not (repo / "data/prepared").exists(), "no half-written data/prepared"
+    assert {p.name for p in (repo / "data/prepared.partial").iterdir()} == {"train.npy", "train.csv", "val.npy"}
+    run(["dvc", "repro", "-f", "-s", "prepare"], repo)  # -f: else DVC restores the missing output from its cache
+    assert_pipeline_matches(repo, reference)
+
+
+def test_evaluate_killed_between_two_models(finished):
+    repo, reference = finished
+    for run_ in EVALUATED:
+        shutil.rmtree(repo / f"metrics/test_{run_}")
+    die_after(repo, "transferlab.evaluate", "transferlab.analysis.plot_misclassified", "test_finetune.partial")
+    assert assert_whole_or_absent(repo / "metrics/test_probe", reference["probe"], EVALUATION_FILES), "the first model was done"
+    assert not (repo / "metrics/test_finetune").exists() and not (repo / "metrics/test_scratch").exists()
+    run(["dvc", "repro", "-f", "-s", "evaluate"], repo)
+    assert_pipeline_matches(repo, reference)
+
+
+def stage_process(dvc: subprocess.Popen, module: str) -> psutil.Process | None:
+    for process in psutil.Process(dvc.pid).children(recursive=True):
+        try:
+            if process.cmdline()[1:3] == ["-m", module]:
+                return process
+        except psutil.Error:
+            pass
+    return None
+
+
+@pytest.mark.parametrize(("stage", "module"), [("prepare", "transferlab.prepare"), ("evaluate", "transferlab.evaluate")])
+def test_stage_killed_at_moments_spread_over_its_run(finished, stage, module):
+    repo, reference = finished
+    started = time.monotonic()
+    run(["dvc", "repro", "-f", "-s", stage], repo)
+    duration = time.monotonic() - started
+    for fraction in (0.3, 0.6, 0.8, 0.9, 0.97):
+        dvc = subprocess.Popen(["dvc", "repro", "-f", "-s", stage], cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        wait_for(lambda: stage_process(dvc, module) is not None or dvc.poll() is not None, f"the {stage} process")
+        time.sleep(duration * fraction * 0.8)  # the stage process starts a little after dvc itself
+        process = stage_process(dvc, module)
+        if process is not None:
+            process.send_signal(signal.SIGKILL)
+        dvc.wait(timeout=300)
+        assert_whole_or_absent(repo / "data/prepared", reference["prepared"], PREPARED_FILES)
+        for run_ in EVALUATED:
+            assert_whole_or_absent(repo / f"metrics/test_{run_}", reference[run_], EVALUATION_FILES)
+    run(["dvc", "repro", "-f", "-s", stage], repo)
+    assert_pipeline_matches(repo, reference)
+
+
+def test_training_killed_while_writing_its_checkpoint(project_repo, monkeypatch):
+    set_train(project_repo, epochs=3)
+    run(["dvc", "repro", "prepare"], project_repo)
+    die_after(project_repo, "transferlab.train", "torch.save", "data/models/finetune", "finetune")
+    assert not (project_repo / "data/models/finetune/model.pt").exists(), "no half-written checkpoint"
+    assert not (project_repo / "metrics/train_finetune").exists(), "no training log of an unfinished run"
+    assert (project_repo / "data/resume/finetune.pt").exists(), "the run's state, saved after its last epoch"
+    again = run([sys.executable, "-m", "transferlab.train", "finetune"], project_repo)
+    assert "resuming finetune from epoch 4" in again.stderr, "every epoch was done: only the checkpoint is written again"
+    assert [p.name for p in (project_repo / "data/models/finetune").iterdir()] == ["model.pt"], "the killed write's temporary file is gone"
+    assert_same_results(results(project_repo), uninterrupted(project_repo, monkeypatch))

@@ -1,0 +1,290 @@
+"""Bad input fed to the real code paths: odd image files, broken downloads and archives, broken params,
+untrusted checkpoints, running out of memory. Each must end in a clear error or a reported skip, and
+leave nothing behind that a later run would trust."""
+
+from __future__ import annotations
+
+import http.server
+import io
+import json
+import os
+import struct
+import subprocess
+import sys
+import tarfile
+import threading
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from conftest import tiny_params
+from test_prepare import prepare_in
+from transferlab import dataset, evaluate, probe, resume
+from transferlab.config import ConfigError, load_params
+from transferlab.dataset import MAX_IMAGE_PIXELS, DatasetError, acquire, load_image
+from transferlab.models import ModelError
+from transferlab.paths import checkpoint_path
+from transferlab.trained_model import TrainedModel
+
+STAGE = [sys.executable, "-m"]
+
+
+def write_png(path: Path, width: int, height: int) -> None:
+    """A real, fully decodable greyscale PNG of width x height black pixels: a few hundred KB for ~100 MP."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    compressor, row, parts = zlib.compressobj(9), b"\0" * (width + 1), []  # each row: filter byte 0, then pixels
+    for _ in range(height):
+        parts.append(compressor.compress(row))
+    parts.append(compressor.flush())
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b""))
+
+
+# --- bad data -----------------------------------------------------------------------------------------------
+
+
+def test_text_named_jpg_and_decompression_bombs_are_skipped_with_the_reason(tmp_path, tiny_folder, monkeypatch):
+    folder = tiny_folder / "class_0"
+    (folder / "notes.jpg").write_text("these are my notes, not a photo")
+    write_png(folder / "bomb.png", 12_000, 8_000)  # 96 MP: over the guard, under Pillow's own error threshold
+    write_png(folder / "bigger_bomb.png", 20_000, 10_000)  # 200 MP: Pillow itself refuses it
+    assert (folder / "bomb.png").stat().st_size < 1_000_000
+    report = prepare_in(tmp_path, monkeypatch, tiny_folder)
+    reasons = {entry["path"]: entry["reason"] for entry in report["skipped"]}
+    assert reasons.keys() == {"class_0/notes.jpg", "class_0/bomb.png", "class_0/bigger_bomb.png"}
+    assert reasons["class_0/notes.jpg"].startswith("UnidentifiedImageError")
+    assert "12000 x 8000 pixels is over the 89,478,485-pixel limit (decompression-bomb guard)" in reasons["class_0/bomb.png"]
+    assert reasons["class_0/bigger_bomb.png"].startswith("DecompressionBombError: Image size (200000000 pixels) exceeds limit")
+    assert report["train_images"] == 12, "the split is made of the readable images alone"
+    # the guard is the only thing between such a file and a full decode: one pixel under it is read
+    assert 12_000 * 8_000 > MAX_IMAGE_PIXELS > 12_000 * 7_000
+    write_png(tmp_path / "large.png", 12_000, 7_000)
+    assert load_image(tmp_path / "large.png", 32).shape == (32, 32, 3)
+
+
+def test_16_bit_greyscale_is_scaled_to_8_bits_not_clipped(tmp_path):
+    ramp = np.linspace(0, 65535, 64).round().astype(np.uint16)
+    Image.fromarray(np.tile(ramp, (64, 1))).save(tmp_path / "deep.png")  # PNG, 16 bits per pixel
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"
+    Image.fromarray(np.full((40, 40), 32768, np.uint16)).save(tmp_path / "grey.png")
+    grey = load_image(tmp_path / "grey.png", 32)
+    assert grey.shape == (32, 32, 3) and np.all(grey == 128), "mid-grey stays mid-grey (Pillow alone makes it white)"
+    row = load_image(tmp_path / "deep.png", 64)[32, :, 0].astype(int)
+    assert row[0] <= 2 and row[-1] >= 253 and np.all(np.diff(row) >= -2), "the ramp stays a ramp from black to white"
+
+
+def test_empty_class_folder_is_an_error_naming_the_class_count_and_param(tmp_path, tiny_folder, monkeypatch):
+    (tiny_folder / "class_3").mkdir()
+    with pytest.raises(DatasetError, match=r"class 'class_3' has 0 readable images; data.train_per_class=6 needs at least 7"):
+        prepare_in(tmp_path, monkeypatch, tiny_folder)
+    assert not (tmp_path / "data" / "prepared").exists() and not (tmp_path / "metrics" / "prepare.json").exists()
+
+
+def test_a_dataset_folder_one_level_too_high_says_where_to_point(tmp_path, tiny_folder, monkeypatch):
+    parent = tmp_path / "my_dataset"
+    parent.mkdir()
+    tiny_folder.rename(parent / "images")  # my_dataset/images/class_0/*.jpg, and data.source: my_dataset
+    work = tmp_path / "work"
+    work.mkdir()
+    with pytest.raises(DatasetError, match=r"hold folders \(such as .*my_dataset/images\), so the data source points one level too high"):
+        prepare_in(work, monkeypatch, parent)
+    # one level too low (a class folder of images) says what layout it expects
+    with pytest.raises(DatasetError, match="expected an ImageFolder layout"):
+        acquire(str(parent / "images" / "class_0"), tmp_path / "raw")
+
+
+# --- bad downloads and archives ----------------------------------------------------------------------------
+
+
+class CutShort(http.server.BaseHTTPRequestHandler):
+    """Announces 100 kB, sends 40 kB, hangs up: a connection lost mid-download."""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "100000")
+        self.end_headers()
+        self.wfile.write(b"PK" + b"\0" * 39_998)
+        self.close_connection = True
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_download_cut_halfway_is_an_error_and_leaves_nothing(tmp_path, monkeypatch):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), CutShort)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(dataset, "CALTECH101_URL", f"http://127.0.0.1:{server.server_port}/caltech-101.zip")
+    raw = tmp_path / "raw"
+    try:
+        with pytest.raises(DatasetError, match="was cut short: 40000 of 100000 bytes"):
+            acquire("download", raw)
+    finally:
+        server.shutdown()
+    assert not any(raw.iterdir()), "no partial download where the next run would look"
+
+
+def test_a_web_page_given_as_the_local_archive_is_an_error(tmp_path):
+    page = tmp_path / "caltech-101.zip"
+    page.write_text("<!DOCTYPE html><html><body>Sign in to download</body></html>")
+    with pytest.raises(DatasetError, match="neither a zip nor a tar archive"):
+        acquire(str(page), tmp_path / "raw")
+    assert not any((tmp_path / "raw").iterdir())
+
+
+def add_member(tf: tarfile.TarFile, name: str, kind: bytes = tarfile.REGTYPE, target: str = "", data: bytes = b"owned") -> None:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, target
+    info.size = len(data) if kind == tarfile.REGTYPE else 0
+    tf.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+
+
+@pytest.mark.parametrize(
+    "member",
+    [
+        pytest.param(lambda tf, outside: add_member(tf, str(outside / "absolute.txt")), id="absolute-path"),
+        pytest.param(lambda tf, outside: add_member(tf, "images/link", tarfile.SYMTYPE, str(outside)), id="symlink-outside"),
+        pytest.param(lambda tf, outside: add_member(tf, "images/up", tarfile.SYMTYPE, "../../../outside"), id="relative-symlink-outside"),
+        pytest.param(lambda tf, outside: add_member(tf, "images/hard", tarfile.LNKTYPE, str(outside / "secret.txt")), id="hardlink-outside"),
+    ],
+)
+def test_tar_members_pointing_outside_the_target_are_refused(tmp_path, member):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("secret")
+    archive = tmp_path / "evil.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        add_member(tf, "images/class_0/ok.txt", data=b"fine")
+        member(tf, outside)
+        add_member(tf, "images/link/planted.txt")  # written through the link, if the link were made
+    raw = tmp_path / "raw"
+    with pytest.raises(DatasetError, match="refusing to extract"):
+        acquire(str(archive), raw)
+    assert sorted(p.name for p in outside.iterdir()) == ["secret.txt"] and (outside / "secret.txt").read_text() == "secret"
+    assert not any(raw.iterdir()), "nothing of a refused archive is kept"
+
+
+def test_zip_with_an_absolute_path_is_refused(tmp_path):
+    archive = tmp_path / "evil.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr(str(tmp_path / "absolute.txt"), "owned")
+    with pytest.raises(DatasetError, match="refusing to extract"):
+        acquire(str(archive), tmp_path / "raw")
+    assert not (tmp_path / "absolute.txt").exists() and not any((tmp_path / "raw").iterdir())
+
+
+# --- bad params and untrusted files ------------------------------------------------------------------------
+
+
+def test_params_that_are_not_valid_yaml_fail_before_any_work_naming_the_line(tmp_path):
+    params = yaml.safe_dump(tiny_params(), sort_keys=False).replace("train:\n", "train:\n  lr: [0.01\n", 1)
+    (tmp_path / "params.yaml").write_text(params)
+    with pytest.raises(ConfigError, match=r"params.yaml is not valid YAML at line 29, column 7: expected ',' or '\]', but got ':'"):
+        load_params(tmp_path / "params.yaml")
+    result = subprocess.run([*STAGE, "transferlab.prepare"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 2 and "prepare: params.yaml is not valid YAML" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "data").exists()
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > pwned.txt",))
+
+
+@pytest.fixture
+def probe_checkpoint(project):
+    """The tiny project with a real linear probe fitted: data/models/probe/model.pt."""
+    probe.main()
+    return checkpoint_path("probe")
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_everywhere_it_is_read(project, probe_checkpoint, tmp_path, caplog):
+    evil = tmp_path / "evil.pt"
+    torch.save({"arch": "resnet18", "classes": ["a"], "model": RunsCode()}, evil)
+    with pytest.raises(ModelError, match=r"refusing to load .*evil.pt: it holds more than tensors .*GLOBAL posix.system"):
+        TrainedModel.load(evil)
+    # as the probe LP-FT starts from
+    probe_checkpoint.write_bytes(evil.read_bytes())
+    with pytest.raises(ModelError, match="refusing to load"):
+        probe.start_from_probe(torch.nn.Linear(1, 1), "resnet18", "none", ["a"])
+    # as a training state to resume from: ignored, and the run starts fresh
+    state = tmp_path / "state.pt"
+    state.write_bytes(evil.read_bytes())
+    assert resume.load_state(state, "any") is None and not state.exists()
+    assert "ignoring unreadable training state" in caplog.text
+    assert not (Path.cwd() / "pwned.txt").exists() and not (tmp_path / "pwned.txt").exists()
+
+
+def test_truncated_or_foreign_checkpoints_are_clear_errors(probe_checkpoint, tmp_path):
+    data = probe_checkpoint.read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "text.pt").write_text("hello")
+    for name in ("truncated.pt", "empty.pt", "text.pt"):
+        with pytest.raises(ModelError, match=f"{name} is not a readable PyTorch file"):
+            TrainedModel.load(tmp_path / name)
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "state_dict.pt")
+    with pytest.raises(ModelError, match="not a checkpoint written by a training stage"):
+        TrainedModel.load(tmp_path / "state_dict.pt")
+
+
+def test_evaluate_refuses_a_model_trained_on_other_classes(project, probe_checkpoint):
+    for run in ("finetune", "scratch"):
+        checkpoint_path(run).parent.mkdir(parents=True, exist_ok=True)
+        checkpoint_path(run).write_bytes(probe_checkpoint.read_bytes())
+    other = torch.load(checkpoint_path("scratch"), weights_only=True)
+    other["classes"] = ["class_0", "class_2", "class_1"]  # same count, other order: every label would be misread
+    torch.save(other, checkpoint_path("scratch"))
+    with pytest.raises(ModelError, match=r"scratch/model.pt was trained on 3 classes that are not data/prepared/classes.json's 3"):
+        evaluate.main()
+    assert not Path("metrics/test_probe").exists(), "checked before any model is evaluated"
+
+
+# --- running out of memory ----------------------------------------------------------------------------------
+
+# Runs a stage with its address space capped a little above what it has mapped after start-up: a large batch
+# then fails to allocate in torch's real CPU allocator, as on a machine without the memory.
+CAPPED = """
+import resource, runpy, sys
+import transferlab.{module}
+mapped = int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmSize"))) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (mapped + {headroom}, resource.RLIM_INFINITY))
+sys.argv = ["transferlab.{module}", *sys.argv[1:]]
+runpy.run_module("transferlab.{module}", run_name="__main__")
+"""
+
+
+def test_running_out_of_memory_suggests_a_smaller_batch(project):
+    project(image_size=1024, batch_size=12)  # 12 images of 1024 x 1024 through resnet18: several GB of activations
+    code = CAPPED.format(module="train", headroom=1 << 30)
+    result = subprocess.run([sys.executable, "-c", code, "finetune"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "train finetune: out of memory with train.batch_size: 12" in result.stderr
+    assert "Set a smaller train.batch_size in params.yaml (6, say)" in result.stderr and "Traceback" not in result.stderr
+    assert not checkpoint_path("finetune").exists()
+
+
+def test_out_of_memory_on_a_gpu_names_the_runs_own_batch_size(project, monkeypatch, capsys):
+    from transferlab import train
+
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["finetune"] = {"batch_size": 4}
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 7.6 GiB")
+
+    monkeypatch.setattr(train.Trainer, "step", out_of_memory)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["finetune"])
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err
+    assert "out of memory with finetune.batch_size: 4 (CUDA out of memory. Tried to allocate 2.00 GiB" in message
+    assert "(2, say)" in message
