@@ -164,8 +164,10 @@ def test_download_with_wrong_checksum_leaves_nothing(tmp_path, tiny_folder, loop
 
 def test_no_network_says_how_to_use_a_local_copy(tmp_path, monkeypatch):
     monkeypatch.setattr(dataset, "CALTECH101_URL", "http://127.0.0.1:9/caltech-101.zip")
+    raw = tmp_path / "raw"
     with pytest.raises(DatasetError, match="TRANSFERLAB_DATA"):
-        acquire("download", tmp_path / "raw")
+        acquire("download", raw)
+    assert not raw.exists() or not any(raw.iterdir()), "nothing left that the next run would trust"
 
 
 def test_local_archive_is_used_without_download(tmp_path, tiny_folder, monkeypatch):

@@ -1,4 +1,4 @@
-"""Stage logic with known answers: test metrics, the comparison, atomic writes, training without validation."""
+"""Stage logic with known answers: test metrics, the comparison, atomic writes and folders, training without validation."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import yaml
 from conftest import tiny_params
 from transferlab import compare, prepare, probe, train
 from transferlab.evaluate import classification_metrics
-from transferlab.fileio import atomic_path, write_json
+from transferlab.fileio import atomic_dir, atomic_path, write_json
 from transferlab.paths import COMPARISON_JSON, COMPARISON_MD, checkpoint_path, evaluation_dir, train_dir
 
 
@@ -38,6 +38,27 @@ def test_atomic_write_leaves_the_old_file_when_the_writer_fails(tmp_path):
     assert json.loads(target.read_text()) == {"top1": 0.5}
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
 
+
+
+def test_atomic_dir_replaces_a_folder_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "prepared"
+    with atomic_dir(target) as staging:
+        (staging / "a.txt").write_text("old")
+        (staging / "b.txt").write_text("old")
+        assert not target.exists(), "nothing appears before the block ends"
+    with pytest.raises(RuntimeError), atomic_dir(target) as staging:
+        (staging / "a.txt").write_text("new")
+        raise RuntimeError("killed after one of two files")
+    assert {p.name: p.read_text() for p in target.iterdir()} == {"a.txt": "old", "b.txt": "old"}
+    (tmp_path / "prepared.partial").mkdir()  # left by a process killed with SIGKILL (no clean-up ran)
+    (tmp_path / "prepared.partial" / "stale.txt").write_text("from the killed run")
+    (tmp_path / ".metrics.json.abc123.tmp").write_text('{"top1": 0.')  # a killed atomic_path writer's file
+    with atomic_dir(target) as staging:
+        assert not any(staging.iterdir()), "a fresh staging folder, not the killed run's"
+        (staging / "c.txt").write_text("new")
+    write_json(tmp_path / "metrics.json", {"top1": 0.5})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "prepared"]
+    assert [p.name for p in target.iterdir()] == ["c.txt"], "the old folder's files do not linger"
 
 def write_results(model: str, top1: float, per_class: dict[str, float]) -> None:
     out = evaluation_dir(model)
