@@ -288,3 +288,20 @@ def test_out_of_memory_on_a_gpu_names_the_runs_own_batch_size(project, monkeypat
     message = capsys.readouterr().err
     assert "out of memory with finetune.batch_size: 4 (CUDA out of memory. Tried to allocate 2.00 GiB" in message
     assert "(2, say)" in message
+
+
+def test_out_of_memory_in_transferlab_predict_names_its_batch_option(probe_checkpoint, tmp_path, monkeypatch, capsys):
+    from transferlab import cli, predict
+
+    Image.new("RGB", (40, 40), "red").save(tmp_path / "photo.jpg")
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 8589934592 bytes")
+
+    monkeypatch.setattr(predict, "predict", out_of_memory)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["predict", str(tmp_path / "photo.jpg"), "--model", str(probe_checkpoint), "--batch-size", "64"])
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err
+    assert "transferlab predict: out of memory with --batch-size 64 ([enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator" in message
+    assert "Set a smaller --batch-size on the command line (32, say)" in message

@@ -187,7 +187,8 @@ def main(argv: list[str] | None = None) -> None:
         nonlocal status
         status = args.handler(args)
 
-    run_stage(f"transferlab {args.command}", run_command)
+    batch_setting = (lambda: ("--batch-size", args.batch_size)) if hasattr(args, "batch_size") else None
+    run_stage(f"transferlab {args.command}", run_command, batch_setting)
     sys.exit(status)
 
 

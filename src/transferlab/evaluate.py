@@ -107,4 +107,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_stage("evaluate", main, lambda params: ("evaluate.batch_size", params.evaluate.batch_size))
+    run_stage("evaluate", main, lambda: ("evaluate.batch_size", load_params().evaluate.batch_size))

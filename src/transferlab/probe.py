@@ -165,4 +165,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_stage("train probe", main, lambda params: ("probe.batch_size", params.probe.batch_size))
+    run_stage("train probe", main, lambda: ("probe.batch_size", load_params().probe.batch_size))

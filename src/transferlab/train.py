@@ -361,6 +361,12 @@ def start(name: str) -> None:
         run(name, world)
 
 
+def batch_setting(run: str) -> tuple[str, int]:
+    """The run's batch size and the params key it comes from (``finetune.batch_size`` if set there, else ``train.``)."""
+    params = load_params()
+    return params.key(run, "batch_size"), params.train_config(run).batch_size
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", choices=RUNS)
@@ -368,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
     run_stage(
         f"train {args.run}",
         lambda: start(args.run),
-        lambda params: (params.key(args.run, "batch_size"), params.train_config(args.run).batch_size),
+        lambda: batch_setting(args.run),
     )
 
 
