@@ -1,7 +1,7 @@
 """Killing a stage at any moment (SIGKILL: no clean-up runs) never leaves a corrupt output, and the re-run
 finishes with the results of an uninterrupted run. Two ways to pick the moment: a stage made to kill itself
-right after a chosen write (while its outputs are half-written), and kills at moments spread over a real
-``dvc repro``."""
+right after a chosen write (while its outputs are half-written), and kills at moments spread over the
+writing of a real ``dvc repro``."""
 
 from __future__ import annotations
 
@@ -105,12 +105,24 @@ def assert_pipeline_matches(repo: Path, reference: dict) -> None:
     assert not list(repo.rglob("*.partial")), "the re-run clears the staging folders"
 
 
-def test_prepare_killed_while_writing_its_arrays(finished):
+def staging_folders(repo: Path) -> list[Path]:
+    return [*repo.glob("data/*.partial"), *repo.glob("metrics/*.partial")]
+
+
+@pytest.mark.parametrize(
+    ("target", "match", "staged"),
+    [
+        ("numpy.save", "train.npy", {"train.npy"}),
+        ("transferlab.fileio.write_csv", "val.csv", {"train.npy", "train.csv", "val.npy", "val.csv"}),
+        ("transferlab.fileio.write_json", "classes.json", PREPARED_FILES),  # all written, not yet renamed into place
+    ],
+)
+def test_prepare_killed_while_writing_its_outputs(finished, target, match, staged):
     repo, reference = finished
     shutil.rmtree(repo / "data/prepared")  # as dvc repro does before it runs the stage
-    die_after(repo, "transferlab.prepare", "numpy.save", "val.npy")  # train.npy and val.npy written, test.npy not yet
+    die_after(repo, "transferlab.prepare", target, match)
     assert not (repo / "data/prepared").exists(), "no half-written data/prepared"
-    assert {p.name for p in (repo / "data/prepared.partial").iterdir()} == {"train.npy", "train.csv", "val.npy"}
+    assert {p.name for p in (repo / "data/prepared.partial").iterdir()} == staged
     run(["dvc", "repro", "-f", "-s", "prepare"], repo)  # -f: else DVC restores the missing output from its cache
     assert_pipeline_matches(repo, reference)
 
@@ -136,24 +148,35 @@ def stage_process(dvc: subprocess.Popen, module: str) -> psutil.Process | None:
     return None
 
 
-@pytest.mark.parametrize(("stage", "module"), [("prepare", "transferlab.prepare"), ("evaluate", "transferlab.evaluate")])
-def test_stage_killed_at_moments_spread_over_its_run(finished, stage, module):
+def start_evaluate(repo: Path) -> tuple[subprocess.Popen, float]:
+    """``dvc repro -f -s evaluate`` started in the background, once the evaluate process has begun writing its first
+    output folder (its staging folder appears); and the time that happened."""
+    for stale in staging_folders(repo):  # a kill's leftovers, which the stage clears itself: not the sign looked for
+        shutil.rmtree(stale)
+    dvc = subprocess.Popen(["dvc", "repro", "-f", "-s", "evaluate"], cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_for(lambda: staging_folders(repo) or dvc.poll() is not None, "evaluate's first output folder")
+    return dvc, time.monotonic()
+
+
+def test_evaluate_killed_at_moments_spread_over_its_writes(finished):
     repo, reference = finished
-    started = time.monotonic()
-    run(["dvc", "repro", "-f", "-s", stage], repo)
-    duration = time.monotonic() - started
-    for fraction in (0.3, 0.6, 0.8, 0.9, 0.97):
-        dvc = subprocess.Popen(["dvc", "repro", "-f", "-s", stage], cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        wait_for(lambda: stage_process(dvc, module) is not None or dvc.poll() is not None, f"the {stage} process")
-        time.sleep(duration * fraction * 0.8)  # the stage process starts a little after dvc itself
-        process = stage_process(dvc, module)
+    dvc, writing_since = start_evaluate(repo)  # uninterrupted: how long the stage writes its outputs
+    wait_for(lambda: stage_process(dvc, "transferlab.evaluate") is None, "the evaluate process to end")
+    window = time.monotonic() - writing_since
+    assert dvc.wait(timeout=300) == 0
+    fractions, landed = (0.0, 0.15, 0.3, 0.45, 0.6, 0.75, 0.9), 0
+    for fraction in fractions:
+        dvc, _ = start_evaluate(repo)
+        time.sleep(window * fraction)
+        process = stage_process(dvc, "transferlab.evaluate")
         if process is not None:
             process.send_signal(signal.SIGKILL)
         dvc.wait(timeout=300)
-        assert_whole_or_absent(repo / "data/prepared", reference["prepared"], PREPARED_FILES)
+        landed += bool(staging_folders(repo))  # killed while an output folder was half-written
         for run_ in EVALUATED:
             assert_whole_or_absent(repo / f"metrics/test_{run_}", reference[run_], EVALUATION_FILES)
-    run(["dvc", "repro", "-f", "-s", stage], repo)
+    assert landed >= 2, f"only {landed} of {len(fractions)} kills landed while an output folder was being written"
+    run(["dvc", "repro", "-f", "-s", "evaluate"], repo)
     assert_pipeline_matches(repo, reference)
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import http.server
 import io
-import json
 import os
 import struct
 import subprocess
@@ -79,6 +78,11 @@ def test_16_bit_greyscale_is_scaled_to_8_bits_not_clipped(tmp_path):
     assert grey.shape == (32, 32, 3) and np.all(grey == 128), "mid-grey stays mid-grey (Pillow alone makes it white)"
     row = load_image(tmp_path / "deep.png", 64)[32, :, 0].astype(int)
     assert row[0] <= 2 and row[-1] >= 253 and np.all(np.diff(row) >= -2), "the ramp stays a ramp from black to white"
+    wide = np.tile(np.linspace(-1000, 1_000_000, 64).round().astype(np.int32), (64, 1))  # 32-bit TIFF, beyond 16 bits
+    Image.fromarray(wide).save(tmp_path / "wide.tif")
+    assert Image.open(tmp_path / "wide.tif").mode == "I"
+    row = load_image(tmp_path / "wide.tif", 64)[32, :, 0].astype(int)
+    assert row[0] <= 2 and row[-1] >= 253 and np.all(np.diff(row) >= -2), "stretched over its own range, not clipped"
 
 
 def test_empty_class_folder_is_an_error_naming_the_class_count_and_param(tmp_path, tiny_folder, monkeypatch):
@@ -138,6 +142,25 @@ def test_a_web_page_given_as_the_local_archive_is_an_error(tmp_path):
         acquire(str(page), tmp_path / "raw")
     assert not any((tmp_path / "raw").iterdir())
 
+
+
+def test_a_damaged_or_cut_short_local_archive_is_an_error_and_leaves_nothing(tmp_path, tiny_folder):
+    whole = tmp_path / "images.tar.gz"
+    with tarfile.open(whole, "w:gz") as tf:
+        tf.add(tiny_folder, arcname="images")
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    damaged = tmp_path / "damaged.zip"
+    with zipfile.ZipFile(damaged, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.write(next((tiny_folder / "class_0").iterdir()), "images/class_0/photo.jpg")
+    data = bytearray(damaged.read_bytes())
+    data[60:80] = bytes(20)  # inside the compressed photo: the archive's directory is intact, its contents not
+    damaged.write_bytes(bytes(data))
+    for archive in (cut, damaged):
+        raw = tmp_path / f"raw_{archive.stem}"
+        with pytest.raises(DatasetError, match=rf"{archive.name} is damaged or cut short \(\w+: .*\): get it again"):
+            acquire(str(archive), raw)
+        assert not any(raw.iterdir()), "nothing of a damaged archive is kept"
 
 def add_member(tf: tarfile.TarFile, name: str, kind: bytes = tarfile.REGTYPE, target: str = "", data: bytes = b"owned") -> None:
     info = tarfile.TarInfo(name)
@@ -227,12 +250,18 @@ def test_truncated_or_foreign_checkpoints_are_clear_errors(probe_checkpoint, tmp
     (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
     (tmp_path / "empty.pt").write_bytes(b"")
     (tmp_path / "text.pt").write_text("hello")
-    for name in ("truncated.pt", "empty.pt", "text.pt"):
+    (tmp_path / "notes.pt").write_text("a text file")  # the unpickler trips on each of these in its own way
+    (tmp_path / "page.pt").write_text("<!DOCTYPE html><html><body>Sign in</body></html>")
+    for name in ("truncated.pt", "empty.pt", "text.pt", "notes.pt", "page.pt"):
         with pytest.raises(ModelError, match=f"{name} is not a readable PyTorch file"):
             TrainedModel.load(tmp_path / name)
     torch.save({"weights": torch.zeros(3)}, tmp_path / "state_dict.pt")
     with pytest.raises(ModelError, match="not a checkpoint written by a training stage"):
         TrainedModel.load(tmp_path / "state_dict.pt")
+    with pytest.raises(ModelError, match="not a checkpoint written by a training stage"):  # as LP-FT's starting point
+        probe.start_from_probe(torch.nn.Linear(1, 1), "resnet18", "none", ["a"], tmp_path / "state_dict.pt")
+    for name in ("truncated.pt", "page.pt"):  # as a training state: ignored, the run starts fresh
+        assert resume.load_state(tmp_path / name, "any") is None and not (tmp_path / name).exists()
 
 
 def test_evaluate_refuses_a_model_trained_on_other_classes(project, probe_checkpoint):
@@ -288,6 +317,12 @@ def test_out_of_memory_on_a_gpu_names_the_runs_own_batch_size(project, monkeypat
     message = capsys.readouterr().err
     assert "out of memory with finetune.batch_size: 4 (CUDA out of memory. Tried to allocate 2.00 GiB" in message
     assert "(2, say)" in message
+    params["finetune"] = {"batch_size": 1}  # nothing left to halve
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(SystemExit):
+        train.main(["finetune"])
+    assert "batch_size: 1 (CUDA out of memory" in (message := capsys.readouterr().err)
+    assert "already too much: use smaller images or a device with more memory" in message
 
 
 def test_out_of_memory_in_transferlab_predict_names_its_batch_option(probe_checkpoint, tmp_path, monkeypatch, capsys):

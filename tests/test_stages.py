@@ -39,7 +39,6 @@ def test_atomic_write_leaves_the_old_file_when_the_writer_fails(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
 
 
-
 def test_atomic_dir_replaces_a_folder_whole_or_not_at_all(tmp_path):
     target = tmp_path / "prepared"
     with atomic_dir(target) as staging:
@@ -57,8 +56,9 @@ def test_atomic_dir_replaces_a_folder_whole_or_not_at_all(tmp_path):
         assert not any(staging.iterdir()), "a fresh staging folder, not the killed run's"
         (staging / "c.txt").write_text("new")
     write_json(tmp_path / "metrics.json", {"top1": 0.5})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "prepared"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "prepared"], "no staging folder or temp file left"
     assert [p.name for p in target.iterdir()] == ["c.txt"], "the old folder's files do not linger"
+
 
 def write_results(model: str, top1: float, per_class: dict[str, float]) -> None:
     out = evaluation_dir(model)

@@ -8,6 +8,7 @@ import tarfile
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,8 +29,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 # Decompression-bomb guard: a larger image (Pillow's own warning threshold, about 0.27 GB as RGB) is skipped
 # before it is decoded (Caltech-101: at most 0.34 MP in its 101 classes, 11 MP in BACKGROUND_Google)
 MAX_IMAGE_PIXELS = 89_478_485
-# 16-bit greyscale (PNG, TIFF): Pillow's convert("RGB") would clip these at 255 instead of scaling them
-SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+# 16-bit and 32-bit integer greyscale (PNG, TIFF): Pillow's convert("RGB") would clip these at 255, not scale them
+WIDE_GREYSCALE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 class DatasetError(RuntimeError):
@@ -102,12 +103,17 @@ def _extract_tar(archive: Path, target: Path) -> None:
 def extract(archive: Path, target: Path) -> Path:
     """Extract a .zip or .tar(.gz) archive into ``target`` atomically: a refused or failed archive leaves nothing."""
     with atomic_dir(target) as staging:
-        if zipfile.is_zipfile(archive):
-            _extract_zip(archive, staging)
-        elif tarfile.is_tarfile(archive):
-            _extract_tar(archive, staging)
-        else:
-            raise DatasetError(f"{archive} is neither a zip nor a tar archive (is it a web page saved under that name?)")
+        try:
+            if zipfile.is_zipfile(archive):
+                _extract_zip(archive, staging)
+            elif tarfile.is_tarfile(archive):
+                _extract_tar(archive, staging)
+            else:
+                raise DatasetError(
+                    f"{archive} is neither a zip nor a tar archive (a web page saved under that name, or a zip cut short?)"
+                )
+        except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error) as err:
+            raise DatasetError(f"{archive} is damaged or cut short ({type(err).__name__}: {err}): get it again") from err
     return target
 
 
@@ -176,6 +182,13 @@ def scan(root: Path, exclude: list[str]) -> tuple[list[str], list[ImageFile]]:
     return classes, files
 
 
+def to_8_bits(values: np.ndarray) -> np.ndarray:
+    """16-bit greyscale to 8 bits, scaled and rounded; 32-bit integer values beyond 0..65535 over their own range."""
+    lo, hi = (0, 65535) if values.min() >= 0 and values.max() <= 65535 else (int(values.min()), int(values.max()))
+    span = max(hi - lo, 1)
+    return (((values.astype(np.int64) - lo) * 255 + span // 2) // span).astype(np.uint8)
+
+
 def load_image(path: Path, size: int) -> np.ndarray:
     """Decode any PIL-readable image as RGB, resize its shorter side to ``size`` and centre-crop a square.
 
@@ -190,8 +203,8 @@ def load_image(path: Path, size: int) -> np.ndarray:
                 f"{image.width} x {image.height} pixels is over the {MAX_IMAGE_PIXELS:,}-pixel limit (decompression-bomb guard)"
             )
         image.draft("RGB", (size, size))  # lets JPEG decode at a reduced scale when the image is large
-        if image.mode in SIXTEEN_BIT_MODES:
-            image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).clip(0, 255).round().astype(np.uint8))
+        if image.mode in WIDE_GREYSCALE_MODES:
+            image = Image.fromarray(to_8_bits(np.asarray(image)))
         image = image.convert("RGB")
         width, height = image.size
         scale = size / min(width, height)

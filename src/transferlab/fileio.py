@@ -35,17 +35,21 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a fresh staging folder beside ``path`` (``<name>.partial``); it replaces ``path`` only if the block succeeds.
 
-    A kill at any moment leaves either the complete old folder or none (and a staging folder the next
-    run clears), never a mix of old and new files.
+    The old folder is renamed aside (``<name>.old.partial``) before the new one is renamed in and only then
+    deleted, so a kill at any moment leaves at ``path`` the complete old folder, the complete new one, or
+    nothing; never a mix. The next run clears the staging folders a kill leaves.
     """
     path = Path(path)
-    staging = path.with_name(path.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
+    staging, old = path.with_name(path.name + ".partial"), path.with_name(path.name + ".old.partial")
+    for stale in (staging, old):
+        shutil.rmtree(stale, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
         yield staging
-        shutil.rmtree(path, ignore_errors=True)
+        if path.exists():
+            path.rename(old)
         staging.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

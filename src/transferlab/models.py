@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import pickle
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -49,13 +48,14 @@ def load_torch_file(path: str | Path) -> object:
     """``torch.load`` of tensors and plain containers only (weights_only): a pickle that would run code is refused."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        # torch's message: a paragraph on the weights_only default, then the refused global; give the latter
-        lines = [line for line in str(err).splitlines() if line.strip()]
-        reason = next((line for line in lines if "GLOBAL" in line), lines[0] if lines else "")
-        raise ModelError(f"refusing to load {path}: it holds more than tensors and plain containers ({reason})") from err
-    except (RuntimeError, EOFError, KeyError, ValueError) as err:  # truncated, empty or not a PyTorch file at all
-        raise ModelError(f"{path} is not a readable PyTorch file ({type(err).__name__}: {str(err)[:200]}); write it again") from err
+    except Exception as err:
+        # torch's message for a refused pickle: a paragraph on the weights_only default, then the refused GLOBAL.
+        # Anything else (truncated, empty, a text or web page) fails with whatever the unpickler tripped on.
+        refused = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), None)
+        if refused:
+            raise ModelError(f"refusing to load {path}: it holds more than tensors and plain containers ({refused})") from err
+        reason = next((line.strip() for line in str(err).splitlines() if line.strip() and "weights_only" not in line), "")
+        raise ModelError(f"{path} is not a readable PyTorch file ({type(err).__name__}: {reason[:200]}); write it again") from err
 
 
 def _load_state_dict_file(path: Path) -> dict:
@@ -260,11 +260,17 @@ def set_train_mode(model: nn.Module, frozen_modules: list[str], freeze_bn: bool)
                 module.eval()
 
 
-def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
-    """Rebuild a trained model from its checkpoint alone (architecture, classes and preprocessing travel with it)."""
+def read_checkpoint(path: str | Path) -> dict:
+    """A training stage's checkpoint dict (arch, classes, model weights, ...), or a ``ModelError`` saying why not."""
     checkpoint = load_torch_file(path)
     if not isinstance(checkpoint, dict) or not {"arch", "classes", "model"} <= set(checkpoint):
         raise ModelError(f"{path} is not a checkpoint written by a training stage (no arch, classes and model)")
+    return checkpoint
+
+
+def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
+    """Rebuild a trained model from its checkpoint alone (architecture, classes and preprocessing travel with it)."""
+    checkpoint = read_checkpoint(path)
     model, _, _ = build_model(checkpoint["arch"], "none", len(checkpoint["classes"]))
     model.load_state_dict(checkpoint["model"])
     return model.eval(), checkpoint

@@ -34,7 +34,7 @@ from .data import load_classes, load_split
 from .device import resolve_device
 from .fileio import atomic_dir, atomic_path, write_csv
 from .inference import predict_views
-from .models import ModelError, build_model, load_torch_file
+from .models import ModelError, build_model, read_checkpoint
 from .paths import checkpoint_path, features_path, train_dir
 from .stage import run_stage
 from .trained_model import save_checkpoint
@@ -109,8 +109,8 @@ def start_from_probe(model: nn.Module, arch: str, weights: str, classes: list[st
     path = path or checkpoint_path(RUN)
     if not path.is_file():
         raise ModelError(f"train.init_head: probe needs the linear probe at {path}: run its stage first (dvc repro train_probe)")
-    checkpoint = load_torch_file(path)
-    made_for = (checkpoint["arch"], checkpoint["weights"], checkpoint["classes"])
+    checkpoint = read_checkpoint(path)
+    made_for = (checkpoint["arch"], checkpoint.get("weights"), checkpoint["classes"])
     if made_for != (arch, weights, classes):
         raise ModelError(
             f"the linear probe at {path} is for {made_for[0]} (weights {made_for[1]}, {len(made_for[2])} classes), "

@@ -11,7 +11,7 @@ from .dataset import DatasetError
 from .models import ModelError
 
 # what torch's CPU allocator and CUDA / MPS say when an allocation fails (torch.OutOfMemoryError is a RuntimeError)
-OUT_OF_MEMORY_MESSAGES = ("can't allocate memory", "out of memory")
+OUT_OF_MEMORY_MESSAGES = ("can't allocate memory", "out of memory", "std::bad_alloc")
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -36,10 +36,9 @@ def run_stage(name: str, main: Callable[[], object], batch_setting: Callable[[],
         key, value = batch_setting()
         option = key.startswith("--")
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-        print(
-            f"{name}: out of memory with {key}{' ' if option else ': '}{value} ({reason}). "
-            f"Set a smaller {key} {'on the command line' if option else 'in params.yaml'} "
-            f"({max(1, value // 2)}, say) and run again",
-            file=sys.stderr,
+        advice = (
+            f"Set a smaller {key} {'on the command line' if option else 'in params.yaml'} ({value // 2}, say) and run again"
+            if value > 1 else "One image at a time is already too much: use smaller images or a device with more memory"
         )
+        print(f"{name}: out of memory with {key}{' ' if option else ': '}{value} ({reason}). {advice}", file=sys.stderr)
         sys.exit(2)

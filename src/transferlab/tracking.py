@@ -29,14 +29,16 @@ class TrainingLog:
     def __enter__(self) -> "TrainingLog":
         if not self.active:
             return self
-        staging = self._closing.enter_context(atomic_dir(self.folder))
-        self.live = Live(str(staging), dvcyaml=False, save_dvc_exp=False)
-        self._closing.callback(self.live.end)
-        if self.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter  # imports the tensorboard package: only when asked for
+        with contextlib.ExitStack() as opening:  # a logger that fails to start closes those already started
+            staging = opening.enter_context(atomic_dir(self.folder))
+            self.live = Live(str(staging), dvcyaml=False, save_dvc_exp=False)
+            opening.callback(self.live.end)
+            if self.tensorboard:
+                from torch.utils.tensorboard import SummaryWriter  # imports the tensorboard package: only when asked for
 
-            self.writer = SummaryWriter(str(staging / "tensorboard"))
-            self._closing.callback(self.writer.close)
+                self.writer = SummaryWriter(str(staging / "tensorboard"))
+                opening.callback(self.writer.close)
+            self._closing = opening.pop_all()
         return self
 
     def __exit__(self, *exc) -> None:
