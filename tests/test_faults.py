@@ -160,8 +160,8 @@ def start_evaluate(repo: Path) -> tuple[subprocess.Popen, float]:
 
 def test_evaluate_killed_at_moments_spread_over_its_writes(finished):
     repo, reference = finished
-    dvc, writing_since = start_evaluate(repo)  # uninterrupted: how long the stage writes its outputs
-    wait_for(lambda: stage_process(dvc, "transferlab.evaluate") is None, "the evaluate process to end")
+    dvc, writing_since = start_evaluate(repo)  # uninterrupted: from its first output folder begun to its last in place
+    wait_for(lambda: (repo / f"metrics/test_{EVALUATED[-1]}").exists(), "evaluate's last output folder")
     window = time.monotonic() - writing_since
     assert dvc.wait(timeout=300) == 0
     fractions, landed = (0.0, 0.15, 0.3, 0.45, 0.6, 0.75, 0.9), 0
@@ -175,7 +175,7 @@ def test_evaluate_killed_at_moments_spread_over_its_writes(finished):
         landed += bool(staging_folders(repo))  # killed while an output folder was half-written
         for run_ in EVALUATED:
             assert_whole_or_absent(repo / f"metrics/test_{run_}", reference[run_], EVALUATION_FILES)
-    assert landed >= 2, f"only {landed} of {len(fractions)} kills landed while an output folder was being written"
+    assert landed > len(fractions) // 2, f"only {landed} of {len(fractions)} kills landed while an output folder was being written"
     run(["dvc", "repro", "-f", "-s", "evaluate"], repo)
     assert_pipeline_matches(repo, reference)
 
