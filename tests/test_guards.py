@@ -150,13 +150,15 @@ def test_a_damaged_or_cut_short_local_archive_is_an_error_and_leaves_nothing(tmp
         tf.add(tiny_folder, arcname="images")
     cut = tmp_path / "cut.tar.gz"
     cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    tail_cut = tmp_path / "tail_cut.tar.gz"  # every member extracts: only the gzip trailer (checksum, length) is lost
+    tail_cut.write_bytes(whole.read_bytes()[:-8])
     damaged = tmp_path / "damaged.zip"
     with zipfile.ZipFile(damaged, "w", zipfile.ZIP_DEFLATED) as zf:
         zf.write(next((tiny_folder / "class_0").iterdir()), "images/class_0/photo.jpg")
     data = bytearray(damaged.read_bytes())
     data[60:80] = bytes(20)  # inside the compressed photo: the archive's directory is intact, its contents not
     damaged.write_bytes(bytes(data))
-    for archive in (cut, damaged):
+    for archive in (cut, tail_cut, damaged):
         raw = tmp_path / f"raw_{archive.stem}"
         with pytest.raises(DatasetError, match=rf"{archive.name} is damaged or cut short \(\w+: .*\): get it again"):
             acquire(str(archive), raw)
@@ -252,7 +254,8 @@ def test_truncated_or_foreign_checkpoints_are_clear_errors(probe_checkpoint, tmp
     (tmp_path / "text.pt").write_text("hello")
     (tmp_path / "notes.pt").write_text("a text file")  # the unpickler trips on each of these in its own way
     (tmp_path / "page.pt").write_text("<!DOCTYPE html><html><body>Sign in</body></html>")
-    for name in ("truncated.pt", "empty.pt", "text.pt", "notes.pt", "page.pt"):
+    (tmp_path / "curl.pt").write_text("curl: (22) The requested URL returned error: 404\n")  # "c" reads as a GLOBAL
+    for name in ("truncated.pt", "empty.pt", "text.pt", "notes.pt", "page.pt", "curl.pt"):
         with pytest.raises(ModelError, match=f"{name} is not a readable PyTorch file"):
             TrainedModel.load(tmp_path / name)
     torch.save({"weights": torch.zeros(3)}, tmp_path / "state_dict.pt")
@@ -263,6 +266,19 @@ def test_truncated_or_foreign_checkpoints_are_clear_errors(probe_checkpoint, tmp
     for name in ("truncated.pt", "page.pt"):  # as a training state: ignored, the run starts fresh
         assert resume.load_state(tmp_path / name, "any") is None and not (tmp_path / name).exists()
 
+
+
+def test_a_training_state_is_kept_when_reading_it_fails_for_want_of_memory(tmp_path, monkeypatch):
+    state = tmp_path / "state.pt"
+    torch.save({"fingerprint": "any"}, state)
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 GB")
+
+    monkeypatch.setattr(torch, "load", out_of_memory)
+    with pytest.raises(RuntimeError, match="can't allocate memory"):  # the stage's out-of-memory message follows
+        resume.load_state(state, "any")
+    assert state.exists(), "the state may be fine: it is not deleted"
 
 def test_evaluate_refuses_a_model_trained_on_other_classes(project, probe_checkpoint):
     for run in ("finetune", "scratch"):

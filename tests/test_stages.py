@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -58,6 +59,28 @@ def test_atomic_dir_replaces_a_folder_whole_or_not_at_all(tmp_path):
     write_json(tmp_path / "metrics.json", {"top1": 0.5})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "prepared"], "no staging folder or temp file left"
     assert [p.name for p in target.iterdir()] == ["c.txt"], "the old folder's files do not linger"
+
+
+def test_atomic_dir_renames_the_old_folder_aside_before_the_new_one_in(tmp_path, monkeypatch):
+    """Killed between its two renames, atomic_dir leaves the old folder whole beside an absent one; the next run clears it."""
+    target = tmp_path / "prepared"
+    with atomic_dir(target) as staging:
+        (staging / "a.txt").write_text("old")
+    rename = Path.rename
+
+    def killed_before_the_second_rename(self, destination):
+        if self.name == "prepared.partial":
+            raise KeyboardInterrupt  # as a kill at that moment would leave it
+        return rename(self, destination)
+
+    monkeypatch.setattr(Path, "rename", killed_before_the_second_rename)
+    with pytest.raises(KeyboardInterrupt), atomic_dir(target) as staging:
+        (staging / "a.txt").write_text("new")
+    monkeypatch.undo()
+    assert not target.exists() and (tmp_path / "prepared.old.partial" / "a.txt").read_text() == "old", "whole, never mixed"
+    with atomic_dir(target) as staging:
+        (staging / "a.txt").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared"] and (target / "a.txt").read_text() == "new"
 
 
 def write_results(model: str, top1: float, per_class: dict[str, float]) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import http.client
+import lzma
 import tarfile
 import urllib.error
 import urllib.request
@@ -96,6 +98,8 @@ def _extract_tar(archive: Path, target: Path) -> None:
     try:
         with tarfile.open(archive) as tf:
             tf.extractall(target, filter=_refuse_absolute_paths)
+            while tf.fileobj.read(1 << 20):  # to the end: a gzip stream's checksum and length are checked there
+                pass
     except tarfile.FilterError as err:
         raise DatasetError(f"refusing to extract {archive}: {err}") from err
 
@@ -112,7 +116,7 @@ def extract(archive: Path, target: Path) -> Path:
                 raise DatasetError(
                     f"{archive} is neither a zip nor a tar archive (a web page saved under that name, or a zip cut short?)"
                 )
-        except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error) as err:
+        except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError) as err:
             raise DatasetError(f"{archive} is damaged or cut short ({type(err).__name__}: {err}): get it again") from err
     return target
 

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -44,15 +45,30 @@ def torchvision_names() -> list[str]:
     return torchvision.models.list_models(module=torchvision.models)
 
 
+def _written_by_torch(path: str | Path) -> bool:
+    """A zip archive (torch.save's format) or a pickle with a protocol header (its legacy format); text is neither."""
+    with open(path, "rb") as f:
+        if zipfile.is_zipfile(f):
+            return True
+        f.seek(0)
+        return f.read(1) == b"\x80"
+
+
 def load_torch_file(path: str | Path) -> object:
     """``torch.load`` of tensors and plain containers only (weights_only): a pickle that would run code is refused."""
+    from .stage import is_out_of_memory  # imported here: stage imports this module
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
+        if isinstance(err, OSError) or is_out_of_memory(err):  # the file may be fine: not a reason to distrust it
+            raise
         # torch's message for a refused pickle: a paragraph on the weights_only default, then the refused GLOBAL.
-        # Anything else (truncated, empty, a text or web page) fails with whatever the unpickler tripped on.
+        # Only a file torch wrote (a zip archive, or the legacy format's pickle header) is reported as refused: the
+        # unpickler reads a text file's leading "c" as a GLOBAL too. Anything else fails with what the unpickler
+        # tripped on (truncated, empty, a text or web page).
         refused = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), None)
-        if refused:
+        if refused and _written_by_torch(path):
             raise ModelError(f"refusing to load {path}: it holds more than tensors and plain containers ({refused})") from err
         reason = next((line.strip() for line in str(err).splitlines() if line.strip() and "weights_only" not in line), "")
         raise ModelError(f"{path} is not a readable PyTorch file ({type(err).__name__}: {reason[:200]}); write it again") from err
