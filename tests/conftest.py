@@ -29,9 +29,11 @@ from transferlab import prepare  # noqa: E402
 TINY_PARAMS = {
     "data": {"train_per_class": 6, "val_per_class": 2, "cache_size": 40, "exclude_classes": ["BACKGROUND_Google"]},
     "model": {"arch": "resnet18", "weights": "none"},
-    "probe": {"image_size": 32, "batch_size": 16},
-    "train": {"epochs": 2, "batch_size": 8, "image_size": 32, "eval_image_size": 32, "init_head": "random", "train_on_val": False},
-    "scratch": {"epochs": 2, "image_size": 32, "eval_image_size": 32},
+    "features": {"image_size": 32, "batch_size": 16},
+    "train": {
+        "epochs": 2, "batch_size": 8, "image_size": 32, "eval_image_size": 32, "init_head": "random", "train_on_val": False, "compile": False,
+    },
+    "scratch": {"epochs": 2, "batch_size": 8, "image_size": 32, "eval_image_size": 32, "train_on_val": False},
 }
 
 

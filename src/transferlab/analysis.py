@@ -1,7 +1,7 @@
 """What a model gets wrong and how sure it is: top-k accuracy, confused pairs, calibration, and their pictures.
 
 Everything here works on the test labels and the model's class probabilities (N x classes); the
-pictures come from scikit-learn's display helpers and matplotlib. Also the stages' CSV and figure writers.
+pictures come from scikit-learn's display helpers and matplotlib.
 """
 
 from __future__ import annotations
@@ -9,25 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
 import numpy as np
+from sklearn.calibration import CalibrationDisplay
+from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from sklearn.calibration import CalibrationDisplay  # noqa: E402
-from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix  # noqa: E402
+from .figures import plt, save_figure
 
-from .fileio import atomic_path  # noqa: E402
-
-
-def save_figure(fig: plt.Figure, path: Path, dpi: int = 110) -> None:
-    """Write a figure atomically, in the format its suffix names, and free it (JPEG for photo panels: 5x smaller)."""
-    # leave room for a figure title above the panels' own titles
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()) if fig.get_suptitle() else None)
-    fmt = path.suffix.lstrip(".").lower()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=fmt, dpi=dpi, **({"pil_kwargs": {"quality": 85}} if fmt in ("jpg", "jpeg") else {}))
-    plt.close(fig)
 
 
 def topk_accuracies(labels: np.ndarray, probs: np.ndarray, ks: list[int]) -> dict[str, float]:

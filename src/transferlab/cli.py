@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import TTA_MODES
-from .dataset import DatasetError
-from .models import ModelError
+from .errors import DatasetError, ModelError
 from .stage import run_stage
 
 DEFAULT_MODEL = "data/models/finetune/model.pt"
@@ -64,7 +63,7 @@ def cmd_predict(args) -> int:
 def cmd_gradcam(args) -> int:
     import matplotlib.pyplot as plt
 
-    from .analysis import save_figure
+    from .figures import save_figure
     from .explain import display_images, gradcam, show_overlay
     from .trained_model import TrainedModel
 

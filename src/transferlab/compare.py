@@ -16,17 +16,13 @@ import html
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
 import yaml
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from .analysis import save_figure  # noqa: E402
-from .config import MODELS, RUNS, load_params  # noqa: E402
-from .fileio import read_json, write_json, write_text  # noqa: E402
-from .paths import COMPARISON_JSON, COMPARISON_MD, CURVES_PNG, GAIN_PNG, GRADCAM_IMAGE, REPORT_HTML, evaluation_dir, train_dir  # noqa: E402
-from .stage import run_stage  # noqa: E402
+from .config import MODELS, RUNS, load_params
+from .figures import plt, save_figure
+from .fileio import read_json, write_json, write_text
+from .paths import COMPARISON_JSON, COMPARISON_MD, CURVES_PNG, GAIN_PNG, GRADCAM_IMAGE, REPORT_HTML, evaluation_dir, train_dir
+from .stage import run_stage
 
 # panels of the learning-curve plot; one without data (no validation with train.train_on_val) is left out
 CURVES = [("train/acc", "Training accuracy (augmented batches)"), ("train/loss", "Training loss"), ("val/acc", "Validation accuracy")]

@@ -2,8 +2,10 @@
 
 Every section is a frozen dataclass; unknown keys, wrong types and out-of-range
 values raise :class:`ConfigError` naming the key, before any work starts.
-The training stages share the ``train:`` section; ``finetune:`` and ``scratch:``
-hold per-mode overrides of the same keys.
+Each training stage reads whole sections: ``train:`` is the fine-tuned model's recipe (stage
+train_finetune), ``scratch:`` the recipe of the model trained from random init (train_scratch), and
+``runtime:`` where and how both run. This module imports no heavy library: a stage checks its
+params within a second of starting.
 """
 
 from __future__ import annotations
@@ -18,15 +20,14 @@ from typing import Any
 
 import yaml
 
-# the two models the training loop trains, each with its stage (train_<run>) and its params section of overrides
+from .errors import ConfigError
+
+# the two models the training loop trains, each with its stage (train_<run>) and its own params section
 RUNS = ("finetune", "scratch")
+RUN_SECTIONS = {"finetune": "train", "scratch": "scratch"}
 # every model evaluate and compare report on: the linear probe (stage train_probe) and the two trained ones
 MODELS = ("probe", *RUNS)
 DATA_SOURCE_ENV = "TRANSFERLAB_DATA"
-
-
-class ConfigError(ValueError):
-    """A param in params.yaml is missing, misspelt, mistyped or out of range."""
 
 
 def _range(low: float | None = None, high: float | None = None, *, low_open: bool = False) -> dict:
@@ -81,7 +82,34 @@ TTA_MODES = ("none", "flip")
 
 
 @dataclass(frozen=True)
+class RuntimeConfig:
+    """Where and how networks run, shared by every stage that runs one (results agree up to rounding)."""
+
+    device: str = field(default="auto", metadata=_choice(*DEVICES))  # auto: cuda, else mps, else cpu
+    # fp16 needs CUDA (with a gradient scaler); bf16 runs on CUDA or on a CPU with native bf16 support
+    precision: str = field(default="fp32", metadata=_choice(*PRECISIONS))
+    # data-parallel training processes on this machine (DDP, started with torchrun; one per GPU); batch sizes are global
+    processes: int = field(default=1, metadata=_range(1))
+    channels_last: bool = True
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    """Stage ``features``: the pretrained network's pooled features of every split and of their mirror images."""
+
+    image_size: int = field(default=224, metadata=_range(16, 1024))
+    batch_size: int = field(default=64, metadata=_range(1))
+    seed: int = 0  # initialises the backbone with model.weights: none (features of a random network)
+
+
+# keys of a run's section that only fine-tuning reads: train_scratch trains every layer from random init
+FINETUNE_ONLY = ("mode", "init_head", "frozen_stages", "backbone_lr_scale", "freeze_bn_stats")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
+    """One training run's recipe: the ``train:`` section (stage train_finetune) or ``scratch:`` (train_scratch)."""
+
     # finetune: every layer trains, the pretrained ones at lr * backbone_lr_scale (the first
     # frozen_stages stages of the backbone stay fixed: partial unfreezing);
     # feature_extract: only the new head trains on the frozen backbone's features;
@@ -115,14 +143,12 @@ class TrainConfig:
     early_stopping_patience: int = field(default=0, metadata=_range(0))  # epochs without improvement; 0 = off
     grad_clip_norm: float = field(default=0.0, metadata=_range(0))  # 0 = off
     label_smoothing: float = field(default=0.1, metadata=_range(0, 1))
-    # fp16 needs CUDA (with a gradient scaler); bf16 runs on CUDA or on a CPU with native bf16 support
-    precision: str = field(default="fp32", metadata=_choice(*PRECISIONS))
     # keep the pretrained batch-norm running statistics fixed while fine-tuning
     freeze_bn_stats: bool = True
     image_size: int = field(default=160, metadata=_range(16, 1024))
     eval_image_size: int = field(default=224, metadata=_range(16, 1024))
     # augmentation (torchvision.transforms.v2, on the training device); augment: false turns all of it off
-    # and trains on the evaluation centre crop, which lets feature_extract compute features once
+    # and trains on the evaluation centre crop, which lets feature_extract train on the features stage's output
     augment: bool = True
     crop_scale_min: float = field(default=0.25, metadata=_range(0, 1, low_open=True))  # random resized crop
     hflip: bool = True
@@ -133,43 +159,36 @@ class TrainConfig:
     mixup_alpha: float = field(default=0.0, metadata=_range(0))  # 0 = off; with cutmix, one of the two per batch
     cutmix_alpha: float = field(default=0.0, metadata=_range(0))
     balanced_sampling: bool = False  # draw every class equally often (Caltech-101 has 31 to 800 images a class)
-    device: str = field(default="auto", metadata=_choice(*DEVICES))  # auto: cuda, else mps, else cpu
-    # data-parallel training processes on this machine (DDP, started with torchrun; one per GPU); batch_size is the global batch
-    processes: int = field(default=1, metadata=_range(1))
-    channels_last: bool = True
-    compile: bool = False  # torch.compile the model
+    compile: bool = False  # torch.compile the model: faster steps after a warm-up of about a minute on a CPU
     seed: int = 0
 
-    def __post_init__(self):
-        if self.warmup_epochs and self.warmup_steps:
-            raise ConfigError("train.warmup_epochs and train.warmup_steps are both set: give the warm-up in one unit")
-        if not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in self.milestones) or sorted(
-            set(self.milestones)
-        ) != list(self.milestones):
-            raise ConfigError(f"train.milestones must be increasing epoch numbers >= 1, got {self.milestones!r}")
-        augmentations = ("rotation_degrees", "color_jitter", "random_erasing", "mixup_alpha", "cutmix_alpha")
-        unused = [name for name in augmentations if getattr(self, name)] + (["auto_augment"] if self.auto_augment != "none" else [])
-        if not self.augment and unused:
-            raise ConfigError(f"train.{unused[0]} has no effect with train.augment: false; set it to its off value or augment: true")
-        if self.schedule == "multistep" and not self.milestones:
-            raise ConfigError("train.schedule: multistep needs train.milestones (epochs at which the lr drops)")
+
+def _check_recipe(cfg: TrainConfig, section: str) -> None:
+    """The checks that involve several keys of one run's section."""
+    if cfg.warmup_epochs and cfg.warmup_steps:
+        raise ConfigError(f"{section}.warmup_epochs and {section}.warmup_steps are both set: give the warm-up in one unit")
+    if not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in cfg.milestones) or sorted(
+        set(cfg.milestones)
+    ) != list(cfg.milestones):
+        raise ConfigError(f"{section}.milestones must be increasing epoch numbers >= 1, got {cfg.milestones!r}")
+    augmentations = ("rotation_degrees", "color_jitter", "random_erasing", "mixup_alpha", "cutmix_alpha")
+    unused = [name for name in augmentations if getattr(cfg, name)] + (["auto_augment"] if cfg.auto_augment != "none" else [])
+    if not cfg.augment and unused:
+        raise ConfigError(f"{section}.{unused[0]} has no effect with {section}.augment: false; set it to its off value or augment: true")
+    if cfg.schedule == "multistep" and not cfg.milestones:
+        raise ConfigError(f"{section}.schedule: multistep needs {section}.milestones (epochs at which the lr drops)")
 
 
 @dataclass(frozen=True)
 class ProbeConfig:
-    """The linear probe (stage train_probe): a logistic regression on the frozen pretrained features."""
+    """The linear probe (stage train_probe): a logistic regression on the features stage's output."""
 
-    image_size: int = field(default=224, metadata=_range(16, 1024))  # features and evaluation at this resolution
     # mirror images are extra training samples; a validation image is scored by the mean of both views (as evaluate.tta: flip)
     flip: bool = True
     # inverse regularisation strengths tried; the one with the best validation accuracy is kept
     C: list = field(default_factory=lambda: [0.03, 0.1, 0.3, 1.0])
     max_iter: int = field(default=1000, metadata=_range(1))  # L-BFGS iterations per fit
     train_on_val: bool = True  # refit on train + validation with the chosen C
-    batch_size: int = field(default=64, metadata=_range(1))  # feature extraction
-    device: str = field(default="auto", metadata=_choice(*DEVICES))
-    channels_last: bool = True
-    seed: int = 0
 
     def __post_init__(self):
         if not self.C or not all(isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0 for c in self.C):
@@ -204,31 +223,23 @@ class LoggingConfig:
 class Params:
     data: DataConfig
     model: ModelConfig
+    runtime: RuntimeConfig
+    features: FeaturesConfig
     probe: ProbeConfig
-    train: TrainConfig
-    finetune: dict
-    scratch: dict
+    train: TrainConfig  # the fine-tuned model's run (stage train_finetune)
+    scratch: TrainConfig  # the run from random init (stage train_scratch); mode scratch
     evaluate: EvaluateConfig
     logging: LoggingConfig
 
     def train_config(self, run: str) -> TrainConfig:
-        """The ``train:`` section with the run's overrides applied, checked as a whole."""
+        """The run's section, checked against the rest of the params."""
         if run not in RUNS:
             raise ConfigError(f"unknown training run {run!r}; allowed: {', '.join(RUNS)}")
-        overrides = getattr(self, run)
-        warmup_units = {"warmup_epochs": "warmup_steps", "warmup_steps": "warmup_epochs"}
-        # a warm-up given in one unit by the run's section replaces the shared one in either unit
-        units_reset = {other: 0 for unit, other in warmup_units.items() if unit in overrides and other not in overrides}
-        cfg = dataclasses.replace(self.train, **units_reset, **overrides)
+        cfg = getattr(self, RUN_SECTIONS[run])
 
         def key(name: str) -> str:
             return self.key(run, name)
 
-        if run == "scratch":  # mode, frozen_stages and init_head of the train: section are the fine-tuning's
-            for name, allowed in (("mode", "scratch"), ("frozen_stages", 0), ("init_head", "random")):
-                if overrides.get(name, allowed) != allowed:
-                    raise ConfigError(f"scratch.{name}: train_scratch trains every layer from random init; allowed: {allowed}")
-            cfg = dataclasses.replace(cfg, mode="scratch", frozen_stages=0, init_head="random")
         needs_validation = [k for k, on in (("schedule", cfg.schedule == "plateau"), ("early_stopping_patience", cfg.early_stopping_patience)) if on]
         if needs_validation and not self.data.val_per_class:
             raise ConfigError(f"{key(needs_validation[0])} watches the validation split, but data.val_per_class is 0")
@@ -239,17 +250,21 @@ class Params:
                 f"{key('train_on_val')}: false validates every epoch, but the probe the run starts from (train.init_head: probe) "
                 f"was fitted on the validation images too (probe.train_on_val: true); set both to false to choose settings"
             )
-        if cfg.batch_size % cfg.processes:
+        if cfg.batch_size % self.runtime.processes:
             raise ConfigError(
-                f"{key('batch_size')} ({cfg.batch_size}) must be divisible by {key('processes')} ({cfg.processes}): "
+                f"{key('batch_size')} ({cfg.batch_size}) must be divisible by runtime.processes ({self.runtime.processes}): "
                 f"it is the global batch, split evenly between the processes"
             )
         pretrained = cfg.mode != "scratch" and self.model.weights != "none"
-
         if cfg.mode == "feature_extract" and not pretrained:
             raise ConfigError(
                 f"{key('mode')}: feature_extract trains a head on pretrained features, but model.weights is none; "
                 f"with random weights use one of: finetune, scratch"
+            )
+        if cfg.mode == "feature_extract" and not cfg.augment and not cfg.image_size == cfg.eval_image_size == self.features.image_size:
+            raise ConfigError(
+                f"{key('augment')}: false with feature_extract trains on the features stage's output, computed at "
+                f"features.image_size ({self.features.image_size}): set {key('image_size')} and {key('eval_image_size')} to it"
             )
         if cfg.frozen_stages and (cfg.mode != "finetune" or not pretrained):
             raise ConfigError(
@@ -259,8 +274,8 @@ class Params:
         return cfg
 
     def key(self, run: str, name: str) -> str:
-        """Where the run's setting ``name`` comes from: ``<run>.<name>`` if the run's section sets it, else ``train.<name>``."""
-        return f"{run if name in getattr(self, run) else 'train'}.{name}"
+        """The params key of the run's setting ``name`` (``train.lr``, ``scratch.lr``)."""
+        return f"{RUN_SECTIONS[run]}.{name}"
 
     def weights_for(self, run: str) -> str:
         return "none" if self.train_config(run).mode == "scratch" else self.model.weights
@@ -295,43 +310,54 @@ def _check_range(key: str, value: Any, meta: typing.Mapping) -> None:
         raise ConfigError(f"{key} must be <= {high}, got {value}")
 
 
-def _build(cls, section: str, raw: Any, *, partial: bool = False):
-    """Check a params section against a dataclass; return the instance or, if partial, the checked dict."""
+def _build(cls, section: str, raw: Any, exclude: typing.Mapping[str, str] = {}):
+    """Check a params section against a dataclass and build it; ``exclude``: keys the section may not set, and why."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{section} must be a mapping of keys to values, got {raw!r}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in exclude}
     checked = {}
     for key, value in raw.items():
         name = f"{section}.{key}"
+        if key in exclude:
+            raise ConfigError(f"{name}: {exclude[key]}")
         if key not in fields:
             raise ConfigError(f"unknown param {name}; allowed keys in {section}: {', '.join(fields)}")
         value = _check_type(name, value, hints[key])
         _check_range(name, value, fields[key].metadata)
         checked[key] = value
-    return checked if partial else cls(**checked)
+    return cls(**checked)
 
 
-SECTIONS = {"data": DataConfig, "model": ModelConfig, "probe": ProbeConfig, "train": TrainConfig, "evaluate": EvaluateConfig, "logging": LoggingConfig}
+SECTIONS = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "runtime": RuntimeConfig,
+    "features": FeaturesConfig,
+    "probe": ProbeConfig,
+    "train": TrainConfig,
+    "evaluate": EvaluateConfig,
+    "logging": LoggingConfig,
+}
+SCRATCH_EXCLUDES = {name: "train_scratch trains every layer from random init: this key is the fine-tuning's (train.)" for name in FINETUNE_ONLY}
 
 
-def parse_params(raw: dict, check_arch: bool = True) -> Params:
-    """Every section checked; ``check_arch`` also checks that the architecture and weights exist (loads torch)."""
+def parse_params(raw: dict) -> Params:
+    """Every section checked (the architecture and weights are checked where a model is built: models.check_model)."""
     if not isinstance(raw, dict):
         raise ConfigError("params.yaml must be a mapping of sections")
-    allowed = set(SECTIONS) | set(RUNS)
+    allowed = {*SECTIONS, "scratch"}
     unknown = set(raw) - allowed
     if unknown:
         raise ConfigError(f"unknown section(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(allowed))}")
     built = {name: _build(cls, name, raw.get(name)) for name, cls in SECTIONS.items()}
-    overrides = {run: _build(TrainConfig, run, raw.get(run), partial=True) for run in RUNS}
-    if check_arch:
-        from .models import check_model  # imported here: it loads torch, timm and torchvision
-
-        check_model(built["model"].arch, built["model"].weights)
-    params = Params(**built, **overrides)
+    scratch = _build(TrainConfig, "scratch", raw.get("scratch"), SCRATCH_EXCLUDES)
+    built["scratch"] = dataclasses.replace(scratch, mode="scratch", init_head="random", frozen_stages=0)
+    for section in RUN_SECTIONS.values():
+        _check_recipe(built[section], section)
+    params = Params(**built)
     for run in RUNS:
         params.train_config(run)
     if len(params.probe.C) > 1 and not params.data.val_per_class:

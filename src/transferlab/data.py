@@ -1,9 +1,6 @@
-"""Read the prepared uint8 arrays and turn them into model inputs (no JPEG is decoded after ``prepare``)."""
+"""Turn the prepared uint8 images into model inputs: augmentation, the evaluation crop, normalisation, batches."""
 
 from __future__ import annotations
-
-import csv
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -11,23 +8,7 @@ from torch.utils.data import RandomSampler, WeightedRandomSampler
 from torchvision.transforms import InterpolationMode, v2
 
 from .config import TrainConfig
-from .fileio import read_json
 from .models import Preprocessing
-from .paths import PREPARED_DIR
-
-
-def load_classes(prepared_dir: Path = PREPARED_DIR) -> list[str]:
-    return read_json(prepared_dir / "classes.json")
-
-
-def load_split(name: str, prepared_dir: Path = PREPARED_DIR) -> tuple[np.ndarray, np.ndarray]:
-    """The split's images (N x S x S x 3 uint8) and labels, rows in the order of its CSV."""
-    with (prepared_dir / f"{name}.csv").open() as f:
-        labels = np.array([int(row["label"]) for row in csv.DictReader(f)], dtype=np.int64)
-    images = np.load(prepared_dir / f"{name}.npy", mmap_mode="r")
-    if len(images) != len(labels):
-        raise RuntimeError(f"{prepared_dir}/{name}.npy and .csv disagree ({len(images)} vs {len(labels)} rows): re-run prepare")
-    return images, labels
 
 
 def _interpolation(prep: Preprocessing) -> InterpolationMode:
@@ -66,8 +47,8 @@ class BatchAugmenter:
     batch gets the deterministic evaluation crop at ``image_size``.
     """
 
-    def __init__(self, cfg: TrainConfig, prep: Preprocessing, num_classes: int, cache_size: int):
-        self.prep, self.channels_last = prep, cfg.channels_last
+    def __init__(self, cfg: TrainConfig, prep: Preprocessing, num_classes: int, cache_size: int, channels_last: bool):
+        self.prep, self.channels_last = prep, channels_last
         self.per_image = _per_image_augmentation(cfg, prep) if cfg.augment else None
         self.whole_batch = None if cfg.augment else eval_resize(cfg.image_size, prep, cache_size)
         # erasing comes after normalisation, so an erased patch is the dataset mean (0), as in timm and torchvision

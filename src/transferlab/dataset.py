@@ -19,6 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .config import DATA_SOURCE_ENV
+from .errors import DatasetError
 from .fileio import atomic_dir, atomic_path
 
 CALTECH101_URL = "https://data.caltech.edu/records/mzrjq-6wc02/files/caltech-101.zip?download=1"
@@ -33,10 +34,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 MAX_IMAGE_PIXELS = 89_478_485
 # 16-bit and 32-bit integer greyscale (PNG, TIFF): Pillow's convert("RGB") would clip these at 255, not scale them
 WIDE_GREYSCALE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-
-
-class DatasetError(RuntimeError):
-    """The dataset could not be found, fetched or read."""
 
 
 def md5sum(path: Path) -> str:

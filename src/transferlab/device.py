@@ -6,7 +6,7 @@ import contextlib
 
 import torch
 
-from .config import ConfigError
+from .errors import ConfigError
 
 
 def available_devices() -> list[str]:

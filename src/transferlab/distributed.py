@@ -1,9 +1,9 @@
 """Data-parallel training with PyTorch's DistributedDataParallel, started by torchrun: one stage command for one
 CPU, one GPU or N GPUs.
 
-``train.processes: N`` (> 1) makes ``python -m transferlab.train <run>`` start itself N times on this machine
+``runtime.processes: N`` (> 1) makes ``python -m transferlab.train <run>`` start itself N times on this machine
 with ``torchrun --standalone``. Across machines, start that same command under ``torchrun`` on each
-(``--nnodes``, ``--nproc-per-node`` equal to ``train.processes``, a rendezvous endpoint): a process that
+(``--nnodes``, ``--nproc-per-node`` equal to ``runtime.processes``, a rendezvous endpoint): a process that
 torchrun started joins its process group instead of launching more.
 
 Each global batch of ``train.batch_size`` images is split into one equal shard per process (the sharding a
@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .config import ConfigError
+from .errors import ConfigError
 
 STOP_CHECK_STEPS = 10  # processes agree on a stop request every this many steps (each check makes a GPU wait)
 
@@ -146,19 +146,19 @@ def process_group(device: torch.device, processes: int, batch_size: int) -> Iter
         return
     local_size, size = int(os.environ["LOCAL_WORLD_SIZE"]), int(os.environ["WORLD_SIZE"])
     if local_size != processes:
-        raise ConfigError(f"train.processes is {processes} but torchrun started {local_size} processes per node; make them equal")
+        raise ConfigError(f"runtime.processes is {processes} but torchrun started {local_size} processes per node; make them equal")
     if batch_size % size:
         raise ConfigError(f"train.batch_size ({batch_size}) must be divisible by the {size} processes: it is the global batch, split evenly")
     local_rank = int(os.environ["LOCAL_RANK"])
     if device.type == "cuda":
         if torch.cuda.device_count() < local_size:
-            raise ConfigError(f"train.processes: {local_size} processes per node, but this machine has {torch.cuda.device_count()} GPU(s)")
+            raise ConfigError(f"runtime.processes: {local_size} processes per node, but this machine has {torch.cuda.device_count()} GPU(s)")
         torch.cuda.set_device(local_rank)
         device, backend = torch.device("cuda", local_rank), "nccl"
     elif device.type == "cpu":
         backend = "gloo"
     else:
-        raise ConfigError(f"train.processes: distributed training runs on cuda or cpu, not {device.type}; set train.processes: 1")
+        raise ConfigError(f"runtime.processes: distributed training runs on cuda or cpu, not {device.type}; set runtime.processes: 1")
     dist.init_process_group(backend)
     world = World(dist.get_rank(), size, local_rank, device)
     if not world.main:  # one process reports

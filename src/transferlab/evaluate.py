@@ -1,45 +1,43 @@
-"""Stage ``evaluate``: the linear probe and both trained models on the test split, and what they got wrong.
+"""Stage ``evaluate@<model>``: one model on the test split, and what it got wrong.
 
-Predictions use ``evaluate.tta`` (flip: the mean logits of each image and its mirror image). For each model, ``metrics/test_<run>/`` gets ``metrics.json`` (mean per-class accuracy, the standard
-Caltech-101 metric; top-k for each k in ``evaluate.topk``; expected calibration error),
-``per_class.csv`` (precision, recall = per-class accuracy, F1, support), ``confused_pairs.csv``
-(true -> predicted class, most frequent first), dvclive's interactive confusion matrix, and three
-pictures: ``confusion_matrix.png`` (row-normalised, the most confused classes), ``calibration.png``
-(reliability diagram, confidence of right and wrong predictions) and ``misclassified.jpg`` (the most
-confident mistakes). ``plots/gradcam.jpg`` shows, for a fixed set of test images, where each model looks.
+    python -m transferlab.evaluate finetune     # probe | finetune | scratch
+
+One stage per model (a DVC ``foreach``): an experiment that changes one model re-scores that model only.
+Predictions use ``evaluate.tta`` (flip: the mean logits of each image and its mirror image). The linear
+probe is scored from the features stage's test features (its head is linear: no second pass of the
+backbone); a trained model runs over the test images (``inference.py``: ONNX Runtime on a CPU).
+``metrics/test_<model>/`` gets ``metrics.json`` (mean per-class accuracy, the standard Caltech-101
+metric; top-k for each k in ``evaluate.topk``; expected calibration error), ``per_class.csv``
+(precision, recall = per-class accuracy, F1, support), ``confused_pairs.csv`` (true -> predicted class,
+most frequent first), dvclive's interactive confusion matrix, and three pictures:
+``confusion_matrix.png`` (row-normalised, the most confused classes), ``calibration.png`` (reliability
+diagram, confidence of right and wrong predictions) and ``misclassified.jpg`` (the most confident mistakes).
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import time
 from pathlib import Path
 
 import numpy as np
-from dvclive import Live
-from sklearn.metrics import balanced_accuracy_score, precision_recall_fscore_support
 
-from .analysis import (
-    confused_pairs,
-    expected_calibration_error,
-    plot_calibration,
-    plot_confusion_matrix,
-    plot_misclassified,
-    topk_accuracies,
-)
 from .config import MODELS, EvaluateConfig, load_params
-from .data import load_classes, load_split
-from .explain import plot_gradcam_panel
+from .errors import ModelError
 from .fileio import atomic_dir, write_csv
-from .models import ModelError
-from .paths import GRADCAM_IMAGE, checkpoint_path, evaluation_dir
+from .paths import checkpoint_path, evaluation_dir
+from .splits import features_info, load_classes, load_features, load_split
 from .stage import run_stage
-from .trained_model import TrainedModel
 
 log = logging.getLogger("transferlab.evaluate")
 
 
 def classification_metrics(labels: np.ndarray, probs: np.ndarray, topk: list[int], calibration_bins: int = 15) -> dict:
+    from sklearn.metrics import balanced_accuracy_score
+
+    from .analysis import expected_calibration_error, topk_accuracies
+
     confidence, predictions = probs.max(1), probs.argmax(1)
     return {
         # mean of the per-class accuracies (recalls), the standard Caltech-101 metric
@@ -51,6 +49,8 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, topk: list[int
 
 
 def write_per_class(path: Path, labels: np.ndarray, predictions: np.ndarray, classes: list[str]) -> None:
+    from sklearn.metrics import precision_recall_fscore_support
+
     precision, recall, f1, support = precision_recall_fscore_support(
         labels, predictions, labels=np.arange(len(classes)), zero_division=0
     )
@@ -59,17 +59,60 @@ def write_per_class(path: Path, labels: np.ndarray, predictions: np.ndarray, cla
 
 
 def write_confused_pairs(path: Path, labels: np.ndarray, predictions: np.ndarray, classes: list[str]) -> None:
+    from .analysis import confused_pairs
+
     rows = ((p.true_class, p.predicted_class, p.count, f"{p.share:.4f}") for p in confused_pairs(labels, predictions, classes))
     write_csv(path, ["true_class", "predicted_class", "count", "share_of_true_class"], rows)
 
 
-def evaluate_model(run: str, trained: TrainedModel, images: np.ndarray, labels: np.ndarray, cfg: EvaluateConfig) -> dict:
-    started = time.perf_counter()
-    classes = trained.classes
-    probs = trained.probabilities(images, cfg.batch_size, f"test {run}", cfg.tta)
+def check_classes(path: Path, trained_on: list[str], classes: list[str]) -> None:
+    """Labels index classes.json: a model trained on other classes would be scored wrongly."""
+    if trained_on != classes:
+        raise ModelError(
+            f"{path} was trained on {len(trained_on)} classes that are not data/prepared/classes.json's "
+            f"{len(classes)}: re-run its training stage (dvc repro)"
+        )
+
+
+def probe_probabilities(path: Path, labels: np.ndarray, classes: list[str], tta: str) -> np.ndarray:
+    """The linear probe's test probabilities from the frozen test features: its head applied to them (torch to read it)."""
+    from .checkpoint import read_checkpoint
+
+    checkpoint, info = read_checkpoint(path), features_info()
+    check_classes(path, checkpoint["classes"], classes)
+    made_for = (checkpoint["arch"], checkpoint["weights"], checkpoint["eval_image_size"])
+    if made_for != (info["arch"], info["weights"], info["image_size"]) or info["images"]["test"] != len(labels):
+        raise ModelError(f"{path} and the frozen features do not belong together: re-run the features and train_probe stages (dvc repro)")
+    weight = checkpoint["model"][f"{checkpoint['head']}.weight"].numpy().astype(np.float64)
+    bias = checkpoint["model"][f"{checkpoint['head']}.bias"].numpy().astype(np.float64)
+    views = np.asarray(load_features("test"), dtype=np.float64)
+    logits = (views.mean(0) if tta == "flip" else views[0]) @ weight.T + bias  # linear: the mean of the views' logits
+    return softmax(logits)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    exp = np.exp(logits - logits.max(1, keepdims=True))
+    return (exp / exp.sum(1, keepdims=True)).astype(np.float32)
+
+
+def model_probabilities(path: Path, images: np.ndarray, classes: list[str], cfg: EvaluateConfig) -> np.ndarray:
+    """A trained model's test probabilities: the network over the test images (torch and the model libraries imported here)."""
+    from .trained_model import TrainedModel
+
+    trained = TrainedModel.load(path)
+    check_classes(path, trained.classes, classes)
+    return trained.probabilities(images, cfg.batch_size, f"test {path.parent.name}", cfg.tta)
+
+
+def write_results(run: str, probs: np.ndarray, images: np.ndarray, labels: np.ndarray, classes: list[str], cfg: EvaluateConfig, extra: dict) -> dict:
+    """metrics.json, the CSV files and the pictures of one model, in its folder (written whole, or not at all)."""
+    from dvclive import Live
+
+    from .analysis import plot_calibration, plot_confusion_matrix, plot_misclassified
+
     predictions = probs.argmax(1)
-    metrics = {**classification_metrics(labels, probs, cfg.topk, cfg.calibration_bins), "wall_time_s": round(time.perf_counter() - started, 1)}
-    with atomic_dir(evaluation_dir(run)) as out:  # one model's results appear together or not at all
+    metrics = {**classification_metrics(labels, probs, cfg.topk, cfg.calibration_bins), **extra}
+    with atomic_dir(evaluation_dir(run)) as out:
         with Live(str(out), dvcyaml=False, save_dvc_exp=False) as live:
             for key, value in metrics.items():
                 live.summary[key] = value
@@ -80,31 +123,34 @@ def evaluate_model(run: str, trained: TrainedModel, images: np.ndarray, labels: 
         plot_confusion_matrix(out / "confusion_matrix.png", labels, predictions, classes, cfg.confusion_classes, run)
         plot_calibration(out / "calibration.png", probs.max(1), predictions == labels, cfg.calibration_bins, metrics["ece"], run)
         plot_misclassified(out / "misclassified.jpg", images, labels, probs, classes, cfg.gallery_size, run)
-    log.info("%s on %d test images: %s", run, len(labels), metrics)
     return metrics
 
 
-def gradcam_sample(labels: np.ndarray, count: int) -> np.ndarray:
-    """A fixed, evenly spread set of test images (the split is ordered by class, so these cover many classes)."""
-    return np.unique(np.linspace(0, len(labels) - 1, count).round().astype(int)) if count else np.array([], dtype=int)
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", choices=MODELS)
+    run = parser.parse_args(argv).model
+    run_stage(f"evaluate {run}", lambda: evaluate(run), lambda: ("evaluate.batch_size", load_params().evaluate.batch_size))
 
 
-def main() -> None:
+def evaluate(run: str) -> dict:
+    started = time.perf_counter()
     cfg = load_params().evaluate
+    path = checkpoint_path(run)
+    if not path.is_file():
+        raise ModelError(f"no model at {path}: run its training stage first (dvc repro train_{run})")
     images, labels = load_split("test")
     classes = load_classes()
-    models = {run: TrainedModel.load(checkpoint_path(run)) for run in MODELS}
-    for run, trained in models.items():  # labels index classes.json: a model trained on other classes would be scored wrongly
-        if trained.classes != classes:
-            raise ModelError(
-                f"{trained.path} was trained on {len(trained.classes)} classes that are not data/prepared/classes.json's "
-                f"{len(classes)}: re-run its training stage (dvc repro)"
-            )
-    for run, trained in models.items():
-        evaluate_model(run, trained, images, labels, cfg)
-    sample = gradcam_sample(labels, cfg.gradcam_images)
-    plot_gradcam_panel(GRADCAM_IMAGE, images[sample], labels[sample], models)
+    source = "the frozen test features" if run == "probe" else "the test images"
+    log.info("%s: %s on %d test images (%s), scored from %s", run, path, len(labels), f"tta {cfg.tta}", source)
+    if run == "probe":
+        probs = probe_probabilities(path, labels, classes, cfg.tta)
+    else:
+        probs = model_probabilities(path, images, classes, cfg)
+    metrics = write_results(run, probs, images, labels, classes, cfg, {"wall_time_s": round(time.perf_counter() - started, 1)})
+    log.info("%s on %d test images: %s (%.1f s)", run, len(labels), metrics, time.perf_counter() - started)
+    return metrics
 
 
 if __name__ == "__main__":
-    run_stage("evaluate", main, lambda: ("evaluate.batch_size", load_params().evaluate.batch_size))
+    main()

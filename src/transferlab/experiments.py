@@ -31,16 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from .analysis import save_figure  # noqa: E402
-from .compare import NAMES  # noqa: E402
-from .config import MODELS, RUNS, ConfigError, parse_params  # noqa: E402
-from .fileio import read_json, write_csv, write_json, write_text  # noqa: E402
+from .compare import NAMES
+from .config import MODELS, RUNS, parse_params
+from .errors import ConfigError
+from .figures import plt, save_figure
+from .fileio import read_json, write_csv, write_json, write_text
 
 log = logging.getLogger("transferlab.experiments")
 VALIDATION_METRIC = "best/val_acc"

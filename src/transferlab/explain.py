@@ -8,18 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import torch
 from captum.attr import LayerActivation, LayerAttribution, LayerGradCam
 from torch import nn
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from .analysis import save_figure  # noqa: E402
-from .models import ModelError  # noqa: E402
-from .trained_model import TrainedModel  # noqa: E402
+from .errors import ModelError
+from .figures import plt, save_figure
+from .trained_model import TrainedModel
 
 
 def last_spatial_layer(model: nn.Module, image_size: int) -> str:

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,11 +16,10 @@ import torch
 import torchvision
 from torch import nn
 
+from .checkpoint import load_torch_file
+from .errors import ModelError
+
 TIMM_PREFIX = "timm/"
-
-
-class ModelError(ValueError):
-    """An unknown architecture, or a weights file that does not fit it."""
 
 
 @dataclass(frozen=True)
@@ -43,35 +41,6 @@ class Preprocessing:
 
 def torchvision_names() -> list[str]:
     return torchvision.models.list_models(module=torchvision.models)
-
-
-def _written_by_torch(path: str | Path) -> bool:
-    """A zip archive (torch.save's format) or a pickle with a protocol header (its legacy format); text is neither."""
-    with open(path, "rb") as f:
-        if zipfile.is_zipfile(f):
-            return True
-        f.seek(0)
-        return f.read(1) == b"\x80"
-
-
-def load_torch_file(path: str | Path) -> object:
-    """``torch.load`` of tensors and plain containers only (weights_only): a pickle that would run code is refused."""
-    from .stage import is_out_of_memory  # imported here: stage imports this module
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        if isinstance(err, OSError) or is_out_of_memory(err):  # the file may be fine: not a reason to distrust it
-            raise
-        # torch's message for a refused pickle: a paragraph on the weights_only default, then the refused GLOBAL.
-        # Only a file torch wrote (a zip archive, or the legacy format's pickle header) is reported as refused: the
-        # unpickler reads a text file's leading "c" as a GLOBAL too. Anything else fails with what the unpickler
-        # tripped on (truncated, empty, a text or web page).
-        refused = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), None)
-        if refused and _written_by_torch(path):
-            raise ModelError(f"refusing to load {path}: it holds more than tensors and plain containers ({refused})") from err
-        reason = next((line.strip() for line in str(err).splitlines() if line.strip() and "weights_only" not in line), "")
-        raise ModelError(f"{path} is not a readable PyTorch file ({type(err).__name__}: {reason[:200]}); write it again") from err
 
 
 def _load_state_dict_file(path: Path) -> dict:
@@ -165,6 +134,16 @@ def build_model(arch: str, weights: str, num_classes: int) -> tuple[nn.Module, s
     else:
         head = _replace_torchvision_head(model, num_classes)
     return model, head, prep
+
+
+def linear_head(model: nn.Module, head_name: str) -> nn.Linear:
+    """The model's classifier, which a linear probe replaces and whose input is the frozen features."""
+    head = model.get_submodule(head_name)
+    if not isinstance(head, nn.Linear):
+        raise ModelError(
+            f"frozen features are what the final Linear layer receives, but this model's classifier is a {type(head).__name__}"
+        )
+    return head
 
 
 NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
@@ -274,19 +253,3 @@ def set_train_mode(model: nn.Module, frozen_modules: list[str], freeze_bn: bool)
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.eval()
-
-
-def read_checkpoint(path: str | Path) -> dict:
-    """A training stage's checkpoint dict (arch, classes, model weights, ...), or a ``ModelError`` saying why not."""
-    checkpoint = load_torch_file(path)
-    if not isinstance(checkpoint, dict) or not {"arch", "classes", "model"} <= set(checkpoint):
-        raise ModelError(f"{path} is not a checkpoint written by a training stage (no arch, classes and model)")
-    return checkpoint
-
-
-def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
-    """Rebuild a trained model from its checkpoint alone (architecture, classes and preprocessing travel with it)."""
-    checkpoint = read_checkpoint(path)
-    model, _, _ = build_model(checkpoint["arch"], "none", len(checkpoint["classes"]))
-    model.load_state_dict(checkpoint["model"])
-    return model.eval(), checkpoint

@@ -6,9 +6,11 @@ from pathlib import Path
 
 RAW_DIR = Path("data/raw")
 PREPARED_DIR = Path("data/prepared")
+FEATURES_DIR = Path("data/features")  # the features stage: frozen features of every split, and the network
 MODELS_DIR = Path("data/models")
 RESUME_DIR = Path("data/resume")  # not a DVC output: DVC deletes outputs before it re-runs a stage
 PREPARE_REPORT = Path("metrics/prepare.json")
+FEATURES_REPORT = Path("metrics/features.json")
 COMPARISON_MD = Path("metrics/comparison.md")
 COMPARISON_JSON = Path("metrics/comparison.json")
 CURVES_PNG = Path("plots/learning_curves.png")
@@ -20,11 +22,6 @@ REPORT_HTML = Path("metrics/report.html")
 def checkpoint_path(run: str) -> Path:
     """The trained model (best epoch) with everything needed to use it."""
     return MODELS_DIR / run / "model.pt"
-
-
-def features_path(run: str) -> Path:
-    """Backbone features of the train and validation images, when feature_extract computes them once."""
-    return MODELS_DIR / run / "features.pt"
 
 
 def resume_path(run: str) -> Path:

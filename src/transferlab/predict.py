@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .dataset import IMAGE_EXTENSIONS, DatasetError, load_image
+from .dataset import IMAGE_EXTENSIONS, load_image
+from .errors import DatasetError
 from .fileio import write_csv, write_json
 from .trained_model import TrainedModel
 

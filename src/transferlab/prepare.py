@@ -17,14 +17,14 @@ import numpy as np
 from tqdm import tqdm
 
 from .config import DataConfig, load_params
-from .dataset import DatasetError, ImageFile, acquire, load_image, scan
+from .dataset import ImageFile, acquire, load_image, scan
+from .errors import DatasetError
 from .fileio import atomic_dir, write_csv, write_json
 from .paths import PREPARE_REPORT, PREPARED_DIR, RAW_DIR
+from .splits import SPLITS
 from .stage import run_stage
 
 log = logging.getLogger("transferlab.prepare")
-
-SPLITS = ("train", "val", "test")
 
 
 def decode_all(root: Path, files: list[ImageFile], size: int) -> tuple[dict[int, np.ndarray], list[dict]]:

@@ -21,9 +21,10 @@ import timm
 import torch
 import torchvision
 
-from .config import TrainConfig
+from .checkpoint import load_torch_file
+from .config import RuntimeConfig, TrainConfig
 from .fileio import atomic_path
-from .models import ModelError, load_torch_file
+from .errors import ModelError
 from .paths import PREPARED_DIR
 
 log = logging.getLogger("transferlab.resume")
@@ -72,8 +73,8 @@ class Progress:
 
 
 def fingerprint(
-    run: str, arch: str, weights: str, cfg: TrainConfig, device: torch.device, start_from: list[Path] = (), processes: int = 1,
-    prepared_dir: Path = PREPARED_DIR,
+    run: str, arch: str, weights: str, cfg: TrainConfig, runtime: RuntimeConfig, device: torch.device, start_from: list[Path] = (),
+    processes: int = 1, prepared_dir: Path = PREPARED_DIR,
 ) -> str:
     """Identifies what a run computes: params, data, code, library versions, device, ``start_from`` (the probe's
     head) and the number of data-parallel processes (all nodes).
@@ -92,6 +93,7 @@ def fingerprint(
         "arch": arch,
         "weights": weights_id,
         "train": dataclasses.asdict(cfg),
+        "runtime": dataclasses.asdict(runtime),
         "device": str(device),
         "processes": processes,
         "versions": [torch.__version__, torchvision.__version__, timm.__version__],

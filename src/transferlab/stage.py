@@ -1,4 +1,9 @@
-"""The common entry point of the pipeline stages."""
+"""The common entry point of the pipeline stages and ``transferlab`` commands.
+
+It imports no heavy library, and neither do the stage modules at their top: a stage checks its params
+and says what it is about to do within a second or two, then imports torch and the model libraries
+(several seconds on a small CPU) where they are used.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +11,7 @@ import logging
 import sys
 from typing import Callable
 
-from .config import ConfigError
-from .dataset import DatasetError
-from .models import ModelError
-
-# what torch's CPU allocator and CUDA / MPS say when an allocation fails (torch.OutOfMemoryError is a RuntimeError)
-OUT_OF_MEMORY_MESSAGES = ("can't allocate memory", "out of memory", "std::bad_alloc")
-
-
-def is_out_of_memory(err: BaseException) -> bool:
-    return isinstance(err, MemoryError) or (isinstance(err, RuntimeError) and any(m in str(err) for m in OUT_OF_MEMORY_MESSAGES))
+from .errors import ConfigError, DatasetError, ModelError, is_out_of_memory
 
 
 def run_stage(name: str, main: Callable[[], object], batch_setting: Callable[[], tuple[str, int]] | None = None) -> None:

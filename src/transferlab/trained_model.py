@@ -10,35 +10,13 @@ import torch
 from torch import nn
 
 from .data import eval_resize, normalize
+from .checkpoint import read_checkpoint
 from .device import resolve_device
-from .fileio import atomic_path
+from .errors import ModelError
 from .inference import predict_logits
-from .models import ModelError, Preprocessing, load_checkpoint
+from .models import Preprocessing, build_model
 
 REQUIRED_KEYS = ("classes", "arch", "preprocessing", "cache_size", "eval_image_size", "channels_last")
-
-
-def save_checkpoint(
-    path: Path, state: dict, *, run: str, mode: str, arch: str, weights: str, classes: list[str], prep: Preprocessing,
-    cache_size: int, eval_image_size: int, channels_last: bool, config: dict, **extra,
-) -> None:
-    """A trained model with everything needed to use it: architecture, classes, preprocessing, how it was made."""
-    checkpoint = {
-        "model": state,
-        "run": run,
-        "mode": mode,
-        "arch": arch,
-        "weights": weights,
-        "classes": classes,
-        "preprocessing": prep.as_dict(),
-        "cache_size": cache_size,  # images were decoded to this square size before the evaluation crop
-        "eval_image_size": eval_image_size,
-        "channels_last": channels_last,
-        "config": config,  # the run's settings (its params section, overrides applied)
-        **extra,
-    }
-    with atomic_path(path) as tmp:
-        torch.save(checkpoint, tmp)
 
 
 @dataclass
@@ -57,12 +35,14 @@ class TrainedModel:
         path = Path(path)
         if not path.is_file():
             raise ModelError(f"no trained model at {path}: give the model.pt that a training stage wrote (data/models/<run>/model.pt)")
-        model, checkpoint = load_checkpoint(path)
+        checkpoint = read_checkpoint(path)
         missing = [key for key in REQUIRED_KEYS if key not in checkpoint]
         if missing:
             raise ModelError(f"{path} lacks {', '.join(missing)}: it was written by an older version; re-run its training stage")
+        model, _, _ = build_model(checkpoint["arch"], "none", len(checkpoint["classes"]))
+        model.load_state_dict(checkpoint["model"])
         return cls(
-            model=model.to(device or resolve_device()),
+            model=model.eval().to(device or resolve_device()),
             path=path,
             arch=checkpoint["arch"],
             classes=checkpoint["classes"],

@@ -1,0 +1,79 @@
+"""Reading and writing torch files: training checkpoints, and ``torch.load`` that refuses code.
+
+A checkpoint is a dict with the model's weights and everything needed to use it (architecture, classes,
+preprocessing, how it was made), so that evaluate, predict, Grad-CAM and export need nothing else.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import torch
+
+from .errors import ModelError, is_out_of_memory
+from .fileio import atomic_path
+
+
+def _written_by_torch(path: str | Path) -> bool:
+    """A zip archive (torch.save's format) or a pickle with a protocol header (its legacy format); text is neither."""
+    with open(path, "rb") as f:
+        if zipfile.is_zipfile(f):
+            return True
+        f.seek(0)
+        return f.read(1) == b"\x80"
+
+
+def load_torch_file(path: str | Path) -> object:
+    """``torch.load`` of tensors and plain containers only (weights_only): a pickle that would run code is refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        if isinstance(err, OSError) or is_out_of_memory(err):  # the file may be fine: not a reason to distrust it
+            raise
+        # torch's message for a refused pickle: a paragraph on the weights_only default, then the refused GLOBAL.
+        # Only a file torch wrote (a zip archive, or the legacy format's pickle header) is reported as refused: the
+        # unpickler reads a text file's leading "c" as a GLOBAL too. Anything else fails with what the unpickler
+        # tripped on (truncated, empty, a text or web page).
+        refused = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), None)
+        if refused and _written_by_torch(path):
+            raise ModelError(f"refusing to load {path}: it holds more than tensors and plain containers ({refused})") from err
+        reason = next((line.strip() for line in str(err).splitlines() if line.strip() and "weights_only" not in line), "")
+        raise ModelError(f"{path} is not a readable PyTorch file ({type(err).__name__}: {reason[:200]}); write it again") from err
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """A training stage's checkpoint dict (arch, classes, model weights, ...), or a ``ModelError`` saying why not."""
+    checkpoint = load_torch_file(path)
+    if not isinstance(checkpoint, dict) or not {"arch", "classes", "model"} <= set(checkpoint):
+        raise ModelError(f"{path} is not a checkpoint written by a training stage (no arch, classes and model)")
+    return checkpoint
+
+
+def save_torch_file(path: Path, data: dict) -> None:
+    """``torch.save`` that leaves the old file, or none, if it is interrupted."""
+    with atomic_path(path) as tmp:
+        torch.save(data, tmp)
+
+
+def save_checkpoint(
+    path: Path, state: dict, *, run: str, mode: str, arch: str, weights: str, classes: list[str], head: str,
+    preprocessing: dict, cache_size: int, eval_image_size: int, channels_last: bool, config: dict, **extra,
+) -> None:
+    """A trained model with everything needed to use it: architecture, classes, preprocessing, how it was made."""
+    checkpoint = {
+        "model": state,
+        "run": run,
+        "mode": mode,
+        "arch": arch,
+        "weights": weights,
+        "classes": classes,
+        "head": head,  # the classifier's module name
+        "preprocessing": preprocessing,  # models.Preprocessing.as_dict()
+        "cache_size": cache_size,  # images were decoded to this square size before the evaluation crop
+        "eval_image_size": eval_image_size,
+        "channels_last": channels_last,
+        "config": config,  # the run's settings (its params section)
+        **extra,
+    }
+    save_torch_file(path, checkpoint)

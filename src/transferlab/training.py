@@ -1,0 +1,368 @@
+"""The training loop of stages ``train_finetune`` and ``train_scratch`` (entry point: ``train.py``); the mode is data.
+
+Modes (``train.mode``): ``finetune`` trains every layer, the pretrained ones at ``lr * backbone_lr_scale``,
+except the first ``frozen_stages`` backbone stages (partial unfreezing); ``feature_extract`` trains only the
+new head on the frozen backbone (without augmentation, on the features stage's output); ``scratch`` starts
+from random weights. ``train.init_head: probe`` starts from the linear probe (LP-FT). Per epoch, dvclive
+logs train (and val) loss and accuracy and each parameter group's learning rate to ``metrics/train_<run>/``;
+``data/models/<run>/model.pt`` keeps, with everything needed to use it, the best epoch on the validation
+split (``monitor``), or the last one with ``train_on_val``. An interrupted run (killed, Ctrl-C) resumes
+where it stopped when started again (see ``resume.py``). With ``runtime.processes: N`` the same command
+trains in N data-parallel processes (see ``distributed.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from . import cores, resume
+from .checkpoint import read_checkpoint, save_checkpoint
+from .config import RuntimeConfig, TrainConfig, load_params
+from .data import BatchAugmenter, batch_slices, epoch_order
+from .device import autocast, training_device
+from .distributed import World, process_group
+from .errors import ConfigError, ModelError
+from .inference import predict_logits
+from .models import Preprocessing, build_model, freeze_stages, linear_head, parameter_groups, set_train_mode
+from .optim import LrSchedule, build_optimizer
+from .paths import FEATURES_DIR, checkpoint_path, resume_path, train_dir
+from .splits import features_info, load_classes, load_features, load_split
+from .tracking import TrainingLog
+
+log = logging.getLogger("transferlab.train")
+
+
+@dataclass
+class Inputs:
+    """Where training batches come from and how they become logits: one of the two kinds below."""
+
+    fetch: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # indices -> inputs, targets, labels
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    validate: Callable[[], torch.Tensor]  # logits of the validation split, on the CPU
+
+
+def image_inputs(model, data, cfg: TrainConfig, channels_last: bool, prep, world: World, num_classes: int) -> Inputs:
+    """Cached uint8 images, augmented on the training device, through the model.
+
+    With feature_extract the backbone's parameters need no gradient and it runs in eval mode, so autograd
+    records only the head: the frozen body costs one forward pass per batch.
+    """
+    device = world.device
+    (train_images, train_labels), (val_images, _) = data
+    augment = BatchAugmenter(cfg, prep, num_classes, train_images.shape[1], channels_last)
+
+    def fetch(indices):
+        index = indices.numpy()
+        images = torch.from_numpy(train_images[index]).to(device, non_blocking=True).permute(0, 3, 1, 2)
+        labels = torch.from_numpy(train_labels[index]).to(device, non_blocking=True)
+        inputs, targets = augment(images, labels)
+        return inputs, targets, labels
+
+    def validate():
+        world.share_buffers(model)
+        return world.map_rows(
+            lambda rows: predict_logits(model, rows, prep, cfg.eval_image_size, cfg.batch_size * 2, channels_last, "val", fast=False), val_images
+        )
+
+    forward = world.wrap(model)
+    return Inputs(fetch, torch.compile(forward) if cfg.compile else forward, validate)
+
+
+def frozen_features(cfg: TrainConfig, arch: str, weights: str, counts: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The features stage's (train, validation) features of the centre crops, as this run splits them."""
+    info = features_info()
+    if (info["arch"], info["weights"], info["image_size"]) != (arch, weights, cfg.image_size):
+        raise ModelError(
+            f"the frozen features are of {info['arch']} (weights {info['weights']}) at {info['image_size']} px, not of this "
+            f"run's model at {cfg.image_size} px: re-run the features stage (dvc repro features)"
+        )
+    train, val = torch.from_numpy(np.array(load_features("train")[0])), torch.from_numpy(np.array(load_features("val")[0]))
+    if cfg.train_on_val:
+        train, val = torch.cat([train, val]), val[:0]
+    if (len(train), len(val)) != counts:
+        raise ModelError("the frozen features do not cover the prepared images: re-run the features stage (dvc repro features)")
+    return train, val
+
+
+def feature_inputs(features: tuple[torch.Tensor, torch.Tensor], train_labels: np.ndarray, head: nn.Module, world: World) -> Inputs:
+    """feature_extract without augmentation: the head trains on the frozen features."""
+    device = world.device
+    train_features, val_features = (f.to(device) for f in features)
+    labels = torch.from_numpy(train_labels).to(device)
+
+    def fetch(indices):
+        indices = indices.to(device)
+        return train_features[indices], labels[indices], labels[indices]
+
+    def validate():
+        with torch.no_grad():
+            return head(val_features).float().cpu()
+
+    return Inputs(fetch, world.wrap(head), validate)
+
+
+@dataclass
+class Trainer:
+    """A model made ready for one training mode, with its optimizer, schedule and loss: what one step needs."""
+
+    cfg: TrainConfig
+    runtime: RuntimeConfig
+    model: nn.Module
+    head: nn.Module
+    frozen: list[str]  # modules of the frozen backbone stages
+    optimizer: torch.optim.Optimizer
+    schedule: LrSchedule
+    scaler: torch.amp.GradScaler
+    criterion: nn.Module
+    world: World
+    amp_dtype: torch.dtype | None
+
+    @property
+    def device(self) -> torch.device:
+        return self.world.device
+
+    @classmethod
+    def create(
+        cls, model: nn.Module, head_name: str, cfg: TrainConfig, runtime: RuntimeConfig, steps_per_epoch: int, world: World, amp_dtype
+    ) -> "Trainer":
+        """``world`` from :func:`process_group`, ``amp_dtype`` from :func:`training_device`."""
+        device = world.device
+        head = model.get_submodule(head_name)
+        frozen = freeze_stages(model, head_name, cfg.frozen_stages)
+        if cfg.mode == "feature_extract":
+            model.requires_grad_(False)
+            head.requires_grad_(True)
+        model.to(device, memory_format=torch.channels_last if runtime.channels_last else torch.preserve_format)
+        scale = None if cfg.mode == "scratch" else cfg.backbone_lr_scale
+        groups = parameter_groups(model, head_name, cfg.lr, scale, cfg.weight_decay, cfg.decay_norm_and_bias)
+        optimizer = build_optimizer(groups, cfg)
+        return cls(
+            cfg,
+            runtime,
+            model,
+            head,
+            frozen,
+            optimizer,
+            LrSchedule(optimizer, cfg, steps_per_epoch),
+            torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
+            nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
+            world,
+            amp_dtype,
+        )
+
+    def enter_train_mode(self) -> None:
+        if self.cfg.mode == "feature_extract":
+            self.model.eval()
+            self.head.train()
+        else:
+            set_train_mode(self.model, self.frozen, self.cfg.freeze_bn_stats and self.cfg.mode == "finetune")
+
+    def step(self, inputs: Inputs, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """One optimizer step on the batch ``indices``; returns (summed loss, correct predictions, images).
+
+        The sums stay on the device (as float64 and int64 tensors): reading them every step would make a GPU wait.
+        With several processes each one trains on its shard of the batch, and the sums are the whole batch's.
+        """
+        model_inputs, targets, labels = inputs.fetch(self.world.shard(indices))
+        with autocast(self.device, self.amp_dtype):
+            logits = inputs.forward(model_inputs)
+            loss = self.criterion(logits, targets)
+        # DDP averages the shards' gradients; weighting each shard's mean by its size makes that the batch mean
+        share = len(labels) * self.world.size / len(indices)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss * share if share != 1 else loss).backward()
+        if self.cfg.grad_clip_norm:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], self.cfg.grad_clip_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.schedule.step()
+        loss_sum, correct = loss.detach().double() * len(labels), (logits.argmax(1) == labels).sum()
+        return self.world.sum(loss_sum), self.world.sum(correct), len(indices)
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.scaler.load_state_dict(state["scaler"])
+
+
+def start_from_probe(model: nn.Module, arch: str, weights: str, classes: list[str]) -> None:
+    """Load the fitted probe (its backbone weights and its head) into ``model``: LP-FT's starting point."""
+    path = checkpoint_path("probe")
+    if not path.is_file():
+        raise ModelError(f"train.init_head: probe needs the linear probe at {path}: run its stage first (dvc repro train_probe)")
+    checkpoint = read_checkpoint(path)
+    made_for = (checkpoint["arch"], checkpoint.get("weights"), checkpoint["classes"])
+    if made_for != (arch, weights, classes):
+        raise ModelError(
+            f"the linear probe at {path} is for {made_for[0]} (weights {made_for[1]}, {len(made_for[2])} classes), "
+            f"not {arch} (weights {weights}, {len(classes)} classes): re-run train_probe"
+        )
+    model.load_state_dict(checkpoint["model"])
+
+
+def initial_model(arch: str, weights: str, classes: list[str], cfg: TrainConfig) -> tuple[nn.Module, str, Preprocessing]:
+    """The model before its first step: a fresh head, or with ``init_head: probe`` the fitted linear probe (LP-FT)."""
+    torch.manual_seed(cfg.seed)
+    model, head_name, prep = build_model(arch, weights, len(classes))
+    if cfg.init_head == "probe":
+        start_from_probe(model, arch, weights, classes)
+    return model, head_name, prep
+
+
+def training_data(train_on_val: bool) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """(train images, labels), (validation images, labels); with ``train_on_val`` the validation images train too."""
+    (train_images, train_labels), (val_images, val_labels) = load_split("train"), load_split("val")
+    if not train_on_val:
+        return (train_images, train_labels), (val_images, val_labels)
+    merged = (np.concatenate([train_images, val_images]), np.concatenate([train_labels, val_labels]))
+    return merged, (val_images[:0], val_labels[:0])
+
+
+def validation_metrics(logits: torch.Tensor, labels: np.ndarray) -> dict:
+    return {
+        "val/loss": nn.functional.cross_entropy(logits, torch.from_numpy(labels)).item(),
+        "val/acc": (logits.argmax(1).numpy() == labels).mean().item(),
+    }
+
+
+def training_inputs(trainer: Trainer, data, prep, arch: str, weights: str, num_classes: int) -> Inputs:
+    cfg = trainer.cfg
+    if cfg.mode == "feature_extract" and not cfg.augment:
+        linear_head(trainer.model, next(n for n, m in trainer.model.named_modules() if m is trainer.head))
+        (_, train_labels), (_, val_labels) = data
+        features = frozen_features(cfg, arch, weights, (len(train_labels), len(val_labels)))
+        return feature_inputs(features, train_labels, trainer.head, trainer.world)
+    return image_inputs(trainer.model, data, cfg, trainer.runtime.channels_last, prep, trainer.world, num_classes)
+
+
+def run(name: str, world: World | None = None) -> dict:
+    """Train the run ``name`` (finetune or scratch); return the kept epoch and its validation score (None without validation).
+
+    ``world``: this process's place in a data-parallel run (default: the only process, on ``runtime.device``).
+    """
+    started = time.perf_counter()
+    params = load_params()
+    cfg, runtime = params.train_config(name), params.runtime
+    weights = params.weights_for(name)
+    device, amp_dtype = training_device(runtime.device, runtime.precision)  # an unavailable one fails here, before any work
+    world = world or World(device=device)
+    classes = load_classes()
+    data = training_data(cfg.train_on_val)
+    (train_images, train_labels), (_, val_labels) = data
+    if len(train_labels) < world.size:
+        raise ConfigError(f"runtime.processes: {world.size} processes but {len(train_labels)} training images; every process needs a share")
+    model, head_name, prep = initial_model(params.model.arch, weights, classes, cfg)
+    if world.rank:  # every process starts from the same weights (DDP checks) but draws its own augmentations
+        torch.manual_seed(cfg.seed + world.rank)
+    slices = batch_slices(len(train_labels), cfg.batch_size)
+    trainer = Trainer.create(model, head_name, cfg, runtime, len(slices), world, amp_dtype)
+    generator = torch.Generator().manual_seed(cfg.seed)  # the same on every process: one order, sharded per batch
+    # the files the run starts from: the probe's head (LP-FT), the frozen features (feature_extract without augmentation)
+    start_from = [checkpoint_path("probe")] if cfg.init_head == "probe" else []
+    start_from += [FEATURES_DIR / "features.json"] if cfg.mode == "feature_extract" and not cfg.augment else []
+    fingerprint = resume.fingerprint(name, params.model.arch, weights, cfg, runtime, trainer.device, start_from, world.size)
+    state = world.from_main(resume.load_state(resume_path(name), fingerprint) if world.main else None)
+    progress, best_model = resume.Progress(), None
+    if state is not None:
+        trainer.load_state_dict(state["trainer"])
+        generator.set_state(state["generator"])
+        resume.restore_rng(state["rng"][world.rank])
+        progress, best_model = resume.Progress(**state["progress"]), state["best_model"]
+        log.info("resuming %s from epoch %d, step %d (%s)", name, progress.epoch + 1, progress.step, resume_path(name))
+    inputs = training_inputs(trainer, data, prep, params.model.arch, weights, len(classes))
+
+    def save_state(epoch_start_generator: torch.Tensor) -> None:
+        rng = world.gather(resume.rng_state(trainer.device))  # every process's random state, for an exact resume
+        if not world.main:
+            return
+        resume.save_state(
+            resume_path(name),
+            {
+                "fingerprint": fingerprint,
+                "progress": dataclasses.asdict(progress),
+                "trainer": trainer.state_dict(),
+                "generator": epoch_start_generator,
+                "rng": rng,
+                "best_model": best_model,
+                "params": {"run": name, "arch": params.model.arch, "weights": weights, "train": dataclasses.asdict(cfg), "runtime": dataclasses.asdict(runtime)},
+            },
+        )
+
+    training_log = TrainingLog(train_dir(name), params.logging.tensorboard, active=world.main)
+    with training_log as live, resume.stop_requests() as stop_requested:
+        live.log_params({"run": name, "arch": params.model.arch, "weights": weights, **dataclasses.asdict(cfg), **dataclasses.asdict(runtime)})
+        live.log_images("train images (cached, before augmentation)", train_images[:16])
+        for logged in progress.history:  # curves of the epochs done before an interruption, at their own steps
+            live.log_epoch(logged)
+        while progress.epoch < cfg.epochs and not progress.stopped_early:
+            epoch_start_generator = generator.get_state()
+            order = epoch_order(train_labels, generator, cfg.balanced_sampling)
+            if progress.step == 0:
+                progress.start_epoch({f"lr/{g['name']}": g["lr"] for g in trainer.optimizer.param_groups})
+            trainer.enter_train_mode()
+            bar = tqdm(slices, initial=progress.step, desc=f"{name} epoch {progress.epoch + 1}/{cfg.epochs}", leave=False, disable=not world.main)
+            for batch in slices[progress.step :]:
+                cores.refresh()  # this process's share of the CPU cores, counted again every few seconds
+                progress.add_batch(*trainer.step(inputs, order[batch]))
+                bar.update()
+                if progress.step % 10 == 0:
+                    bar.set_postfix(loss=f"{float(progress.loss_sum) / progress.seen:.3f}")
+                if world.stop_now(stop_requested(), progress.step, len(slices)):
+                    save_state(epoch_start_generator)
+                    bar.close()
+                    raise SystemExit(f"stopped: {name} saved at epoch {progress.epoch + 1}, step {progress.step}; run again to resume")
+            bar.close()
+            logged = progress.train_metrics()
+            score = None
+            if len(val_labels):
+                logged.update(validation_metrics(inputs.validate(), val_labels))
+                score = logged["val/acc"] if cfg.monitor == "val_acc" else -logged["val/loss"]
+            if progress.end_epoch(logged, score, cfg.early_stopping_patience):
+                best_model = {key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items()}
+            trainer.schedule.end_epoch(logged.get(cfg.monitor.replace("_", "/")))
+            log.info("%s epoch %d: %s", name, progress.epoch, ", ".join(f"{k} {v:.4g}" for k, v in logged.items()))
+            live.log_epoch(logged)
+            save_state(generator.get_state())
+        best = {"val_acc": progress.history[progress.best_epoch - 1].get("val/acc"), "epoch": progress.best_epoch}
+        if not world.main:
+            return best
+        save_checkpoint(
+            checkpoint_path(name), best_model, run=name, mode=cfg.mode, arch=params.model.arch, weights=weights, classes=classes,
+            head=head_name, preprocessing=prep.as_dict(), cache_size=train_images.shape[1], eval_image_size=cfg.eval_image_size,
+            channels_last=runtime.channels_last, config=dataclasses.asdict(cfg), **best
+        )
+        if best["val_acc"] is not None:
+            live.summary["best/val_acc"] = best["val_acc"]
+        live.summary["best/epoch"] = best["epoch"]
+        live.summary["epochs_run"] = progress.epoch
+        live.summary["wall_time_s"] = round(time.perf_counter() - started, 1)
+    resume_path(name).unlink(missing_ok=True)
+    return best
+
+
+def train(name: str) -> dict:
+    """Train in this process, as one of the data-parallel processes torchrun started or as the only one."""
+    params = load_params()
+    runtime = params.runtime
+    device, _ = training_device(runtime.device, runtime.precision)
+    with process_group(device, runtime.processes, params.train_config(name).batch_size) as world:
+        return run(name, world)
