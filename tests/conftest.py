@@ -98,10 +98,11 @@ def project(tmp_path, tiny_folder, monkeypatch):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     prepare.main()
 
-    def configure(probe: dict | None = None, **train_values):
-        """Set train: keys (and probe: keys) in params.yaml."""
+    def configure(probe: dict | None = None, features: dict | None = None, runtime: dict | None = None, **train_values):
+        """Set train: keys (and probe:, features: and runtime: keys) in params.yaml."""
         params["train"].update(train_values)
-        params["probe"].update(probe or {})
+        for section, values in (("probe", probe), ("features", features), ("runtime", runtime)):
+            params[section].update(values or {})
         (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
 
     configure.weights = torch.load(weights, weights_only=True)

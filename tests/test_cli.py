@@ -17,8 +17,8 @@ import yaml
 from PIL import Image
 
 from conftest import tiny_params
-from transferlab import export, prepare, train
-from transferlab.data import load_split
+from transferlab import export, prepare, training
+from transferlab.splits import load_split
 from transferlab.paths import PREPARED_DIR, checkpoint_path
 from transferlab.trained_model import TrainedModel
 
@@ -41,7 +41,7 @@ def project(tmp_path_factory):
     os.chdir(root)
     try:
         prepare.main()
-        train.run("finetune")
+        training.run("finetune")
     finally:
         os.chdir(cwd)
     return root

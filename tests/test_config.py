@@ -12,8 +12,9 @@ import pytest
 import yaml
 
 from conftest import PROJECT, tiny_params
-from transferlab.config import ConfigError, TrainConfig, load_params, parse_params
-from transferlab.models import ModelError
+from transferlab.config import FINETUNE_ONLY, TrainConfig, load_params, parse_params
+from transferlab.errors import ConfigError, ModelError
+from transferlab.models import check_model
 
 
 def test_project_params_are_valid():
@@ -22,16 +23,17 @@ def test_project_params_are_valid():
     assert params.model.arch == "timm/tf_efficientnet_lite0" and params.model.weights == "imagenet"
 
 
-def test_mode_sections_override_the_shared_train_section():
+def test_each_run_reads_its_own_section():
     raw = tiny_params()
     raw["model"]["weights"] = "imagenet"
-    raw["train"]["lr"] = 0.03
+    raw["train"].update(lr=0.03, batch_size=16)
     raw["scratch"]["lr"] = 0.2
     params = parse_params(raw)
     assert params.train_config("finetune").lr == 0.03
     assert params.train_config("scratch").lr == 0.2
-    assert params.train_config("scratch").batch_size == params.train.batch_size
+    assert params.train_config("scratch").batch_size == 8, "train: does not reach the scratch run"
     assert params.weights_for("finetune") == "imagenet" and params.weights_for("scratch") == "none"
+    assert params.train_config("scratch").mode == "scratch" and params.train_config("scratch").init_head == "random"
 
 
 @pytest.mark.parametrize(
@@ -53,7 +55,8 @@ def test_mode_sections_override_the_shared_train_section():
         ("logging", "wandb", True, "unknown param logging.wandb"),
         ("probe", "C", [], "probe.C must be a non-empty list of numbers > 0"),
         ("probe", "C", [0.1, -1], "probe.C must be a non-empty list of numbers > 0"),
-        ("probe", "image_size", 8, "probe.image_size must be >= 16"),
+        ("features", "image_size", 8, "features.image_size must be >= 16"),
+        ("runtime", "processes", 0, "runtime.processes must be >= 1"),
         ("probe", "flip", "yes", "probe.flip must be of type bool"),
         ("evaluate", "tta", "ten_crop", "evaluate.tta must be one of none, flip"),
         ("train", "init_head", "imagenet", "train.init_head must be one of random, probe"),
@@ -72,23 +75,28 @@ def test_bad_values_name_the_key(section, key, value, message):
         ({"train": {"optimizer": "adamx"}}, "train.optimizer must be one of sgd, adam, adamw, rmsprop, adagrad, adadelta; got 'adamx'"),
         ({"train": {"schedule": "cosin"}}, "train.schedule must be one of constant, step, multistep, exponential, cosine, linear, plateau"),
         ({"train": {"mode": "linear"}}, "train.mode must be one of finetune, feature_extract, scratch"),
-        ({"finetune": {"mode": "feature_extract"}}, "finetune.mode: feature_extract trains a head on pretrained features, but model.weights is none"),
+        ({"train": {"mode": "feature_extract"}}, "train.mode: feature_extract trains a head on pretrained features, but model.weights is none"),
         ({"train": {"frozen_stages": 2}}, "train.frozen_stages: freezing stages needs mode finetune with pretrained weights"),
-        ({"scratch": {"mode": "finetune"}}, "scratch.mode: train_scratch trains every layer from random init; allowed: scratch"),
-        ({"scratch": {"frozen_stages": 1}}, "scratch.frozen_stages: train_scratch trains every layer from random init; allowed: 0"),
+        ({"scratch": {"mode": "finetune"}}, "scratch.mode: train_scratch trains every layer from random init"),
+        ({"scratch": {"frozen_stages": 1}}, "scratch.frozen_stages: train_scratch trains every layer from random init"),
+        ({"scratch": {"warmup_epochs": 1.0, "warmup_steps": 10}}, "scratch.warmup_epochs and scratch.warmup_steps are both set"),
         ({"train": {"warmup_epochs": 1.0, "warmup_steps": 10}}, "train.warmup_epochs and train.warmup_steps are both set"),
         ({"train": {"schedule": "multistep"}}, "train.schedule: multistep needs train.milestones"),
         ({"train": {"milestones": [3, 2]}}, "train.milestones must be increasing epoch numbers"),
         ({"train": {"gamma": 0}}, "train.gamma must be > 0"),
-        ({"train": {"precision": "fp8"}}, "train.precision must be one of fp32, bf16, fp16"),
-        ({"train": {"device": "tpu"}}, "train.device must be one of auto, cpu, cuda, mps"),
+        ({"runtime": {"precision": "fp8"}}, "runtime.precision must be one of fp32, bf16, fp16"),
+        ({"runtime": {"device": "tpu"}}, "runtime.device must be one of auto, cpu, cuda, mps"),
+        ({"train": {"device": "cpu"}}, "unknown param train.device"),
+        ({"runtime": {"processes": 3}}, "train.batch_size (8) must be divisible by runtime.processes (3)"),
         ({"train": {"auto_augment": "autoaugment"}}, "train.auto_augment must be one of none, trivialaugment, randaugment"),
         ({"train": {"monitor": "val_top5"}}, "train.monitor must be one of val_acc, val_loss"),
         ({"data": {"val_per_class": 0}, "train": {"early_stopping_patience": 2}}, "train.early_stopping_patience watches the validation split"),
-        ({"data": {"val_per_class": 0}, "finetune": {"schedule": "plateau"}}, "finetune.schedule watches the validation split"),
+        ({"data": {"val_per_class": 0}, "scratch": {"schedule": "plateau"}}, "scratch.schedule watches the validation split"),
+        ({"train": {"mode": "feature_extract", "augment": False, "image_size": 64}, "model": {"weights": "imagenet"}},
+         "train.augment: false with feature_extract trains on the features stage's output, computed at features.image_size (32)"),
         ({"train": {"random_erasing": 1.5}}, "train.random_erasing must be <= 1"),
         ({"train": {"augment": False, "mixup_alpha": 0.2}}, "train.mixup_alpha has no effect with train.augment: false"),
-        ({"scratch": {"init_head": "probe"}}, "scratch.init_head: train_scratch trains every layer from random init; allowed: random"),
+        ({"scratch": {"init_head": "probe"}}, "scratch.init_head: train_scratch trains every layer from random init"),
         ({"train": {"train_on_val": True, "schedule": "plateau"}}, "train.schedule watches the validation split, but train.train_on_val trains on it"),
         ({"data": {"val_per_class": 0}, "probe": {"C": [0.1, 1.0]}}, "probe.C lists several values to choose from on the validation split"),
         ({"train": {"init_head": "probe", "train_on_val": False}}, "train.train_on_val: false validates every epoch, but the probe"),
@@ -112,8 +120,6 @@ def test_frozen_stages_with_pretrained_weights_and_scratch_ignoring_them(tmp_pat
     assert params.train_config("finetune").frozen_stages == 3
     scratch = params.train_config("scratch")
     assert (scratch.mode, scratch.frozen_stages, params.weights_for("scratch")) == ("scratch", 0, "none")
-    raw["scratch"]["warmup_epochs"] = 1.0  # a run's warm-up in epochs replaces the shared one in steps
-    assert parse_params(raw).train_config("scratch").warmup_steps == 0
 
 
 @pytest.mark.parametrize(
@@ -127,15 +133,15 @@ def test_frozen_stages_with_pretrained_weights_and_scratch_ignoring_them(tmp_pat
 def test_bad_model_params_fail_at_load_time(key, value, message):
     raw = tiny_params()
     raw["model"][key] = value
+    model = parse_params(raw).model  # checked where a model is built: importing torch and timm is not params.yaml's business
     with pytest.raises(ModelError, match=message):
-        parse_params(raw)
+        check_model(model.arch, model.weights)
 
 
 def test_timm_model_without_pretrained_weights_is_refused():
     raw = tiny_params()
-    raw["model"] = {"arch": "timm/efficientnet_b8", "weights": "imagenet"}
     with pytest.raises(ModelError, match="timm has no pretrained weights for timm/efficientnet_b8"):
-        parse_params(raw)
+        check_model("timm/efficientnet_b8", "imagenet")
 
 
 def test_unknown_section():
@@ -155,17 +161,18 @@ def test_stage_refuses_bad_params_before_any_work(tmp_path):
     assert not (tmp_path / "metrics").exists() and not (tmp_path / "data").exists()
 
 
-def test_dvc_stage_params_match_what_each_mode_reads():
-    """train_scratch lists exactly the train keys that scratch: does not override (and that scratch uses)."""
+def test_each_training_stage_reads_whole_sections():
+    """train_finetune reads train:, train_scratch reads scratch: (every key but the fine-tuning's five), both runtime:.
+
+    Whole sections, so `-S train.lr=...` re-runs the fine-tuned model only and `-S scratch.x=...` needs no `++`.
+    """
     stages = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
     raw = yaml.safe_load((PROJECT / "params.yaml").read_text())
-    finetune_only = {"backbone_lr_scale", "mode", "frozen_stages", "freeze_bn_stats", "init_head"}
-    # a warm-up in one unit in scratch: resets the other unit, so scratch does not read it from train:
-    reset_by_scratch = {"warmup_steps"} if "warmup_epochs" in raw["scratch"] else set()
-    expected = {f.name for f in dataclasses.fields(TrainConfig)} - set(raw["scratch"]) - finetune_only - reset_by_scratch
-    listed = {p.removeprefix("train.") for p in stages["train_scratch"]["params"] if p.startswith("train.")}
-    assert listed == expected
-    assert {"train", "finetune", "model"} <= set(stages["train_finetune"]["params"])
+    assert set(raw["train"]) == {f.name for f in dataclasses.fields(TrainConfig)}, "params.yaml names every train key"
+    assert set(raw["scratch"]) == set(raw["train"]) - set(FINETUNE_ONLY), "params.yaml names every key scratch reads"
+    assert {"model", "runtime", "train"} <= set(stages["train_finetune"]["params"])
+    scratch = stages["train_scratch"]["params"]
+    assert {"runtime", "scratch"} <= set(scratch) and not any(p == "train" or p.startswith("train.") for p in scratch)
 
 
 def package_imports(module: str) -> set[str]:
@@ -183,11 +190,56 @@ def package_imports(module: str) -> set[str]:
     return seen
 
 
+def stage_commands() -> dict[str, tuple[str, list[str]]]:
+    """Each dvc.yaml stage's module and deps (a foreach stage: its template)."""
+    stages = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
+    found = {}
+    for name, stage in stages.items():
+        stage = stage.get("do", stage)
+        found[name] = (stage["cmd"].split()[2].removeprefix("transferlab."), stage["deps"])
+    return found
+
+
 def test_every_stage_depends_on_the_code_it_runs():
     """A change to any module a stage imports re-runs that stage (dvc.yaml deps), and nothing listed is missing."""
-    stages = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
-    for name, stage in stages.items():
-        module = stage["cmd"].split()[2].removeprefix("transferlab.")
-        code = {dep for dep in stage["deps"] if dep.startswith("src/")}
+    for name, (module, deps) in stage_commands().items():
+        code = {dep for dep in deps if dep.startswith("src/")}
         assert code == {f"src/transferlab/{m}.py" for m in package_imports(module)}, name
         assert all((PROJECT / dep).exists() for dep in code)
+
+
+def test_the_scratch_stage_does_not_depend_on_the_probe():
+    _, deps = stage_commands()["train_scratch"]
+    assert not {"src/transferlab/probe.py", "src/transferlab/features.py"} & set(deps)
+    assert not any(dep.startswith("data/") and dep != "data/prepared" for dep in deps)
+    _, deps = stage_commands()["compare"]
+    assert not {"src/transferlab/dataset.py", "src/transferlab/models.py"} & set(deps)
+
+
+def test_the_package_has_no_import_cycle():
+    """Imports anywhere in a module (function-level ones included) form no cycle: none is hidden in a function body."""
+    modules = [path.stem for path in (PROJECT / "src/transferlab").glob("*.py") if path.stem != "__init__"]
+
+    def direct(module: str) -> set[str]:
+        tree = ast.parse((PROJECT / "src/transferlab" / f"{module}.py").read_text())
+        found = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                found |= {node.module} if node.module else {alias.name for alias in node.names}
+        return found
+
+    for module in modules:
+        reachable = set().union(*(package_imports(m) for m in direct(module))) if direct(module) else set()
+        assert module not in reachable, f"{module} imports itself through {sorted(direct(module) & reachable)}"
+
+
+def test_entry_points_start_without_the_heavy_libraries():
+    """`transferlab --help`, a CLI error and a stage's first line come before torch, timm, sklearn or captum load."""
+    entry_points = ["cli", *(module for module, _ in stage_commands().values())]
+    code = (
+        f"import sys, transferlab.{', transferlab.'.join(entry_points)}\n"
+        "heavy = [m for m in ('torch', 'timm', 'torchvision', 'sklearn', 'captum', 'onnxruntime', 'matplotlib') if m in sys.modules]\n"
+        "print(','.join(heavy))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() in ("", "matplotlib"), result.stdout  # compare draws with matplotlib (under a second)

@@ -12,10 +12,12 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+import yaml
 from torch import nn
 
-from transferlab.config import ConfigError, load_params
-from transferlab.data import load_split
+from transferlab.config import load_params
+from transferlab.errors import ConfigError
+from transferlab.splits import load_split
 from transferlab.inference import predict_logits
 from transferlab.paths import checkpoint_path, train_dir
 from transferlab.trained_model import TrainedModel
@@ -36,6 +38,10 @@ def outcome(run: str) -> tuple[dict, dict, list[float]]:
     return state, summary, [float(row.split("\t")[1]) for row in rows]
 
 
+def logged_processes(run: str) -> int:
+    return yaml.safe_load((train_dir(run) / "params.yaml").read_text())["processes"]
+
+
 def full_validation_loss(run: str) -> float:
     """The kept model's loss on every validation image, computed here in one process."""
     trained = TrainedModel.load(checkpoint_path(run), device="cpu")
@@ -50,14 +56,15 @@ def test_two_processes_take_the_same_steps_as_one(project):
     Without augmentation, dropout or batch statistics (fine-tuning keeps them frozen) the only difference
     left is the order of floating-point sums.
     """
-    project(mode="finetune", augment=False, freeze_bn_stats=True, batch_size=8, epochs=2, lr=0.05, processes=1)
+    project(mode="finetune", augment=False, freeze_bn_stats=True, batch_size=8, epochs=2, lr=0.05, runtime={"processes": 1})
     train_stage("finetune")
     single, single_summary, _ = outcome("finetune")
-    project(processes=2)
+    assert logged_processes("finetune") == 1
+    project(runtime={"processes": 2})
     train_stage("finetune")
     double, double_summary, val_losses = outcome("finetune")
 
-    assert double["config"]["processes"] == 2 and single["config"]["processes"] == 1
+    assert logged_processes("finetune") == 2
     assert single_summary["best/epoch"] == double_summary["best/epoch"]
     assert abs(single_summary["best/val_acc"] - double_summary["best/val_acc"]) <= 0.02
     for key, value in single["model"].items():
@@ -68,7 +75,7 @@ def test_two_processes_take_the_same_steps_as_one(project):
 
 
 def test_two_processes_train_from_scratch_and_only_rank_0_writes(project):
-    project(mode="finetune", processes=2, batch_size=8, epochs=2)
+    project(mode="finetune", runtime={"processes": 2}, batch_size=8, epochs=2)
     train_stage("scratch")
     state, summary, val_losses = outcome("scratch")
     assert state["config"]["mode"] == "scratch" and summary["epochs_run"] == 2 and len(val_losses) == 2
@@ -77,8 +84,8 @@ def test_two_processes_train_from_scratch_and_only_rank_0_writes(project):
 
 
 def test_global_batch_must_split_evenly(project):
-    project(processes=3, batch_size=8)
-    with pytest.raises(ConfigError, match=r"train.batch_size \(8\) must be divisible by train.processes \(3\)"):
+    project(runtime={"processes": 3}, batch_size=8)
+    with pytest.raises(ConfigError, match=r"train.batch_size \(8\) must be divisible by runtime.processes \(3\)"):
         load_params()
 
 
@@ -93,7 +100,7 @@ def training_processes(project_dir: Path) -> list[psutil.Process]:
 
 def test_ctrl_c_stops_every_process_which_save_and_the_rerun_resumes_exactly(project):
     """Ctrl-C to the stage command reaches torchrun once; all processes stop at one step, rank 0 saves, none is left."""
-    project(mode="finetune", processes=2, batch_size=2, epochs=4)
+    project(mode="finetune", runtime={"processes": 2}, batch_size=2, epochs=4)
     state = Path("data/resume/finetune.pt")
     stage = subprocess.Popen([sys.executable, "-m", "transferlab.train", "finetune"], stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 180

@@ -1,4 +1,5 @@
-"""The experiments summary: each model's best setting chosen on validation alone; plots of what each param does."""
+"""The experiments summary: each model's best setting chosen on validation alone, plots of what each param does,
+and the final fit's command; never a test score of a setting that was not chosen, nor a stale one."""
 
 from __future__ import annotations
 
@@ -21,20 +22,35 @@ from conftest import PROJECT
 from conftest import run as run_command
 from conftest import tiny_params
 from transferlab import cli
-from transferlab.config import parse_params
-from transferlab.experiments import ExperimentsError, experiments_from_show, run
+from transferlab.config import load_params, parse_params
+from transferlab.errors import ConfigError
+from transferlab.experiments import ExperimentsError, experiments_from_show, model_settings, run
+
+NO_VALIDATION = None  # a run trained on train + val: its training summary has no validation score
 
 
-def entry(name: str, overrides: dict, val: dict, test: dict | None = None) -> dict:
-    """One experiment as `dvc exp show --json` lists it: params.yaml with dotted overrides, and the metric files."""
-    params = copy.deepcopy(tiny_params())
+def set_dotted(params: dict, overrides: dict) -> dict:
+    params = copy.deepcopy(params)
     for dotted, value in overrides.items():
-        section, key = dotted.split(".")
+        section, key = dotted.split(".", 1)
         params.setdefault(section, {})[key] = value
-    metrics = {f"metrics/train_{model}/metrics.json": {"data": {"best/val_acc": acc}} for model, acc in val.items()}
+    return params
+
+
+def entry(name: str, overrides: dict, val: dict, test: dict | None = None, base: dict | None = None, copied: dict | None = None) -> dict:
+    """One experiment as `dvc exp show --json` lists it: params.yaml (``base``, tiny params by default) with dotted
+    overrides, and the metric files: ``val`` model -> validation score (NO_VALIDATION: trained on train + val),
+    ``test`` model -> test score, ``copied`` path -> a metric file copied as is (a stage that did not run)."""
+    params = set_dotted(tiny_params() if base is None else base, overrides)
+    metrics = {}
+    for model, acc in val.items():
+        summary = {"epochs_run": 2, "wall_time_s": int(hashlib.sha1(name.encode()).hexdigest()[:6], 16) / 100}
+        metrics[f"metrics/train_{model}/metrics.json"] = {"data": summary if acc is None else {"best/val_acc": acc, **summary}}
     for model, acc in (test or {}).items():
-        metrics[f"metrics/test_{model}/metrics.json"] = {"data": {"mean_per_class_acc": acc, "top1": acc}}
-    return {"rev": f"{abs(hash(name)):040x}"[:40], "name": name, "data": {"params": {"params.yaml": {"data": params}}, "metrics": metrics}, "error": None}
+        metrics[f"metrics/test_{model}/metrics.json"] = {"data": {"mean_per_class_acc": acc, "top1": acc, "wall_time_s": 9.9}}
+    metrics.update(copy.deepcopy(copied or {}))
+    rev = hashlib.sha1(name.encode()).hexdigest()
+    return {"rev": rev, "name": name, "data": {"params": {"params.yaml": {"data": params}}, "metrics": metrics}, "error": None}
 
 
 def shown(baseline: dict, experiments: list[dict], queued: list[dict] = ()) -> list:
@@ -43,22 +59,49 @@ def shown(baseline: dict, experiments: list[dict], queued: list[dict] = ()) -> l
     return [{"rev": "workspace", "name": None, **{k: baseline[k] for k in ("data", "error")}}, {**baseline, "experiments": wrap}]
 
 
+def outputs_text(out: Path) -> str:
+    return "\n".join((out / name).read_text() for name in ("experiments.md", "summary.json", "experiments.csv"))
+
+
+def assert_no_test_score(text: str, scores: list[float]) -> None:
+    for word in ("mean_per_class_acc", "top1", "test_finetune", "test_scratch", "test_probe"):
+        assert word not in text, f"{word}: a test metric in the summary"
+    for score in scores:
+        for shown_as in (repr(score), f"{score:.2%}", f"{score:.6g}"):
+            assert shown_as not in text, f"test score {shown_as} in the summary"
+
+
+def applied_command(command: str, workspace: dict, tmp_path: Path) -> dict:
+    """params.yaml after `command`'s -S overrides, applied the way `dvc exp run` applies them, read the way the stages read it."""
+    args = shlex.split(command)
+    assert args[:3] == ["dvc", "exp", "run"] and all(a == "-S" for a in args[3::2]), command
+    path = tmp_path / "final" / "params.yaml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(yaml.safe_dump(workspace, sort_keys=False))
+    apply_overrides(path, args[4::2])
+    return yaml.safe_load(path.read_text())
+
+
 def grid() -> list:
     """A 2x2 fine-tuning grid over train.lr x train.epochs; the scratch run's own settings never change.
 
     The best validation score (lr 0.01, 2 epochs) is not the best test score (lr 0.1, 1 epoch): the choice
-    must follow validation.
+    must follow validation. No test score equals a validation score, so a shown test score is caught.
     """
-    scores = {(0.01, 1): (0.60, 0.70), (0.01, 2): (0.80, 0.75), (0.1, 1): (0.70, 0.90), (0.1, 2): (0.50, 0.60)}
+    scores = {(0.01, 1): (0.60, 0.71), (0.01, 2): (0.80, 0.77), (0.1, 1): (0.70, 0.93), (0.1, 2): (0.50, 0.61)}
     runs = [
-        entry(f"exp-{i}", {"train.lr": lr, "train.epochs": epochs}, {"finetune": val, "scratch": 0.3}, {"finetune": test, "scratch": 0.2})
+        entry(f"exp-{i}", {"train.lr": lr, "train.epochs": epochs}, {"finetune": val, "scratch": 0.3}, {"finetune": test, "scratch": 0.23})
         for i, ((lr, epochs), (val, test)) in enumerate(scores.items())
     ]
-    baseline = entry("main", {"train.train_on_val": True}, {}, {"finetune": 0.99})  # the final fit: no validation score
+    # the final fit: no validation score
+    baseline = entry("main", {"train.train_on_val": True}, {"finetune": NO_VALIDATION, "scratch": NO_VALIDATION}, {"finetune": 0.99})
     return shown(baseline, runs, queued=[entry("exp-queued", {"train.lr": 0.5}, {})])
 
 
-def test_summary_chooses_on_validation_and_plots_the_grid(tmp_path):
+GRID_TEST_SCORES = [0.71, 0.77, 0.93, 0.61, 0.23, 0.99]
+
+
+def test_summary_chooses_on_validation_and_plots_the_grid(tmp_path, capsys):
     (tmp_path / "shown.json").write_text(json.dumps(grid()))
     summary = run(tmp_path / "shown.json", tmp_path / "out")
 
@@ -66,25 +109,141 @@ def test_summary_chooses_on_validation_and_plots_the_grid(tmp_path):
     assert finetune["varied"] == ["epochs", "lr"]
     assert finetune["chosen"]["runs"] == ["exp-1"] and finetune["chosen"]["values"] == {"epochs": 2, "lr": 0.01}
     assert finetune["chosen"]["val_acc"] == 0.80
-    assert finetune["chosen"]["test"] == {"mean_per_class_acc": 0.75, "top1": 0.75}, "the chosen run's test score, not the best test score"
+    assert "test" not in finetune["chosen"], "no test metric is read: a validation-only run's is its baseline's"
+    # the workspace (main's params) makes the final fit already: only the chosen values change
+    assert finetune["chosen"]["final_fit"]["command"] == "dvc exp run -S train.epochs=2 -S train.lr=0.01"
     assert [s.val_acc for s in finetune["settings"]] == [0.80, 0.70, 0.60, 0.50]
     scratch = summary["scratch"]
     assert scratch["varied"] == [] and len(scratch["settings"]) == 1 and len(scratch["settings"][0].runs) == 4, "one setting, run 4 times"
+    # the tiny workspace validates the scratch run: its final fit turns training on train + val on
+    assert scratch["chosen"]["final_fit"]["command"] == "dvc exp run -S scratch.train_on_val=true"
     assert "probe" not in summary, "no probe validation score in these experiments"
 
     out = tmp_path / "out"
     saved = json.loads((out / "summary.json").read_text())
-    assert saved["experiments_without_validation"] == 1 and saved["finetune"]["values"] == {"epochs": 2, "lr": 0.01}
+    assert saved["without_validation"] == {"finetune": ["main"], "scratch": ["main"]}
+    assert saved["finetune"]["values"] == {"epochs": 2, "lr": 0.01}
+    assert saved["final_fit_all"]["command"] == "dvc exp run -S train.epochs=2 -S train.lr=0.01 -S scratch.train_on_val=true"
     report = (out / "experiments.md").read_text()
-    assert "**epochs=2, lr=0.01**" in report and "mean_per_class_acc 75.00%" in report
-    assert "90.00%" not in report, "test scores of runs that were not chosen are never shown"
-    assert "train.train_on_val=false" in report, "says how to get validation scores for the left-out run"
+    assert "**epochs=2, lr=0.01**" in report and "`dvc exp run -S train.epochs=2 -S train.lr=0.01`" in report
+    assert "trains on train + val with the chosen setting and evaluates the test split once" in report
+    assert_no_test_score(outputs_text(out) + capsys.readouterr().out, GRID_TEST_SCORES)
     with (out / "experiments.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [(r["model"], r["val_acc"]) for r in rows][:2] == [("finetune", "0.8"), ("finetune", "0.7")] and len(rows) == 5
     for picture in ("validation_vs_params.png", "heatmap_finetune.png"):
         assert (out / picture).read_bytes()[:4] == b"\x89PNG"
     assert not (out / "heatmap_scratch.png").exists()
+
+
+def test_validation_only_grids_never_show_the_baselines_stale_test_metrics_and_the_final_fit_carries_the_choice(tmp_path, capsys):
+    """The README's recipes on the project's own params: grids queued up to a training stage, validation only.
+
+    Their commits hold the baseline's test metrics (the evaluate stages did not run) and, for the models their
+    target does not train, the baseline's training summaries. The summary shows no test score at all, and each
+    model's final-fit command, applied the way dvc applies it, gives exactly the chosen setting, trained on train + val.
+    """
+    defaults = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    assert defaults["train"]["train_on_val"] and defaults["probe"]["train_on_val"] and defaults["train"]["init_head"] == "probe"
+    stale_test = {"mean_per_class_acc": 0.9137, "top1": 0.9251, "top5": 0.9911, "wall_time_s": 237.1}
+    baseline = entry("main", {}, {"probe": 0.881, "finetune": NO_VALIDATION, "scratch": NO_VALIDATION}, base=defaults)
+    for model in ("probe", "finetune", "scratch"):
+        baseline["data"]["metrics"][f"metrics/test_{model}/metrics.json"] = {"data": stale_test}
+    committed = baseline["data"]["metrics"]
+
+    def copied(*paths: str) -> dict:
+        return {path: committed[path] for path in paths}
+
+    stale_tests = copied(*(f"metrics/test_{model}/metrics.json" for model in ("probe", "finetune", "scratch")))
+    runs = []
+    # dvc exp run --queue train_finetune -S train.train_on_val=false -S probe.train_on_val=false -S train.schedule=step
+    #   -S 'train.lr=0.001,0.01' -S 'train.weight_decay=0,0.0005'   (the probe re-runs: it held the validation images out)
+    finetune_val = {(0.001, 0.0): 0.84, (0.001, 0.0005): 0.86, (0.01, 0.0): 0.91, (0.01, 0.0005): 0.89}
+    for i, ((lr, decay), val) in enumerate(finetune_val.items()):
+        overrides = {"train.train_on_val": False, "probe.train_on_val": False, "train.schedule": "step", "train.lr": lr, "train.weight_decay": decay}
+        runs.append(entry(f"ft-{i}", overrides, {"probe": 0.881, "finetune": val}, base=defaults, copied={**stale_tests, **copied("metrics/train_scratch/metrics.json")}))
+    # dvc exp run --queue train_scratch -S scratch.train_on_val=false -S 'scratch.lr=0.02,0.1'
+    for i, (lr, val) in enumerate({0.02: 0.41, 0.1: 0.47}.items()):
+        kept = copied("metrics/train_probe/metrics.json", "metrics/train_finetune/metrics.json")
+        runs.append(entry(f"sc-{i}", {"scratch.train_on_val": False, "scratch.lr": lr}, {"scratch": val}, base=defaults, copied={**stale_tests, **kept}))
+    listing = shown(baseline, runs)
+    (tmp_path / "shown.json").write_text(json.dumps(listing))
+    summary = run(tmp_path / "shown.json", tmp_path / "out")
+
+    assert_no_test_score(outputs_text(tmp_path / "out") + capsys.readouterr().out, [0.9137, 0.9251, 0.9911])
+    finetune, scratch, probe = summary["finetune"], summary["scratch"], summary["probe"]
+    assert finetune["varied"] == ["lr", "weight_decay"] and finetune["chosen"]["values"] == {"lr": 0.01, "weight_decay": 0.0}
+    assert finetune["chosen"]["runs"] == ["ft-2"] and finetune["chosen"]["val_acc"] == 0.91
+    # the varied keys, and the grid's constant train.schedule (not the workspace's); train_on_val is the workspace's: true
+    assert finetune["chosen"]["final_fit"]["command"] == "dvc exp run -S train.lr=0.01 -S train.weight_decay=0.0 -S train.schedule=step"
+    assert scratch["varied"] == ["lr"] and scratch["chosen"]["runs"] == ["sc-1"]
+    assert scratch["chosen"]["final_fit"]["command"] == "dvc exp run -S scratch.lr=0.1"
+    # the probe re-ran in the fine-tuning grid with the same settings (train_on_val is the protocol, not a setting);
+    # in the scratch grid its summary is the baseline's: not a run of its own
+    assert probe["varied"] == [] and probe["chosen"]["runs"] == ["ft-0", "ft-1", "ft-2", "ft-3", "main"]
+    assert probe["chosen"]["final_fit"]["command"] == "dvc exp run"
+    saved = json.loads((tmp_path / "out/summary.json").read_text())
+    assert saved["without_validation"] == {"finetune": ["main"], "scratch": ["main"]}, "the copies in the grids are not runs"
+
+    # what each command makes: the chosen setting, trained on train + val
+    chosen = {model: part["settings"][0].values for model, part in summary.items()}
+    for model, command in [*((m, p["chosen"]["final_fit"]["command"]) for m, p in summary.items()), ("all", saved["final_fit_all"]["command"])]:
+        params = applied_command(command, defaults, tmp_path)
+        settings = model_settings(params)
+        for checked in chosen if model == "all" else [model]:
+            assert settings[checked] == chosen[checked], f"{command}: not the {checked} model's choice"
+        assert params["train"]["train_on_val"] and params["probe"]["train_on_val"] and params["scratch"]["train_on_val"]
+        assert saved["final_fit_all"]["problem"] is None
+    assert "-S train.lr=0.01" in saved["final_fit_all"]["command"] and "-S scratch.lr=0.1" in saved["final_fit_all"]["command"]
+
+
+def test_final_fit_turns_train_on_val_on_adds_missing_keys_and_flags_what_dvc_would_write_unreadably(tmp_path):
+    """From a validating workspace that does not name every key: the command turns the final fit on (the probe's
+    too, for a run that starts from it), adds a key params.yaml lacks with ++, and says when dvc would write a
+    value the stages cannot read back."""
+    workspace = tiny_params()
+    workspace["train"].update(init_head="probe")
+    workspace["probe"]["train_on_val"] = False
+    del workspace["train"]["nesterov"]
+    runs = [
+        entry("a", {"train.nesterov": False, "train.lr": 0.03}, {"finetune": 0.5}, base=workspace),
+        entry("b", {"train.nesterov": False, "train.lr": 0.003}, {"finetune": 0.6}, base=workspace),
+        entry("c", {"train.nesterov": False, "train.lr": 0.00003}, {"finetune": 0.4}, base=workspace),
+    ]
+    (tmp_path / "shown.json").write_text(json.dumps(shown(entry("main", {}, {}, base=workspace), runs)))
+    summary = run(tmp_path / "shown.json", tmp_path / "out")
+    fit = summary["finetune"]["chosen"]["final_fit"]
+    assert fit["command"] == "dvc exp run -S train.lr=0.003 -S ++train.nesterov=false -S train.train_on_val=true -S probe.train_on_val=true"
+    assert fit["problem"] is None
+    params = applied_command(fit["command"], workspace, tmp_path)
+    assert model_settings(params)["finetune"] == summary["finetune"]["settings"][0].values
+
+    # had c won, dvc would write train.lr: 3e-05, which YAML 1.1 (the stages' reader) takes for a string
+    runs[2]["data"]["metrics"]["metrics/train_finetune/metrics.json"]["data"]["best/val_acc"] = 0.9
+    (tmp_path / "shown.json").write_text(json.dumps(shown(entry("main", {}, {}, base=workspace), runs)))
+    fit = run(tmp_path / "shown.json", tmp_path / "out")["finetune"]["chosen"]["final_fit"]
+    assert "-S train.lr=3e-05" in fit["command"] and "train.lr" in fit["problem"] and "3.0e-05" in fit["problem"]
+    applied_command(fit["command"], workspace, tmp_path)
+    final = tmp_path / "final" / "params.yaml"
+    with pytest.raises(ConfigError, match="train.lr must be of type float"):
+        load_params(final)
+    assert "Not runnable as it stands: dvc writes train.lr" in (tmp_path / "out/experiments.md").read_text()
+
+
+def test_a_training_summary_copied_from_the_baseline_is_not_a_new_run(tmp_path):
+    """A train_probe grid on a validating LP-FT baseline: train_finetune did not run, so its summary (and score) is the
+    baseline's. Counted as a run of the experiment's own probe settings, it would win the tie and be chosen."""
+    workspace = set_dotted(tiny_params(), {"train.init_head": "probe", "probe.train_on_val": False})
+    baseline = entry("main", {}, {"probe": 0.5, "finetune": 0.6}, base=workspace)
+    kept = {"metrics/train_finetune/metrics.json": baseline["data"]["metrics"]["metrics/train_finetune/metrics.json"]}
+    probe_grid = entry("a-probe-grid", {"probe.C": [0.01]}, {"probe": 0.7}, base=workspace, copied=kept)
+    (tmp_path / "shown.json").write_text(json.dumps(shown(baseline, [probe_grid])))
+    summary = run(tmp_path / "shown.json", tmp_path / "out")
+    assert summary["probe"]["varied"] == ["probe.C"] and summary["probe"]["chosen"]["values"] == {"probe.C": [0.01]}
+    assert summary["probe"]["chosen"]["final_fit"]["command"] == "dvc exp run -S 'probe.C=[0.01]' -S probe.train_on_val=true"
+    assert summary["finetune"]["varied"] == [] and summary["finetune"]["chosen"]["runs"] == ["main"]
+    # the two models' choices disagree on the probe the fine-tuning starts from: no single command
+    assert "probe.C" in json.loads((tmp_path / "out/summary.json").read_text())["final_fit_all"]["problem"]
 
 
 def test_skips_workspace_queued_and_failed_and_breaks_ties_by_name(tmp_path):
@@ -95,34 +254,38 @@ def test_skips_workspace_queued_and_failed_and_breaks_ties_by_name(tmp_path):
     (tmp_path / "shown.json").write_text(json.dumps(listing))
     summary = run(tmp_path / "shown.json", tmp_path / "out")
     assert summary["scratch"]["varied"] == ["lr"] and summary["scratch"]["chosen"]["runs"] == ["a-run"]
-    assert summary["scratch"]["chosen"]["test"] == {}, "not evaluated: said, not invented"
+    assert summary["scratch"]["chosen"]["final_fit"]["command"] == "dvc exp run -S scratch.lr=0.2 -S scratch.train_on_val=true"
     assert not list((tmp_path / "out").glob("heatmap_*.png")), "one varied setting: no heatmap"
 
 
 def test_names_repeated_across_commits_and_invalid_params(tmp_path):
     """With --all-commits an experiment name can repeat under two commits; params this code rejects are listed, not fatal."""
-    first = shown(entry("main", {}, {}), [entry("same", {"scratch.lr": 0.1}, {"scratch": 0.4}, {"scratch": 0.1})])
-    second = shown(entry("old", {}, {}), [entry("same", {"scratch.lr": 0.2}, {"scratch": 0.6}, {"scratch": 0.3})])
+    first = shown(entry("main", {}, {}), [entry("same", {"scratch.lr": 0.1}, {"scratch": 0.4}, {"scratch": 0.11})])
+    second = shown(entry("old", {}, {}), [entry("same", {"scratch.lr": 0.2}, {"scratch": 0.6}, {"scratch": 0.33})])
     second[1]["rev"] = "1" * 40
     second[1]["experiments"][0]["revs"][0]["rev"] = "2" * 40
     broken = entry("broken", {"train.lr": -1.0}, {"scratch": 0.9})
     first[1]["experiments"].append({"revs": [broken], "executor": None, "name": "broken"})
     (tmp_path / "shown.json").write_text(json.dumps(first + second[1:]))
     summary = run(tmp_path / "shown.json", tmp_path / "out")
-    assert summary["scratch"]["chosen"]["values"] == {"lr": 0.2} and summary["scratch"]["chosen"]["test"]["top1"] == 0.3
+    assert summary["scratch"]["chosen"]["values"] == {"lr": 0.2} and summary["scratch"]["chosen"]["val_acc"] == 0.6
+    assert [e.rev for e in summary["scratch"]["settings"][0].experiments] == ["2" * 40], "the second commit's run"
     saved = json.loads((tmp_path / "out/summary.json").read_text())
     assert len(saved["left_out"]) == 1 and saved["left_out"][0].startswith("broken: ") and "train.lr" in saved["left_out"][0]
     assert "broken: its params are not valid" in (tmp_path / "out/experiments.md").read_text()
+    assert_no_test_score(outputs_text(tmp_path / "out"), [0.11, 0.33])
 
 
 def test_no_validation_score_is_an_error_that_says_what_to_run(tmp_path, capsys):
-    listing = shown(entry("main", {}, {}), [entry("final", {"train.train_on_val": True, "train.lr": 0.1}, {})])
+    final = entry("final", {"train.train_on_val": True, "train.lr": 0.1}, {"finetune": NO_VALIDATION})
+    listing = shown(entry("main", {}, {}), [final])
     (tmp_path / "shown.json").write_text(json.dumps(listing))
-    with pytest.raises(ExperimentsError, match="train.train_on_val=false"):
+    with pytest.raises(ExperimentsError, match=r"--queue train_finetune -S train\.train_on_val=false -S probe\.train_on_val=false"):
         run(tmp_path / "shown.json", tmp_path / "out")
     with pytest.raises(SystemExit) as exit_code:
         cli.main(["experiments", "--json", str(tmp_path / "shown.json"), "--out", str(tmp_path / "out")])
-    assert exit_code.value.code == 2 and "no experiment has a validation score" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert exit_code.value.code == 2 and "no experiment has a validation score" in error and "train_scratch -S scratch.train_on_val=false" in error
 
 
 def wait_for_queue(repo, timeout_s: float = 900) -> str:
@@ -148,14 +311,16 @@ def assert_cache_intact(repo: Path) -> int:
     return len(objects)
 
 
-def test_queued_grid_with_two_workers_then_the_summary_picks_the_best_on_validation(project_repo):
-    """A 2x2 fine-tuning grid (lr x epochs) queued and run by two workers, with the real dvc commands."""
+def test_queued_validation_only_grid_with_two_workers_then_the_summary_and_its_final_fit(project_repo):
+    """A 2x2 fine-tuning grid (lr x epochs) queued up to train_finetune, as the README's recipes do, and run by two
+    workers, with the real dvc commands; then the summary's final-fit command, run as given."""
     repo = project_repo
     run_command(["dvc", "repro"], repo)
     run_command(["git", "add", "-A"], repo)
     run_command(["git", "commit", "-qm", "baseline"], repo)
     objects_before = assert_cache_intact(repo)
-    run_command(["dvc", "exp", "run", "--queue", "-S", "train.lr=0.001,0.05", "-S", "train.epochs=1,2"], repo)
+    grid_args = ["-S", "train.train_on_val=false", "-S", "probe.train_on_val=false", "-S", "train.lr=0.001,0.05", "-S", "train.epochs=1,2"]
+    run_command(["dvc", "exp", "run", "--queue", "train_finetune", *grid_args], repo)
     run_command(["dvc", "queue", "start", "-j", "2"], repo)
     status = wait_for_queue(repo)
     assert status.count("Success") == 4, status
@@ -165,48 +330,93 @@ def test_queued_grid_with_two_workers_then_the_summary_picks_the_best_on_validat
     assert assert_cache_intact(repo) > objects_before, "the experiments' models and results are in the cache"
     listing = json.loads(run_command(["dvc", "exp", "show", "--json"], repo).stdout)
     ran = [e["revs"][0] for commit in listing for e in commit.get("experiments") or []]
-    baseline_prepared = next(c for c in listing if c["rev"] != "workspace")["data"]["deps"]["data/prepared"]["hash"]
+    baseline = next(commit for commit in listing if commit["rev"] != "workspace")
+    baseline_prepared = baseline["data"]["deps"]["data/prepared"]["hash"]
     assert {r["data"]["deps"]["data/prepared"]["hash"] for r in ran} == {baseline_prepared}, "all read the same prepared data"
     grid_points = {(r["data"]["params"]["params.yaml"]["data"]["train"]["lr"], r["data"]["params"]["params.yaml"]["data"]["train"]["epochs"]) for r in ran}
     assert grid_points == {(0.001, 1), (0.001, 2), (0.05, 1), (0.05, 2)}
-    for r in ran:  # each experiment's results are its own run's
+    for r in ran:  # each experiment's training results are its own run's; its test metrics are the baseline's (stale)
         train_summary = r["data"]["metrics"]["metrics/train_finetune/metrics.json"]["data"]
         assert train_summary["epochs_run"] == r["data"]["params"]["params.yaml"]["data"]["train"]["epochs"]
-    # the best fine-tuning run by validation accuracy, ties to the first name: the baseline commit competes too
-    baseline = next(commit for commit in listing if commit["rev"] != "workspace")
+        for model in ("probe", "finetune", "scratch"):
+            path = f"metrics/test_{model}/metrics.json"
+            assert r["data"]["metrics"][path] == baseline["data"]["metrics"][path], f"{path}: validation-only, evaluate did not run"
+    # the best fine-tuning run by validation accuracy, ties to the first name: the (validating) baseline commit competes too
     candidates = [(r["name"], r["data"]["metrics"]) for r in ran] + [(baseline["name"], baseline["data"]["metrics"])]
     scores = {name: metrics["metrics/train_finetune/metrics.json"]["data"]["best/val_acc"] for name, metrics in candidates}
     expected = min(scores, key=lambda name: (-scores[name], name))
 
     summary_run = run_command([sys.executable, "-m", "transferlab.cli", "experiments"], repo)
-    summary = json.loads((repo / "metrics/experiments/summary.json").read_text())
+    out = repo / "metrics/experiments"
+    summary = json.loads((out / "summary.json").read_text())
     assert summary["finetune"]["runs"] == [expected] and summary["finetune"]["val_acc"] == scores[expected]
     assert summary["finetune"]["varied"] == ["epochs", "lr"], "the grid's two params, as the fine-tuning ran them"
-    assert summary["scratch"]["varied"] == [], "train.lr and train.epochs are overridden by scratch: its run never changed"
-    expected_test = dict(candidates)[expected]["metrics/test_finetune/metrics.json"]["data"]["mean_per_class_acc"]
-    assert summary["finetune"]["test"]["mean_per_class_acc"] == expected_test
-    assert (repo / "metrics/experiments/heatmap_finetune.png").read_bytes()[:4] == b"\x89PNG"
+    assert summary["scratch"]["varied"] == [] and summary["scratch"]["runs"] == [baseline["name"]], (
+        "train_scratch did not run in the experiments: their scratch summary is the baseline's, counted once"
+    )
+    assert "test" not in summary["finetune"] and not re.search(r"mean_per_class_acc|top1", summary_run.stdout + (out / "experiments.md").read_text())
+    assert (out / "heatmap_finetune.png").read_bytes()[:4] == b"\x89PNG"
     assert "metrics/experiments/summary.json" in summary_run.stdout
+
+    # the final fit, as the summary gives it: the chosen values, trained on train + val, then the test split scored once
+    chosen = summary["finetune"]["values"]
+    command = summary["finetune"]["final_fit"]["command"]
+    assert command == f"dvc exp run -S train.epochs={chosen['epochs']} -S train.lr={chosen['lr']!r} -S train.train_on_val=true"
+    run_command(shlex.split(command), repo)
+    params = yaml.safe_load((repo / "params.yaml").read_text())["train"]
+    assert (params["epochs"], params["lr"], params["train_on_val"]) == (chosen["epochs"], chosen["lr"], True)
+    trained = json.loads((repo / "metrics/train_finetune/metrics.json").read_text())
+    assert "best/val_acc" not in trained and trained["epochs_run"] == chosen["epochs"], "trained on train + val, every epoch kept"
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    model_hash = next(o["md5"] for o in lock["train_finetune"]["outs"] if o["path"] == "data/models/finetune")
+    evaluated = next(d["md5"] for d in lock["evaluate@finetune"]["deps"] if d["path"] == "data/models/finetune")
+    assert evaluated == model_hash, "the test split was scored with the final fit's model"
+    assert "Data and pipelines are up to date" in run_command(["dvc", "status"], repo).stdout
 
 
 def readme_experiment_commands() -> list[list[str]]:
-    """The -S overrides of every `dvc exp run` command in the README's code blocks."""
+    """Every `dvc exp run` command in the README's code blocks, as its arguments."""
     text = (PROJECT / "README.md").read_text().replace("\\\n", " ")
-    commands = []
-    for line in text.splitlines():
-        if line.startswith("uv run dvc exp run"):
-            args = shlex.split(line, comments=True)
-            commands.append([args[i + 1] for i, arg in enumerate(args) if arg == "-S"])
-    return commands
+    return [shlex.split(line, comments=True)[5:] for line in text.splitlines() if line.startswith("uv run dvc exp run")]
+
+
+def overrides_of(args: list[str]) -> list[str]:
+    return [args[i + 1] for i, arg in enumerate(args) if arg == "-S"]
+
+
+def readme_points(args: list[str], tmp_path: Path):
+    """params.yaml for each point of the command's grid, applied the way dvc does (Hydra overrides)."""
+    for point in get_hydra_sweeps({"params.yaml": overrides_of(args)}):
+        params = tmp_path / "params.yaml"
+        shutil.copy(PROJECT / "params.yaml", params)
+        apply_overrides(params, point["params.yaml"])
+        yield yaml.safe_load(params.read_text())
 
 
 def test_every_readme_experiment_command_gives_valid_params(tmp_path):
     """Each README recipe, every point of its grid, applied to params.yaml the way dvc does, passes the config checks."""
     commands = readme_experiment_commands()
     assert len(commands) >= 10
-    for overrides in commands:
-        for point in get_hydra_sweeps({"params.yaml": overrides}):
-            params = tmp_path / "params.yaml"
-            shutil.copy(PROJECT / "params.yaml", params)
-            apply_overrides(params, point["params.yaml"])
-            parse_params(yaml.safe_load(params.read_text()), check_arch=False)
+    for args in commands:
+        for params in readme_points(args, tmp_path):
+            parse_params(params)
+
+
+# a queued grid's target, and the train_on_val keys it must turn off to get a validation score and stop before evaluation
+VALIDATION_ONLY = {
+    "train_probe": ("probe",),
+    "train_finetune": ("train", "probe"),
+    "train_scratch": ("scratch",),
+}
+
+
+def test_every_readme_grid_is_validation_only(tmp_path):
+    """Each queued README recipe targets a training stage (it never scores the test split) and validates that model."""
+    queued = [args for args in readme_experiment_commands() if "--queue" in args]
+    assert queued, "the README queues no grid"
+    for args in queued:
+        targets = [a for i, a in enumerate(args) if not a.startswith("-") and args[i - 1] not in ("-S", "--set-param", "-n", "--name")]
+        assert len(targets) == 1 and targets[0] in VALIDATION_ONLY, f"dvc exp run {shlex.join(args)}: no training stage as its target, one of {', '.join(VALIDATION_ONLY)}"
+        for params in readme_points(args, tmp_path):
+            for section in VALIDATION_ONLY[targets[0]]:
+                assert params[section]["train_on_val"] is False, f"dvc exp run {shlex.join(args)}: {section}.train_on_val stays true"

@@ -24,10 +24,10 @@ from PIL import Image
 
 from conftest import tiny_params
 from test_prepare import prepare_in
-from transferlab import dataset, evaluate, probe, resume
-from transferlab.config import ConfigError, load_params
-from transferlab.dataset import MAX_IMAGE_PIXELS, DatasetError, acquire, load_image
-from transferlab.models import ModelError
+from transferlab import dataset, evaluate, features, probe, resume, training
+from transferlab.config import load_params
+from transferlab.dataset import MAX_IMAGE_PIXELS, acquire, load_image
+from transferlab.errors import ConfigError, DatasetError, ModelError
 from transferlab.paths import checkpoint_path
 from transferlab.trained_model import TrainedModel
 
@@ -211,7 +211,8 @@ def test_zip_with_an_absolute_path_is_refused(tmp_path):
 def test_params_that_are_not_valid_yaml_fail_before_any_work_naming_the_line(tmp_path):
     params = yaml.safe_dump(tiny_params(), sort_keys=False).replace("train:\n", "train:\n  lr: [0.01\n", 1)
     (tmp_path / "params.yaml").write_text(params)
-    with pytest.raises(ConfigError, match=r"params.yaml is not valid YAML at line 29, column 7: expected ',' or '\]', but got ':'"):
+    line = params.splitlines().index("  lr: [0.01") + 2  # the unclosed list runs into the next key
+    with pytest.raises(ConfigError, match=rf"params.yaml is not valid YAML at line {line}, column 7: expected ',' or '\]', but got ':'"):
         load_params(tmp_path / "params.yaml")
     result = subprocess.run([*STAGE, "transferlab.prepare"], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 2 and "prepare: params.yaml is not valid YAML" in result.stderr and "Traceback" not in result.stderr
@@ -226,6 +227,7 @@ class RunsCode:
 @pytest.fixture
 def probe_checkpoint(project):
     """The tiny project with a real linear probe fitted: data/models/probe/model.pt."""
+    features.main()
     probe.main()
     return checkpoint_path("probe")
 
@@ -238,7 +240,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_everywhere_it_is_read(proje
     # as the probe LP-FT starts from
     probe_checkpoint.write_bytes(evil.read_bytes())
     with pytest.raises(ModelError, match="refusing to load"):
-        probe.start_from_probe(torch.nn.Linear(1, 1), "resnet18", "none", ["a"])
+        training.start_from_probe(torch.nn.Linear(1, 1), "resnet18", "none", ["a"])
     # as a training state to resume from: ignored, and the run starts fresh
     state = tmp_path / "state.pt"
     state.write_bytes(evil.read_bytes())
@@ -262,7 +264,7 @@ def test_truncated_or_foreign_checkpoints_are_clear_errors(probe_checkpoint, tmp
     with pytest.raises(ModelError, match="not a checkpoint written by a training stage"):
         TrainedModel.load(tmp_path / "state_dict.pt")
     with pytest.raises(ModelError, match="not a checkpoint written by a training stage"):  # as LP-FT's starting point
-        probe.start_from_probe(torch.nn.Linear(1, 1), "resnet18", "none", ["a"], tmp_path / "state_dict.pt")
+        training.start_from_probe(torch.nn.Linear(1, 1), "resnet18", "none", ["a"], tmp_path / "state_dict.pt")
     for name in ("truncated.pt", "page.pt"):  # as a training state: ignored, the run starts fresh
         assert resume.load_state(tmp_path / name, "any") is None and not (tmp_path / name).exists()
 
@@ -288,8 +290,8 @@ def test_evaluate_refuses_a_model_trained_on_other_classes(project, probe_checkp
     other["classes"] = ["class_0", "class_2", "class_1"]  # same count, other order: every label would be misread
     torch.save(other, checkpoint_path("scratch"))
     with pytest.raises(ModelError, match=r"scratch/model.pt was trained on 3 classes that are not data/prepared/classes.json's 3"):
-        evaluate.main()
-    assert not Path("metrics/test_probe").exists(), "checked before any model is evaluated"
+        evaluate.evaluate("scratch")
+    assert not Path("metrics/test_scratch").exists(), "checked before anything is written"
 
 
 # --- running out of memory ----------------------------------------------------------------------------------
@@ -298,7 +300,7 @@ def test_evaluate_refuses_a_model_trained_on_other_classes(project, probe_checkp
 # then fails to allocate in torch's real CPU allocator, as on a machine without the memory.
 CAPPED = """
 import resource, runpy, sys
-import transferlab.{module}
+import transferlab.{module}, transferlab.{work}  # the stage module and the one that does its work (torch, timm)
 mapped = int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmSize"))) * 1024
 resource.setrlimit(resource.RLIMIT_AS, (mapped + {headroom}, resource.RLIM_INFINITY))
 sys.argv = ["transferlab.{module}", *sys.argv[1:]]
@@ -308,7 +310,7 @@ runpy.run_module("transferlab.{module}", run_name="__main__")
 
 def test_running_out_of_memory_suggests_a_smaller_batch(project):
     project(image_size=1024, batch_size=12)  # 12 images of 1024 x 1024 through resnet18: several GB of activations
-    code = CAPPED.format(module="train", headroom=1 << 30)
+    code = CAPPED.format(module="train", work="training", headroom=1 << 30)
     result = subprocess.run([sys.executable, "-c", code, "finetune"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "train finetune: out of memory with train.batch_size: 12" in result.stderr
@@ -317,23 +319,23 @@ def test_running_out_of_memory_suggests_a_smaller_batch(project):
 
 
 def test_out_of_memory_on_a_gpu_names_the_runs_own_batch_size(project, monkeypatch, capsys):
-    from transferlab import train
+    from transferlab import train, training
 
     params = yaml.safe_load(Path("params.yaml").read_text())
-    params["finetune"] = {"batch_size": 4}
+    params["train"]["batch_size"] = 4
     Path("params.yaml").write_text(yaml.safe_dump(params))
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 7.6 GiB")
 
-    monkeypatch.setattr(train.Trainer, "step", out_of_memory)
+    monkeypatch.setattr(training.Trainer, "step", out_of_memory)
     with pytest.raises(SystemExit) as exit_info:
         train.main(["finetune"])
     assert exit_info.value.code == 2
     message = capsys.readouterr().err
-    assert "out of memory with finetune.batch_size: 4 (CUDA out of memory. Tried to allocate 2.00 GiB" in message
+    assert "out of memory with train.batch_size: 4 (CUDA out of memory. Tried to allocate 2.00 GiB" in message
     assert "(2, say)" in message
-    params["finetune"] = {"batch_size": 1}  # nothing left to halve
+    params["train"]["batch_size"] = 1  # nothing left to halve
     Path("params.yaml").write_text(yaml.safe_dump(params))
     with pytest.raises(SystemExit):
         train.main(["finetune"])

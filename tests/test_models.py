@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from conftest import HF_HOME
-from transferlab.models import ModelError, backbone_stages, build_model, freeze_stages, parameter_groups, set_train_mode
+from transferlab.errors import ModelError
+from transferlab.models import backbone_stages, build_model, freeze_stages, parameter_groups, set_train_mode
 
 RESNET18_FILE = "resnet18-f37072fd.pth"  # the file name torchvision's ResNet18_Weights.IMAGENET1K_V1 downloads to
 

@@ -10,8 +10,8 @@ from PIL import Image
 from browser import open_page
 from conftest import run
 
-STAGES = ["prepare", "train_probe", "train_finetune", "train_scratch", "evaluate", "compare"]
 MODELS = ("probe", "finetune", "scratch")
+STAGES = ["prepare", "features", "train_probe", "train_finetune", "train_scratch", *(f"evaluate@{m}" for m in MODELS), "gradcam", "compare"]
 
 
 def check_report(repo):
@@ -73,10 +73,12 @@ def test_repro_then_experiment_then_plots(project_repo):
     run(["git", "remote", "add", "origin", str(origin)], repo)
     run(["git", "push", "-q", "origin", "HEAD"], repo)
 
+    # an experiment on one model's params re-runs that model's stages only (and the panel where the three meet)
     exp = run(["dvc", "exp", "run", "-S", "train.lr=0.05"], repo)
-    assert "Running stage 'train_finetune'" in exp.stdout
-    assert "Stage 'prepare' didn't change" in exp.stdout and "Stage 'train_probe' didn't change" in exp.stdout
-    assert "Stage 'train_scratch' didn't change" in exp.stdout, "scratch overrides train.lr: it must not re-run"
+    ran = {stage for stage in STAGES if f"Running stage '{stage}'" in exp.stdout}
+    assert ran == {"train_finetune", "evaluate@finetune", "gradcam", "compare"}, ran
+    for stage in ("prepare", "features", "train_probe", "train_scratch", "evaluate@probe", "evaluate@scratch"):
+        assert f"Stage '{stage}' didn't change" in exp.stdout, stage
     shown = json.loads(run(["dvc", "exp", "show", "--json"], repo).stdout)
     runs = [e for commit in shown for e in (commit.get("experiments") or [])]
     lrs = {r["revs"][0]["name"]: r["revs"][0]["data"]["params"]["params.yaml"]["data"]["train"]["lr"] for r in runs}
@@ -102,3 +104,18 @@ def test_repro_then_experiment_then_plots(project_repo):
     run(["dvc", "exp", "apply", experiment], clone)
     for path in ("data/models/finetune/model.pt", "metrics/test_finetune/metrics.json"):
         assert (clone / path).read_bytes() == (repo / path).read_bytes(), path
+
+
+def test_a_probe_experiment_reuses_the_frozen_features_and_stops_at_validation(project_repo):
+    """`dvc exp run train_probe -S probe.C=...`: the features stage's output is reused, nothing is scored on test."""
+    repo = project_repo
+    run(["dvc", "repro", "train_probe"], repo)
+    features = (repo / "data/features/train.npy").read_bytes()
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "baseline"], repo)
+    exp = run(["dvc", "exp", "run", "train_probe", "-S", "probe.C=[0.5]", "-S", "probe.train_on_val=false"], repo)
+    assert "Stage 'features' didn't change" in exp.stdout and "Running stage 'train_probe'" in exp.stdout
+    assert "evaluate" not in exp.stdout and not (repo / "metrics/test_probe").exists(), "a grid point stops at validation"
+    assert (repo / "data/features/train.npy").read_bytes() == features
+    summary = json.loads((repo / "metrics/train_probe/metrics.json").read_text())
+    assert summary["best/C"] == 0.5 and 0 <= summary["best/val_acc"] <= 1

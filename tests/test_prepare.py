@@ -21,7 +21,8 @@ from PIL import Image
 from conftest import tiny_params
 from transferlab import dataset, prepare
 from transferlab.config import parse_params
-from transferlab.dataset import DatasetError, acquire, load_image
+from transferlab.dataset import acquire, load_image
+from transferlab.errors import DatasetError
 
 
 def prepare_in(workdir: Path, monkeypatch, source: Path | str, **data_overrides) -> dict:

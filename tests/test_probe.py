@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from transferlab import evaluate, probe, train
-from transferlab.config import ConfigError, ProbeConfig, load_params
-from transferlab.data import load_classes, load_split, normalize
+from transferlab import evaluate, features, probe, training
+from transferlab.config import ProbeConfig, load_params
+from transferlab.data import normalize
+from transferlab.errors import ConfigError, ModelError
 from transferlab.inference import predict_logits
-from transferlab.models import ModelError
-from transferlab.paths import checkpoint_path, evaluation_dir, features_path, train_dir
+from transferlab.paths import checkpoint_path, evaluation_dir, train_dir
+from transferlab.splits import load_classes, load_features, load_split
 from transferlab.trained_model import TrainedModel
 
 
@@ -57,6 +58,7 @@ def test_the_fitted_head_is_the_logistic_regression_on_raw_features():
 
 def test_probe_stage_then_lp_ft_starts_from_exactly_the_probe(project):
     project(probe={"C": [0.01, 1.0], "flip": True})
+    features.main()
     probe.main()
     fitted = TrainedModel.load(checkpoint_path("probe"), device="cpu")
     summary = json.loads((train_dir("probe") / "metrics.json").read_text())
@@ -65,11 +67,12 @@ def test_probe_stage_then_lp_ft_starts_from_exactly_the_probe(project):
     assert [float(r["C"]) for r in rows] == [0.01, 1.0]
     best = max(rows, key=lambda r: (float(r["val_acc"]), -float(r["val_loss"])))  # ties: the lower validation loss
     assert summary["best/C"] == float(best["C"]) and summary["train_images"] == 3 * 6, "refit on train + val"
-    features = torch.load(features_path("probe"), weights_only=False)
-    assert features["train"].shape == (2, 3 * 4, 512) and features["val"].shape == (2, 3 * 2, 512), "both views"
+    train_features, val_features = load_features("train"), load_features("val")
+    assert train_features.shape == (2, 3 * 4, 512) and val_features.shape == (2, 3 * 2, 512), "both views"
 
     # the checkpoint's head is the logistic regression refitted with the chosen C on train + val (both views)
-    samples = probe.as_samples(np.concatenate([features["train"], features["val"]], axis=1), np.concatenate([features["train_labels"], features["val_labels"]]))
+    labels = np.concatenate([load_split("train")[1], load_split("val")[1]])
+    samples = probe.as_samples(np.concatenate([train_features, val_features], axis=1), labels, flip=True)
     refit = probe.fit_head(*samples, 3, summary["best/C"], 1000)
     np.testing.assert_allclose(fitted.model.fc.weight.detach().numpy(), refit.weight, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(fitted.model.fc.bias.detach().numpy(), refit.bias, rtol=1e-5, atol=1e-6)
@@ -78,54 +81,59 @@ def test_probe_stage_then_lp_ft_starts_from_exactly_the_probe(project):
     # LP-FT before its first step predicts exactly what the probe predicts
     params = load_params()
     cfg = params.train_config("finetune")
-    start, _, prep = train.initial_model(params.model.arch, project.weights_path, load_classes(), dataclasses.replace(cfg, init_head="probe"))
+    start, _, prep = training.initial_model(params.model.arch, project.weights_path, load_classes(), dataclasses.replace(cfg, init_head="probe"))
     assert torch.equal(predict_logits(start, images, prep, 32, 16, False), predict_logits(fitted.model, images, fitted.prep, 32, 16, False))
-    fresh, _, _ = train.initial_model(params.model.arch, project.weights_path, load_classes(), cfg)
+    fresh, _, _ = training.initial_model(params.model.arch, project.weights_path, load_classes(), cfg)
     assert not torch.equal(fresh.fc.weight, start.fc.weight), "init_head: random keeps a fresh head"
 
     with pytest.raises(ConfigError, match="probe.train_on_val: true"):  # its head has seen the validation images
-        project(init_head="probe", train_on_val=False) or train.run("finetune")
+        project(init_head="probe", train_on_val=False) or training.run("finetune")
     project(init_head="probe", train_on_val=True, epochs=1)
-    best = train.run("finetune")
+    best = training.run("finetune")
     assert best == {"val_acc": None, "epoch": 1}, "trained on train + val: no validation, the last epoch kept"
     assert not (train_dir("finetune") / "plots" / "metrics" / "val").exists()
 
 
 def test_lp_ft_refuses_a_probe_of_another_model(project):
+    features.main()
     probe.main()
     other = TrainedModel.load(checkpoint_path("probe"), device="cpu")
     with pytest.raises(ModelError, match="is for resnet18 .*weights none.*re-run train_probe"):
-        probe.start_from_probe(other.model, "resnet18", "none", other.classes)
+        training.start_from_probe(other.model, "resnet18", "none", other.classes)
     checkpoint_path("probe").unlink()
     with pytest.raises(ModelError, match="run its stage first"):
-        probe.start_from_probe(other.model, "resnet18", project.weights_path, other.classes)
+        training.start_from_probe(other.model, "resnet18", project.weights_path, other.classes)
 
 
 def test_train_and_test_resolutions_reach_the_model(project, monkeypatch):
-    """Training batches at train.image_size, validation and evaluation at eval_image_size, the probe at probe.image_size,
+    """Training batches at train.image_size, validation and evaluation at eval_image_size, the probe at features.image_size,
     all cut from the one cached array decoded by prepare at data.cache_size."""
+    from transferlab import models
+
     seen: list[int] = []
-    build = train.build_model
+    build = models.build_model
 
     def recording_build(*args):
         model, head, prep = build(*args)
         model.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].shape[-1]))
         return model, head, prep
 
-    monkeypatch.setattr(train, "build_model", recording_build)
-    monkeypatch.setattr(probe, "build_model", recording_build)
+    monkeypatch.setattr(training, "build_model", recording_build)
+    monkeypatch.setattr(models, "build_model", recording_build)  # the features stage imports it where it runs
     assert load_split("train")[0].shape[1:] == (40, 40, 3)
-    project(image_size=24, eval_image_size=36, probe={"image_size": 28, "C": [1.0]})
-    train.run("finetune")
+    project(image_size=24, eval_image_size=36, probe={"C": [1.0]}, features={"image_size": 28})
+    training.run("finetune")
     assert set(seen) == {24, 36}
     assert TrainedModel.load(checkpoint_path("finetune"), device="cpu").image_size == 36
     seen.clear()
+    features.main()
     probe.main()
     assert set(seen) == {28} and TrainedModel.load(checkpoint_path("probe"), device="cpu").image_size == 28
 
 
 def test_flip_tta_in_evaluate_is_the_mean_of_both_views(project, monkeypatch):
     project(probe={"C": [1.0]})
+    features.main()
     probe.main()
     trained = TrainedModel.load(checkpoint_path("probe"), device="cpu")
     images, labels = load_split("test")
@@ -136,9 +144,10 @@ def test_flip_tta_in_evaluate_is_the_mean_of_both_views(project, monkeypatch):
     expected = ((plain + mirrored) / 2).softmax(1).numpy()
     np.testing.assert_allclose(trained.probabilities(images, tta="flip"), expected, atol=1e-6)
 
-    monkeypatch.setattr(evaluate, "plot_misclassified", lambda *args: None)  # pictures are test_analysis's business
+    # evaluate@probe scores from the frozen test features: the same mean of both views, without a backbone pass
+    np.testing.assert_allclose(evaluate.probe_probabilities(checkpoint_path("probe"), labels, trained.classes, "flip"), expected, atol=1e-5)
     cfg = load_params().evaluate
-    metrics = evaluate.evaluate_model("probe", trained, images, labels, cfg)
+    metrics = evaluate.evaluate("probe")
     with (evaluation_dir("probe") / "per_class.csv").open() as f:
         recall = {row["class"]: float(row["recall"]) for row in csv.DictReader(f)}
     predictions = expected.argmax(1)
@@ -149,5 +158,7 @@ def test_flip_tta_in_evaluate_is_the_mean_of_both_views(project, monkeypatch):
 def test_no_validation_images_the_probe_and_cached_feature_training_still_run(project):
     """An empty validation split (train_on_val, or data.val_per_class: 0) is no work, not a crash."""
     project(mode="feature_extract", augment=False, train_on_val=True, init_head="random")
-    assert train.run("finetune") == {"val_acc": None, "epoch": 2}
-    assert torch.load(features_path("finetune"), weights_only=True)["val"].numel() == 0
+    with pytest.raises(ModelError, match="no frozen features"):
+        training.run("finetune")
+    features.main()
+    assert training.run("finetune") == {"val_acc": None, "epoch": 2}

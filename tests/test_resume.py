@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from conftest import run
-from transferlab import train
+from transferlab import training
 
 TRAIN = [sys.executable, "-m", "transferlab.train", "finetune"]
 
@@ -80,7 +80,7 @@ def assert_same_results(got: dict, expected: dict) -> None:
 def uninterrupted(repo: Path, monkeypatch) -> dict:
     """The same run from the start, without interruption (in this process: no second start-up)."""
     monkeypatch.chdir(repo)
-    train.run("finetune")
+    training.run("finetune")
     return results(repo)
 
 
@@ -129,7 +129,7 @@ def test_a_changed_param_starts_fresh_instead_of_resuming(repo, monkeypatch, cap
     set_train(repo, lr=0.03, epochs=2)
     monkeypatch.chdir(repo)
     with caplog.at_level("INFO"):
-        train.run("finetune")
+        training.run("finetune")
     assert "params, data or code changed" in caplog.text and "resuming" not in caplog.text
     lrs = results(repo)["curves"]["lr/head.tsv"]
     assert [float(lr) for _, lr in lrs[1:2]] == [0.03] and len(lrs) == 1 + 2

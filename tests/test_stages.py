@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from conftest import tiny_params
-from transferlab import compare, prepare, probe, train
+from transferlab import compare, features, prepare, probe, training
 from transferlab.evaluate import classification_metrics
 from transferlab.fileio import atomic_dir, atomic_path, write_json
 from transferlab.paths import COMPARISON_JSON, COMPARISON_MD, checkpoint_path, evaluation_dir, train_dir
@@ -133,10 +133,11 @@ def test_training_without_a_validation_split_keeps_the_last_epoch(tmp_path, tiny
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
     prepare.main()
+    features.main()
     probe.main()  # one C: nothing to choose, fitted on the training images
     assert json.loads((train_dir("probe") / "metrics.json").read_text())["best/C"] == 1.0
     assert (train_dir("probe") / "regularization.csv").read_text().startswith("C,fit_time_s")
-    best = train.run("scratch")
+    best = training.run("scratch")
     assert best == {"val_acc": None, "epoch": 2}
     checkpoint = torch.load(checkpoint_path("scratch"), weights_only=True)
     assert checkpoint["epoch"] == 2 and checkpoint["val_acc"] is None and checkpoint["classes"] == ["class_0", "class_1", "class_2"]

@@ -10,14 +10,17 @@ import torch
 import torchvision
 import yaml
 
-from transferlab import train
-from transferlab.config import ConfigError, TrainConfig
-from transferlab.data import BatchAugmenter, epoch_order, load_split
+from transferlab import features, training
+from transferlab.config import TrainConfig
+from transferlab.data import BatchAugmenter, epoch_order
 from transferlab.device import cpu_supports_bf16
+from transferlab.errors import ConfigError, ModelError
 from transferlab.inference import predict_logits
-from transferlab.models import ModelError, Preprocessing, load_checkpoint
+from transferlab.models import Preprocessing
 from transferlab.optim import LrSchedule, build_optimizer
-from transferlab.paths import checkpoint_path, features_path, resume_path, train_dir
+from transferlab.paths import FEATURES_DIR, checkpoint_path, resume_path, train_dir
+from transferlab.splits import load_features, load_split
+from transferlab.trained_model import TrainedModel
 
 PREP = Preprocessing((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "bilinear", 0.875)
 
@@ -37,7 +40,7 @@ def same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def test_finetune_trains_every_layer_and_keeps_batch_norm_statistics(project):
     project(mode="finetune")
-    train.run("finetune")
+    training.run("finetune")
     state, pretrained = trained_state(), project.weights
     assert not same(state["conv1.weight"], pretrained["conv1.weight"])
     assert not same(state["layer4.1.conv2.weight"], pretrained["layer4.1.conv2.weight"])
@@ -46,7 +49,7 @@ def test_finetune_trains_every_layer_and_keeps_batch_norm_statistics(project):
 
 def test_partial_unfreezing_trains_only_layer3_layer4_and_the_head(project):
     project(mode="finetune", frozen_stages=3, freeze_bn_stats=False)
-    train.run("finetune")
+    training.run("finetune")
     state, pretrained = trained_state(), project.weights
     for key in ("conv1.weight", "bn1.running_mean", "layer1.0.conv1.weight", "layer2.1.bn2.running_var", "layer2.1.bn2.weight"):
         assert same(state[key], pretrained[key]), f"{key} is in a frozen stage"
@@ -56,17 +59,18 @@ def test_partial_unfreezing_trains_only_layer3_layer4_and_the_head(project):
 
 def test_feature_extract_without_augmentation_trains_the_head_on_cached_features(project):
     project(mode="feature_extract", augment=False, epochs=3)
-    best = train.run("finetune")
+    features.main()  # the head trains on the features stage's output: one way to compute frozen features
+    best = training.run("finetune")
     state, pretrained = trained_state(), project.weights
     assert all(same(state[k], v) for k, v in pretrained.items() if not k.startswith("fc."))
-    features = torch.load(features_path("finetune"), weights_only=True)
-    assert features["train"].shape == (3 * 4, 512) and features["val"].shape == (3 * 2, 512)
-    # the head trained on cached features gives the full model's logits
-    model, checkpoint = load_checkpoint(checkpoint_path("finetune"))
+    val_features = torch.from_numpy(np.array(load_features("val")[0]))
+    assert load_features("train").shape == (2, 3 * 4, 512) and val_features.shape == (3 * 2, 512)
+    # the head trained on the frozen features gives the full model's logits
+    trained = TrainedModel.load(checkpoint_path("finetune"), device="cpu")
     images, labels = load_split("val")
-    logits = predict_logits(model, images, Preprocessing.from_dict(checkpoint["preprocessing"]), 32, 8)
+    logits = predict_logits(trained.model, images, trained.prep, 32, 8)
     with torch.no_grad():
-        torch.testing.assert_close(model.fc(features["val"]), logits)
+        torch.testing.assert_close(trained.model.fc(val_features), logits, rtol=1e-4, atol=1e-5)
     assert (logits.argmax(1).numpy() == labels).mean() == pytest.approx(best["val_acc"])
 
 
@@ -78,17 +82,17 @@ def test_feature_extract_cache_needs_a_final_linear_head(project, tiny_folder):
     torch.save(squeezenet, project.weights_path)
     with open("params.yaml", "w") as f:
         yaml.safe_dump(params, f)
-    with pytest.raises(ModelError, match="train.augment: false with feature_extract trains the final Linear layer"):
-        train.run("finetune")
+    with pytest.raises(ModelError, match="frozen features are what the final Linear layer receives"):
+        features.main()
 
 
 def test_feature_extract_with_augmentation_keeps_the_whole_backbone_fixed(project):
     project(mode="feature_extract", augment=True)
-    train.run("finetune")
+    training.run("finetune")
     state, pretrained = trained_state(), project.weights
     assert all(same(state[k], v) for k, v in pretrained.items() if not k.startswith("fc."))
     assert not same(state["fc.weight"], train_head_init())
-    assert not features_path("finetune").exists()
+    assert not FEATURES_DIR.exists(), "with augmentation every step runs the backbone"
 
 
 def train_head_init() -> torch.Tensor:
@@ -100,16 +104,16 @@ def train_head_init() -> torch.Tensor:
 
 def test_scratch_ignores_the_fine_tuning_mode_and_pretrained_weights(project):
     project(mode="feature_extract", frozen_stages=0)
-    train.run("scratch")
+    training.run("scratch")
     checkpoint = torch.load(checkpoint_path("scratch"), weights_only=True)
     assert checkpoint["mode"] == "scratch" and checkpoint["weights"] == "none"
 
 
 def test_same_params_give_the_same_metrics_and_weights(project):
     project(epochs=2, auto_augment="trivialaugment", mixup_alpha=0.2)
-    train.run("finetune")
+    training.run("finetune")
     first, first_state = logged("finetune", "train/loss") + logged("finetune", "val/loss"), trained_state()
-    train.run("finetune")
+    training.run("finetune")
     assert logged("finetune", "train/loss") + logged("finetune", "val/loss") == first
     assert all(torch.equal(first_state[k], v) for k, v in trained_state().items())
 
@@ -131,7 +135,7 @@ def test_every_augmentation_and_option_together(project):
         schedule="linear",
         warmup_steps=2,
     )
-    train.run("finetune")
+    training.run("finetune")
     assert len(logged("finetune", "train/loss")) == 2 and all(np.isfinite(logged("finetune", "train/loss")))
     assert logged("finetune", "lr/head")[0] == pytest.approx(0.001 * 0.01)  # warm-up starts at 1 %
 
@@ -139,51 +143,51 @@ def test_every_augmentation_and_option_together(project):
 @pytest.mark.parametrize("mode", ["finetune", "feature_extract"])
 def test_torch_compile(project, mode):
     project(mode=mode, compile=True, epochs=2)
-    train.run("finetune")
+    training.run("finetune")
     assert len(logged("finetune", "val/acc")) == 2
 
 
 def test_early_stopping_ends_the_run_when_validation_stops_improving(project):
     project(epochs=6, lr=1e-12, early_stopping_patience=2)
-    best = train.run("finetune")
+    best = training.run("finetune")
     summary = json.loads((train_dir("finetune") / "metrics.json").read_text())
     assert summary["epochs_run"] == 3 and best["epoch"] == 1
     assert not resume_path("finetune").exists()
 
 
 def test_unavailable_precision_and_device_fail_before_any_work(project):
-    project(precision="fp16")
-    with pytest.raises(ConfigError, match="train.precision: fp16 needs a CUDA device"):
-        train.run("finetune")
+    project(runtime={"precision": "fp16"})
+    with pytest.raises(ConfigError, match="runtime.precision: fp16 needs a CUDA device"):
+        training.run("finetune")
     if not torch.cuda.is_available():
-        project(precision="fp32", device="cuda")
-        with pytest.raises(ConfigError, match="train.device: cuda is not available on this machine; available: auto, cpu"):
-            train.run("finetune")
+        project(runtime={"precision": "fp32", "device": "cuda"})
+        with pytest.raises(ConfigError, match="runtime.device: cuda is not available on this machine; available: auto, cpu"):
+            training.run("finetune")
     if not cpu_supports_bf16():
-        project(precision="bf16", device="cpu")
-        with pytest.raises(ConfigError, match="train.precision: this cpu has no native bf16 support"):
-            train.run("finetune")
+        project(runtime={"precision": "bf16", "device": "cpu"})
+        with pytest.raises(ConfigError, match="runtime.precision: this cpu has no native bf16 support"):
+            training.run("finetune")
     assert not train_dir("finetune").exists()
 
 
 def test_bf16_autocast_path_where_the_cpu_has_native_bf16(project, monkeypatch):
     """The bf16 code path, run on this CPU even without native support (emulated: slow but correct)."""
     monkeypatch.setattr("transferlab.device.cpu_supports_bf16", lambda: True)
-    project(precision="bf16", device="cpu", epochs=1)
-    train.run("finetune")
+    project(runtime={"precision": "bf16", "device": "cpu"}, epochs=1)
+    training.run("finetune")
     assert np.isfinite(logged("finetune", "train/loss")).all()
     assert torch.load(checkpoint_path("finetune"), weights_only=True)["model"]["fc.weight"].dtype == torch.float32
 
 
 def test_augmentation_draws_per_image_on_whole_batches():
-    cfg = TrainConfig(image_size=24, crop_scale_min=0.2, auto_augment="trivialaugment", mixup_alpha=0.4, channels_last=False)
+    cfg = TrainConfig(image_size=24, crop_scale_min=0.2, auto_augment="trivialaugment", mixup_alpha=0.4)
     image = torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8)
     batch, labels = image.expand(4, 3, 40, 40).clone(), torch.tensor([0, 1, 2, 0])
-    inputs, targets = BatchAugmenter(cfg, PREP, num_classes=3, cache_size=40)(batch, labels)
+    inputs, targets = BatchAugmenter(cfg, PREP, num_classes=3, cache_size=40, channels_last=False)(batch, labels)
     assert inputs.shape == (4, 3, 24, 24) and inputs.dtype == torch.float32
     assert len({tuple(x.flatten()[:50].tolist()) for x in inputs}) == 4, "each image gets its own crop"
     assert targets.shape == (4, 3) and torch.allclose(targets.sum(1), torch.ones(4))  # MixUp: class probabilities
-    plain = BatchAugmenter(TrainConfig(image_size=24, augment=False, channels_last=False), PREP, 3, 40)
+    plain = BatchAugmenter(TrainConfig(image_size=24, augment=False), PREP, 3, 40, channels_last=False)
     fixed, same_labels = plain(batch, labels)
     assert torch.equal(fixed[0], fixed[3]) and torch.equal(same_labels, labels)
 
@@ -253,12 +257,12 @@ def test_tensorboard_logs_what_dvclive_logs_and_changes_nothing_else(project, tm
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     project(epochs=2)
-    train.run("finetune")
+    training.run("finetune")
     without = trained_state()
     params = yaml.safe_load((tmp_path / "params.yaml").read_text())
     params["logging"] = {"tensorboard": True}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    train.run("finetune")
+    training.run("finetune")
     assert all(torch.equal(without[k], v) for k, v in trained_state().items())
 
     events = EventAccumulator(str(train_dir("finetune") / "tensorboard")).Reload()

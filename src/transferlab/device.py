@@ -24,7 +24,7 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device(available[0])
     if name not in available:
-        raise ConfigError(f"train.device: {name} is not available on this machine; available: auto, {', '.join(available)}")
+        raise ConfigError(f"runtime.device: {name} is not available on this machine; available: auto, {', '.join(available)}")
     return torch.device(name)
 
 
@@ -34,16 +34,16 @@ def cpu_supports_bf16() -> bool:
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``train.precision`` on ``device`` (None: plain fp32)."""
+    """The autocast dtype for ``runtime.precision`` on ``device`` (None: plain fp32)."""
     if precision == "fp32":
         return None
     if precision == "fp16":
         if device.type != "cuda":
-            raise ConfigError(f"train.precision: fp16 needs a CUDA device (training runs on {device.type}); allowed here: fp32, bf16")
+            raise ConfigError(f"runtime.precision: fp16 needs a CUDA device (training runs on {device.type}); allowed here: fp32, bf16")
         return torch.float16
     supported = torch.cuda.is_bf16_supported() if device.type == "cuda" else device.type == "cpu" and cpu_supports_bf16()
     if not supported:
-        raise ConfigError(f"train.precision: this {device.type} has no native bf16 support; allowed here: fp32")
+        raise ConfigError(f"runtime.precision: this {device.type} has no native bf16 support; allowed here: fp32")
     return torch.bfloat16
 
 
@@ -52,6 +52,6 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def training_device(device: str, precision: str) -> tuple[torch.device, torch.dtype | None]:
-    """The device and autocast dtype for ``train.device`` and ``train.precision``; unavailable ones are a ConfigError."""
+    """The device and autocast dtype for ``runtime.device`` and ``runtime.precision``; unavailable ones are a ConfigError."""
     resolved = resolve_device(device)
     return resolved, autocast_dtype(precision, resolved)

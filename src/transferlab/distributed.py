@@ -139,7 +139,7 @@ def launch(processes: int, module: str, args: list[str]) -> int:
 def process_group(device: torch.device, processes: int, batch_size: int) -> Iterator[World]:
     """This process's :class:`World`: a process group when torchrun started it, else a single process.
 
-    ``device`` is the resolved ``train.device``; with CUDA each process takes the GPU of its local rank.
+    ``device`` is the resolved ``runtime.device``; with CUDA each process takes the GPU of its local rank.
     """
     if not launched_by_torchrun():
         yield World(device=device)

@@ -1,48 +1,79 @@
-"""Summarise DVC experiments: what each varied setting does, and each model's best setting chosen on validation.
+"""Summarise DVC experiments: what each varied setting does, each model's best setting chosen on validation,
+and the command that makes that setting's final fit.
 
     transferlab experiments                       # reads `dvc exp show --json` in the project
     transferlab experiments --json shown.json --out metrics/experiments
 
 Not a pipeline stage: it reads what ``dvc exp show --json`` lists (the experiments of the current commit, or
-of more with ``--all-commits``) and, for each model (linear probe, fine-tuned, scratch), works out the
-settings it really ran with (the ``train:`` section with its ``finetune:``/``scratch:`` overrides) and which
-of them vary. Writes to ``--out``:
+of more with ``--all-commits``) and, for each model, works out the settings it really ran with and which of
+them vary:
+
+- the linear probe: ``data:`` (but its source), ``model:``, ``features:`` and ``probe:``;
+- a trained model: ``data:``, ``model:`` (``model.arch`` only for a run from random init, which loads no
+  weights), ``runtime:`` and its own section, ``train:`` for the fine-tuned model and ``scratch:`` for the
+  scratch one (keys named without the section, ``lr``, as on the plots); plus ``features:`` and ``probe:``
+  when it starts from the probe's head (``init_head: probe``), or ``features:`` when it trains on the features
+  stage's output (``mode: feature_extract`` with ``augment: false``).
+
+``train_on_val`` is left out of the settings: it is the protocol (validate, or make the final fit), not a
+setting to choose.
+
+Grid points are validation-only: queued with their training stage as the target and ``train_on_val: false``
+(``dvc exp run --queue train_finetune -S train.train_on_val=false -S probe.train_on_val=false -S 'train.lr=...'``),
+they stop before evaluation, and the test metrics their commits hold are the baseline's. So no test metric is
+read here. Each model's setting is chosen on the validation accuracy alone (``best/val_acc`` of its training
+stage's summary), and for the choice the summary gives the command that makes the final fit and scores the
+test split once, e.g. ``dvc exp run -S train.lr=0.01 -S train.epochs=5``: the chosen values of the varied
+keys, any other key where the choice differs from the workspace's params.yaml, and ``train_on_val: true``
+where the workspace does not have it already. It trains on train + val and evaluates once.
+
+A model's training summary identical to its baseline commit's is the baseline's run (its stage did not run in
+that experiment: train_scratch in a train_finetune grid): it counts once, for the baseline. Runs without a
+validation score (``train_on_val: true``, a final fit) are left out and named. Settings a commit's params.yaml
+does not name are read as today's defaults (with ``--all-commits``, an old commit may have run with other ones).
+Writes to ``--out``:
 
 - ``experiments.md`` / ``experiments.csv``: each model's distinct settings, ranked by validation accuracy;
+  the markdown also gives each choice's final-fit command;
 - ``validation_vs_params.png``: validation accuracy against each varied setting, the models side by side;
 - ``heatmap_<model>.png``: for a model whose experiments vary exactly two settings (a grid);
-- ``summary.json``: each model's chosen setting, its validation accuracy and, reported once, its test metrics.
-
-The choice uses the validation accuracy alone (``best/val_acc`` of the training stage's summary); test
-metrics are read only for the chosen setting. Runs without a validation score (``train.train_on_val:
-true``, the final fit) are left out, and the summary says how to run them with validation. Settings a
-commit's params.yaml does not name are read as today's defaults (with ``--all-commits``, an old commit may
-have run with other ones).
+- ``summary.json``: each model's chosen setting, its validation accuracy and its final-fit command.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
 import math
+import re
+import shlex
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import yaml
 
 from .compare import NAMES
-from .config import MODELS, RUNS, parse_params
+from .config import FINETUNE_ONLY, MODELS, RUN_SECTIONS, RUNS, Params, parse_params
 from .errors import ConfigError
 from .figures import plt, save_figure
 from .fileio import read_json, write_csv, write_json, write_text
 
 log = logging.getLogger("transferlab.experiments")
 VALIDATION_METRIC = "best/val_acc"
-TEST_METRICS = ("mean_per_class_acc", "top1")
-NO_VALIDATION_HINT = "run them with -S train.train_on_val=false -S probe.train_on_val=false"
+PROTOCOL = "train_on_val"  # the key that turns a run into a final fit on train + val (no validation score)
+# how to get validation scores: each model's grid, queued validation-only (up to its training stage, never the test split)
+VALIDATION_RECIPES = {
+    "probe": "dvc exp run --queue train_probe -S probe.train_on_val=false -S 'probe.C=[...]'",
+    "finetune": "dvc exp run --queue train_finetune -S train.train_on_val=false -S probe.train_on_val=false -S 'train.lr=...'",
+    "scratch": "dvc exp run --queue train_scratch -S scratch.train_on_val=false -S 'scratch.lr=...'",
+}
+NO_VALIDATION_HINT = "queue validation-only runs: " + "; ".join(VALIDATION_RECIPES[model] for model in MODELS)
+FINAL_FIT = "trains on train + val with the chosen setting and evaluates the test split once"
 
 
 class ExperimentsError(RuntimeError):
@@ -57,6 +88,7 @@ class Experiment:
     rev: str
     params: dict  # params.yaml, as run
     metrics: dict  # metrics file path -> its values
+    baseline: Experiment | None = None  # the commit it ran on; None for a commit
 
 
 @dataclass
@@ -66,11 +98,20 @@ class Setting:
     values: dict  # the settings the model ran with
     experiments: list[Experiment]
     val_acc: float  # the best of its experiments' scores (equal unless a run was nondeterministic) ...
-    scored_by: Experiment  # ... scored by this one, whose test metrics are reported if the setting is chosen
+    scored_by: Experiment  # ... scored by this one
 
     @property
     def runs(self) -> list[str]:
         return [e.name for e in self.experiments]
+
+
+def _experiment(name: str, entry: dict, baseline: Experiment | None = None) -> Experiment | None:
+    data = entry.get("data") or {}
+    params = ((data.get("params") or {}).get("params.yaml") or {}).get("data")
+    if entry.get("error") or not params:
+        return None
+    metrics = {path: (values or {}).get("data") or {} for path, values in (data.get("metrics") or {}).items()}
+    return Experiment(name, entry.get("rev") or name, params, metrics, baseline)
 
 
 def experiments_from_show(shown: list) -> Iterator[Experiment]:
@@ -79,40 +120,79 @@ def experiments_from_show(shown: list) -> Iterator[Experiment]:
     for commit in shown:
         if commit.get("rev") == "workspace":
             continue
-        entries = [(commit.get("name") or commit["rev"][:7], {"rev": commit["rev"], **commit})]
+        baseline = _experiment(commit.get("name") or commit["rev"][:7], commit)
+        if baseline:
+            yield baseline
         for exp in commit.get("experiments") or []:
             if (exp.get("executor") or {}).get("state") in ("queued", "running", "failed"):
                 continue
             latest = exp["revs"][0]
-            entries.append((latest.get("name") or latest["rev"][:7], latest))
-        for name, entry in entries:
-            data = entry.get("data") or {}
-            params = ((data.get("params") or {}).get("params.yaml") or {}).get("data")
-            if entry.get("error") or not params:
-                continue
-            metrics = {path: (values or {}).get("data") or {} for path, values in (data.get("metrics") or {}).items()}
-            yield Experiment(name, entry.get("rev") or name, params, metrics)
+            found = _experiment(latest.get("name") or latest["rev"][:7], latest, baseline)
+            if found:
+                yield found
+
+
+def workspace_params(shown: list) -> dict | None:
+    """params.yaml of the workspace, where ``dvc exp run`` applies its ``-S``."""
+    for commit in shown:
+        if commit.get("rev") == "workspace":
+            found = _experiment("workspace", commit)
+            return found.params if found else None
+    return None
+
+
+def _section(prefix: str, config, skip: tuple = ()) -> dict:
+    return {f"{prefix}{key}": value for key, value in dataclasses.asdict(config).items() if key not in skip}
+
+
+def _run_section(run: str, cfg) -> dict:
+    """The run's own section, keys without the section name; scratch: without the fine-tuning's keys, which it cannot set."""
+    return _section("", cfg, (PROTOCOL, *(FINETUNE_ONLY if run == "scratch" else ())))
 
 
 def model_settings(params: dict) -> dict[str, dict]:
-    """The settings each model ran with: its section after overrides, plus the data and model sections.
-
-    The fine-tuned model started from the probe (``init_head: probe``) also depends on the probe's settings.
-    """
-    checked = parse_params(params, check_arch=False)
-    shared = {f"data.{k}": v for k, v in dataclasses.asdict(checked.data).items() if k != "source"}
-    shared.update({f"model.{k}": v for k, v in dataclasses.asdict(checked.model).items()})
-    probe = {f"probe.{k}": v for k, v in dataclasses.asdict(checked.probe).items()}
-    settings = {"probe": {**shared, **probe}}
+    """The settings each model ran with (see the module's docstring), ``train_on_val`` left out."""
+    checked = parse_params(params)
+    data = _section("data.", checked.data, ("source",))
+    model = _section("model.", checked.model)
+    features = _section("features.", checked.features)
+    probe = _section("probe.", checked.probe, (PROTOCOL,))
+    settings = {"probe": {**data, **model, **features, **probe}}
     for run in RUNS:
         cfg = checked.train_config(run)
-        settings[run] = {**shared, **(probe if cfg.init_head == "probe" else {}), **dataclasses.asdict(cfg)}
+        on_features = cfg.mode == "feature_extract" and not cfg.augment
+        upstream = {**features, **probe} if cfg.init_head == "probe" else features if on_features else {}
+        settings[run] = {
+            **data,
+            **(model if cfg.mode != "scratch" else {"model.arch": checked.model.arch}),
+            **_section("runtime.", checked.runtime),
+            **upstream,
+            **_run_section(run, cfg),
+        }
     return settings
+
+
+def params_key(model: str, key: str) -> str:
+    """The params.yaml key of one of the model's settings: the fine-tuned model's ``lr`` is ``train.lr``."""
+    return key if "." in key else f"{RUN_SECTIONS[model]}.{key}"
+
+
+def protocol_keys(model: str, values: dict) -> list[str]:
+    """The ``train_on_val`` keys the model's final fit sets true: its own, and the probe's when it starts from the probe."""
+    own = "probe" if model == "probe" else RUN_SECTIONS[model]
+    return [f"{own}.{PROTOCOL}", *(["probe." + PROTOCOL] if model != "probe" and values.get("init_head") == "probe" else [])]
 
 
 def validation_score(experiment: Experiment, model: str) -> float | None:
     value = experiment.metrics.get(f"metrics/train_{model}/metrics.json", {}).get(VALIDATION_METRIC)
     return None if value is None else float(value)
+
+
+def baseline_copy(experiment: Experiment, model: str) -> bool:
+    """The model's training summary is its baseline commit's: its stage did not run in this experiment."""
+    path = f"metrics/train_{model}/metrics.json"
+    found = experiment.metrics.get(path)
+    return bool(found) and experiment.baseline is not None and found == experiment.baseline.metrics.get(path)
 
 
 def _key(value) -> str:
@@ -127,7 +207,7 @@ def distinct_settings(experiments: list[Experiment], model: str) -> tuple[list[S
     by_values: dict[str, Setting] = {}
     for experiment in sorted(experiments, key=lambda e: (e.name, e.rev)):
         score = validation_score(experiment, model)
-        if score is None:
+        if score is None or baseline_copy(experiment, model):
             continue
         values = model_settings(experiment.params)[model]
         setting = by_values.setdefault(_key(values), Setting(values, [], score, experiment))
@@ -139,10 +219,18 @@ def distinct_settings(experiments: list[Experiment], model: str) -> tuple[list[S
     return settings, varied
 
 
-def test_metrics(experiment: Experiment, model: str) -> dict:
-    """The test metrics of one run: read for the chosen setting only, after the choice."""
-    found = experiment.metrics.get(f"metrics/test_{model}/metrics.json", {})
-    return {key: found[key] for key in TEST_METRICS if key in found}
+def without_validation(experiments: list[Experiment]) -> dict[str, list[str]]:
+    """For each model, the experiments that trained it without a validation score (on train + val: a final fit)."""
+    found = {}
+    for model in MODELS:
+        names = [
+            e.name
+            for e in experiments
+            if f"metrics/train_{model}/metrics.json" in e.metrics and validation_score(e, model) is None and not baseline_copy(e, model)
+        ]
+        if names:
+            found[model] = names
+    return found
 
 
 def valid_experiments(experiments: list[Experiment]) -> tuple[list[Experiment], list[str]]:
@@ -158,8 +246,118 @@ def valid_experiments(experiments: list[Experiment]) -> tuple[list[Experiment], 
     return valid, notes
 
 
-def summarise(experiments: list[Experiment]) -> dict:
-    """For each model with a validation score: its settings ranked, the varied keys, the choice and its test metrics."""
+def _hydra(value) -> str:
+    """A value as a Hydra override writes it (``dvc exp run -S``)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ",".join(_hydra(v) for v in value) + "]"
+    text = str(value)
+    if re.fullmatch(r"[A-Za-z_][\w./-]*", text) and text.lower() not in ("true", "false", "null", "nan", "inf"):
+        return text
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _floats(value) -> Iterator[float]:
+    if isinstance(value, list):
+        for item in value:
+            yield from _floats(item)
+    elif isinstance(value, float):
+        yield value
+
+
+def _applied(base: dict, overrides: dict) -> dict:
+    raw = copy.deepcopy(base)
+    for key, value in overrides.items():
+        section, name = key.split(".", 1)
+        if not isinstance(raw.get(section), dict):
+            raw[section] = {}
+        raw[section][name] = value
+    return raw
+
+
+def _command(overrides: dict, base: dict) -> str:
+    """``dvc exp run`` with one ``-S`` per override; ``++`` (add or override) for a key base's params.yaml does not name."""
+    parts = ["dvc", "exp", "run"]
+    for key, value in overrides.items():
+        section, name = key.split(".", 1)
+        named = isinstance(base.get(section), dict) and name in base[section]
+        parts += ["-S", shlex.quote(f"{'' if named else '++'}{key}={_hydra(value)}")]
+    return " ".join(parts)
+
+
+def _problem(overrides: dict, base: dict, chosen: dict[str, dict]) -> str | None:
+    """Why ``overrides`` on ``base`` would not make the final fit of each model's ``chosen`` setting, or None."""
+    for key, value in overrides.items():
+        for number in _floats(value):
+            if not isinstance(yaml.safe_load(repr(number)), float):
+                return (
+                    f"dvc writes {key} to params.yaml as {number!r}, which the stages' YAML reader takes for a string: "
+                    f"write it there as {number:.1e} instead of passing -S"
+                )
+    try:
+        settings = model_settings(_applied(base, overrides))
+    except ConfigError as err:
+        return f"the final fit's params are not valid: {err}"
+    for model, values in chosen.items():
+        differ = [key for key, value in values.items() if _key(settings[model].get(key)) != _key(value)]
+        if differ:
+            return f"{params_key(model, differ[0])} would not be the {NAMES[model]} model's chosen value"
+    return None
+
+
+def final_fit(model: str, chosen: Setting, varied: list[str], base: dict) -> dict:
+    """The command that makes the chosen setting's final fit from ``base`` (the params ``dvc exp run`` starts from).
+
+    It sets the varied keys to the chosen values, every other key where the choice differs from ``base``, and
+    ``train_on_val: true`` (see :func:`protocol_keys`): the fit on train + val, whose evaluation scores the test split once.
+    """
+    target = {params_key(model, key): value for key, value in chosen.values.items()}
+    target.update(dict.fromkeys(protocol_keys(model, chosen.values), True))
+    current = _flat_params(parse_params(base))
+    first = [params_key(model, key) for key in varied]
+    overrides = {key: target[key] for key in first}
+    overrides.update({key: value for key, value in target.items() if key not in overrides and _key(current.get(key)) != _key(value)})
+    return {"command": _command(overrides, base), "overrides": overrides, "problem": _problem(overrides, base, {model: chosen.values})}
+
+
+def _flat_params(checked: Params) -> dict:
+    flat = {}
+    for section in ("data", "model", "runtime", "features", "probe", *RUN_SECTIONS.values()):
+        flat.update(_section(f"{section}.", getattr(checked, section), FINETUNE_ONLY if section == "scratch" else ()))
+    return flat
+
+
+def final_fit_all(summary: dict, base: dict) -> dict:
+    """One command for every model's final fit at once, when their choices agree on the keys they share."""
+    overrides = {}
+    for part in summary.values():
+        overrides.update(part["chosen"]["final_fit"]["overrides"])
+    chosen = {model: part["settings"][0].values for model, part in summary.items()}
+    return {"command": _command(overrides, base), "overrides": overrides, "problem": _problem(overrides, base, chosen)}
+
+
+def choose_base(shown: list, experiments: list[Experiment]) -> tuple[str, dict]:
+    """The params the final-fit commands start from: the workspace's, else the first commit's listed, else an experiment's."""
+    workspace = workspace_params(shown)
+    candidates = [("the workspace", workspace)] if workspace else []
+    candidates += [(f"commit {e.name}", e.params) for e in experiments if e.baseline is None]
+    candidates += [(f"experiment {e.name}", e.params) for e in experiments]
+    for name, params in candidates:
+        try:
+            parse_params(params)
+        except ConfigError:
+            continue
+        return name, params
+    raise ExperimentsError("no listed params are valid for this code")
+
+
+def summarise(experiments: list[Experiment], base: dict) -> dict:
+    """For each model with a validation score: its settings ranked, the varied keys, the choice and its final-fit command."""
     summary = {}
     for model in MODELS:
         settings, varied = distinct_settings(experiments, model)
@@ -174,7 +372,7 @@ def summarise(experiments: list[Experiment]) -> dict:
                 "scored_by": chosen.scored_by.name,
                 "val_acc": chosen.val_acc,
                 "values": {key: chosen.values[key] for key in varied},
-                "test": test_metrics(chosen.scored_by, model),
+                "final_fit": final_fit(model, chosen, varied, base),
             },
         }
     if not summary:
@@ -186,23 +384,51 @@ def _shown(value) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
-def markdown(summary: dict, skipped: int, notes: list[str]) -> str:
-    lines = ["# Experiments: each model's best setting, chosen on the validation split", ""]
-    if skipped:
-        lines += [f"{skipped} experiment(s) without a validation score left out (trained on train + val); {NO_VALIDATION_HINT}.", ""]
+def _final_fit_line(fit: dict) -> list[str]:
+    lines = [f"Final fit ({FINAL_FIT}): `{fit['command']}`" + ("" if fit["overrides"] else ", the params as they are")]
+    if fit["problem"]:
+        lines.append(f"Not runnable as it stands: {fit['problem']}.")
+    return lines
+
+
+def markdown(summary: dict, unscored: dict[str, list[str]], notes: list[str], base_name: str, together: dict) -> str:
+    lines = [
+        "# Experiments: each model's best setting, chosen on the validation split",
+        "",
+        "No test metric is shown: the grid's experiments are validation-only (what their commits hold under "
+        "metrics/test_* is the baseline's), and the test split is scored once, by the final fit of the chosen setting. "
+        f"The final-fit commands start from the params.yaml of {base_name}.",
+        "",
+    ]
+    if len(summary) > 1:
+        if together["problem"]:
+            lines += [f"No single final fit for every model: {together['problem']}; run each model's command.", ""]
+        else:
+            lines += [f"Every model's final fit in one run ({FINAL_FIT}): `{together['command']}`", ""]
+    if unscored:
+        described = "; ".join(f"{NAMES[model]}: {', '.join(names)}" for model, names in unscored.items())
+        lines += [f"Left out, trained on train + val (no validation score): {described}.", ""]
     if notes:
         lines += ["Left out:", "", *(f"- {note}" for note in notes), ""]
-    for model, part in summary.items():
+    for model in MODELS:
+        if model not in summary:
+            if model in unscored:
+                lines += [f"## {NAMES[model]}", "", f"No validation score: `{VALIDATION_RECIPES[model]}`.", ""]
+            continue
+        part = summary[model]
         chosen, varied = part["chosen"], part["varied"]
-        test = ", ".join(f"{key} {value:.2%}" for key, value in chosen["test"].items()) or "not evaluated"
         lines += [f"## {NAMES[model]}", ""]
         if not varied:
-            lines += [f"No setting of this model varies across these experiments (validation accuracy {chosen['val_acc']:.2%}).", ""]
+            lines += [
+                f"No setting of this model varies across these experiments (validation accuracy {chosen['val_acc']:.2%}).",
+                *_final_fit_line(chosen["final_fit"]),
+                "",
+            ]
             continue
         described = ", ".join(f"{key}={_shown(value)}" for key, value in chosen["values"].items())
         lines += [
             f"Chosen on validation: **{described}** ({chosen['scored_by']}), validation accuracy {chosen['val_acc']:.2%}.",
-            f"Its test metrics, reported once and never used to choose: {test}.",
+            *_final_fit_line(chosen["final_fit"]),
             "",
             "| " + " | ".join(["validation accuracy", *varied, "experiments"]) + " |",
             "|" + "---|" * (len(varied) + 2),
@@ -299,21 +525,23 @@ def plot_heatmap(model: str, part: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
-def summary_json(summary: dict, skipped: int, notes: list[str]) -> dict:
+def summary_json(summary: dict, unscored: dict[str, list[str]], notes: list[str], base_name: str, together: dict) -> dict:
     return {
-        "metric": f"validation accuracy ({VALIDATION_METRIC}); test metrics of the chosen setting only",
-        "experiments_without_validation": skipped,
+        "metric": f"validation accuracy ({VALIDATION_METRIC}) alone; no test metric is read: each final-fit command scores the test split once",
+        "final_fit_from": base_name,
+        "final_fit_all": together if len(summary) > 1 else None,
+        "without_validation": unscored,
         "left_out": notes,
         **{model: {"varied": part["varied"], **part["chosen"]} for model, part in summary.items()},
     }
 
 
-def write_outputs(summary: dict, skipped: int, notes: list[str], out: Path) -> list[Path]:
+def write_outputs(summary: dict, unscored: dict[str, list[str]], notes: list[str], base_name: str, together: dict, out: Path) -> list[Path]:
     """Every output file, written atomically; pictures of an earlier summary that no longer apply are removed."""
     for stale in [*out.glob("heatmap_*.png"), out / "validation_vs_params.png"]:
         stale.unlink(missing_ok=True)
-    write_text(out / "experiments.md", markdown(summary, skipped, notes))
-    write_json(out / "summary.json", summary_json(summary, skipped, notes))
+    write_text(out / "experiments.md", markdown(summary, unscored, notes, base_name, together))
+    write_json(out / "summary.json", summary_json(summary, unscored, notes, base_name, together))
     varied = sorted({key for part in summary.values() for key in part["varied"]})
     rows = [
         [model, f"{s.val_acc:.6g}", *(_shown(s.values.get(key, "")) for key in varied), " ".join(s.runs)]
@@ -351,11 +579,13 @@ def run(shown_json: Path | None, out: Path, all_commits: bool = False) -> dict:
     experiments, notes = valid_experiments(experiments)
     for note in notes:
         log.warning("left out %s", note)
-    skipped = sum(all(validation_score(e, model) is None for model in MODELS) for e in experiments)
-    summary = summarise(experiments)
-    for path in write_outputs(summary, skipped, notes, out):
+    base_name, base = choose_base(shown, experiments)
+    summary = summarise(experiments, base)
+    unscored = without_validation(experiments)
+    together = final_fit_all(summary, base)
+    for path in write_outputs(summary, unscored, notes, base_name, together, out):
         print(path)
     for model, part in summary.items():
         chosen = part["chosen"]
-        print(f"{NAMES[model]}: chosen {chosen['values'] or '(nothing varied)'} val {chosen['val_acc']:.2%}, test {chosen['test']}")
+        print(f"{NAMES[model]}: chosen {chosen['values'] or '(nothing varied)'} val {chosen['val_acc']:.2%}; final fit: {chosen['final_fit']['command']}")
     return summary

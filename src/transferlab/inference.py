@@ -111,7 +111,8 @@ def predict_views(
         for batch in tqdm(batches, total=-(-len(images) // batch_size), desc=desc, leave=False):
             if run is None:
                 run, path = choose_runner(net, batch, len(images) * views if fast else 0, channels_last)
-                log.debug("%s: %s", desc, path)
+                if fast:
+                    log.info("%s: %d images on %s", desc, len(images), path)
             outputs.append(torch.stack([run(view).float().cpu() for view in ((batch, batch.flip(3)) if flip else (batch,))]))
     finally:
         model.train(was_training)

@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -204,9 +205,9 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
 
 
-def start_from_probe(model: nn.Module, arch: str, weights: str, classes: list[str]) -> None:
+def start_from_probe(model: nn.Module, arch: str, weights: str, classes: list[str], path: Path | None = None) -> None:
     """Load the fitted probe (its backbone weights and its head) into ``model``: LP-FT's starting point."""
-    path = checkpoint_path("probe")
+    path = path or checkpoint_path("probe")
     if not path.is_file():
         raise ModelError(f"train.init_head: probe needs the linear probe at {path}: run its stage first (dvc repro train_probe)")
     checkpoint = read_checkpoint(path)
@@ -275,6 +276,7 @@ def run(name: str, world: World | None = None) -> dict:
         torch.manual_seed(cfg.seed + world.rank)
     slices = batch_slices(len(train_labels), cfg.batch_size)
     trainer = Trainer.create(model, head_name, cfg, runtime, len(slices), world, amp_dtype)
+    inputs = training_inputs(trainer, data, prep, params.model.arch, weights, len(classes))  # frozen features that are not there fail here
     generator = torch.Generator().manual_seed(cfg.seed)  # the same on every process: one order, sharded per batch
     # the files the run starts from: the probe's head (LP-FT), the frozen features (feature_extract without augmentation)
     start_from = [checkpoint_path("probe")] if cfg.init_head == "probe" else []
@@ -288,7 +290,6 @@ def run(name: str, world: World | None = None) -> dict:
         resume.restore_rng(state["rng"][world.rank])
         progress, best_model = resume.Progress(**state["progress"]), state["best_model"]
         log.info("resuming %s from epoch %d, step %d (%s)", name, progress.epoch + 1, progress.step, resume_path(name))
-    inputs = training_inputs(trainer, data, prep, params.model.arch, weights, len(classes))
 
     def save_state(epoch_start_generator: torch.Tensor) -> None:
         rng = world.gather(resume.rng_state(trainer.device))  # every process's random state, for an exact resume
