@@ -5,6 +5,7 @@ writing of a real ``dvc repro``."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import signal
@@ -109,6 +110,15 @@ def staging_folders(repo: Path) -> list[Path]:
     return [*repo.glob("data/*.partial"), *repo.glob("metrics/*.partial")]
 
 
+def writing(repo: Path) -> bool:
+    """Whether a staging folder holds files: an output folder is half-written."""
+    for folder in staging_folders(repo):
+        with contextlib.suppress(FileNotFoundError):  # renamed into place meanwhile
+            if any(folder.iterdir()):
+                return True
+    return False
+
+
 @pytest.mark.parametrize(
     ("target", "match", "staged"),
     [
@@ -150,19 +160,22 @@ def stage_process(dvc: subprocess.Popen, module: str) -> psutil.Process | None:
 
 
 def start_evaluate(repo: Path) -> tuple[subprocess.Popen, float]:
-    """``dvc repro -f -s evaluate`` started in the background, once the evaluate process has begun writing its first
-    output folder (its staging folder appears); and the time that happened."""
+    """``dvc repro -f -s evaluate@finetune`` started in the background, once the evaluate process has written the
+    first file into its output folder (in the staging folder); and the time that happened."""
     for stale in staging_folders(repo):  # a kill's leftovers, which the stage clears itself: not the sign looked for
         shutil.rmtree(stale)
-    dvc = subprocess.Popen(["dvc", "repro", "-f", "-s", "evaluate"], cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    wait_for(lambda: staging_folders(repo) or dvc.poll() is not None, "evaluate's first output folder")
+    dvc = subprocess.Popen(
+        ["dvc", "repro", "-f", "-s", "evaluate@finetune"], cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    wait_for(lambda: writing(repo) or dvc.poll() is not None, "evaluate's first file")
     return dvc, time.monotonic()
 
 
 def test_evaluate_killed_at_moments_spread_over_its_writes(finished):
     repo, reference = finished
-    dvc, writing_since = start_evaluate(repo)  # uninterrupted: from its first output folder begun to its last in place
-    wait_for(lambda: (repo / f"metrics/test_{EVALUATED[-1]}").exists(), "evaluate's last output folder")
+    shutil.rmtree(repo / "metrics/test_finetune")
+    dvc, writing_since = start_evaluate(repo)  # uninterrupted: from its output folder begun to it in place
+    wait_for(lambda: (repo / "metrics/test_finetune").exists(), "evaluate's output folder in place")
     window = time.monotonic() - writing_since
     assert dvc.wait(timeout=300) == 0
     fractions, landed = (0.1, 0.25, 0.4, 0.55, 0.7, 0.85, 0.95), 0
@@ -173,11 +186,11 @@ def test_evaluate_killed_at_moments_spread_over_its_writes(finished):
         if process is not None:
             process.send_signal(signal.SIGKILL)
         dvc.wait(timeout=300)
-        landed += any(any(folder.iterdir()) for folder in staging_folders(repo))  # killed with an output folder half-written
+        landed += writing(repo)  # killed with an output folder half-written
         for run_ in EVALUATED:
             assert_whole_or_absent(repo / f"metrics/test_{run_}", reference[run_], EVALUATION_FILES)
     assert landed > len(fractions) // 2, f"only {landed} of {len(fractions)} kills landed while an output folder was being written"
-    run(["dvc", "repro", "-f", "-s", "evaluate"], repo)
+    run(["dvc", "repro", "-f", "-s", "evaluate@finetune"], repo)
     assert_pipeline_matches(repo, reference)
 
 

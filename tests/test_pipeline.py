@@ -32,6 +32,7 @@ def test_repro_then_experiment_then_plots(project_repo):
     repo = project_repo
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["train"].update(init_head="probe", train_on_val=True)
+    params["scratch"]["train_on_val"] = True
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     result = run(["dvc", "repro"], repo)
     for stage in STAGES:

@@ -1,58 +1,70 @@
-"""Training and evaluation throughput on this machine (a benchmark, not a test: it reports, never asserts).
+"""Throughput and experiment overheads on this machine (a benchmark, not a test: it reports, never asserts).
 
     python -m transferlab.benchmark --arch timm/tf_efficientnet_lite0 --image-size 160 --batch-size 32 \\
         --jpeg-folder ../shared/datasets/caltech-101/101_ObjectCategories
+    python -m transferlab.benchmark --grid --grid-epochs 1 --json grid.json
 
-For one model, resolution and batch size it measures, in images per second:
+From the project root, on the images ``prepare`` cached, for one model, resolution and batch size it
+measures, in images per second:
 1. compute-only bound: training steps on one random batch already in memory (no data work at all);
-2. this pipeline: a real epoch of the cached uint8 images from ``prepare`` (augmented per image on the
-   training device), through the same ``Trainer.step`` the training stages use;
+2. this pipeline: a real epoch (or ``--max-steps``) of the cached uint8 images (augmented per image on
+   the training device), through the same ``Trainer.step`` the training stages use;
 3. the seeds' baseline: torchvision ``ImageFolder`` decoding the JPEGs every epoch, per-image transforms,
    ``DataLoader(num_workers=2)``, for as many batches as (2) (only with ``--jpeg-folder``);
-and evaluation throughput (the test split at ``--eval-image-size``), the wall time of the feature-extract
-fast path (one backbone pass over train + val, then the head's epochs on the cached features), and the
-process's peak memory. Results go to stdout as a Markdown table (and to ``--json``).
+4. eager against ``torch.compile`` training steps (as (2), ``--compile-steps``): the first steps, where the
+   compilation happens, are timed apart from the steady rate, so that ``compile`` can be chosen per run;
+and, at ``--eval-image-size``: evaluation of the test split (the evaluate stage's path), the features
+stage's pass (every split and its mirror image through the backbone), inference of the same preprocessed
+batches in eager NCHW, eager channels-last and ONNX Runtime (each one's largest logit difference from
+eager NCHW, and the one-off export and session time), and the process's peak memory.
+
+``--grid`` measures what DVC experiments cost beyond their training, with the real dvc commands, in a
+throw-away clone of the project at HEAD that shares the project's DVC cache and data source (see
+:func:`grid`). Results go to stdout as a Markdown table (and to ``--json``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import dataclasses
+import json
 import logging
+import os
+import re
 import resource
+import subprocess
+import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+import yaml
 from torchvision import datasets
 from torchvision.transforms import InterpolationMode, v2
 
-from .config import TrainConfig
-from .data import batch_slices, epoch_order, load_classes, load_split
-from .device import resolve_device, training_device
+from . import cores
+from .config import DATA_SOURCE_ENV, RuntimeConfig, TrainConfig
+from .data import batch_slices, epoch_order, eval_batches, eval_resize, normalize
+from .device import training_device
+from .distributed import World
 from .fileio import write_json
-from .inference import predict_logits
-from .models import build_model
-from .train import Inputs, Trainer, compute_features, feature_inputs, image_inputs
+from .inference import onnx_runner, predict_logits, predict_views
+from .models import Preprocessing, build_model
+from .splits import SPLITS, load_classes, load_split
+from .training import Inputs, Trainer, image_inputs
 
 log = logging.getLogger("transferlab.benchmark")
+WARMUP_STEPS = 2  # untimed first steps: one-off allocations and, with torch.compile, the compilation
+MEASUREMENTS = ("compute", "pipeline", "jpeg", "compile", "eval", "features", "infer")
 
 
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def timed_steps(trainer: Trainer, inputs: Inputs, batches: list[torch.Tensor], warmup: int = 2) -> float:
-    """Images per second over ``batches`` (the first ``warmup`` steps are not timed)."""
-    trainer.enter_train_mode()
-    for indices in batches[:warmup]:
-        trainer.step(inputs, indices)
-    synchronize(trainer.device)
-    started, images = time.perf_counter(), 0
-    for indices in batches[warmup:]:
-        images += trainer.step(inputs, indices)[2]
-    synchronize(trainer.device)
-    return images / (time.perf_counter() - started)
 
 
 def synchronize(device: torch.device) -> None:
@@ -60,29 +72,94 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def fresh_trainer(arch: str, cfg: TrainConfig, num_classes: int, steps_per_epoch: int):
-    torch.manual_seed(cfg.seed)
-    model, head, prep = build_model(arch, "none", num_classes)
-    return Trainer.create(model, head, cfg, steps_per_epoch, *training_device(cfg.device, cfg.precision)), prep
+@dataclass(frozen=True)
+class Setup:
+    """What the measurements share: the model, the training recipe, where it runs."""
+
+    arch: str
+    weights: str
+    cfg: TrainConfig
+    runtime: RuntimeConfig
+    num_classes: int
+
+    def trainer(self, steps_per_epoch: int, cfg: TrainConfig | None = None) -> tuple[Trainer, Preprocessing]:
+        cfg = cfg or self.cfg
+        torch.manual_seed(cfg.seed)
+        model, head, prep = build_model(self.arch, self.weights, self.num_classes)
+        device, amp_dtype = training_device(self.runtime.device, self.runtime.precision)
+        world = World(device=device)
+        return Trainer.create(model, head, cfg, self.runtime, steps_per_epoch, world, amp_dtype), prep
+
+    def network(self, channels_last: bool) -> tuple[torch.nn.Module, torch.nn.Module, Preprocessing]:
+        """(model in eval mode on the device, its classifier head, preprocessing)."""
+        torch.manual_seed(self.cfg.seed)
+        model, head, prep = build_model(self.arch, self.weights, self.num_classes)
+        device, _ = training_device(self.runtime.device, self.runtime.precision)
+        model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format).eval()
+        return model, model.get_submodule(head), prep
 
 
-def compute_bound(arch: str, cfg: TrainConfig, num_classes: int, steps: int) -> float:
-    trainer, _ = fresh_trainer(arch, cfg, num_classes, steps)
+def timed_steps(trainer: Trainer, inputs: Inputs, batches: list[torch.Tensor]) -> tuple[float, float]:
+    """(seconds of the first WARMUP_STEPS steps, images per second over the other ``batches``)."""
+    trainer.enter_train_mode()
+    started = time.perf_counter()
+    for indices in batches[:WARMUP_STEPS]:
+        trainer.step(inputs, indices)
+    synchronize(trainer.device)
+    warm, images = time.perf_counter(), 0
+    for indices in batches[WARMUP_STEPS:]:
+        images += trainer.step(inputs, indices)[2]
+    synchronize(trainer.device)
+    return warm - started, images / (time.perf_counter() - warm)
+
+
+def step_indices(labels: np.ndarray, batch_size: int, count: int) -> list[torch.Tensor]:
+    """``count`` batches of training indices, epoch after epoch, as training draws them."""
+    slices = batch_slices(len(labels), batch_size)
+    generator, batches = torch.Generator().manual_seed(0), []
+    while len(batches) < count:
+        order = epoch_order(labels, generator, balanced=False)
+        batches += [order[s] for s in slices]
+    return batches[:count]
+
+
+def compute_bound(setup: Setup, steps: int) -> dict:
+    cfg = setup.cfg
+    trainer, _ = setup.trainer(steps)
     batch = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=trainer.device)
-    if cfg.channels_last:
+    if setup.runtime.channels_last:
         batch = batch.contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(0, num_classes, (cfg.batch_size,), device=trainer.device)
-    same_batch = Inputs(fetch=lambda indices: (batch, labels, labels), forward=trainer.model, validate=lambda: None)
-    return timed_steps(trainer, same_batch, [torch.empty(0)] * (steps + 2))
+    labels = torch.randint(0, setup.num_classes, (cfg.batch_size,), device=trainer.device)
+    same_batch = Inputs(lambda indices: (batch, labels, labels), trainer.model, lambda: None)
+    _, img_s = timed_steps(trainer, same_batch, [torch.arange(cfg.batch_size)] * (steps + WARMUP_STEPS))
+    return {"compute_only_img_s": round(img_s, 2)}
 
 
-def cached_pipeline(arch: str, cfg: TrainConfig, data, num_classes: int, max_steps: int | None) -> float:
+def cached_pipeline(setup: Setup, data, steps: int, cfg: TrainConfig | None = None) -> tuple[float, float]:
+    """(seconds of the first steps, images per second after them): ``steps`` timed steps, as in training."""
+    cfg = cfg or setup.cfg
     (_, labels), _ = data
-    slices = batch_slices(len(labels), cfg.batch_size)
-    trainer, prep = fresh_trainer(arch, cfg, num_classes, len(slices))
-    inputs = image_inputs(trainer.model, data, cfg, prep, trainer.device, num_classes)
-    order = epoch_order(labels, torch.Generator().manual_seed(0), balanced=False)
-    return timed_steps(trainer, inputs, [order[s] for s in slices[: max_steps and max_steps + 2]])
+    trainer, prep = setup.trainer(len(batch_slices(len(labels), cfg.batch_size)), cfg)
+    channels_last = setup.runtime.channels_last
+    inputs = image_inputs(trainer.model, data, cfg, channels_last, prep, trainer.world, setup.num_classes)
+    return timed_steps(trainer, inputs, step_indices(labels, cfg.batch_size, steps + WARMUP_STEPS))
+
+
+def compile_speed(setup: Setup, data, steps: int) -> dict:
+    """Eager and compiled training steps, and how many images a run must train on for a compilation to pay."""
+    cfgs = (dataclasses.replace(setup.cfg, compile=compiled) for compiled in (False, True))
+    (eager_first, eager), (compiled_first, compiled) = [cached_pipeline(setup, data, steps, c) for c in cfgs]
+    saved_per_image = 1 / eager - 1 / compiled
+    extra = max(compiled_first - eager_first, 0)
+    break_even = round(extra / saved_per_image) if saved_per_image > 0 else None
+    return {
+        "train_eager_first_steps_s": round(eager_first, 2),
+        "train_eager_img_s": round(eager, 2),
+        "train_compiled_first_steps_s": round(compiled_first, 2),  # the compilation
+        "train_compiled_img_s": round(compiled, 2),
+        "compile_speedup": round(compiled / eager, 3),
+        "compile_break_even_images": break_even,  # None: compiled steps are no faster here
+    }
 
 
 class ImageFolderWithout(datasets.ImageFolder):
@@ -98,13 +175,15 @@ class ImageFolderWithout(datasets.ImageFolder):
         return kept, {name: index for index, name in enumerate(kept)}
 
 
-def jpeg_baseline(arch: str, cfg: TrainConfig, folder: Path, num_classes: int, max_steps: int, workers: int) -> float:
-    """The way the seeds train: decode and transform each JPEG in DataLoader workers, every epoch (``max_steps`` batches)."""
-    trainer, prep = fresh_trainer(arch, cfg, num_classes, 1)
+def jpeg_baseline(setup: Setup, folder: Path, steps: int, workers: int) -> dict:
+    """The way the seeds train: decode and transform each JPEG in DataLoader workers, every epoch."""
+    cfg, channels_last = setup.cfg, setup.runtime.channels_last
+    trainer, prep = setup.trainer(1)
+    interpolation = InterpolationMode(prep.interpolation)
     transform = v2.Compose(
         [
             v2.RGB(),
-            v2.RandomResizedCrop(cfg.image_size, scale=(cfg.crop_scale_min, 1.0), interpolation=InterpolationMode(prep.interpolation), antialias=True),
+            v2.RandomResizedCrop(cfg.image_size, (cfg.crop_scale_min, 1.0), interpolation=interpolation),
             v2.RandomHorizontalFlip(),
             v2.PILToTensor(),
             v2.ToDtype(torch.float32, scale=True),
@@ -112,100 +191,348 @@ def jpeg_baseline(arch: str, cfg: TrainConfig, folder: Path, num_classes: int, m
         ]
     )
     dataset = ImageFolderWithout(folder, exclude=["BACKGROUND_Google"], transform=transform)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=workers, drop_last=True)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=workers, drop_last=True
+    )
     batches = iter(loader)
     device = trainer.device
 
     def fetch(_):
         images, labels = next(batches)
         images, labels = images.to(device), labels.to(device)
-        return (images.contiguous(memory_format=torch.channels_last) if cfg.channels_last else images), labels, labels
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, labels, labels
 
-    steps = min(len(loader), max_steps + 2)
-    return timed_steps(trainer, Inputs(fetch, trainer.model, lambda: None), [torch.empty(0)] * steps)
+    count = min(len(loader), steps + WARMUP_STEPS)
+    batch = torch.arange(cfg.batch_size)  # the batch size is all fetch needs to know
+    _, img_s = timed_steps(trainer, Inputs(fetch, trainer.model, lambda: None), [batch] * count)
+    return {"jpeg_dataloader_img_s": round(img_s, 2)}
 
 
-def evaluation_throughput(arch: str, cfg: TrainConfig, images, num_classes: int) -> float:
-    trainer, prep = fresh_trainer(arch, cfg, num_classes, 1)
+def evaluation(setup: Setup, images: np.ndarray, image_size: int, batch_size: int) -> dict:
+    """The evaluate stage's path (on a CPU, ONNX Runtime from 256 images on, its export included)."""
+    model, _, prep = setup.network(setup.runtime.channels_last)
     started = time.perf_counter()
-    predict_logits(trainer.model, images, prep, cfg.eval_image_size, cfg.batch_size * 2, cfg.channels_last, "eval")
-    synchronize(trainer.device)
-    return len(images) / (time.perf_counter() - started)
+    predict_logits(model, images, prep, image_size, batch_size, setup.runtime.channels_last, "eval")
+    synchronize(next(model.parameters()).device)
+    return {"eval_img_s": round(len(images) / (time.perf_counter() - started), 2)}
 
 
-def feature_extract_wall_time(arch: str, cfg: TrainConfig, data, num_classes: int) -> float:
-    """Seconds for the feature_extract fast path: features of train + val once, then ``cfg.epochs`` head epochs."""
-    (_, labels), _ = data
-    slices = batch_slices(len(labels), cfg.batch_size)
-    cfg = dataclasses.replace(cfg, mode="feature_extract", augment=False)
+def features_pass(setup: Setup, splits: list[np.ndarray], image_size: int, batch_size: int) -> dict:
+    """The features stage's work: every split and its mirror image through the backbone."""
+    channels_last = setup.runtime.channels_last
+    model, head, prep = setup.network(channels_last)
     started = time.perf_counter()
-    trainer, prep = fresh_trainer(arch, cfg, num_classes, len(slices))
-    inputs = feature_inputs(compute_features(trainer.model, trainer.head, data, cfg, prep), labels, trainer.head, trainer.device)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(cfg.epochs):
-        trainer.enter_train_mode()
-        order = epoch_order(labels, generator, balanced=False)
-        for batch in slices:
-            trainer.step(inputs, order[batch])
-        inputs.validate()
-    return time.perf_counter() - started
+    for images in splits:
+        predict_views(model, images, prep, image_size, batch_size, channels_last, "features", head, flip=True)
+    synchronize(next(model.parameters()).device)
+    seconds = time.perf_counter() - started
+    return {"features_wall_s": round(seconds, 2), "features_img_s": round(sum(map(len, splits)) / seconds, 2)}
+
+
+@torch.inference_mode()
+def timed_inference(run, batches: list[torch.Tensor]) -> tuple[float, torch.Tensor]:
+    """(images per second, logits) of ``run`` over ``batches``, after one untimed batch."""
+    run(batches[0])
+    synchronize(batches[0].device)
+    started = time.perf_counter()
+    logits = torch.cat([run(batch).float().cpu() for batch in batches])
+    return len(logits) / (time.perf_counter() - started), logits
+
+
+def inference_paths(setup: Setup, images: np.ndarray, image_size: int, batch_size: int) -> dict:
+    """Eager NCHW, eager channels-last and (on a CPU) ONNX Runtime over the same batches, preprocessed
+    beforehand: the networks' own rates, and each path's largest logit difference from eager NCHW."""
+    model, _, prep = setup.network(channels_last=False)
+    device = next(model.parameters()).device
+    transform = eval_resize(image_size, prep, images.shape[1])
+    batches = [normalize(batch.to(device), prep) for batch in eval_batches(images, transform, batch_size)]
+    channels_last = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    runs = {
+        "eager_nchw": model,
+        "eager_channels_last": lambda x: channels_last(x.contiguous(memory_format=torch.channels_last)),
+    }
+    figures = {}
+    if device.type == "cpu":
+        started = time.perf_counter()
+        runs["onnxruntime"] = onnx_runner(model, batches[0][:2])
+        figures["onnx_export_and_session_s"] = round(time.perf_counter() - started, 2)
+    else:
+        log.info("inference: ONNX Runtime is compared on a CPU device only (it runs on the CPU here)")
+    reference = None
+    for name, run in runs.items():
+        img_s, logits = timed_inference(run, batches)
+        figures[f"infer_{name}_img_s"] = round(img_s, 2)
+        if reference is None:
+            reference = logits
+        else:
+            figures[f"infer_{name}_max_abs_diff"] = float(f"{(logits - reference).abs().max():.3g}")
+    return figures
+
+
+def throughput(args: argparse.Namespace) -> dict:
+    runtime = RuntimeConfig(device=args.device)
+    cfg = TrainConfig(
+        image_size=args.image_size, eval_image_size=args.eval_image_size, batch_size=args.batch_size
+    )
+    setup = Setup(args.arch, args.weights, cfg, runtime, len(load_classes()))
+    data = (load_split("train"), load_split("val"))
+    device, _ = training_device(runtime.device, runtime.precision)
+    steps = args.max_steps or len(batch_slices(len(data[0][1]), cfg.batch_size))  # default: an epoch
+    eval_size, eval_batch = args.eval_image_size, args.eval_batch_size
+    images = {split: load_split(split)[0] for split in SPLITS}
+    results = {
+        "arch": args.arch,
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(),
+        "threads": torch.get_num_threads(),  # set once for the whole benchmark (main): a change would recompile
+        "image_size": args.image_size,
+        "eval_image_size": eval_size,
+        "batch_size": args.batch_size,
+        "eval_batch_size": eval_batch,
+    }
+    measurements = {
+        "compute": lambda: compute_bound(setup, args.compute_steps),
+        "pipeline": lambda: {"cached_pipeline_img_s": round(cached_pipeline(setup, data, steps)[1], 2)},
+        "jpeg": lambda: jpeg_baseline(setup, args.jpeg_folder, steps, args.workers),
+        "compile": lambda: compile_speed(setup, data, args.compile_steps),
+        "eval": lambda: evaluation(setup, images["test"], eval_size, eval_batch),
+        "features": lambda: features_pass(setup, list(images.values()), eval_size, eval_batch),
+        "infer": lambda: inference_paths(setup, images["test"][: args.infer_images], eval_size, eval_batch),
+    }
+    for name, measure in measurements.items():
+        if name in args.skip or (name == "jpeg" and args.jpeg_folder is None):
+            continue
+        figures = measure()
+        results.update(figures)
+        results[f"peak_rss_gib_after_{name}"] = round(peak_rss_gib(), 2)
+        log.info("%s: %s", name, figures)
+    pipeline = results.get("cached_pipeline_img_s")
+    if pipeline and "compute_only_img_s" in results:
+        results["pipeline_vs_compute"] = round(pipeline / results["compute_only_img_s"], 3)
+    if pipeline and "jpeg_dataloader_img_s" in results:
+        results["pipeline_vs_jpeg"] = round(pipeline / results["jpeg_dataloader_img_s"], 2)
+    if device.type == "cuda":
+        results["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return results
+
+
+class GridError(RuntimeError):
+    """A git or dvc command of ``--grid`` failed, or an experiment came from the run cache, not from a run."""
+
+
+NO_WORKER = "Worker status: 0 active, 0 idle"
+QUEUE_LRS = "0.001,0.002,0.005,0.01"  # the queued grid's four points (train.lr)
+
+
+@dataclass
+class Workspace:
+    """A git + DVC workspace whose commands run with ``env``."""
+
+    path: Path
+    env: dict
+    workers: bool = False  # queue workers may be running
+
+    def run(self, *command: str) -> str:
+        result = subprocess.run(command, cwd=self.path, env=self.env, capture_output=True, text=True)
+        if result.returncode:
+            output = f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+            failed = f"{' '.join(command)} failed (exit code {result.returncode}) in {self.path}"
+            raise GridError(f"{failed}:\n{output}")
+        return result.stdout
+
+    def dvc(self, *args: str) -> str:
+        return self.run("dvc", *args)
+
+    def timed(self, *args: str) -> tuple[float, str]:
+        """(seconds from start to exit, stdout) of a dvc command."""
+        started = time.perf_counter()
+        out = self.dvc(*args)
+        return time.perf_counter() - started, out
+
+    def restore_baseline(self) -> None:
+        """The baseline's params, lock and outputs again (``dvc exp run`` leaves its own in the workspace)."""
+        self.run("git", "reset", "-q", "--hard")
+        self.run("git", "clean", "-qfd")
+        self.dvc("checkout", "-q", "--force", "--allow-missing")  # missing: outputs of stages never run here
+
+    def run_queue(self, workers: int) -> float:
+        """Seconds from ``dvc queue start -j workers`` until no task is queued or running; then stop them."""
+        started = time.perf_counter()
+        self.workers = True
+        self.dvc("queue", "start", "-j", str(workers))
+        alone_since = None  # tasks are left but no worker runs: it died, or never started
+        while re.search(r"\b(Queued|Running)\b", status := self.dvc("queue", "status")):  # a poll: ~2 s late
+            alone_since = (alone_since or time.monotonic()) if NO_WORKER in status else None
+            if alone_since and time.monotonic() - alone_since > 60:
+                raise GridError(f"tasks are left in the queue but no worker runs them:\n{status}")
+            time.sleep(1)
+        wall = time.perf_counter() - started
+        self.stop_workers()
+        failed = re.findall(r"^(\w+)\s.*\bFailed\b", status, re.MULTILINE)
+        if failed:
+            log_tail = self.dvc("queue", "logs", failed[0])[-3000:]
+            raise GridError(f"{len(failed)} queued run(s) failed:\n{status}\nlog of {failed[0]}:\n{log_tail}")
+        return wall
+
+    def stop_workers(self) -> None:
+        """Stop the queue workers (they would idle a while before exiting) and wait until they have."""
+        self.dvc("queue", "stop")
+        deadline = time.monotonic() + 60
+        while NO_WORKER not in self.dvc("queue", "status"):
+            if time.monotonic() > deadline:
+                raise GridError("the queue workers did not stop within a minute")
+            time.sleep(1)
+        self.workers = False
+
+
+def clone_project(project: Path, path: Path) -> Workspace:
+    """``project`` at HEAD cloned to ``path``: stages run the clone's code on the project's cache and data."""
+    env = {
+        **os.environ,
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),  # our dvc
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(path / "src"), os.environ.get("PYTHONPATH")])),
+        "DVC_NO_ANALYTICS": "1",
+    }
+    origin = Workspace(project, env)
+    origin.run("git", "clone", "-q", str(project), str(path))
+    clone = Workspace(path, env)
+    params = yaml.safe_load((path / "params.yaml").read_text())
+    source = env.get(DATA_SOURCE_ENV) or (params.get("data") or {}).get("source")
+    if source and source != "download" and not Path(source).is_absolute():
+        env[DATA_SOURCE_ENV] = str((project / source).resolve())  # the same data, the same params
+    clone.dvc("cache", "dir", "--local", origin.dvc("cache", "dir").strip())
+    clone.run("git", "config", "user.name", "transferlab benchmark")
+    clone.run("git", "config", "user.email", "benchmark@localhost")
+    return clone
+
+
+def stages_run(out: str) -> list[str]:
+    return re.findall(r"Running stage '([^']+)'", out)
+
+
+def training_seconds(experiment: dict, stage: str) -> float:
+    return experiment["data"]["metrics"][f"metrics/{stage}/metrics.json"]["data"]["wall_time_s"]
+
+
+def seed_of(experiment: dict) -> int:
+    return experiment["data"]["params"]["params.yaml"]["data"]["train"]["seed"]
+
+
+def grid(args: argparse.Namespace) -> dict:
+    """What experiments cost beyond their training, in a throw-away clone of the project at HEAD.
+
+    After ``dvc repro train_probe`` (the baseline, from the shared cache when it holds it), each command is
+    timed from start to exit: (a) ``dvc exp run train_probe -S probe.C=[C]``; (b) one LP-FT validation grid
+    point, ``dvc exp run train_finetune`` with ``train.train_on_val`` and ``probe.train_on_val`` false (its
+    train_probe runs too, unless DVC's run cache holds that probe); (c) the same for ``train_scratch``; each
+    with its overhead, the wall time less the stage's own ``wall_time_s``. Then (d) four queued LP-FT points
+    run by ``dvc queue start -j 1``, and the same four again with ``-j 2``. Every training run gets a fresh
+    seed, so that the run cache, shared with the project through the cache, never answers for a run.
+    """
+    toplevel = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True)
+    if toplevel.returncode:
+        raise GridError("--grid clones the project: run it inside the project's git repository")
+    project = Path(toplevel.stdout.strip())
+    nonce = int(time.time())  # the runs' seeds and names: nonce, nonce + 1, nonce + 2
+    size = args.grid_image_size
+
+    def recipe(section: str, seed: int) -> list[str]:
+        values = {"train_on_val": "false", "epochs": args.grid_epochs, "seed": seed}
+        values.update({"image_size": size, "eval_image_size": size} if size else {})
+        return [arg for key, value in values.items() for arg in ("-S", f"{section}.{key}={value}")]
+
+    lp_ft = ["train_finetune", "-S", "probe.train_on_val=false"]
+    probe_c = ["-S", f"probe.C=[{args.probe_c}]"]
+    results = {"project": str(project), "cores": cores.available_cores(), "grid_epochs": args.grid_epochs}
+    results["grid_image_size"] = size or "params.yaml's"
+    with tempfile.TemporaryDirectory(prefix="transferlab-grid-", ignore_cleanup_errors=True) as tmp:
+        started = time.perf_counter()
+        clone = clone_project(project, Path(tmp) / "project")
+        try:
+            clone.dvc("repro", "train_probe")
+            if clone.run("git", "status", "--porcelain"):
+                clone.run("git", "add", "-A")
+                clone.run("git", "commit", "-qm", "benchmark baseline")
+            results["setup_s"] = round(time.perf_counter() - started, 1)
+
+            wall, out = clone.timed("exp", "run", "train_probe", "-n", f"bench-probe-{nonce}", *probe_c)
+            if "train_probe" not in stages_run(out):
+                ran_before = f"train_probe came from the run cache ({probe_c[1]} ran before)"
+                raise GridError(f"{ran_before}: use another --probe-c")
+            results["probe_exp_wall_s"] = round(wall, 1)
+            clone.restore_baseline()
+            finetune = [*lp_ft, "-n", f"bench-finetune-{nonce}", *recipe("train", nonce)]
+            wall, out = clone.timed("exp", "run", *finetune)
+            results["finetune_exp_wall_s"] = round(wall, 1)
+            results["finetune_exp_stages"] = " + ".join(stages_run(out))
+            clone.restore_baseline()
+            scratch = ["train_scratch", "-n", f"bench-scratch-{nonce}", *recipe("scratch", nonce)]
+            results["scratch_exp_wall_s"] = round(clone.timed("exp", "run", *scratch)[0], 1)
+            clone.restore_baseline()
+
+            for workers in (1, 2):
+                points = [*lp_ft, "-S", f"train.lr={QUEUE_LRS}", *recipe("train", nonce + workers)]
+                enqueue_s, _ = clone.timed("exp", "run", "--queue", *points)
+                results[f"queue_j{workers}_enqueue_s"] = round(enqueue_s, 1)
+                results[f"queue_j{workers}_wall_s"] = round(clone.run_queue(workers), 1)
+            shown = json.loads(clone.dvc("exp", "show", "--json"))
+        finally:
+            if clone.workers:  # none may outlive the clone
+                with contextlib.suppress(GridError):
+                    clone.stop_workers()
+
+    experiments = [e["revs"][0] for commit in shown for e in commit.get("experiments") or []]
+    named = {e["name"]: e for e in experiments}
+    for run in ("probe", "finetune", "scratch"):
+        seconds = training_seconds(named[f"bench-{run}-{nonce}"], f"train_{run}")
+        results[f"{run}_exp_training_s"] = seconds
+        results[f"{run}_exp_overhead_s"] = round(results[f"{run}_exp_wall_s"] - seconds, 1)
+    for workers in (1, 2):
+        ran = [e for e in experiments if seed_of(e) == nonce + workers]
+        results[f"queue_j{workers}_points"] = len(ran)
+        mean = sum(training_seconds(e, "train_finetune") for e in ran) / len(ran)
+        results[f"queue_j{workers}_mean_training_s"] = round(mean, 1)
+    results["queue_j2_over_j1_wall"] = round(results["queue_j2_wall_s"] / results["queue_j1_wall_s"], 3)
+    return results
+
+
+def print_table(results: dict) -> None:
+    print("| figure | value |\n|---|---|")
+    for key, value in results.items():
+        print(f"| {key} | {value} |")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="timm/tf_efficientnet_lite0")
+    parser.add_argument("--weights", default="none", help="model.weights (values do not change speeds)")
     parser.add_argument("--image-size", type=int, default=160)
-    parser.add_argument("--eval-image-size", type=int, default=224)
+    parser.add_argument("--eval-image-size", type=int, default=224, help="evaluation, features, inference")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--epochs", type=int, default=6, help="head epochs of the feature-extract fast path")
+    parser.add_argument("--eval-batch-size", type=int, default=64)
     parser.add_argument("--compute-steps", type=int, default=20, help="timed steps of the compute-only bound")
-    parser.add_argument("--max-steps", type=int, default=None, help="cap on the timed steps of (2) and (3); default: a full epoch")
-    parser.add_argument("--jpeg-folder", type=Path, help="the raw ImageFolder for the baseline (3); skipped without it")
+    parser.add_argument("--max-steps", type=int, help="timed steps of (2) and (3); default: an epoch")
+    parser.add_argument("--compile-steps", type=int, default=20, help="timed steps of eager and compiled (4)")
+    parser.add_argument("--infer-images", type=int, default=256, help="test images of the inference paths")
+    parser.add_argument("--jpeg-folder", type=Path, help="the raw ImageFolder of (3); without it, no (3)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the baseline")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--skip", nargs="*", default=[], choices=MEASUREMENTS)
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["compute", "pipeline", "jpeg", "eval", "features"])
+    experiments = parser.add_argument_group("experiment overheads, with the real dvc commands")
+    experiments.add_argument("--grid", action="store_true", help="measure these instead of the throughput")
+    experiments.add_argument("--grid-epochs", type=int, default=1, help="epochs of each training experiment")
+    experiments.add_argument("--grid-image-size", type=int, help="their train and eval size (default: params)")
+    experiments.add_argument("--probe-c", type=float, default=0.1, help="the C of the probe experiment (a)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-
-    cfg = TrainConfig(image_size=args.image_size, eval_image_size=args.eval_image_size, batch_size=args.batch_size, epochs=args.epochs, device=args.device)
-    num_classes = len(load_classes())
-    data = (load_split("train"), load_split("val"))
-    device = resolve_device(args.device)
-    results = {
-        "arch": args.arch,
-        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(),
-        "threads": torch.get_num_threads(),
-        "image_size": args.image_size,
-        "eval_image_size": args.eval_image_size,
-        "batch_size": args.batch_size,
-    }
-    measurements = {
-        "compute": ("compute_only_img_s", lambda: compute_bound(args.arch, cfg, num_classes, args.compute_steps)),
-        "pipeline": ("cached_pipeline_img_s", lambda: cached_pipeline(args.arch, cfg, data, num_classes, args.max_steps)),
-        # as many batches as one epoch of the cached training split, unless capped
-        "jpeg": (
-            "jpeg_dataloader_img_s",
-            lambda: jpeg_baseline(args.arch, cfg, args.jpeg_folder, num_classes, args.max_steps or len(batch_slices(len(data[0][1]), cfg.batch_size)), args.workers),
-        ),
-        "eval": ("eval_img_s", lambda: evaluation_throughput(args.arch, cfg, load_split("test")[0], num_classes)),
-        "features": ("feature_extract_wall_s", lambda: feature_extract_wall_time(args.arch, cfg, data, num_classes)),
-    }
-    for name, (key, measure) in measurements.items():
-        if name in args.skip or (name == "jpeg" and args.jpeg_folder is None):
-            continue
-        results[key] = round(measure(), 2)
-        results[f"peak_rss_gib_after_{name}"] = round(peak_rss_gib(), 2)
-        log.info("%s: %s", key, results[key])
-    if "compute_only_img_s" in results and "cached_pipeline_img_s" in results:
-        results["pipeline_vs_compute"] = round(results["cached_pipeline_img_s"] / results["compute_only_img_s"], 3)
-    if "jpeg_dataloader_img_s" in results and "cached_pipeline_img_s" in results:
-        results["pipeline_vs_jpeg"] = round(results["cached_pipeline_img_s"] / results["jpeg_dataloader_img_s"], 2)
-    if device.type == "cuda":
-        results["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    print("| " + " | ".join(results) + " |")
-    print("|" + "---|" * len(results))
-    print("| " + " | ".join(str(v) for v in results.values()) + " |")
+    if args.grid:
+        results = grid(args)
+    else:
+        with cores.shared():  # this process's share of the cores, set once: its figures are for that many threads
+            results = throughput(args)
+    print_table(results)
     if args.json:
         write_json(args.json, results)
 

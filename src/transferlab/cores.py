@@ -2,20 +2,24 @@
 
 Two training processes that each start one compute thread per core run far slower side by side than one
 after the other (2.2x measured on this project's 2-core machine: two `dvc queue` workers); with a share of
-the cores each they keep their speed. So every process that computes holds a slot (a lock file in a folder
-of the temp directory, released by the OS when the process ends, however it ends) and runs
-``cores // processes holding a slot`` threads, counted again every few seconds: when a neighbour finishes,
-the others take its cores back. ``TRANSFERLAB_THREADS=N`` sets the count instead.
+the cores each they keep their speed. So a process holds a slot while it computes (:func:`shared`: a lock
+file in a folder of the temp directory, released by the OS too if the process dies) and runs
+``cores // sharers`` threads, where sharers is the number of slots held or, if larger, of ``dvc queue``
+workers running on the machine (each runs one experiment at a time). The count is taken again every few
+seconds (:func:`refresh`): when a neighbour finishes, the others take its cores back.
+``TRANSFERLAB_THREADS=N`` sets the count instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -27,7 +31,8 @@ MAX_SLOTS = 256
 RECOUNT_SECONDS = 5.0
 
 log = logging.getLogger("transferlab.cores")
-_slot: int | None = None  # this process's open, locked slot file
+_slot: int | None = None  # this process's open, locked slot file, while it computes
+_depth = 0  # nested shared() blocks (validation inside a training run)
 _counted_at = float("-inf")
 
 
@@ -86,22 +91,45 @@ def fixed_threads() -> int | None:
     return int(value)
 
 
+def queue_workers() -> int:
+    """``dvc queue`` workers running on this machine (``dvc exp queue-worker``): each may be computing."""
+    count = 0
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            count += b"queue-worker" in cmdline.read_bytes()
+    return count
+
+
+@contextlib.contextmanager
+def shared() -> Iterator[int]:
+    """Hold a slot while the block computes, with this process's share of the cores (the thread count it yields)."""
+    global _slot, _depth
+    if fixed_threads() is None and _depth == 0:
+        _slot = claim(slots_dir())
+    _depth += 1
+    try:
+        yield refresh(force=True)
+    finally:
+        _depth -= 1
+        if _depth == 0 and _slot is not None:
+            os.close(_slot)  # releases the lock
+            _slot = None
+
+
 def refresh(force: bool = False) -> int:
-    """Set torch's thread count to this process's share of the cores and return it; cheap to call every step."""
-    global _slot, _counted_at
+    """Inside :func:`shared`, set torch's thread count to this process's share of the cores and return it;
+    cheap to call every step (the count is taken again every few seconds)."""
+    global _counted_at
     fixed = fixed_threads()
     if fixed is not None:
         if torch.get_num_threads() != fixed:
             torch.set_num_threads(fixed)
         return fixed
     now = time.monotonic()
-    if not force and now - _counted_at < RECOUNT_SECONDS:
+    if _slot is None or (not force and now - _counted_at < RECOUNT_SECONDS):
         return torch.get_num_threads()
     _counted_at = now
-    folder = slots_dir()
-    if _slot is None:
-        _slot = claim(folder)
-    threads = share(available_cores(), holders(folder))
+    threads = share(available_cores(), max(holders(slots_dir()), queue_workers()))
     if threads != torch.get_num_threads():
         log.info("%d compute thread(s): this process's share of %d cores", threads, available_cores())
         torch.set_num_threads(threads)

@@ -107,15 +107,16 @@ def predict_views(
     transform = eval_resize(image_size, prep, images.shape[1])
     batches = (normalize(batch.to(device), prep) for batch in eval_batches(images, transform, batch_size))
     outputs, run, path = [], None, "eager"
-    try:
-        for batch in tqdm(batches, total=-(-len(images) // batch_size), desc=desc, leave=False):
-            if run is None:
-                run, path = choose_runner(net, batch, len(images) * views if fast else 0, channels_last)
-                if fast:
-                    log.info("%s: %d images on %s", desc, len(images), path)
-            outputs.append(torch.stack([run(view).float().cpu() for view in ((batch, batch.flip(3)) if flip else (batch,))]))
-    finally:
-        model.train(was_training)
+    with cores.shared():  # this process's share of the CPU cores while the pass runs
+        try:
+            for batch in tqdm(batches, total=-(-len(images) // batch_size), desc=desc, leave=False):
+                if run is None:
+                    run, path = choose_runner(net, batch, len(images) * views if fast else 0, channels_last)
+                    if fast:
+                        log.info("%s: %d images on %s", desc, len(images), path)
+                outputs.append(torch.stack([run(view).float().cpu() for view in ((batch, batch.flip(3)) if flip else (batch,))]))
+        finally:
+            model.train(was_training)
     return torch.cat(outputs, dim=1)
 
 

@@ -309,7 +309,9 @@ def run(name: str, world: World | None = None) -> dict:
         )
 
     training_log = TrainingLog(train_dir(name), params.logging.tensorboard, active=world.main)
-    with training_log as live, resume.stop_requests() as stop_requested:
+    # the CPU cores shared with other processes computing at once; a compiled model keeps its first thread count
+    # (a change would make torch.compile compile again)
+    with training_log as live, resume.stop_requests() as stop_requested, cores.shared():
         live.log_params({"run": name, "arch": params.model.arch, "weights": weights, **dataclasses.asdict(cfg), **dataclasses.asdict(runtime)})
         live.log_images("train images (cached, before augmentation)", train_images[:16])
         for logged in progress.history:  # curves of the epochs done before an interruption, at their own steps
@@ -322,7 +324,8 @@ def run(name: str, world: World | None = None) -> dict:
             trainer.enter_train_mode()
             bar = tqdm(slices, initial=progress.step, desc=f"{name} epoch {progress.epoch + 1}/{cfg.epochs}", leave=False, disable=not world.main)
             for batch in slices[progress.step :]:
-                cores.refresh()  # this process's share of the CPU cores, counted again every few seconds
+                if not cfg.compile:
+                    cores.refresh()  # this process's share of the CPU cores, counted again every few seconds
                 progress.add_batch(*trainer.step(inputs, order[batch]))
                 bar.update()
                 if progress.step % 10 == 0:
