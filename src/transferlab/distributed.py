@@ -136,7 +136,7 @@ def launch(processes: int, module: str, args: list[str]) -> int:
 
 
 @contextlib.contextmanager
-def process_group(device: torch.device, processes: int, batch_size: int) -> Iterator[World]:
+def process_group(device: torch.device, processes: int, batch_size: int, batch_key: str = "train.batch_size") -> Iterator[World]:
     """This process's :class:`World`: a process group when torchrun started it, else a single process.
 
     ``device`` is the resolved ``runtime.device``; with CUDA each process takes the GPU of its local rank.
@@ -148,7 +148,7 @@ def process_group(device: torch.device, processes: int, batch_size: int) -> Iter
     if local_size != processes:
         raise ConfigError(f"runtime.processes is {processes} but torchrun started {local_size} processes per node; make them equal")
     if batch_size % size:
-        raise ConfigError(f"train.batch_size ({batch_size}) must be divisible by the {size} processes: it is the global batch, split evenly")
+        raise ConfigError(f"{batch_key} ({batch_size}) must be divisible by the {size} processes: it is the global batch, split evenly")
     local_rank = int(os.environ["LOCAL_RANK"])
     if device.type == "cuda":
         if torch.cuda.device_count() < local_size:

@@ -368,5 +368,5 @@ def train(name: str) -> dict:
     params = load_params()
     runtime = params.runtime
     device, _ = training_device(runtime.device, runtime.precision)
-    with process_group(device, runtime.processes, params.train_config(name).batch_size) as world:
+    with process_group(device, runtime.processes, params.train_config(name).batch_size, params.key(name, "batch_size")) as world:
         return run(name, world)
