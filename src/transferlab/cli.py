@@ -44,10 +44,11 @@ def class_index(classes: list[str], name: str) -> int:
 
 def cmd_predict(args) -> int:
     from .predict import find_images, format_predictions, predict, write_json_report, write_predictions_csv
+
+    paths = find_images(args.images)  # a wrong path fails here, before torch is imported
     from .trained_model import TrainedModel
 
-    trained = TrainedModel.load(args.model)
-    result = predict(trained, find_images(args.images), args.topk, args.batch_size, args.tta)
+    result = predict(TrainedModel.load(args.model), paths, args.topk, args.batch_size, args.tta)
     if result.paths:
         print(format_predictions(result))
     for path, reason in result.failures:

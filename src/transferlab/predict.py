@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .dataset import IMAGE_EXTENSIONS, load_image
 from .errors import DatasetError
 from .fileio import write_csv, write_json
-from .trained_model import TrainedModel
+
+if TYPE_CHECKING:  # only annotated here: finding and reading images needs no torch
+    from .trained_model import TrainedModel
 
 
 @dataclass
