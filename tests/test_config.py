@@ -139,7 +139,6 @@ def test_bad_model_params_fail_at_load_time(key, value, message):
 
 
 def test_timm_model_without_pretrained_weights_is_refused():
-    raw = tiny_params()
     with pytest.raises(ModelError, match="timm has no pretrained weights for timm/efficientnet_b8"):
         check_model("timm/efficientnet_b8", "imagenet")
 

@@ -59,9 +59,11 @@ def test_a_fixed_thread_count_from_the_environment(slots, monkeypatch):
 
 
 def test_dvc_queue_workers_are_counted_from_the_process_table():
-    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "exp", "queue-worker", "dvc-exp-test-1@localhost"])
+    before = cores.queue_workers()
+    worker = subprocess.Popen([sys.executable, "-c", "print(flush=True); import time; time.sleep(30)", "exp", "queue-worker", "x@localhost"], stdout=subprocess.PIPE)
     try:
-        assert cores.queue_workers() >= 1
+        worker.stdout.readline()  # started: its command line is the one given
+        assert cores.queue_workers() == before + 1
     finally:
         worker.kill()
         worker.wait()
