@@ -67,3 +67,16 @@ def test_dvc_queue_workers_are_counted_from_the_process_table():
     finally:
         worker.kill()
         worker.wait()
+
+
+def test_a_pinned_block_keeps_its_thread_count_through_inner_blocks(slots, monkeypatch):
+    """A compiled training run: validation inside it must not change the count (torch.compile would compile again)."""
+    monkeypatch.setattr(cores, "available_cores", lambda: 4)
+    with cores.shared(pin=True) as threads:
+        neighbour = cores.claim(slots)
+        with cores.shared() as inner:  # validation's pass
+            assert threads == inner == 4 and cores.refresh(force=True) == 4 and torch.get_num_threads() == 4
+        assert cores.refresh(force=True) == 4
+    with cores.shared() as threads:
+        assert threads == 2, "a new block counts the neighbour"
+    os.close(neighbour)

@@ -162,3 +162,21 @@ def test_no_validation_images_the_probe_and_cached_feature_training_still_run(pr
         training.run("finetune")
     features.main()
     assert training.run("finetune") == {"val_acc": None, "epoch": 2}
+
+
+def test_a_head_on_frozen_features_without_a_validation_split(project):
+    """data.val_per_class: 0 stores the validation features as an empty array; training on train + val still runs."""
+    import yaml
+
+    params = yaml.safe_load(open("params.yaml"))
+    params["data"]["val_per_class"] = 0
+    params["probe"]["C"] = [1.0]
+    params["train"].update(mode="feature_extract", augment=False, train_on_val=True, init_head="random")
+    with open("params.yaml", "w") as f:
+        yaml.safe_dump(params, f)
+    from transferlab import prepare
+
+    prepare.main()
+    features.main()
+    assert load_features("val").shape[1] == 0
+    assert training.run("finetune") == {"val_acc": None, "epoch": 2}

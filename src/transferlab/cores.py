@@ -33,6 +33,7 @@ RECOUNT_SECONDS = 5.0
 log = logging.getLogger("transferlab.cores")
 _slot: int | None = None  # this process's open, locked slot file, while it computes
 _depth = 0  # nested shared() blocks (validation inside a training run)
+_pinned = False  # the thread count stays as the outermost block set it
 _counted_at = float("-inf")
 
 
@@ -101,19 +102,27 @@ def queue_workers() -> int:
 
 
 @contextlib.contextmanager
-def shared() -> Iterator[int]:
-    """Hold a slot while the block computes, with this process's share of the cores (the thread count it yields)."""
-    global _slot, _depth
-    if fixed_threads() is None and _depth == 0:
+def shared(pin: bool = False) -> Iterator[int]:
+    """Hold a slot while the block computes, with this process's share of the cores (the thread count it yields).
+
+    ``pin``: keep the count this block starts with, inner blocks included (``torch.compile`` would compile again).
+    """
+    global _slot, _depth, _pinned
+    outermost = _depth == 0
+    if fixed_threads() is None and outermost:
         _slot = claim(slots_dir())
     _depth += 1
     try:
-        yield refresh(force=True)
+        threads = refresh(force=True)
+        _pinned = _pinned or pin
+        yield threads
     finally:
         _depth -= 1
-        if _depth == 0 and _slot is not None:
-            os.close(_slot)  # releases the lock
-            _slot = None
+        if outermost:
+            _pinned = False
+            if _slot is not None:
+                os.close(_slot)  # releases the lock
+                _slot = None
 
 
 def refresh(force: bool = False) -> int:
@@ -126,7 +135,7 @@ def refresh(force: bool = False) -> int:
             torch.set_num_threads(fixed)
         return fixed
     now = time.monotonic()
-    if _slot is None or (not force and now - _counted_at < RECOUNT_SECONDS):
+    if _slot is None or _pinned or (not force and now - _counted_at < RECOUNT_SECONDS):
         return torch.get_num_threads()
     _counted_at = now
     threads = share(available_cores(), max(holders(slots_dir()), queue_workers()))

@@ -95,11 +95,12 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return (exp / exp.sum(1, keepdims=True)).astype(np.float32)
 
 
-def model_probabilities(path: Path, images: np.ndarray, classes: list[str], cfg: EvaluateConfig) -> np.ndarray:
+def model_probabilities(path: Path, images: np.ndarray, classes: list[str], cfg: EvaluateConfig, device: str) -> np.ndarray:
     """A trained model's test probabilities: the network over the test images (torch and the model libraries imported here)."""
+    from .device import resolve_device
     from .trained_model import TrainedModel
 
-    trained = TrainedModel.load(path)
+    trained = TrainedModel.load(path, resolve_device(device))
     check_classes(path, trained.classes, classes)
     return trained.probabilities(images, cfg.batch_size, f"test {path.parent.name}", cfg.tta)
 
@@ -135,7 +136,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def evaluate(run: str) -> dict:
     started = time.perf_counter()
-    cfg = load_params().evaluate
+    params = load_params()
+    cfg = params.evaluate
     path = checkpoint_path(run)
     if not path.is_file():
         raise ModelError(f"no model at {path}: run its training stage first (dvc repro train_{run})")
@@ -146,7 +148,7 @@ def evaluate(run: str) -> dict:
     if run == "probe":
         probs = probe_probabilities(path, labels, classes, cfg.tta)
     else:
-        probs = model_probabilities(path, images, classes, cfg)
+        probs = model_probabilities(path, images, classes, cfg, params.runtime.device)
     metrics = write_results(run, probs, images, labels, classes, cfg, {"wall_time_s": round(time.perf_counter() - started, 1)})
     log.info("%s on %d test images: %s (%.1f s)", run, len(labels), metrics, time.perf_counter() - started)
     return metrics

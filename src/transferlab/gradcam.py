@@ -27,14 +27,17 @@ def gradcam_sample(labels: np.ndarray, count: int) -> np.ndarray:
 
 
 def main() -> None:
-    cfg = load_params().evaluate
+    params = load_params()
+    cfg = params.evaluate
     images, labels = load_split("test")
     sample = gradcam_sample(labels, cfg.gradcam_images)
     log.info("Grad-CAM of %s on %d test images", ", ".join(MODELS), len(sample))
+    from .device import resolve_device
     from .explain import plot_gradcam_panel  # torch, captum and the model libraries
     from .trained_model import TrainedModel
 
-    models = {run: TrainedModel.load(checkpoint_path(run)) for run in MODELS}
+    device = resolve_device(params.runtime.device)
+    models = {run: TrainedModel.load(checkpoint_path(run), device) for run in MODELS}
     plot_gradcam_panel(GRADCAM_IMAGE, images[sample], labels[sample], models)
 
 

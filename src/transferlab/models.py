@@ -12,7 +12,6 @@ from pathlib import Path
 
 import timm
 import timm.data
-import torch
 import torchvision
 from torch import nn
 

@@ -87,6 +87,7 @@ def frozen_features(cfg: TrainConfig, arch: str, weights: str, counts: tuple[int
             f"run's model at {cfg.image_size} px: re-run the features stage (dvc repro features)"
         )
     train, val = torch.from_numpy(np.array(load_features("train")[0])), torch.from_numpy(np.array(load_features("val")[0]))
+    val = val.reshape(len(val), train.shape[1])  # an empty split's features are stored as 0 x 0
     if cfg.train_on_val:
         train, val = torch.cat([train, val]), val[:0]
     if (len(train), len(val)) != counts:
@@ -311,7 +312,7 @@ def run(name: str, world: World | None = None) -> dict:
     training_log = TrainingLog(train_dir(name), params.logging.tensorboard, active=world.main)
     # the CPU cores shared with other processes computing at once; a compiled model keeps its first thread count
     # (a change would make torch.compile compile again)
-    with training_log as live, resume.stop_requests() as stop_requested, cores.shared():
+    with training_log as live, resume.stop_requests() as stop_requested, cores.shared(pin=cfg.compile):
         live.log_params({"run": name, "arch": params.model.arch, "weights": weights, **dataclasses.asdict(cfg), **dataclasses.asdict(runtime)})
         live.log_images("train images (cached, before augmentation)", train_images[:16])
         for logged in progress.history:  # curves of the epochs done before an interruption, at their own steps
@@ -324,8 +325,7 @@ def run(name: str, world: World | None = None) -> dict:
             trainer.enter_train_mode()
             bar = tqdm(slices, initial=progress.step, desc=f"{name} epoch {progress.epoch + 1}/{cfg.epochs}", leave=False, disable=not world.main)
             for batch in slices[progress.step :]:
-                if not cfg.compile:
-                    cores.refresh()  # this process's share of the CPU cores, counted again every few seconds
+                cores.refresh()  # this process's share of the CPU cores, counted again every few seconds
                 progress.add_batch(*trainer.step(inputs, order[batch]))
                 bar.update()
                 if progress.step % 10 == 0:
