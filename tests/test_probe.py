@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -168,12 +169,11 @@ def test_a_head_on_frozen_features_without_a_validation_split(project):
     """data.val_per_class: 0 stores the validation features as an empty array; training on train + val still runs."""
     import yaml
 
-    params = yaml.safe_load(open("params.yaml"))
+    params = yaml.safe_load(Path("params.yaml").read_text())
     params["data"]["val_per_class"] = 0
     params["probe"]["C"] = [1.0]
     params["train"].update(mode="feature_extract", augment=False, train_on_val=True, init_head="random")
-    with open("params.yaml", "w") as f:
-        yaml.safe_dump(params, f)
+    Path("params.yaml").write_text(yaml.safe_dump(params))
     from transferlab import prepare
 
     prepare.main()
