@@ -5,6 +5,7 @@
     transferlab features IMAGE --model PATH [--layer NAME] [--count 16] [--out features.png]
     transferlab export --model PATH --format torchscript|onnx --out FILE [--check IMAGE_OR_FOLDER]
     transferlab experiments [--json SHOWN] [--all-commits] [--out metrics/experiments]
+    transferlab lr-find finetune|scratch [--steps 100] [--start 1e-5] [--end 1] [--seeds 3] [--out metrics/experiments/lr_find]
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ from __future__ import annotations
 import argparse
 import difflib
 import logging
+import shlex
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from .config import TTA_MODES
-from .errors import DatasetError, ModelError
+from .config import RUNS, TTA_MODES
+from .errors import ConfigError, DatasetError, ModelError
 from .stage import run_stage
 
 DEFAULT_MODEL = "data/models/finetune/model.pt"
@@ -130,6 +132,26 @@ def cmd_experiments(args) -> int:
     return 0
 
 
+def cmd_lr_find(args) -> int:
+    from .lrfind import run
+
+    if not 0 < args.start < args.end:
+        raise ConfigError(f"--start ({args.start:g}) and --end ({args.end:g}): need 0 < start < end")
+    options = ["--steps", str(args.steps), "--start", f"{args.start:g}", "--end", f"{args.end:g}", "--seeds", str(args.seeds)]
+    command = shlex.join(["transferlab", "lr-find", args.run, *options])
+    result = run(args.run, args.steps, args.start, args.end, args.seeds, args.out, command)
+    summary = result["summary"]
+    if summary["lr"] is None:
+        print(f"{args.out / args.run}.png: no suggestion for {result['key']}: {summary['reason']}")
+        return 0
+    low, high = summary["spread"]
+    print(
+        f"{args.out / args.run}.png: suggested {result['key']} = {summary['lr']:.2g} (median of {args.seeds} seeds, "
+        f"from {low:.2g} to {high:.2g}); params.yaml has {result['params_lr']:g}"
+    )
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     main_parser = argparse.ArgumentParser(prog="transferlab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = main_parser.add_subparsers(dest="command", required=True)
@@ -173,12 +195,22 @@ def parser() -> argparse.ArgumentParser:
     experiments.add_argument("--all-commits", action="store_true", help="experiments of every commit, not only the current one")
     experiments.add_argument("--out", type=Path, default=Path("metrics/experiments"), help="output folder (default: metrics/experiments)")
     experiments.set_defaults(handler=cmd_experiments)
+
+    lr_help = "learning-rate range test of a training run: loss against an exponentially rising lr, and a suggested lr"
+    lr_find = commands.add_parser("lr-find", help=lr_help, description=lr_help)
+    lr_find.add_argument("run", choices=RUNS, help="finetune (the train: section, any mode) or scratch")
+    lr_find.add_argument("--steps", type=int, default=100, help="optimizer steps per test (default: 100)")
+    lr_find.add_argument("--start", type=float, default=1e-5, help="first learning rate (default: 1e-5)")
+    lr_find.add_argument("--end", type=float, default=1.0, help="last learning rate (default: 1)")
+    lr_find.add_argument("--seeds", type=int, default=3, help="tests, each with its own seed; the median suggestion wins (default: 3)")
+    lr_find.add_argument("--out", type=Path, default=Path("metrics/experiments/lr_find"), help="output folder (default: metrics/experiments/lr_find)")
+    lr_find.set_defaults(handler=cmd_lr_find)
     return main_parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    for option in ("topk", "batch_size", "count"):
+    for option in ("topk", "batch_size", "count", "steps", "seeds"):
         if getattr(args, option, 1) < 1:
             raise SystemExit(f"transferlab {args.command}: --{option.replace('_', '-')} must be at least 1")
     status = 0

@@ -1,0 +1,199 @@
+"""``transferlab lr-find RUN``: the learning-rate range test (Smith, WACV 2017; fastai's ``lr_find``).
+
+The run's model starts as its training stage would start it (mode, head, parameter groups, augmentation,
+optimizer and weight decay from params.yaml) and trains on the train split, never the validation split,
+for ``steps`` optimizer steps while the learning rate rises exponentially from ``start`` to ``end``. Every
+parameter group rises together, so fine-tuning keeps its backbone at ``lr * backbone_lr_scale`` and the
+value swept is the run's ``lr``. The test stops once the loss has diverged. Nothing is kept: the model
+and optimizer are thrown away and no file a stage reads is written.
+
+The suggestion is the learning rate at the minimum of the smoothed loss, divided by 10 (fastai's
+``minimum`` rule). The smoothing is centred (it does not lag behind the curve) and divergence must last
+several steps, so a single early spike moves neither the minimum nor the suggestion; a curve that never
+falls by ``MIN_DROP`` of its starting level gives no suggestion. The test is repeated with a few seeds
+(batch order, augmentation, a random head's start) and the median of their suggestions is the one to use;
+their spread shows how far one test can be trusted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("transferlab.lrfind")
+
+MIN_DROP = 0.1  # the smoothed loss must fall at least this fraction below its start for a suggestion
+DIVERGE = 4.0  # the loss has diverged when it stays above this multiple of its lowest value ...
+DIVERGE_STEPS = 3  # ... for this many steps in a row (one spike is not divergence)
+OUT_DIR = Path("metrics/experiments/lr_find")
+
+
+@dataclass
+class Suggestion:
+    lr: float | None  # None: no clear valley
+    reason: str
+    minimum_lr: float | None = None  # where the smoothed loss was lowest
+
+
+def smooth(losses: np.ndarray, window: int) -> np.ndarray:
+    """Centred moving average (edges padded with the edge values): no lag, unlike an exponential average."""
+    window = max(1, min(window, len(losses)) // 2 * 2 + 1)
+    padded = np.pad(np.asarray(losses, dtype=float), window // 2, mode="edge")
+    return np.convolve(padded, np.ones(window) / window, mode="valid")
+
+
+def diverged_at(losses: np.ndarray) -> int | None:
+    """The first step of the divergence (a non-finite loss, or ``DIVERGE_STEPS`` steps above ``DIVERGE`` x the lowest)."""
+    lowest, above = np.inf, 0
+    for step, loss in enumerate(losses):
+        if not np.isfinite(loss):
+            return step - above
+        above = above + 1 if loss > DIVERGE * lowest else 0
+        if above == DIVERGE_STEPS:
+            return step - above + 1
+        lowest = min(lowest, loss)
+    return None
+
+
+def suggest(lrs: np.ndarray, losses: np.ndarray) -> Suggestion:
+    """The suggestion rule (see the module docstring) for one range test's learning rates and losses."""
+    lrs, losses = np.asarray(lrs, dtype=float), np.asarray(losses, dtype=float)
+    end = diverged_at(losses)
+    kept = len(losses) if end is None else end
+    if kept < 5:
+        return Suggestion(None, f"the loss diverged within {kept} steps: start the range lower (--start)")
+    smoothed = smooth(losses[:kept], max(3, kept // 10))
+    lowest = int(np.argmin(smoothed))
+    drop = 1 - smoothed[lowest] / smoothed[0]
+    if drop < MIN_DROP:
+        return Suggestion(None, f"no clear valley: the smoothed loss fell only {drop:.0%} below its start (needs {MIN_DROP:.0%})")
+    reason = "minimum of the smoothed loss / 10"
+    if end is None and lowest >= kept - max(3, kept // 20):
+        reason += "; the loss was still falling at the end of the range (raise --end)"
+    return Suggestion(float(lrs[lowest] / 10), reason, float(lrs[lowest]))
+
+
+def lr_factors(steps: int, start: float, end: float) -> np.ndarray:
+    """The learning rate of each step, ``start`` to ``end`` exponentially."""
+    return start * (end / start) ** (np.arange(steps) / max(steps - 1, 1))
+
+
+def range_test(run: str, steps: int, start: float, end: float, seed: int) -> dict:
+    """One range test of the run, with ``seed`` for the batch order, augmentation and a random head."""
+    import torch
+    from torch.optim import lr_scheduler
+    from tqdm import tqdm
+
+    from .config import load_params
+    from .data import batch_slices, epoch_order
+    from .device import training_device
+    from .distributed import World
+    from .splits import load_classes
+    from .training import Trainer, initial_model, training_data, training_inputs
+
+    params = load_params()
+    cfg = dataclasses.replace(params.train_config(run), train_on_val=False, compile=False, seed=seed)
+    weights = params.weights_for(run)
+    device, amp_dtype = training_device(params.runtime.device, params.runtime.precision)
+    classes = load_classes()
+    data = training_data(train_on_val=False)
+    train_labels = data[0][1]
+    model, head_name, prep = initial_model(params.model.arch, weights, classes, cfg)
+    slices = batch_slices(len(train_labels), cfg.batch_size)
+    trainer = Trainer.create(model, head_name, cfg, params.runtime, len(slices), World(device=device), amp_dtype)
+    inputs = training_inputs(trainer, data, prep, params.model.arch, weights, len(classes))
+    rates = lr_factors(steps, start, end)
+    # every group's lr is its params value times the same factor: the run's lr sweeps from start to end
+    trainer.schedule = lr_scheduler.LambdaLR(trainer.optimizer, lambda step: rates[min(step, steps - 1)] / cfg.lr)
+    generator = torch.Generator().manual_seed(seed)
+    lrs, losses = [], []
+    trainer.enter_train_mode()
+    bar = tqdm(total=steps, desc=f"lr-find {run} seed {seed}", leave=False)
+    while len(losses) < steps:
+        order = epoch_order(train_labels, generator, cfg.balanced_sampling)
+        for batch in slices:
+            lrs.append(trainer.optimizer.param_groups[-1]["lr"] * cfg.lr / trainer.schedule.base_lrs[-1])
+            loss_sum, _, seen = trainer.step(inputs, order[batch])
+            losses.append(float(loss_sum) / seen)
+            bar.update()
+            bar.set_postfix(lr=f"{lrs[-1]:.2g}", loss=f"{losses[-1]:.3f}")
+            if len(losses) == steps or diverged_at(np.array(losses)) is not None:
+                break
+        if diverged_at(np.array(losses)) is not None:
+            break
+    bar.close()
+    suggestion = suggest(np.array(lrs), np.array(losses))
+    log.info("lr-find %s seed %d: %s (%s)", run, seed, f"lr {suggestion.lr:.3g}" if suggestion.lr else "no suggestion", suggestion.reason)
+    return {"seed": seed, "lr": lrs, "loss": losses, "suggestion": dataclasses.asdict(suggestion)}
+
+
+def summarise(tests: list[dict]) -> dict:
+    """The median of the seeds' suggestions and their spread."""
+    values = [t["suggestion"]["lr"] for t in tests if t["suggestion"]["lr"] is not None]
+    if not values:
+        return {"lr": None, "spread": None, "reason": tests[0]["suggestion"]["reason"] if tests else "no test ran"}
+    return {
+        "lr": float(np.exp(np.median(np.log(values)))),
+        "spread": [min(values), max(values)],
+        "seeds_with_a_suggestion": f"{len(values)} of {len(tests)}",
+    }
+
+
+def plot(path: Path, run: str, key: str, current: float, tests: list[dict], summary: dict) -> None:
+    from .figures import plt, save_figure
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    lowest, highest = np.inf, -np.inf
+    for test, color in zip(tests, plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+        lrs, losses = np.array(test["lr"]), np.array(test["loss"])
+        end = diverged_at(losses) or len(losses)
+        smoothed = smooth(losses[:end], max(3, end // 10))
+        ax.plot(lrs, losses, color=color, alpha=0.25, linewidth=0.8)
+        ax.plot(lrs[:end], smoothed, color=color, label=f"seed {test['seed']} (smoothed)")
+        if test["suggestion"]["lr"]:
+            ax.axvline(test["suggestion"]["lr"], color=color, linestyle="--", linewidth=0.8)
+        lowest, highest = min(lowest, smoothed.min()), max(highest, smoothed[0])
+    if summary["lr"]:
+        ax.axvline(summary["lr"], color="black", linewidth=1.5, label=f"suggestion (median): {summary['lr']:.2g}")
+    ax.axvline(current, color="grey", linestyle=":", linewidth=1.5, label=f"params.yaml {key}: {current:g}")
+    if np.isfinite(lowest):
+        ax.set_ylim(lowest - 0.1 * (highest - lowest), highest + 0.6 * (highest - lowest))
+    ax.set_xscale("log")
+    ax.set_xlabel(f"{key} (every parameter group scaled with it)")
+    ax.set_ylabel("training loss (per batch)")
+    title = f"{run}: learning-rate range test"
+    ax.set_title(title if summary["lr"] else f"{title}: no suggestion ({summary['reason']})", fontsize=10)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def run(run_name: str, steps: int, start: float, end: float, seeds: int, out: Path, command: str) -> dict:
+    """Range tests with ``seeds`` seeds; writes ``<out>/<run>.json`` (``command`` made it) and ``<out>/<run>.png``."""
+    from . import cores
+    from .config import load_params
+    from .fileio import write_json
+
+    params = load_params()
+    cfg = params.train_config(run_name)
+    key = params.key(run_name, "lr")
+    with cores.shared():
+        tests = [range_test(run_name, steps, start, end, cfg.seed + offset) for offset in range(seeds)]
+    summary = summarise(tests)
+    result = {
+        "run": run_name,
+        "command": command,
+        "key": key,
+        "params_lr": cfg.lr,
+        "steps": steps,
+        "start": start,
+        "end": end,
+        "summary": summary,
+        "tests": tests,
+    }
+    write_json(out / f"{run_name}.json", result)
+    plot(out / f"{run_name}.png", run_name, key, cfg.lr, tests, summary)
+    return result
