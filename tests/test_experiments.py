@@ -280,12 +280,12 @@ def test_no_validation_score_is_an_error_that_says_what_to_run(tmp_path, capsys)
     final = entry("final", {"train.train_on_val": True, "train.lr": 0.1}, {"finetune": NO_VALIDATION})
     listing = shown(entry("main", {}, {}), [final])
     (tmp_path / "shown.json").write_text(json.dumps(listing))
-    with pytest.raises(ExperimentsError, match=r"--queue train_finetune -S train\.train_on_val=false -S probe\.train_on_val=false"):
+    with pytest.raises(ExperimentsError, match=r"--queue holdout_finetune -S"):
         run(tmp_path / "shown.json", tmp_path / "out")
     with pytest.raises(SystemExit) as exit_code:
         cli.main(["experiments", "--json", str(tmp_path / "shown.json"), "--out", str(tmp_path / "out")])
     error = capsys.readouterr().err
-    assert exit_code.value.code == 2 and "no experiment has a validation score" in error and "train_scratch -S scratch.train_on_val=false" in error
+    assert exit_code.value.code == 2 and "no experiment has a validation score" in error and "--queue holdout_scratch -S" in error
 
 
 def wait_for_queue(repo, timeout_s: float = 900) -> str:
@@ -312,15 +312,15 @@ def assert_cache_intact(repo: Path) -> int:
 
 
 def test_queued_validation_only_grid_with_two_workers_then_the_summary_and_its_final_fit(project_repo):
-    """A 2x2 fine-tuning grid (lr x epochs) queued up to train_finetune, as the README's recipes do, and run by two
+    """A 2x2 fine-tuning grid (lr x epochs) queued up to holdout_finetune, as the README's recipes do, and run by two
     workers, with the real dvc commands; then the summary's final-fit command, run as given."""
     repo = project_repo
     run_command(["dvc", "repro"], repo)
     run_command(["git", "add", "-A"], repo)
     run_command(["git", "commit", "-qm", "baseline"], repo)
     objects_before = assert_cache_intact(repo)
-    grid_args = ["-S", "train.train_on_val=false", "-S", "probe.train_on_val=false", "-S", "train.lr=0.001,0.05", "-S", "train.epochs=1,2"]
-    run_command(["dvc", "exp", "run", "--queue", "train_finetune", *grid_args], repo)
+    grid_args = ["-S", "train.lr=0.001,0.05", "-S", "train.epochs=1,2"]
+    run_command(["dvc", "exp", "run", "--queue", "holdout_finetune", *grid_args], repo)
     run_command(["dvc", "queue", "start", "-j", "2"], repo)
     status = wait_for_queue(repo)
     assert status.count("Success") == 4, status
@@ -335,15 +335,17 @@ def test_queued_validation_only_grid_with_two_workers_then_the_summary_and_its_f
     assert {r["data"]["deps"]["data/prepared"]["hash"] for r in ran} == {baseline_prepared}, "all read the same prepared data"
     grid_points = {(r["data"]["params"]["params.yaml"]["data"]["train"]["lr"], r["data"]["params"]["params.yaml"]["data"]["train"]["epochs"]) for r in ran}
     assert grid_points == {(0.001, 1), (0.001, 2), (0.05, 1), (0.05, 2)}
-    for r in ran:  # each experiment's training results are its own run's; its test metrics are the baseline's (stale)
-        train_summary = r["data"]["metrics"]["metrics/train_finetune/metrics.json"]["data"]
+    for r in ran:  # each experiment's holdout run is its own; its final fit and test metrics are the baseline's (stale)
+        train_summary = r["data"]["metrics"]["metrics/train_finetune_holdout/metrics.json"]["data"]
         assert train_summary["epochs_run"] == r["data"]["params"]["params.yaml"]["data"]["train"]["epochs"]
+        final = "metrics/train_finetune/metrics.json"
+        assert r["data"]["metrics"][final] == baseline["data"]["metrics"][final], "the final fit did not run"
         for model in ("probe", "finetune", "scratch"):
             path = f"metrics/test_{model}/metrics.json"
             assert r["data"]["metrics"][path] == baseline["data"]["metrics"][path], f"{path}: validation-only, evaluate did not run"
     # the best fine-tuning run by validation accuracy, ties to the first name: the (validating) baseline commit competes too
     candidates = [(r["name"], r["data"]["metrics"]) for r in ran] + [(baseline["name"], baseline["data"]["metrics"])]
-    scores = {name: metrics["metrics/train_finetune/metrics.json"]["data"]["best/val_acc"] for name, metrics in candidates}
+    scores = {name: metrics["metrics/train_finetune_holdout/metrics.json"]["data"]["best/val_acc"] for name, metrics in candidates}
     expected = min(scores, key=lambda name: (-scores[name], name))
 
     summary_run = run_command([sys.executable, "-m", "transferlab.cli", "experiments"], repo)
@@ -352,7 +354,7 @@ def test_queued_validation_only_grid_with_two_workers_then_the_summary_and_its_f
     assert summary["finetune"]["runs"] == [expected] and summary["finetune"]["val_acc"] == scores[expected]
     assert summary["finetune"]["varied"] == ["epochs", "lr"], "the grid's two params, as the fine-tuning ran them"
     assert summary["scratch"]["varied"] == [] and summary["scratch"]["runs"] == [baseline["name"]], (
-        "train_scratch did not run in the experiments: their scratch summary is the baseline's, counted once"
+        "the scratch stages did not run in the experiments: their scratch summaries are the baseline's, counted once"
     )
     assert "test" not in summary["finetune"] and not re.search(r"mean_per_class_acc|top1", summary_run.stdout + (out / "experiments.md").read_text())
     assert (out / "heatmap_finetune.png").read_bytes()[:4] == b"\x89PNG"
@@ -405,13 +407,15 @@ def test_every_readme_experiment_command_gives_valid_params(tmp_path):
 # a queued grid's target, and the train_on_val keys it must turn off to get a validation score and stop before evaluation
 VALIDATION_ONLY = {
     "train_probe": ("probe",),
+    "holdout_finetune": (),  # the holdout twins train on the train split and validate whatever train_on_val says
+    "holdout_scratch": (),
     "train_finetune": ("train", "probe"),
     "train_scratch": ("scratch",),
 }
 
 
 def test_every_readme_grid_is_validation_only(tmp_path):
-    """Each queued README recipe targets a training stage (it never scores the test split) and validates that model."""
+    """Each queued README recipe targets a training or holdout stage (it never scores the test split) and validates that model."""
     queued = [args for args in readme_experiment_commands() if "--queue" in args]
     assert queued, "the README queues no grid"
     for args in queued:
@@ -420,3 +424,29 @@ def test_every_readme_grid_is_validation_only(tmp_path):
         for params in readme_points(args, tmp_path):
             for section in VALIDATION_ONLY[targets[0]]:
                 assert params[section]["train_on_val"] is False, f"dvc exp run {shlex.join(args)}: {section}.train_on_val stays true"
+
+
+def test_holdout_twins_score_whole_experiments_and_holdout_grids(tmp_path):
+    """Today's pipeline validates in the holdout twins: a `holdout_finetune` grid point (its final fit is the baseline's)
+    and a whole `dvc exp run -S train.lr=…` (its final fit has no score, its holdout twin has one) are both scored by
+    their holdout runs, and the baseline by its own; the scratch twin, not re-run, counts once, for the baseline."""
+    defaults = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    holdouts = {model: f"metrics/train_{model}_holdout/metrics.json" for model in ("finetune", "scratch")}
+
+    def summary(acc: float, epochs: int = 3) -> dict:
+        return {"data": {"best/val_acc": acc, "epochs_run": epochs}}
+
+    baseline = entry("main", {}, {"probe": 0.88, "finetune": NO_VALIDATION, "scratch": NO_VALIDATION}, base=defaults)
+    committed = baseline["data"]["metrics"]
+    committed.update({holdouts["finetune"]: summary(0.90), holdouts["scratch"]: summary(0.45)})
+    unchanged = {path: committed[path] for path in committed if path != holdouts["finetune"]}
+    grid_point = entry("grid-1", {"train.lr": 0.004}, {}, base=defaults, copied={**unchanged, holdouts["finetune"]: summary(0.93)})
+    rerun = {path: committed[path] for path in committed if "finetune" not in path}
+    whole = entry("whole", {"train.lr": 0.001}, {"finetune": NO_VALIDATION}, base=defaults, copied={**rerun, holdouts["finetune"]: summary(0.91)})
+    (tmp_path / "shown.json").write_text(json.dumps(shown(baseline, [grid_point, whole])))
+    summary_ = run(tmp_path / "shown.json", tmp_path / "out")
+    finetune = summary_["finetune"]
+    assert [(s.runs, s.val_acc) for s in finetune["settings"]] == [(["grid-1"], 0.93), (["whole"], 0.91), (["main"], 0.90)]
+    assert finetune["varied"] == ["lr"] and finetune["chosen"]["final_fit"]["command"] == "dvc exp run -S train.lr=0.004"
+    assert [(s.runs, s.val_acc) for s in summary_["scratch"]["settings"]] == [(["main"], 0.45)]
+    assert json.loads((tmp_path / "out/summary.json").read_text())["without_validation"] == {}

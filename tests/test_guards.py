@@ -240,7 +240,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_everywhere_it_is_read(proje
     # as the probe LP-FT starts from
     probe_checkpoint.write_bytes(evil.read_bytes())
     with pytest.raises(ModelError, match="refusing to load"):
-        training.start_from_probe(torch.nn.Linear(1, 1), "resnet18", "none", ["a"])
+        training.start_from_probe(torch.nn.Linear(1, 1), "resnet18", "none", ["a"], probe_checkpoint)
     # as a training state to resume from: ignored, and the run starts fresh
     state = tmp_path / "state.pt"
     state.write_bytes(evil.read_bytes())

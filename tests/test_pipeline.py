@@ -11,7 +11,10 @@ from browser import open_page
 from conftest import run
 
 MODELS = ("probe", "finetune", "scratch")
-STAGES = ["prepare", "features", "train_probe", "train_finetune", "train_scratch", *(f"evaluate@{m}" for m in MODELS), "gradcam", "compare"]
+STAGES = [
+    "prepare", "features", "train_probe", "train_finetune", "train_scratch", "holdout_finetune", "holdout_scratch",
+    *(f"evaluate@{m}" for m in MODELS), "gradcam", "compare",
+]
 
 
 def check_report(repo):
@@ -43,6 +46,8 @@ def test_repro_then_experiment_then_plots(project_repo):
         curve = (repo / f"metrics/train_{mode}/plots/metrics/train/acc.tsv").read_text().splitlines()
         assert len(curve) == 1 + 2, "one header line plus one row per epoch"
         assert not (repo / f"metrics/train_{mode}/plots/metrics/val").exists(), "trained on train + val"
+        held_out = (repo / f"metrics/train_{mode}_holdout/plots/metrics/val/acc.tsv").read_text().splitlines()
+        assert len(held_out) == 1 + 2, "its holdout twin validates every epoch"
     for mode in MODELS:
         assert (repo / f"data/models/{mode}/model.pt").is_file()
         test = json.loads((repo / f"metrics/test_{mode}/metrics.json").read_text())
@@ -77,8 +82,8 @@ def test_repro_then_experiment_then_plots(project_repo):
     # an experiment on one model's params re-runs that model's stages only (and the panel where the three meet)
     exp = run(["dvc", "exp", "run", "-S", "train.lr=0.05"], repo)
     ran = {stage for stage in STAGES if f"Running stage '{stage}'" in exp.stdout}
-    assert ran == {"train_finetune", "evaluate@finetune", "gradcam", "compare"}, ran
-    for stage in ("prepare", "features", "train_probe", "train_scratch", "evaluate@probe", "evaluate@scratch"):
+    assert ran == {"train_finetune", "holdout_finetune", "evaluate@finetune", "gradcam", "compare"}, ran
+    for stage in ("prepare", "features", "train_probe", "train_scratch", "holdout_scratch", "evaluate@probe", "evaluate@scratch"):
         assert f"Stage '{stage}' didn't change" in exp.stdout, stage
     shown = json.loads(run(["dvc", "exp", "show", "--json"], repo).stdout)
     runs = [e for commit in shown for e in (commit.get("experiments") or [])]
@@ -91,6 +96,10 @@ def test_repro_then_experiment_then_plots(project_repo):
     points = diff["training_accuracy"][0]["content"]["data"]["values"]
     assert {(p["rev"], p["filename"].split("/")[0]) for p in points} == {
         (rev, stage) for rev in ("workspace", "HEAD") for stage in ("train_finetune", "train_scratch")
+    }
+    held_out = diff["heldout_accuracy"][0]["content"]["data"]["values"]
+    assert {(p["rev"], p["filename"].split("/")[0]) for p in held_out} == {
+        (rev, stage) for rev in ("workspace", "HEAD") for stage in ("train_finetune_holdout", "train_scratch_holdout")
     }
     confusion = diff["metrics/test_finetune/plots/sklearn/confusion_matrix.json"][0]["content"]["data"]["values"]
     assert {p["actual"] for p in confusion} == {"class_0", "class_1", "class_2"}

@@ -16,7 +16,7 @@ from transferlab.config import ProbeConfig, load_params
 from transferlab.data import normalize
 from transferlab.errors import ConfigError, ModelError
 from transferlab.inference import predict_logits
-from transferlab.paths import checkpoint_path, evaluation_dir, train_dir
+from transferlab.paths import checkpoint_path, evaluation_dir, holdout, train_dir
 from transferlab.splits import load_classes, load_features, load_split
 from transferlab.trained_model import TrainedModel
 
@@ -37,8 +37,9 @@ def test_the_regularisation_is_chosen_on_validation(winner):
     predictions = [head.logits(val_features).argmax(1) for head in heads]
     assert (predictions[0] != predictions[1]).mean() > 0.1, "the two C values must disagree for the test to mean anything"
     cfg = ProbeConfig(C=grid)
-    chosen, results = probe.choose_c(train_set, (val_features, predictions[winner]), 3, cfg)
-    assert chosen == grid[winner]
+    head, chosen, results = probe.choose_c(train_set, (val_features, predictions[winner]), 3, cfg)
+    assert chosen["C"] == grid[winner]
+    np.testing.assert_array_equal(head.weight, heads[winner].weight)  # the winner, fitted on train only
     assert results[winner]["val_acc"] == 1.0 and results[1 - winner]["val_acc"] < 1.0
 
 
@@ -100,10 +101,10 @@ def test_lp_ft_refuses_a_probe_of_another_model(project):
     probe.main()
     other = TrainedModel.load(checkpoint_path("probe"), device="cpu")
     with pytest.raises(ModelError, match="is for resnet18 .*weights none.*re-run train_probe"):
-        training.start_from_probe(other.model, "resnet18", "none", other.classes)
+        training.start_from_probe(other.model, "resnet18", "none", other.classes, checkpoint_path("probe"))
     checkpoint_path("probe").unlink()
     with pytest.raises(ModelError, match="run its stage first"):
-        training.start_from_probe(other.model, "resnet18", project.weights_path, other.classes)
+        training.start_from_probe(other.model, "resnet18", project.weights_path, other.classes, checkpoint_path("probe"))
 
 
 def test_train_and_test_resolutions_reach_the_model(project, monkeypatch):
@@ -180,3 +181,30 @@ def test_a_head_on_frozen_features_without_a_validation_split(project):
     features.main()
     assert load_features("val").shape[1] == 0
     assert training.run("finetune") == {"val_acc": None, "epoch": 2}
+
+
+def test_the_holdout_twin_of_lp_ft_starts_from_the_probe_fitted_on_train_only_and_validates(project):
+    """With train + val for the final fits, the holdout twins still validate: the probe's twin is the chosen C fitted on
+    the train split, and LP-FT's twin starts from exactly it, trains on the train split and logs validation curves."""
+    project(probe={"C": [0.01, 1.0]}, init_head="probe", train_on_val=True, epochs=2)
+    features.main()
+    probe.main()
+    summary = json.loads((train_dir("probe") / "metrics.json").read_text())
+    train_only = probe.fit_head(*probe.as_samples(load_features("train"), load_split("train")[1], flip=True), 3, summary["best/C"], 1000)
+    twin = TrainedModel.load(checkpoint_path(holdout("probe")), device="cpu")
+    np.testing.assert_allclose(twin.model.fc.weight.detach().numpy(), train_only.weight, rtol=1e-5, atol=1e-6)
+    final = TrainedModel.load(checkpoint_path("probe"), device="cpu")
+    assert not torch.allclose(final.model.fc.weight, twin.model.fc.weight), "the final probe is refitted on train + val"
+
+    params = load_params()
+    start, _, _ = training.initial_model(
+        params.model.arch, project.weights_path, load_classes(), params.train_config("finetune", holdout=True), holdout("probe")
+    )
+    assert torch.equal(start.fc.weight, twin.model.fc.weight)
+    best = training.run("finetune", holdout=True)
+    assert best["val_acc"] is not None and best["epoch"] in (1, 2)
+    assert json.loads((train_dir(holdout("finetune")) / "metrics.json").read_text())["best/val_acc"] == best["val_acc"]
+    assert (train_dir(holdout("finetune")) / "plots" / "metrics" / "val" / "acc.tsv").is_file()
+    kept = torch.load(checkpoint_path(holdout("finetune")), weights_only=True)
+    assert kept["run"] == holdout("finetune") and kept["config"]["train_on_val"] is False
+    assert not checkpoint_path("finetune").exists(), "the twin writes under its own name only"

@@ -21,11 +21,16 @@ import yaml
 from .config import MODELS, RUNS, load_params
 from .figures import plt, save_figure
 from .fileio import read_json, write_json, write_text
-from .paths import COMPARISON_JSON, COMPARISON_MD, CURVES_PNG, GAIN_PNG, GRADCAM_IMAGE, REPORT_HTML, evaluation_dir, train_dir
+from .paths import COMPARISON_JSON, COMPARISON_MD, CURVES_PNG, GAIN_PNG, GRADCAM_IMAGE, REPORT_HTML, evaluation_dir, holdout, train_dir
 from .stage import run_stage
 
-# panels of the learning-curve plot; one without data (no validation with train.train_on_val) is left out
-CURVES = [("train/acc", "Training accuracy (augmented batches)"), ("train/loss", "Training loss"), ("val/acc", "Validation accuracy")]
+# panels of the learning-curve plot: the final fits' training curves, then the holdout twins' accuracy on the
+# validation images they never trained on (what generalises); a panel without data is left out
+CURVES = [
+    ("train/acc", "Training accuracy (augmented batches)", ""),
+    ("train/loss", "Training loss", ""),
+    ("val/acc", "Held-out accuracy (trained on the train split only)", "holdout"),
+]
 NAMES = {"probe": "Linear probe", "finetune": "Fine-tuned", "scratch": "From scratch"}
 EVALUATION_PICTURES = [
     ("confusion_matrix.png", "Confusion matrices"),
@@ -236,12 +241,17 @@ def html_report(comparison: Comparison) -> str:
 
 
 def plot_curves(path: Path) -> None:
-    curves = {(metric, title): {run: read_curve(run, metric) for run in RUNS} for metric, title in CURVES}
+    curves = {
+        (metric, title, source): {run: read_curve(holdout(run) if source else run, metric) for run in RUNS} for metric, title, source in CURVES
+    }
     curves = {panel: runs for panel, runs in curves.items() if any(epochs for epochs, _ in runs.values())}
+    probe_val = read_json(train_dir("probe") / "metrics.json").get("best/val_acc")
     fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 4), squeeze=False)
-    for ax, ((metric, title), runs) in zip(axes[0], curves.items()):
+    for ax, ((metric, title, source), runs) in zip(axes[0], curves.items()):
         for (run, (epochs, values)), style in zip(runs.items(), ("-o", "-s")):
             ax.plot(epochs, values, style, markersize=3, label=NAMES[run])
+        if source and probe_val is not None:  # the probe has no epochs: its validation accuracy, as a level
+            ax.axhline(probe_val, color="grey", linestyle="--", linewidth=1, label=f"{NAMES['probe']} ({probe_val:.1%})")
         ax.set(title=title, xlabel="epoch")
         ax.grid(alpha=0.3)
         ax.legend()

@@ -231,11 +231,17 @@ class Params:
     evaluate: EvaluateConfig
     logging: LoggingConfig
 
-    def train_config(self, run: str) -> TrainConfig:
-        """The run's section, checked against the rest of the params."""
+    def train_config(self, run: str, holdout: bool = False) -> TrainConfig:
+        """The run's section, checked against the rest of the params.
+
+        ``holdout``: for the run's holdout twin, which trains on the train split only (``train_on_val`` off)
+        and, starting from the probe, from the probe fitted on the train split only.
+        """
         if run not in RUNS:
             raise ConfigError(f"unknown training run {run!r}; allowed: {', '.join(RUNS)}")
         cfg = getattr(self, RUN_SECTIONS[run])
+        if holdout:
+            cfg = dataclasses.replace(cfg, train_on_val=False)
 
         def key(name: str) -> str:
             return self.key(run, name)
@@ -245,7 +251,7 @@ class Params:
             raise ConfigError(f"{key(needs_validation[0])} watches the validation split, but data.val_per_class is 0")
         if needs_validation and cfg.train_on_val:
             raise ConfigError(f"{key(needs_validation[0])} watches the validation split, but {key('train_on_val')} trains on it; set one of them off")
-        if cfg.init_head == "probe" and self.probe.train_on_val and not cfg.train_on_val and self.data.val_per_class:
+        if cfg.init_head == "probe" and self.probe.train_on_val and not cfg.train_on_val and self.data.val_per_class and not holdout:
             raise ConfigError(
                 f"{key('train_on_val')}: false validates every epoch, but the probe the run starts from (train.init_head: probe) "
                 f"was fitted on the validation images too (probe.train_on_val: true); set both to false to choose settings"
@@ -278,7 +284,7 @@ class Params:
         return f"{RUN_SECTIONS[run]}.{name}"
 
     def weights_for(self, run: str) -> str:
-        return "none" if self.train_config(run).mode == "scratch" else self.model.weights
+        return "none" if getattr(self, RUN_SECTIONS[run]).mode == "scratch" else self.model.weights
 
 
 def _check_type(key: str, value: Any, annotation: Any) -> Any:

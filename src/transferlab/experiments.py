@@ -18,18 +18,19 @@ them vary:
 ``train_on_val`` is left out of the settings: it is the protocol (validate, or make the final fit), not a
 setting to choose.
 
-Grid points are validation-only: queued with their training stage as the target and ``train_on_val: false``
-(``dvc exp run --queue train_finetune -S train.train_on_val=false -S probe.train_on_val=false -S 'train.lr=...'``),
-they stop before evaluation, and the test metrics their commits hold are the baseline's. So no test metric is
-read here. Each model's setting is chosen on the validation accuracy alone (``best/val_acc`` of its training
-stage's summary), and for the choice the summary gives the command that makes the final fit and scores the
-test split once, e.g. ``dvc exp run -S train.lr=0.01 -S train.epochs=5``: the chosen values of the varied
-keys, any other key where the choice differs from the workspace's params.yaml, and ``train_on_val: true``
-where the workspace does not have it already. It trains on train + val and evaluates once.
+Grid points are validation-only: queued with a holdout stage as the target (``dvc exp run --queue
+holdout_finetune -S 'train.lr=...'``: the recipe trained on the train split, validated every epoch), or the
+training stage with ``train_on_val: false``, they stop before evaluation, and the test metrics their commits
+hold are the baseline's. So no test metric is read here. Each model's setting is chosen on the validation
+accuracy alone (``best/val_acc`` of its holdout twin's summary, else of its training stage's), and for the
+choice the summary gives the command that makes the final fit and scores the test split once, e.g.
+``dvc exp run -S train.lr=0.01 -S train.epochs=5``: the chosen values of the varied keys, any other key where
+the choice differs from the workspace's params.yaml, and ``train_on_val: true`` where the workspace does not
+have it already. It trains on train + val and evaluates once.
 
-A model's training summary identical to its baseline commit's is the baseline's run (its stage did not run in
-that experiment: train_scratch in a train_finetune grid): it counts once, for the baseline. Runs without a
-validation score (``train_on_val: true``, a final fit) are left out and named. Settings a commit's params.yaml
+A model's training summaries identical to its baseline commit's are the baseline's run (its stages did not run
+in that experiment: train_scratch in a train_finetune grid): it counts once, for the baseline. Runs without a
+validation score (``train_on_val: true`` and no holdout twin: a final fit) are left out and named. Settings a commit's params.yaml
 does not name are read as today's defaults (with ``--all-commits``, an old commit may have run with other ones).
 Writes to ``--out``:
 
@@ -62,15 +63,16 @@ from .config import FINETUNE_ONLY, MODELS, RUN_SECTIONS, RUNS, Params, parse_par
 from .errors import ConfigError
 from .figures import plt, save_figure
 from .fileio import read_json, write_csv, write_json, write_text
+from .paths import holdout
 
 log = logging.getLogger("transferlab.experiments")
 VALIDATION_METRIC = "best/val_acc"
 PROTOCOL = "train_on_val"  # the key that turns a run into a final fit on train + val (no validation score)
-# how to get validation scores: each model's grid, queued validation-only (up to its training stage, never the test split)
+# how to get validation scores: each model's grid, queued validation-only (up to its holdout stage, never the test split)
 VALIDATION_RECIPES = {
-    "probe": "dvc exp run --queue train_probe -S probe.train_on_val=false -S 'probe.C=[...]'",
-    "finetune": "dvc exp run --queue train_finetune -S train.train_on_val=false -S probe.train_on_val=false -S 'train.lr=...'",
-    "scratch": "dvc exp run --queue train_scratch -S scratch.train_on_val=false -S 'scratch.lr=...'",
+    "probe": "dvc exp run --queue train_probe -S 'probe.C=[0.1],[0.3]'",
+    "finetune": "dvc exp run --queue holdout_finetune -S 'train.lr=...'",
+    "scratch": "dvc exp run --queue holdout_scratch -S 'scratch.lr=...'",
 }
 NO_VALIDATION_HINT = "queue validation-only runs: " + "; ".join(VALIDATION_RECIPES[model] for model in MODELS)
 FINAL_FIT = "trains on train + val with the chosen setting and evaluates the test split once"
@@ -183,16 +185,29 @@ def protocol_keys(model: str, values: dict) -> list[str]:
     return [f"{own}.{PROTOCOL}", *(["probe." + PROTOCOL] if model != "probe" and values.get("init_head") == "probe" else [])]
 
 
+def summary_paths(model: str) -> list[str]:
+    """Where a model's training summaries are: its holdout twin's first (the validation run of today's pipeline),
+    then its training stage's own (a validation run too with ``train_on_val: false``)."""
+    own = f"metrics/train_{model}/metrics.json"
+    return [f"metrics/train_{holdout(model)}/metrics.json", own] if model in RUNS else [own]
+
+
+def trained_summary(experiment: Experiment, model: str) -> dict | None:
+    """The first of the model's training summaries this experiment wrote with a validation score (else the first it
+    wrote); None when each is its baseline commit's (the stages did not run in this experiment) or missing."""
+    baseline = experiment.baseline.metrics if experiment.baseline is not None else {}
+    fresh = [experiment.metrics[p] for p in summary_paths(model) if experiment.metrics.get(p) and experiment.metrics[p] != baseline.get(p)]
+    return next((found for found in fresh if VALIDATION_METRIC in found), fresh[0] if fresh else None)
+
+
 def validation_score(experiment: Experiment, model: str) -> float | None:
-    value = experiment.metrics.get(f"metrics/train_{model}/metrics.json", {}).get(VALIDATION_METRIC)
+    value = (trained_summary(experiment, model) or {}).get(VALIDATION_METRIC)
     return None if value is None else float(value)
 
 
 def baseline_copy(experiment: Experiment, model: str) -> bool:
-    """The model's training summary is its baseline commit's: its stage did not run in this experiment."""
-    path = f"metrics/train_{model}/metrics.json"
-    found = experiment.metrics.get(path)
-    return bool(found) and experiment.baseline is not None and found == experiment.baseline.metrics.get(path)
+    """The model's training summaries are its baseline commit's: its stages did not run in this experiment."""
+    return trained_summary(experiment, model) is None and any(experiment.metrics.get(p) for p in summary_paths(model))
 
 
 def _key(value) -> str:
@@ -226,7 +241,7 @@ def without_validation(experiments: list[Experiment]) -> dict[str, list[str]]:
         names = [
             e.name
             for e in experiments
-            if f"metrics/train_{model}/metrics.json" in e.metrics and validation_score(e, model) is None and not baseline_copy(e, model)
+            if trained_summary(e, model) is not None and validation_score(e, model) is None
         ]
         if names:
             found[model] = names

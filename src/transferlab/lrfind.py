@@ -29,7 +29,6 @@ log = logging.getLogger("transferlab.lrfind")
 MIN_DROP = 0.1  # the smoothed loss must fall at least this fraction below its start for a suggestion
 DIVERGE = 4.0  # the loss has diverged when it stays above this multiple of its lowest value ...
 DIVERGE_STEPS = 3  # ... for this many steps in a row (one spike is not divergence)
-OUT_DIR = Path("metrics/experiments/lr_find")
 
 
 @dataclass
@@ -92,6 +91,7 @@ def range_test(run: str, steps: int, start: float, end: float, seed: int) -> dic
     from .data import batch_slices, epoch_order
     from .device import training_device
     from .distributed import World
+    from .paths import holdout
     from .splits import load_classes
     from .training import Trainer, initial_model, training_data, training_inputs
 
@@ -102,7 +102,8 @@ def range_test(run: str, steps: int, start: float, end: float, seed: int) -> dic
     classes = load_classes()
     data = training_data(train_on_val=False)
     train_labels = data[0][1]
-    model, head_name, prep = initial_model(params.model.arch, weights, classes, cfg)
+    # a probe that never saw the validation images, which judge the suggestion
+    model, head_name, prep = initial_model(params.model.arch, weights, classes, cfg, holdout("probe"))
     slices = batch_slices(len(train_labels), cfg.batch_size)
     trainer = Trainer.create(model, head_name, cfg, params.runtime, len(slices), World(device=device), amp_dtype)
     inputs = training_inputs(trainer, data, prep, params.model.arch, weights, len(classes))

@@ -10,7 +10,8 @@ L-BFGS, on standardised features) is fitted for every C in ``probe.C``; the C wi
 accuracy is kept and, with ``probe.train_on_val``, refitted on train + validation. The fitted weights
 become the features network's new head, so ``data/models/probe/model.pt`` is a checkpoint like the
 trained ones (evaluate, predict and export use it) and ``train.init_head: probe`` starts fine-tuning from
-it (LP-FT). ``metrics/train_probe/`` holds the validation accuracy of every C (regularization.csv), the
+it (LP-FT). ``data/models/probe_holdout/model.pt``, the head with the chosen C fitted on the train split
+only, is where the fine-tuned model's holdout twin starts. ``metrics/train_probe/`` holds the validation accuracy of every C (regularization.csv), the
 settings and a summary.
 """
 
@@ -27,7 +28,7 @@ from dvclive import Live
 from .config import ProbeConfig, load_params
 from .errors import ModelError
 from .fileio import atomic_dir, write_csv
-from .paths import FEATURES_DIR, checkpoint_path, train_dir
+from .paths import FEATURES_DIR, checkpoint_path, holdout, train_dir
 from .splits import features_info, load_classes, load_features, load_split
 from .stage import run_stage
 
@@ -66,12 +67,15 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
 
 
-def choose_c(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray], num_classes: int, cfg: ProbeConfig) -> tuple[float, list[dict]]:
+def choose_c(
+    train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray], num_classes: int, cfg: ProbeConfig
+) -> tuple[LinearHead, dict, list[dict]]:
     """Fit one head per C; the best validation accuracy wins, ties go to the lower validation loss.
 
     ``val`` features are those the head scores (flip TTA: the mean of both views: the same logits, the head being linear).
+    Returns the winning head (fitted on ``train`` only), its result and every C's result.
     """
-    results = []
+    results, heads = [], []
     for C in cfg.C:
         started = time.perf_counter()
         head = fit_head(*train, num_classes, C, cfg.max_iter)
@@ -82,8 +86,9 @@ def choose_c(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.nda
             result["val_loss"] = float(-log_softmax(logits)[np.arange(len(val[1])), val[1]].mean())
         log.info("C %g: %s", C, result)
         results.append(result)
-    best = max(results, key=lambda r: (r.get("val_acc", 0.0), -r.get("val_loss", 0.0)))
-    return best["C"], results
+        heads.append(head)
+    best = max(range(len(results)), key=lambda i: (results[i].get("val_acc", 0.0), -results[i].get("val_loss", 0.0)))
+    return heads[best], results[best], results
 
 
 def as_samples(features: np.ndarray, labels: np.ndarray, flip: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -97,7 +102,7 @@ def scored(features: np.ndarray, flip: bool) -> np.ndarray:
     return features.mean(0) if flip else features[0]
 
 
-def save_probe(head: LinearHead, info: dict, classes: list[str], cfg: ProbeConfig, channels_last: bool, **extra) -> None:
+def save_probe(name: str, head: LinearHead, info: dict, classes: list[str], cfg: ProbeConfig, channels_last: bool, **extra) -> None:
     """The features network with the fitted head: a checkpoint like the trained models' (torch imported here)."""
     import torch
 
@@ -107,7 +112,7 @@ def save_probe(head: LinearHead, info: dict, classes: list[str], cfg: ProbeConfi
     state = dict(network["model"])
     state[f"{network['head']}.weight"], state[f"{network['head']}.bias"] = torch.from_numpy(head.weight), torch.from_numpy(head.bias)
     save_checkpoint(
-        checkpoint_path(RUN), state, run=RUN, mode="linear_probe", arch=info["arch"], weights=info["weights"], classes=classes,
+        checkpoint_path(name), state, run=name, mode="linear_probe", arch=info["arch"], weights=info["weights"], classes=classes,
         head=network["head"], preprocessing=network["preprocessing"], cache_size=info["cache_size"], eval_image_size=info["image_size"],
         channels_last=channels_last, config={**dataclasses.asdict(cfg), "image_size": info["image_size"]}, **extra,
     )
@@ -124,12 +129,14 @@ def main() -> None:
     log.info("linear probe on %s's %d-dim features: C in %s, chosen on %d validation images", info["arch"], info["dim"], cfg.C, len(val_labels))
     train_features, val_features = np.asarray(load_features("train")), np.asarray(load_features("val"))
 
-    best_c, results = choose_c(as_samples(train_features, train_labels, cfg.flip), (scored(val_features, cfg.flip), val_labels), len(classes), cfg)
-    chosen = next(r for r in results if r["C"] == best_c)
+    val = (scored(val_features, cfg.flip), val_labels)
+    on_train, chosen, results = choose_c(as_samples(train_features, train_labels, cfg.flip), val, len(classes), cfg)
+    best_c, fitted = chosen["C"], on_train
     if cfg.train_on_val and len(val_labels):
         train_features, train_labels = np.concatenate([train_features, val_features], axis=1), np.concatenate([train_labels, val_labels])
-    fitted = fit_head(*as_samples(train_features, train_labels, cfg.flip), len(classes), best_c, cfg.max_iter)
-    save_probe(fitted, info, classes, cfg, params.runtime.channels_last, C=best_c, val_acc=chosen.get("val_acc"))
+        fitted = fit_head(*as_samples(train_features, train_labels, cfg.flip), len(classes), best_c, cfg.max_iter)
+    for name, head in ((RUN, fitted), (holdout(RUN), on_train)):  # LP-FT's holdout twin starts from the one fitted on train only
+        save_probe(name, head, info, classes, cfg, params.runtime.channels_last, C=best_c, val_acc=chosen.get("val_acc"))
     with atomic_dir(train_dir(RUN)) as out:
         with Live(str(out), dvcyaml=False, save_dvc_exp=False) as live:
             live.log_params({"run": RUN, "mode": "linear_probe", "arch": info["arch"], "weights": info["weights"],

@@ -2,6 +2,7 @@
 
     python -m transferlab.train finetune   # the train: section (mode finetune or feature_extract)
     python -m transferlab.train scratch    # the same architecture from random init: the scratch: section
+    python -m transferlab.train finetune --holdout   # its holdout twin: trained on the train split, validated every epoch
 
 This entry point checks the params and says what it will train within a second; torch and the model
 libraries (several seconds to import on a small CPU) load after that. With ``runtime.processes: N`` it
@@ -15,37 +16,38 @@ import logging
 import os
 
 from .config import RUNS, Params, load_params
+from .paths import holdout as holdout_name
 from .stage import run_stage
 
 log = logging.getLogger("transferlab.train")
 
 
-def plan(run: str, params: Params) -> str:
-    cfg = params.train_config(run)
+def plan(run: str, params: Params, holdout: bool = False) -> str:
+    cfg = params.train_config(run, holdout)
     body = f", body at {cfg.lr * cfg.backbone_lr_scale:g}" if cfg.mode == "finetune" else ""
     start = " from the linear probe's head" if cfg.init_head == "probe" else ""
     data = "train + val images" if cfg.train_on_val else "train images, validating every epoch"
     return (
-        f"{run}: {cfg.mode} {params.model.arch}{start} (weights {params.weights_for(run)}), {cfg.epochs} epochs at "
+        f"{holdout_name(run) if holdout else run}: {cfg.mode} {params.model.arch}{start} (weights {params.weights_for(run)}), {cfg.epochs} epochs at "
         f"{cfg.image_size} px, lr {cfg.lr:g}{body}, on the {data}"
     )
 
 
-def start(run: str) -> None:
+def start(run: str, holdout: bool) -> None:
     """Train in this process, or with ``runtime.processes`` > 1 start the data-parallel processes that will."""
     params = load_params()  # bad params fail here, before anything is imported or started
     if os.environ.get("RANK", "0") == "0":  # one of the data-parallel processes says it
-        log.info("%s", plan(run, params))
+        log.info("%s", plan(run, params, holdout))
     from .distributed import launch, launched_by_torchrun  # torch: imported once the plan is shown
 
     if params.runtime.processes > 1 and not launched_by_torchrun():
-        status = launch(params.runtime.processes, "transferlab.train", [run])
+        status = launch(params.runtime.processes, "transferlab.train", [run, *(["--holdout"] if holdout else [])])
         if status:
             raise SystemExit(f"train {run}: the data-parallel run failed (exit code {status})")
         return
     from .training import train
 
-    train(run)
+    train(run, holdout)
 
 
 def batch_setting(run: str) -> tuple[str, int]:
@@ -57,8 +59,10 @@ def batch_setting(run: str) -> tuple[str, int]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", choices=RUNS)
+    parser.add_argument("--holdout", action="store_true", help="train the run's holdout twin (train split only, validated every epoch)")
     args = parser.parse_args(argv)
-    run_stage(f"train {args.run}", lambda: start(args.run), lambda: batch_setting(args.run))
+    name = holdout_name(args.run) if args.holdout else args.run
+    run_stage(f"train {name}", lambda: start(args.run, args.holdout), lambda: batch_setting(args.run))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import cores, resume
+from . import cores, paths, resume
 from .checkpoint import read_checkpoint, save_checkpoint
 from .config import RuntimeConfig, TrainConfig, load_params
 from .data import BatchAugmenter, batch_slices, epoch_order
@@ -206,9 +206,8 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
 
 
-def start_from_probe(model: nn.Module, arch: str, weights: str, classes: list[str], path: Path | None = None) -> None:
+def start_from_probe(model: nn.Module, arch: str, weights: str, classes: list[str], path: Path) -> None:
     """Load the fitted probe (its backbone weights and its head) into ``model``: LP-FT's starting point."""
-    path = path or checkpoint_path("probe")
     if not path.is_file():
         raise ModelError(f"train.init_head: probe needs the linear probe at {path}: run its stage first (dvc repro train_probe)")
     checkpoint = read_checkpoint(path)
@@ -221,12 +220,12 @@ def start_from_probe(model: nn.Module, arch: str, weights: str, classes: list[st
     model.load_state_dict(checkpoint["model"])
 
 
-def initial_model(arch: str, weights: str, classes: list[str], cfg: TrainConfig) -> tuple[nn.Module, str, Preprocessing]:
-    """The model before its first step: a fresh head, or with ``init_head: probe`` the fitted linear probe (LP-FT)."""
+def initial_model(arch: str, weights: str, classes: list[str], cfg: TrainConfig, probe: str = "probe") -> tuple[nn.Module, str, Preprocessing]:
+    """The model before its first step: a fresh head, or with ``init_head: probe`` the fitted linear probe ``probe`` (LP-FT)."""
     torch.manual_seed(cfg.seed)
     model, head_name, prep = build_model(arch, weights, len(classes))
     if cfg.init_head == "probe":
-        start_from_probe(model, arch, weights, classes)
+        start_from_probe(model, arch, weights, classes, checkpoint_path(probe))
     return model, head_name, prep
 
 
@@ -256,14 +255,17 @@ def training_inputs(trainer: Trainer, data, prep, arch: str, weights: str, num_c
     return image_inputs(trainer.model, data, cfg, trainer.runtime.channels_last, prep, trainer.world, num_classes)
 
 
-def run(name: str, world: World | None = None) -> dict:
+def run(name: str, world: World | None = None, holdout: bool = False) -> dict:
     """Train the run ``name`` (finetune or scratch); return the kept epoch and its validation score (None without validation).
 
     ``world``: this process's place in a data-parallel run (default: the only process, on ``runtime.device``).
+    ``holdout``: train the run's holdout twin (see :func:`paths.holdout`), which writes under its own name.
     """
     started = time.perf_counter()
     params = load_params()
-    cfg, runtime = params.train_config(name), params.runtime
+    cfg, runtime = params.train_config(name, holdout), params.runtime
+    out = paths.holdout(name) if holdout else name  # where the run writes
+    probe = paths.holdout("probe") if holdout else "probe"
     weights = params.weights_for(name)
     device, amp_dtype = training_device(runtime.device, runtime.precision)  # an unavailable one fails here, before any work
     world = world or World(device=device)
@@ -272,7 +274,7 @@ def run(name: str, world: World | None = None) -> dict:
     (train_images, train_labels), (_, val_labels) = data
     if len(train_labels) < world.size:
         raise ConfigError(f"runtime.processes: {world.size} processes but {len(train_labels)} training images; every process needs a share")
-    model, head_name, prep = initial_model(params.model.arch, weights, classes, cfg)
+    model, head_name, prep = initial_model(params.model.arch, weights, classes, cfg, probe)
     if world.rank:  # every process starts from the same weights (DDP checks) but draws its own augmentations
         torch.manual_seed(cfg.seed + world.rank)
     slices = batch_slices(len(train_labels), cfg.batch_size)
@@ -280,24 +282,24 @@ def run(name: str, world: World | None = None) -> dict:
     inputs = training_inputs(trainer, data, prep, params.model.arch, weights, len(classes))  # frozen features that are not there fail here
     generator = torch.Generator().manual_seed(cfg.seed)  # the same on every process: one order, sharded per batch
     # the files the run starts from: the probe's head (LP-FT), the frozen features (feature_extract without augmentation)
-    start_from = [checkpoint_path("probe")] if cfg.init_head == "probe" else []
+    start_from = [checkpoint_path(probe)] if cfg.init_head == "probe" else []
     start_from += [FEATURES_DIR / "features.json"] if cfg.mode == "feature_extract" and not cfg.augment else []
-    fingerprint = resume.fingerprint(name, params.model.arch, weights, cfg, runtime, trainer.device, start_from, world.size)
-    state = world.from_main(resume.load_state(resume_path(name), fingerprint) if world.main else None)
+    fingerprint = resume.fingerprint(out, params.model.arch, weights, cfg, runtime, trainer.device, start_from, world.size)
+    state = world.from_main(resume.load_state(resume_path(out), fingerprint) if world.main else None)
     progress, best_model = resume.Progress(), None
     if state is not None:
         trainer.load_state_dict(state["trainer"])
         generator.set_state(state["generator"])
         resume.restore_rng(state["rng"][world.rank])
         progress, best_model = resume.Progress(**state["progress"]), state["best_model"]
-        log.info("resuming %s from epoch %d, step %d (%s)", name, progress.epoch + 1, progress.step, resume_path(name))
+        log.info("resuming %s from epoch %d, step %d (%s)", out, progress.epoch + 1, progress.step, resume_path(out))
 
     def save_state(epoch_start_generator: torch.Tensor) -> None:
         rng = world.gather(resume.rng_state(trainer.device))  # every process's random state, for an exact resume
         if not world.main:
             return
         resume.save_state(
-            resume_path(name),
+            resume_path(out),
             {
                 "fingerprint": fingerprint,
                 "progress": dataclasses.asdict(progress),
@@ -305,15 +307,15 @@ def run(name: str, world: World | None = None) -> dict:
                 "generator": epoch_start_generator,
                 "rng": rng,
                 "best_model": best_model,
-                "params": {"run": name, "arch": params.model.arch, "weights": weights, "train": dataclasses.asdict(cfg), "runtime": dataclasses.asdict(runtime)},
+                "params": {"run": out, "arch": params.model.arch, "weights": weights, "train": dataclasses.asdict(cfg), "runtime": dataclasses.asdict(runtime)},
             },
         )
 
-    training_log = TrainingLog(train_dir(name), params.logging.tensorboard, active=world.main)
+    training_log = TrainingLog(train_dir(out), params.logging.tensorboard, active=world.main)
     # the CPU cores shared with other processes computing at once; a compiled model keeps its first thread count
     # (a change would make torch.compile compile again)
     with training_log as live, resume.stop_requests() as stop_requested, cores.shared(pin=cfg.compile):
-        live.log_params({"run": name, "arch": params.model.arch, "weights": weights, **dataclasses.asdict(cfg), **dataclasses.asdict(runtime)})
+        live.log_params({"run": out, "arch": params.model.arch, "weights": weights, **dataclasses.asdict(cfg), **dataclasses.asdict(runtime)})
         live.log_images("train images (cached, before augmentation)", train_images[:16])
         for logged in progress.history:  # curves of the epochs done before an interruption, at their own steps
             live.log_epoch(logged)
@@ -323,7 +325,7 @@ def run(name: str, world: World | None = None) -> dict:
             if progress.step == 0:
                 progress.start_epoch({f"lr/{g['name']}": g["lr"] for g in trainer.optimizer.param_groups})
             trainer.enter_train_mode()
-            bar = tqdm(slices, initial=progress.step, desc=f"{name} epoch {progress.epoch + 1}/{cfg.epochs}", leave=False, disable=not world.main)
+            bar = tqdm(slices, initial=progress.step, desc=f"{out} epoch {progress.epoch + 1}/{cfg.epochs}", leave=False, disable=not world.main)
             for batch in slices[progress.step :]:
                 cores.refresh()  # this process's share of the CPU cores, counted again every few seconds
                 progress.add_batch(*trainer.step(inputs, order[batch]))
@@ -333,7 +335,7 @@ def run(name: str, world: World | None = None) -> dict:
                 if world.stop_now(stop_requested(), progress.step, len(slices)):
                     save_state(epoch_start_generator)
                     bar.close()
-                    raise SystemExit(f"stopped: {name} saved at epoch {progress.epoch + 1}, step {progress.step}; run again to resume")
+                    raise SystemExit(f"stopped: {out} saved at epoch {progress.epoch + 1}, step {progress.step}; run again to resume")
             bar.close()
             logged = progress.train_metrics()
             score = None
@@ -343,14 +345,14 @@ def run(name: str, world: World | None = None) -> dict:
             if progress.end_epoch(logged, score, cfg.early_stopping_patience):
                 best_model = {key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items()}
             trainer.schedule.end_epoch(logged.get(cfg.monitor.replace("_", "/")))
-            log.info("%s epoch %d: %s", name, progress.epoch, ", ".join(f"{k} {v:.4g}" for k, v in logged.items()))
+            log.info("%s epoch %d: %s", out, progress.epoch, ", ".join(f"{k} {v:.4g}" for k, v in logged.items()))
             live.log_epoch(logged)
             save_state(generator.get_state())
         best = {"val_acc": progress.history[progress.best_epoch - 1].get("val/acc"), "epoch": progress.best_epoch}
         if not world.main:
             return best
         save_checkpoint(
-            checkpoint_path(name), best_model, run=name, mode=cfg.mode, arch=params.model.arch, weights=weights, classes=classes,
+            checkpoint_path(out), best_model, run=out, mode=cfg.mode, arch=params.model.arch, weights=weights, classes=classes,
             head=head_name, preprocessing=prep.as_dict(), cache_size=train_images.shape[1], eval_image_size=cfg.eval_image_size,
             channels_last=runtime.channels_last, config=dataclasses.asdict(cfg), **best
         )
@@ -359,14 +361,14 @@ def run(name: str, world: World | None = None) -> dict:
         live.summary["best/epoch"] = best["epoch"]
         live.summary["epochs_run"] = progress.epoch
         live.summary["wall_time_s"] = round(time.perf_counter() - started, 1)
-    resume_path(name).unlink(missing_ok=True)
+    resume_path(out).unlink(missing_ok=True)
     return best
 
 
-def train(name: str) -> dict:
+def train(name: str, holdout: bool = False) -> dict:
     """Train in this process, as one of the data-parallel processes torchrun started or as the only one."""
     params = load_params()
     runtime = params.runtime
     device, _ = training_device(runtime.device, runtime.precision)
     with process_group(device, runtime.processes, params.train_config(name).batch_size, params.key(name, "batch_size")) as world:
-        return run(name, world)
+        return run(name, world, holdout)
