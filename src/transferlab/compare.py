@@ -251,7 +251,7 @@ def plot_curves(path: Path) -> None:
         for (run, (epochs, values)), style in zip(runs.items(), ("-o", "-s")):
             ax.plot(epochs, values, style, markersize=3, label=NAMES[run])
         if source and probe_val is not None:  # the probe has no epochs: its validation accuracy, as a level
-            ax.axhline(probe_val, color="grey", linestyle="--", linewidth=1, label=f"{NAMES['probe']} ({probe_val:.1%})")
+            ax.axhline(probe_val, color="grey", linestyle="--", linewidth=1, label=f"{NAMES['probe']} ({probe_val:.1%}, with flip TTA)")
         ax.set(title=title, xlabel="epoch")
         ax.grid(alpha=0.3)
         ax.legend()
