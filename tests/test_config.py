@@ -41,7 +41,7 @@ def test_each_run_reads_its_own_section():
     [
         ("train", "lr", -0.1, "train.lr must be > 0"),
         ("train", "lr", "fast", "train.lr must be of type float"),
-        ("train", "epochs", 2.5, "train.epochs must be of type int"),
+        ("train", "epochs", 2.5, "train.epochs must be a whole number, got 2.5"),
         ("train", "lrr", 0.1, "unknown param train.lrr"),
         ("scratch", "epoch", 3, "unknown param scratch.epoch"),
         ("scratch", "batch_size", 0, "scratch.batch_size must be >= 1"),
@@ -242,3 +242,21 @@ def test_entry_points_start_without_the_heavy_libraries():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() in ("", "matplotlib"), result.stdout  # compare draws with matplotlib (under a second)
+
+
+def test_numbers_are_read_as_users_and_dvc_write_them(tmp_path):
+    """YAML 1.1 (PyYAML) reads 1e-3 as a string; params.yaml means a float, as DVC's -S writes 5e-05."""
+    text = (PROJECT / "params.yaml").read_text()
+    text = text.replace("  lr: 0.002 ", "  lr: 1e-3 ", 1).replace("weight_decay: 0.00005", "weight_decay: 5e-05", 1)
+    text = text.replace("  max_iter: 1000", "  max_iter: 1E3", 1)
+    assert text.count("1e-3") == 1 and "5e-05" in text
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=r"probe.max_iter must be a whole number, got 1000.0; write 1000"):
+        load_params(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text(text.replace("  max_iter: 1E3", "  max_iter: 1000"))
+    params = load_params(tmp_path / "params.yaml")
+    assert params.train.lr == 0.001 and params.train.weight_decay == 5e-05
+    with pytest.raises(ConfigError, match=r"train.epochs must be a whole number, got 2.5$"):
+        parse_params({**tiny_params(), "train": {**tiny_params()["train"], "epochs": 2.5}})
+    with pytest.raises(ConfigError, match="train.lr must be of type float, got 'fast'"):
+        parse_params({**tiny_params(), "train": {**tiny_params()["train"], "lr": "fast"}})

@@ -48,7 +48,7 @@ from torchvision import datasets
 from torchvision.transforms import InterpolationMode, v2
 
 from . import cores
-from .config import DATA_SOURCE_ENV, RuntimeConfig, TrainConfig
+from .config import DATA_SOURCE_ENV, RuntimeConfig, TrainConfig, read_yaml
 from .data import batch_slices, epoch_order, eval_batches, eval_resize, normalize
 from .device import training_device
 from .distributed import World
@@ -397,7 +397,7 @@ def clone_project(project: Path, path: Path) -> Workspace:
     origin = Workspace(project, env)
     origin.run("git", "clone", "-q", str(project), str(path))
     clone = Workspace(path, env)
-    params = yaml.safe_load((path / "params.yaml").read_text())
+    params = read_yaml((path / "params.yaml").read_text())
     source = env.get(DATA_SOURCE_ENV) or (params.get("data") or {}).get("source")
     if source and source != "download" and not Path(source).is_absolute():
         env[DATA_SOURCE_ENV] = str((project / source).resolve())  # the same data, the same params

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -296,6 +297,9 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     expected = typing.get_origin(annotation) or annotation
+    if expected is int and isinstance(value, float):
+        whole = f"; write {int(value)}" if value.is_integer() else ""
+        raise ConfigError(f"{key} must be a whole number, got {value!r}{whole}")
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
         raise ConfigError(f"{key} must be of type {expected.__name__}, got {value!r} ({type(value).__name__})")
     return value
@@ -371,13 +375,31 @@ def parse_params(raw: dict) -> Params:
     return params
 
 
+class ParamsLoader(yaml.SafeLoader):
+    """YAML as users and DVC write numbers: ``1e-3``, ``5e-05`` and ``1E3`` are floats.
+
+    PyYAML implements YAML 1.1, whose floats need a dot (``1.0e-3``), so it reads ``1e-3`` as a string;
+    YAML 1.2 (and ``dvc exp run -S train.lr=0.00005``, which writes ``5e-05``) mean a float.
+    """
+
+
+ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+0123456789.")
+)
+
+
+def read_yaml(stream) -> Any:
+    """Parse YAML text or a file object with :class:`ParamsLoader`."""
+    return yaml.load(stream, Loader=ParamsLoader)
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path} not found: run from the project root, where params.yaml lives")
     try:
         with path.open() as f:
-            raw = yaml.safe_load(f)
+            raw = read_yaml(f)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -56,7 +56,6 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import yaml
 
 from .compare import NAMES
 from .config import FINETUNE_ONLY, MODELS, RUN_SECTIONS, RUNS, Params, parse_params
@@ -277,14 +276,6 @@ def _hydra(value) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def _floats(value) -> Iterator[float]:
-    if isinstance(value, list):
-        for item in value:
-            yield from _floats(item)
-    elif isinstance(value, float):
-        yield value
-
-
 def _applied(base: dict, overrides: dict) -> dict:
     raw = copy.deepcopy(base)
     for key, value in overrides.items():
@@ -307,13 +298,6 @@ def _command(overrides: dict, base: dict) -> str:
 
 def _problem(overrides: dict, base: dict, chosen: dict[str, dict]) -> str | None:
     """Why ``overrides`` on ``base`` would not make the final fit of each model's ``chosen`` setting, or None."""
-    for key, value in overrides.items():
-        for number in _floats(value):
-            if not isinstance(yaml.safe_load(repr(number)), float):
-                return (
-                    f"dvc writes {key} to params.yaml as {number!r}, which the stages' YAML reader takes for a string: "
-                    f"write it there as {number:.1e} instead of passing -S"
-                )
     try:
         settings = model_settings(_applied(base, overrides))
     except ConfigError as err:
