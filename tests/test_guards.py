@@ -98,7 +98,7 @@ def test_a_dataset_folder_one_level_too_high_says_where_to_point(tmp_path, tiny_
     tiny_folder.rename(parent / "images")  # my_dataset/images/class_0/*.jpg, and data.source: my_dataset
     work = tmp_path / "work"
     work.mkdir()
-    with pytest.raises(DatasetError, match=r"hold folders \(such as .*my_dataset/images\), so the data source points one level too high"):
+    with pytest.raises(DatasetError, match=r"hold only folders \(such as .*my_dataset/images/class_0\), so the data source points one level too high"):
         prepare_in(work, monkeypatch, parent)
     # one level too low (a class folder of images) says what layout it expects
     with pytest.raises(DatasetError, match="expected an ImageFolder layout"):
@@ -257,9 +257,13 @@ def test_truncated_or_foreign_checkpoints_are_clear_errors(probe_checkpoint, tmp
     (tmp_path / "notes.pt").write_text("a text file")  # the unpickler trips on each of these in its own way
     (tmp_path / "page.pt").write_text("<!DOCTYPE html><html><body>Sign in</body></html>")
     (tmp_path / "curl.pt").write_text("curl: (22) The requested URL returned error: 404\n")  # "c" reads as a GLOBAL
+    kinds = {"truncated.pt": "is damaged or cut short", "empty.pt": "is empty: this is not a model file"}
     for name in ("truncated.pt", "empty.pt", "text.pt", "notes.pt", "page.pt", "curl.pt"):
-        with pytest.raises(ModelError, match=f"{name} is not a readable PyTorch file"):
+        with pytest.raises(ModelError, match=f"{name} {kinds.get(name, 'is not a model file')}") as error:
             TrainedModel.load(tmp_path / name)
+        message = str(error.value)
+        assert message.endswith("if it was downloaded or copied, get it again") and "re-run that stage" in message
+        assert len(message) < 400 and "write it again" not in message
     torch.save({"weights": torch.zeros(3)}, tmp_path / "state_dict.pt")
     with pytest.raises(ModelError, match="not a checkpoint written by a training stage"):
         TrainedModel.load(tmp_path / "state_dict.pt")

@@ -16,12 +16,14 @@ from .fileio import atomic_path
 
 
 def _written_by_torch(path: str | Path) -> bool:
-    """A zip archive (torch.save's format) or a pickle with a protocol header (its legacy format); text is neither."""
+    """A zip archive (torch.save's format; a cut one keeps its leading signature) or a pickle with a protocol header
+    (its legacy format); text is neither."""
     with open(path, "rb") as f:
         if zipfile.is_zipfile(f):
             return True
         f.seek(0)
-        return f.read(1) == b"\x80"
+        head = f.read(4)
+    return head == b"PK\x03\x04" or head[:1] == b"\x80"
 
 
 def load_torch_file(path: str | Path) -> object:
@@ -39,7 +41,18 @@ def load_torch_file(path: str | Path) -> object:
         if refused and _written_by_torch(path):
             raise ModelError(f"refusing to load {path}: it holds more than tensors and plain containers ({refused})") from err
         reason = next((line.strip() for line in str(err).splitlines() if line.strip() and "weights_only" not in line), "")
-        raise ModelError(f"{path} is not a readable PyTorch file ({type(err).__name__}: {reason[:200]}); write it again") from err
+        if len(reason) > 160:
+            reason = reason[:160].rsplit(" ", 1)[0] + " ..."
+        if Path(path).stat().st_size == 0:
+            what = "is empty: this is not a model file"
+        elif _written_by_torch(path):
+            what = "is damaged or cut short"
+        else:  # text, a web page saved under that name, ...
+            what = "is not a model file (torch.save writes a zip archive)"
+        raise ModelError(
+            f"{path} {what} ({type(err).__name__}: {reason}). If a pipeline stage wrote it, re-run that stage "
+            f"(dvc repro --force <stage>); if it was downloaded or copied, get it again"
+        ) from err
 
 
 def read_checkpoint(path: str | Path) -> dict:

@@ -1,6 +1,6 @@
 """``transferlab``: use any trained model (a ``model.pt`` a training stage wrote) outside the pipeline.
 
-    transferlab predict IMAGE_OR_FOLDER --model data/models/finetune/model.pt --topk 5 [--csv F] [--json F]
+    transferlab predict IMAGE_OR_FOLDER... --model data/models/finetune/model.pt --topk 5 [--csv F] [--json F]
     transferlab gradcam IMAGE --model PATH [--class NAME] [--layer NAME] [--out gradcam.png]
     transferlab features IMAGE --model PATH [--layer NAME] [--count 16] [--out features.png]
     transferlab export --model PATH --format torchscript|onnx --out FILE [--check IMAGE_OR_FOLDER]
@@ -104,7 +104,7 @@ def cmd_export(args) -> int:
     logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # the ONNX optimiser logs every pass at INFO
     trained = TrainedModel.load(args.model, device="cpu")
     if args.check:
-        _, sample, _ = read_images(find_images(args.check)[:16], trained.cache_size)
+        _, sample, _ = read_images(find_images([args.check])[:16], trained.cache_size)
         if not len(sample):
             raise DatasetError(f"--check {args.check}: no readable image to compare on")
     else:  # random images: the check then compares logits, not meaningful predictions
@@ -163,7 +163,7 @@ def parser() -> argparse.ArgumentParser:
         return sub
 
     predict = command("predict", cmd_predict, "top-k classes and probabilities of an image or of every image in a folder")
-    predict.add_argument("images", type=Path, metavar="IMAGE_OR_FOLDER")
+    predict.add_argument("images", type=Path, nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and folders (walked as prepare walks a class folder)")
     predict.add_argument("--topk", type=int, default=5)
     predict.add_argument("--batch-size", type=int, default=32)
     predict.add_argument(

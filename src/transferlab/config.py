@@ -28,7 +28,12 @@ RUNS = ("finetune", "scratch")
 RUN_SECTIONS = {"finetune": "train", "scratch": "scratch"}
 # every model evaluate and compare report on: the linear probe (stage train_probe) and the two trained ones
 MODELS = ("probe", *RUNS)
+DUPLICATE_POLICIES = ("keep", "drop")
 DATA_SOURCE_ENV = "TRANSFERLAB_DATA"
+
+
+def _choice(*allowed: str) -> dict:
+    return {"choices": allowed}
 
 
 def _range(low: float | None = None, high: float | None = None, *, low_open: bool = False) -> dict:
@@ -46,6 +51,9 @@ class DataConfig:
     val_per_class: int = field(default=5, metadata=_range(0))
     test_per_class: int | None = field(default=None, metadata=_range(1))
     cache_size: int = field(default=256, metadata=_range(32, 1024))
+    # byte-identical files: reported in metrics/prepare.json; drop: a file found in several classes is left out
+    # of every split (its label is ambiguous), and of copies within one class only the first is kept
+    duplicates: str = field(default="keep", metadata=_choice(*DUPLICATE_POLICIES))
     seed: int = 0
 
     def __post_init__(self):
@@ -65,10 +73,6 @@ class ModelConfig:
     arch: str = "timm/tf_efficientnet_lite0"
     # "imagenet", "none", or a path to a state-dict file (.pth/.pt/.safetensors)
     weights: str = "imagenet"
-
-
-def _choice(*allowed: str) -> dict:
-    return {"choices": allowed}
 
 
 TRAINING_MODES = ("finetune", "feature_extract", "scratch")

@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import http.client
 import lzma
+import os
 import tarfile
 import urllib.error
 import urllib.request
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from .config import DATA_SOURCE_ENV
@@ -162,24 +163,47 @@ class ImageFile:
     class_name: str
 
 
+def walk_files(folder: Path) -> list[Path]:
+    """Every file under ``folder``, sorted, by the rules ``prepare`` and ``transferlab predict`` share.
+
+    As torchvision's ``ImageFolder``: files in sub-folders count, and symbolic links to files and folders are
+    followed (a link back up the tree is followed once). Hidden files and folders (a leading dot, such as
+    ``.ipynb_checkpoints/`` or ``.DS_Store``) are skipped.
+    """
+    found, seen = [], set()
+    for parent, folders, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(parent)
+        if real in seen:  # a link loop
+            folders[:] = []
+            continue
+        seen.add(real)
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        found += [Path(parent) / name for name in files if not name.startswith(".") and os.path.isfile(os.path.join(parent, name))]
+    return sorted(found)
+
+
 def scan(root: Path, exclude: list[str]) -> tuple[list[str], list[ImageFile]]:
-    """List classes (sorted subfolder names, minus ``exclude``) and their files, in a deterministic order."""
+    """List classes (sorted subfolder names, minus ``exclude``) and their files (see :func:`walk_files`), in a deterministic order."""
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in exclude and not p.name.startswith("."))
-    if not classes:
-        raise DatasetError(f"{root} has no class subfolders left after excluding {exclude}")
     files = [
-        ImageFile(f"{name}/{f.name}", label, name)
+        ImageFile(f"{name}/{path.relative_to(root / name).as_posix()}", label, name)
         for label, name in enumerate(classes)
-        for f in sorted((root / name).iterdir())
-        if f.is_file() and not f.name.startswith(".")
+        for path in walk_files(root / name)
     ]
-    if not files:
-        nested = [name for name in classes if any(p.is_dir() for p in (root / name).iterdir())]
-        hint = (
-            f": they hold folders (such as {root / nested[0]}), so the data source points one level too high; "
-            f"point data.source at the folder whose subfolders hold the images" if nested else ""
+    entries = [p for name in classes for p in (root / name).iterdir() if not p.name.startswith(".")]
+    if files and all(p.is_dir() for p in entries):
+        raise DatasetError(
+            f"the class folders of {root} hold only folders (such as {entries[0]}), so the data source points one level "
+            f"too high: point data.source at the folder whose subfolders hold the images"
         )
-        raise DatasetError(f"the class folders of {root} hold no files{hint}")
+    if len(classes) < 2:
+        found = f"only {classes[0]!r}" if classes else "none"
+        raise DatasetError(
+            f"{root} has {len(classes)} class subfolder(s) left after excluding {exclude} ({found}): a classifier needs "
+            f"at least 2 classes, one subfolder of images each"
+        )
+    if not files:
+        raise DatasetError(f"the class folders of {root} hold no files")
     return classes, files
 
 
@@ -191,7 +215,8 @@ def to_8_bits(values: np.ndarray) -> np.ndarray:
 
 
 def load_image(path: Path, size: int) -> np.ndarray:
-    """Decode any PIL-readable image as RGB, resize its shorter side to ``size`` and centre-crop a square.
+    """Decode any PIL-readable image upright (its EXIF orientation applied) as RGB, resize its shorter side to
+    ``size`` and centre-crop a square.
 
     Grayscale, CMYK, palette and RGBA images are converted to RGB, 16-bit greyscale scaled to 8 bits.
     An image over ``MAX_IMAGE_PIXELS`` is refused from its header, before any decoding.
@@ -204,6 +229,7 @@ def load_image(path: Path, size: int) -> np.ndarray:
                 f"{image.width} x {image.height} pixels is over the {MAX_IMAGE_PIXELS:,}-pixel limit (decompression-bomb guard)"
             )
         image.draft("RGB", (size, size))  # lets JPEG decode at a reduced scale when the image is large
+        image = ImageOps.exif_transpose(image)  # upright: a phone photo stored sideways carries its rotation in EXIF
         if image.mode in WIDE_GREYSCALE_MODES:
             image = Image.fromarray(to_8_bits(np.asarray(image)))
         image = image.convert("RGB")

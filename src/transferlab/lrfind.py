@@ -7,18 +7,23 @@ parameter group rises together, so fine-tuning keeps its backbone at ``lr * back
 value swept is the run's ``lr``. The test stops once the loss has diverged. Nothing is kept: the model
 and optimizer are thrown away and no file a stage reads is written.
 
-The suggestion is the learning rate at the minimum of the smoothed loss, divided by 10 (fastai's
-``minimum`` rule). The smoothing is centred (it does not lag behind the curve) and divergence must last
-several steps, so a single early spike moves neither the minimum nor the suggestion; a curve that never
-falls by ``MIN_DROP`` of its starting level gives no suggestion. The test is repeated with a few seeds
-(batch order, augmentation, a random head's start) and the median of their suggestions is the one to use;
-their spread shows how far one test can be trusted.
+The suggestion is the middle of the valley: the loss falls, flattens, then climbs as the rate gets too
+high, and the valley is where the smoothed loss stays within ``VALLEY`` (10 %) of its whole fall above its
+minimum; the suggestion is the geometric mean of its first and last learning rates. fastai's older rule
+(the minimum divided by 10) was tried first: on the fine-tune's flat-bottomed valley the minimum lands
+anywhere in a decade of noise, and a tenth of it suggested 3e-5 to 1e-4 where the grid found 1e-3
+best (see the README). The smoothing is centred (it does not lag behind the curve) and divergence must
+last several steps, so a single early spike moves nothing; a curve that never falls by ``MIN_DROP`` of its
+starting level gives no suggestion. The test is repeated with a few seeds (batch order, augmentation, a
+random head's start) and the median of their suggestions is the one to use; their spread shows how far
+one test can be trusted.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +32,7 @@ import numpy as np
 log = logging.getLogger("transferlab.lrfind")
 
 MIN_DROP = 0.1  # the smoothed loss must fall at least this fraction below its start for a suggestion
+VALLEY = 0.1  # the valley: where the smoothed loss is within this fraction of its whole fall above its minimum
 DIVERGE = 4.0  # the loss has diverged when it stays above this multiple of its lowest value ...
 DIVERGE_STEPS = 3  # ... for this many steps in a row (one spike is not divergence)
 
@@ -35,7 +41,7 @@ DIVERGE_STEPS = 3  # ... for this many steps in a row (one spike is not divergen
 class Suggestion:
     lr: float | None  # None: no clear valley
     reason: str
-    minimum_lr: float | None = None  # where the smoothed loss was lowest
+    valley: tuple[float, float] | None = None  # the first and last learning rates of the valley
 
 
 def smooth(losses: np.ndarray, window: int) -> np.ndarray:
@@ -65,15 +71,23 @@ def suggest(lrs: np.ndarray, losses: np.ndarray) -> Suggestion:
     kept = len(losses) if end is None else end
     if kept < 5:
         return Suggestion(None, f"the loss diverged within {kept} steps: start the range lower (--start)")
-    smoothed = smooth(losses[:kept], max(3, kept // 10))
-    lowest = int(np.argmin(smoothed))
-    drop = 1 - smoothed[lowest] / smoothed[0]
+    window = max(3, kept // 10)
+    smoothed = smooth(losses[:kept], window)
+    start = np.median(losses[:window])  # the level it starts from, which one early spike does not raise
+    floor = smoothed.min()
+    drop = 1 - floor / start
     if drop < MIN_DROP:
-        return Suggestion(None, f"no clear valley: the smoothed loss fell only {drop:.0%} below its start (needs {MIN_DROP:.0%})")
-    reason = "minimum of the smoothed loss / 10"
-    if end is None and lowest >= kept - max(3, kept // 20):
-        reason += "; the loss was still falling at the end of the range (raise --end)"
-    return Suggestion(float(lrs[lowest] / 10), reason, float(lrs[lowest]))
+        return Suggestion(
+            None,
+            f"no clear valley: the smoothed loss fell only {drop:.0%} below its start (needs {MIN_DROP:.0%}); a network far "
+            f"from trained (from scratch) needs more steps (--steps) before its loss moves",
+        )
+    inside = np.flatnonzero(smoothed <= floor + VALLEY * (start - floor))
+    first, last = int(inside[0]), int(inside[-1])
+    reason = f"middle of the valley (smoothed loss within {VALLEY:.0%} of its fall above the minimum)"
+    if end is None and last >= kept - max(3, kept // 20):
+        reason += "; the loss was still low at the end of the range (raise --end)"
+    return Suggestion(float(np.sqrt(lrs[first] * lrs[last])), reason, (float(lrs[first]), float(lrs[last])))
 
 
 def lr_factors(steps: int, start: float, end: float) -> np.ndarray:
@@ -162,12 +176,13 @@ def plot(path: Path, run: str, key: str, current: float, tests: list[dict], summ
         ax.axvline(summary["lr"], color="black", linewidth=1.5, label=f"suggestion (median): {summary['lr']:.2g}")
     ax.axvline(current, color="grey", linestyle=":", linewidth=1.5, label=f"params.yaml {key}: {current:g}")
     if np.isfinite(lowest):
-        ax.set_ylim(lowest - 0.1 * (highest - lowest), highest + 0.6 * (highest - lowest))
+        span = max(highest - lowest, 0.02 * highest)
+        ax.set_ylim(lowest - 0.1 * span, highest + 0.6 * span)
     ax.set_xscale("log")
     ax.set_xlabel(f"{key} (every parameter group scaled with it)")
     ax.set_ylabel("training loss (per batch)")
     title = f"{run}: learning-rate range test"
-    ax.set_title(title if summary["lr"] else f"{title}: no suggestion ({summary['reason']})", fontsize=10)
+    ax.set_title(title if summary["lr"] else f"{title}: no suggestion\n{textwrap.fill(summary['reason'], 90)}", fontsize=9)
     ax.legend(fontsize=8)
     save_figure(fig, path)
 

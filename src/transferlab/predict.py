@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .dataset import IMAGE_EXTENSIONS, load_image
+from .dataset import IMAGE_EXTENSIONS, load_image, walk_files
 from .errors import DatasetError
 from .fileio import write_csv, write_json
 
@@ -28,16 +28,21 @@ class Predictions:
     failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
 
 
-def find_images(target: Path) -> list[Path]:
-    """``target`` itself, or every image file under the folder ``target`` (by extension, sorted)."""
-    if target.is_file():
-        return [target]
-    if target.is_dir():
-        found = sorted(p for p in target.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-        if not found:
-            raise DatasetError(f"no image files under {target} (extensions read: {' '.join(IMAGE_EXTENSIONS)})")
-        return found
-    raise DatasetError(f"{target} does not exist: give an image file or a folder of images")
+def find_images(targets: list[Path]) -> list[Path]:
+    """Each target that is a file, and every image file (by extension) under each target that is a folder, walked as
+    ``prepare`` walks a class folder (see :func:`dataset.walk_files`); in the order given, each path once."""
+    found: list[Path] = []
+    for target in targets:
+        if target.is_file():
+            found.append(target)
+        elif target.is_dir():
+            images = [p for p in walk_files(target) if p.suffix.lower() in IMAGE_EXTENSIONS]
+            if not images:
+                raise DatasetError(f"no image files under {target} (extensions read: {' '.join(IMAGE_EXTENSIONS)})")
+            found += images
+        else:
+            raise DatasetError(f"{target} does not exist: give image files or folders of images")
+    return list(dict.fromkeys(found))
 
 
 def read_images(paths: list[Path], size: int) -> tuple[list[Path], np.ndarray, list[tuple[str, str]]]:
