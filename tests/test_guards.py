@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.server
 import io
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -24,11 +25,11 @@ from PIL import Image
 
 from conftest import tiny_params
 from test_prepare import prepare_in
-from transferlab import dataset, evaluate, features, probe, resume, training
+from transferlab import cli, dataset, evaluate, features, probe, resume, training
 from transferlab.config import load_params
 from transferlab.dataset import MAX_IMAGE_PIXELS, acquire, load_image
-from transferlab.errors import ConfigError, DatasetError, ModelError
-from transferlab.paths import checkpoint_path
+from transferlab.errors import ConfigError, DatasetError, DivergedError, ModelError
+from transferlab.paths import checkpoint_path, resume_path
 from transferlab.trained_model import TrainedModel
 
 STAGE = [sys.executable, "-m"]
@@ -362,3 +363,79 @@ def test_out_of_memory_in_transferlab_predict_names_its_batch_option(probe_check
     message = capsys.readouterr().err
     assert "transferlab predict: out of memory with --batch-size 64 ([enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator" in message
     assert "Set a smaller --batch-size on the command line (32, say)" in message
+
+
+def test_a_diverging_run_stops_with_advice_and_writes_no_model(project, capsys):
+    """A learning rate of 1e9: the loss becomes NaN; the stage exits 2 naming the lr and the precision, no model.pt."""
+    from transferlab import train
+
+    project(lr=1e9, epochs=2)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["finetune"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "finetune diverged: the training loss became" in error and "Lower train.lr" in error and "train.lr: 1e+09" in error
+    assert "lr-find finetune" in error and "No model was written" in error
+    assert not checkpoint_path("finetune").exists()
+
+
+def test_divergence_keeps_the_state_saved_before_it(project, monkeypatch):
+    """NaN from the second epoch on: the state saved at the end of the first is kept, unchanged, and no model is written."""
+    project(epochs=2)
+    real_step = training.Trainer.step
+
+    def step(self, inputs, indices):
+        loss_sum, correct, seen = real_step(self, inputs, indices)
+        epoch_two = self.schedule.per_step.last_epoch > len(training.batch_slices(12, 8))
+        return (loss_sum * float("nan") if epoch_two else loss_sum), correct, seen
+
+    saved = {}
+    real_save = resume.save_state
+
+    def save_state(path, state):
+        real_save(path, state)
+        saved["bytes"] = path.read_bytes()
+
+    monkeypatch.setattr(training.Trainer, "step", step)
+    monkeypatch.setattr(resume, "save_state", save_state)
+    with pytest.raises(DivergedError, match=r"finetune diverged: .* in epoch 2, .*the resumable state saved before it is kept"):
+        training.run("finetune")
+    assert resume_path("finetune").read_bytes() == saved["bytes"], "the state of the end of epoch 1, untouched"
+    assert not checkpoint_path("finetune").exists()
+
+
+def test_a_model_with_nan_weights_is_refused_where_it_is_used(probe_checkpoint, tmp_path):
+    checkpoint = torch.load(probe_checkpoint, weights_only=True)
+    key = next(k for k, v in checkpoint["model"].items() if v.is_floating_point())
+    checkpoint["model"][key] = checkpoint["model"][key] * float("nan")
+    torch.save(checkpoint, tmp_path / "diverged.pt")
+    with pytest.raises(ModelError, match=rf"diverged.pt holds NaN or infinite weights \({re.escape(key)}, 1 tensor"):
+        TrainedModel.load(tmp_path / "diverged.pt")
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "photo.png")
+    for command in (["predict", str(tmp_path / "photo.png")], ["export", "--format", "onnx", "--out", str(tmp_path / "m.onnx")]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main([*command, "--model", str(tmp_path / "diverged.pt")])
+        assert exit_info.value.code == 2
+
+
+def test_weights_out_of_reach_offline_are_one_line_saying_where_they_were_looked_for(tmp_path, monkeypatch):
+    """No network (HF_HUB_OFFLINE is on in the tests; torchvision's download is made to fail) and not in the caches."""
+    import urllib.error
+
+    from transferlab.models import build_model
+
+    with pytest.raises(ModelError) as error:
+        build_model("timm/resnet18", "imagenet", 3)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("model.weights: imagenet: the ImageNet weights of timm/resnet18 are not on")
+    assert "timm/resnet18.a1_in1k in the Hugging Face cache" in message and "HF_HUB_OFFLINE is on" in message
+    assert "set model.weights to a state-dict file" in message
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(ModelError, match=r"weights of resnet18 are not on .*URLError.*resnet18-\w+\.pth in torchvision's cache .*torch/hub/checkpoints"):
+        build_model("resnet18", "imagenet", 3)

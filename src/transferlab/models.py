@@ -86,8 +86,25 @@ def check_model(arch: str, weights: str) -> None:
         raise ModelError(f"model.weights: no such file {weights} (expected 'imagenet', 'none' or a state-dict file)")
 
 
+def _unreachable_weights(arch: str, where: str, err: OSError) -> ModelError:
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+    return ModelError(
+        f"model.weights: imagenet: the ImageNet weights of {arch} are not on this machine and could not be downloaded "
+        f"({type(err).__name__}: {reason}). Looked for {where}. With network, run again (they are downloaded once, into "
+        f"that cache); offline, copy them there, or set model.weights to a state-dict file (.pth or .safetensors)"
+    )
+
+
 def _timm_model(name: str, weights: str) -> tuple[nn.Module, Preprocessing]:
-    model = timm.create_model(name, pretrained=weights == "imagenet")
+    try:
+        model = timm.create_model(name, pretrained=weights == "imagenet")
+    except OSError as err:  # huggingface_hub's LocalEntryNotFoundError, a URLError: no network and not in the cache
+        from huggingface_hub import constants
+
+        hub_id = timm.models.get_pretrained_cfg(name).hf_hub_id
+        offline = "on" if constants.HF_HUB_OFFLINE else "off"
+        where = f"{hub_id} in the Hugging Face cache {constants.HF_HUB_CACHE} (HF_HOME; HF_HUB_OFFLINE is {offline})"
+        raise _unreachable_weights(TIMM_PREFIX + name, where, err) from err
     config = timm.data.resolve_data_config({}, model=model)
     prep = Preprocessing(tuple(config["mean"]), tuple(config["std"]), config["interpolation"], config["crop_pct"])
     return model, prep
@@ -100,7 +117,13 @@ NO_AUX_LOGITS = {"googlenet", "inception_v3"}
 def _torchvision_model(name: str, weights: str) -> tuple[nn.Module, Preprocessing]:
     default = torchvision.models.get_model_weights(name).DEFAULT
     options = {"aux_logits": False} if name in NO_AUX_LOGITS else {}
-    model = torchvision.models.get_model(name, weights=default if weights == "imagenet" else None, **options)
+    try:
+        model = torchvision.models.get_model(name, weights=default if weights == "imagenet" else None, **options)
+    except OSError as err:  # a URLError: no network, and not in torchvision's cache
+        import torch.hub
+
+        where = f"{Path(default.url).name} in torchvision's cache {Path(torch.hub.get_dir()) / 'checkpoints'} (TORCH_HOME)"
+        raise _unreachable_weights(name, where, err) from err
     transform = default.transforms()
     prep = Preprocessing(
         tuple(transform.mean), tuple(transform.std), transform.interpolation.value, transform.crop_size[0] / transform.resize_size[0]

@@ -11,7 +11,7 @@ import logging
 import sys
 from typing import Callable
 
-from .errors import ConfigError, DatasetError, ModelError, is_out_of_memory
+from .errors import ConfigError, DatasetError, DivergedError, ModelError, is_out_of_memory
 
 
 def run_stage(name: str, main: Callable[[], object], batch_setting: Callable[[], tuple[str, int]] | None = None) -> None:
@@ -23,7 +23,7 @@ def run_stage(name: str, main: Callable[[], object], batch_setting: Callable[[],
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         main()
-    except (ConfigError, DatasetError, ModelError) as err:
+    except (ConfigError, DatasetError, DivergedError, ModelError) as err:
         print(f"{name}: {err}", file=sys.stderr)
         sys.exit(2)
     except Exception as err:

@@ -39,6 +39,12 @@ class TrainedModel:
         missing = [key for key in REQUIRED_KEYS if key not in checkpoint]
         if missing:
             raise ModelError(f"{path} lacks {', '.join(missing)}: it was written by an older version; re-run its training stage")
+        broken = [key for key, value in checkpoint["model"].items() if value.is_floating_point() and not value.isfinite().all()]
+        if broken:
+            raise ModelError(
+                f"{path} holds NaN or infinite weights ({broken[0]}, {len(broken)} tensor(s) in all): it comes from a run that "
+                f"diverged; train it again with a lower learning rate"
+            )
         model, _, _ = build_model(checkpoint["arch"], "none", len(checkpoint["classes"]))
         model.load_state_dict(checkpoint["model"])
         return cls(
@@ -68,4 +74,6 @@ class TrainedModel:
     def probabilities(self, images: np.ndarray, batch_size: int = 64, desc: str = "predict", tta: str = "none") -> np.ndarray:
         """Class probabilities; ``tta`` "flip" averages the logits of each image and its mirror image."""
         logits = predict_logits(self.model, images, self.prep, self.image_size, batch_size, self.channels_last, desc, flip=tta == "flip")
+        if not logits.isfinite().all():
+            raise ModelError(f"{self.path} gives NaN or infinite outputs: it is not a usable model; train it again with a lower learning rate")
         return logits.softmax(1).numpy()

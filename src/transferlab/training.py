@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +28,11 @@ from tqdm import tqdm
 
 from . import cores, paths, resume
 from .checkpoint import read_checkpoint, save_checkpoint
-from .config import RuntimeConfig, TrainConfig, load_params
+from .config import Params, RuntimeConfig, TrainConfig, load_params
 from .data import BatchAugmenter, batch_slices, epoch_order
 from .device import autocast, training_device
 from .distributed import World, process_group
-from .errors import ConfigError, ModelError
+from .errors import ConfigError, DivergedError, ModelError
 from .inference import predict_logits
 from .models import Preprocessing, build_model, freeze_stages, linear_head, parameter_groups, set_train_mode
 from .optim import LrSchedule, build_optimizer
@@ -238,6 +239,25 @@ def training_data(train_on_val: bool) -> tuple[tuple[np.ndarray, np.ndarray], tu
     return merged, (val_images[:0], val_labels[:0])
 
 
+def divergence(run: str, out: str, progress: resume.Progress, params: Params) -> DivergedError:
+    """What to tell the user when the training loss stops being finite: the likely causes and the params to change."""
+    cfg, precision = params.train_config(run), params.runtime.precision
+    body = f", the pretrained layers at {cfg.lr * cfg.backbone_lr_scale:g}" if cfg.mode == "finetune" else ""
+    causes = f"the learning rate is too high ({params.key(run, 'lr')}: {cfg.lr:g}{body})"
+    if precision != "fp32":
+        causes += f", or {precision} arithmetic overflowed (runtime.precision: fp32 avoids it)"
+    state = resume_path(out)
+    kept = (
+        f"the resumable state saved before it is kept ({state}), for a re-run with the same params"
+        if state.is_file() else "no training state was saved before it"
+    )
+    return DivergedError(
+        f"{out} diverged: the training loss became {float(progress.loss_sum) / max(progress.seen, 1)} in epoch "
+        f"{progress.epoch + 1}, by step {progress.step}. Likely: {causes}. Lower {params.key(run, 'lr')} "
+        f"(`transferlab lr-find {run}` shows where the loss climbs) and run again. No model was written; {kept}"
+    )
+
+
 def validation_metrics(logits: torch.Tensor, labels: np.ndarray) -> dict:
     return {
         "val/loss": nn.functional.cross_entropy(logits, torch.from_numpy(labels)).item(),
@@ -330,7 +350,10 @@ def run(name: str, world: World | None = None, holdout: bool = False) -> dict:
                 cores.refresh()  # this process's share of the CPU cores, counted again every few seconds
                 progress.add_batch(*trainer.step(inputs, order[batch]))
                 bar.update()
-                if progress.step % 10 == 0:
+                if progress.step % 10 == 0 or progress.step == len(slices):  # reading the sum waits for a GPU: not every step
+                    if not math.isfinite(float(progress.loss_sum)):  # NaN and inf stay in the epoch's sum once there
+                        bar.close()
+                        raise divergence(name, out, progress, params)
                     bar.set_postfix(loss=f"{float(progress.loss_sum) / progress.seen:.3f}")
                 if world.stop_now(stop_requested(), progress.step, len(slices)):
                     save_state(epoch_start_generator)
