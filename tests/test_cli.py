@@ -150,3 +150,29 @@ def test_export_check_fails_when_the_export_differs(project, monkeypatch, tmp_pa
     with pytest.raises(export.ExportError, match="differs from the model"):
         export.export(trained, "torchscript", tmp_path / "bad.pt", sample)
     assert list(tmp_path.iterdir()) == [], "an export that fails its check is not left behind"
+
+
+def readme_onnx_snippet() -> str:
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = text.split("<!-- onnx-snippet -->", 1)[1]
+    return block.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readme_onnx_snippet_reproduces_predict(project, tmp_path):
+    """The export's metadata is enough: the README's ONNX Runtime snippet (Pillow and numpy, no torch, no transferlab) on a
+    sideways phone photo of another size gives the class and probability `transferlab predict` gives."""
+    source = Image.open(project / "images/class_1/image_0003.jpg").resize((150, 110), Image.BICUBIC)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    source.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "photo.jpg", quality=92, exif=exif)
+    result = transferlab(project, "export", "--model", str(checkpoint_path("finetune")), "--format", "onnx", "--out", str(tmp_path / "model.onnx"))
+    assert result.returncode == 0, result.stderr
+    predicted = transferlab(project, "predict", str(tmp_path / "photo.jpg"), "--topk", "1", "--json", str(tmp_path / "p.json"))
+    assert predicted.returncode == 0, predicted.stderr
+    top = json.loads((tmp_path / "p.json").read_text())["predictions"][0]["top"][0]
+    snippet = readme_onnx_snippet()
+    assert len(snippet.strip().splitlines()) <= 14
+    ran = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True)
+    assert ran.returncode == 0, ran.stderr
+    name, probability = ran.stdout.split()
+    assert name == top["class"] and float(probability) == pytest.approx(top["probability"], abs=1e-3)

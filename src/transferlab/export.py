@@ -1,8 +1,9 @@
 """Export a trained model to TorchScript or ONNX, and check that the export predicts what the model predicts.
 
 The export takes normalised N x 3 x S x S float images (S = the checkpoint's evaluation size) and returns
-logits; the class names and preprocessing travel inside it (TorchScript: an extra file
-``transferlab.json``; ONNX: the metadata property ``transferlab``), so it is usable without the checkpoint.
+logits; the class names and every step from an image file to ``transferlab predict``'s probabilities travel
+inside it (TorchScript: an extra file ``transferlab.json``; ONNX: the metadata property ``transferlab``), so
+it is usable without the checkpoint, or this package.
 """
 
 from __future__ import annotations
@@ -33,13 +34,30 @@ class ExportCheck:
 
 
 def metadata(trained: TrainedModel) -> str:
+    """What travels with the export: the classes, and every step from an image file to the probabilities that
+    ``transferlab predict`` prints, so that another runtime reproduces them (the README shows it for ONNX Runtime)."""
+    prep, cache, size = trained.prep, trained.cache_size, trained.image_size
+    crop = round(cache * prep.crop_pct)
     return json.dumps(
         {
             "arch": trained.arch,
             "classes": trained.classes,
-            "preprocessing": trained.prep.as_dict(),
-            "image_size": trained.image_size,
-            "input": "float32 N x 3 x image_size x image_size, RGB scaled to [0, 1] then normalised with mean/std",
+            "preprocessing": prep.as_dict(),
+            "cache_size": cache,
+            "crop_size": crop,
+            "image_size": size,
+            "tta": "flip",
+            "steps": [
+                f"decode with Pillow: Image.open, then image.draft('RGB', ({cache}, {cache})) (JPEG decodes at a reduced "
+                f"scale), ImageOps.exif_transpose (upright), convert('RGB')",
+                f"resize the shorter side to {cache} px (the longer to round(side * {cache} / shorter side), at least {cache}), "
+                f"Image.BICUBIC; crop the centre {cache} x {cache} square (offsets (width - {cache}) // 2, (height - {cache}) // 2)",
+                f"crop its centre {crop} x {crop} square (crop_pct {prep.crop_pct}; offsets round(({cache} - {crop}) / 2)) and "
+                f"resize it to {size} x {size}, {prep.interpolation}, antialiased",
+                "scale to [0, 1], subtract preprocessing.mean and divide by preprocessing.std per RGB channel; float32 N x 3 x H x W",
+                "tta flip: the logits of the image and of its left-right mirror image, averaged; then softmax",
+            ],
+            "input": f"float32 N x 3 x {size} x {size}: the output of the steps before the model",
             "output": "logits, one per class",
         }
     )
