@@ -23,7 +23,6 @@ from conftest import run as run_command
 from conftest import tiny_params
 from transferlab import cli
 from transferlab.config import load_params, parse_params
-from transferlab.errors import ConfigError
 from transferlab.experiments import ExperimentsError, experiments_from_show, model_settings, run
 
 NO_VALIDATION = None  # a run trained on train + val: its training summary has no validation score
@@ -447,3 +446,17 @@ def test_holdout_twins_score_whole_experiments_and_holdout_grids(tmp_path):
     assert finetune["varied"] == ["lr"] and finetune["chosen"]["final_fit"]["command"] == "dvc exp run -S train.lr=0.004"
     assert [(s.runs, s.val_acc) for s in summary_["scratch"]["settings"]] == [(["main"], 0.45)]
     assert json.loads((tmp_path / "out/summary.json").read_text())["without_validation"] == {}
+
+
+def test_runs_on_other_images_are_left_out_and_named(tmp_path):
+    """Validation scores on two datasets are not comparable: only runs on the final fit's data.source are ranked."""
+    workspace = tiny_params()
+    mine = entry("mine", {"scratch.lr": 0.1}, {"scratch": 0.5}, base=workspace)
+    theirs = entry("theirs", {"scratch.lr": 0.2, "data.source": "/photos/holiday"}, {"scratch": 0.9}, base=workspace)
+    (tmp_path / "shown.json").write_text(json.dumps(shown(entry("main", {}, {}, base=workspace), [mine, theirs])))
+    summary = run(tmp_path / "shown.json", tmp_path / "out")
+    assert summary["scratch"]["chosen"]["runs"] == ["mine"] and summary["scratch"]["chosen"]["val_acc"] == 0.5
+    saved = json.loads((tmp_path / "out/summary.json").read_text())
+    (note,) = saved["left_out"]
+    assert note.startswith("theirs: it ran on other images (data.source: /photos/holiday)")
+    assert "theirs: it ran on other images" in (tmp_path / "out/experiments.md").read_text()

@@ -8,6 +8,7 @@ import hashlib
 import http.server
 import io
 import json
+import shutil
 import tarfile
 import threading
 import zipfile
@@ -20,7 +21,6 @@ from PIL import Image
 
 from conftest import tiny_params
 from transferlab import dataset, prepare
-from transferlab.config import parse_params
 from transferlab.dataset import acquire, load_image
 from transferlab.errors import DatasetError
 
@@ -196,7 +196,20 @@ def test_archive_escaping_the_target_is_refused(tmp_path):
     assert not list(tmp_path.rglob("escaped.txt"))
 
 
-def test_env_var_overrides_the_source_param(monkeypatch):
-    params = parse_params(tiny_params())
-    monkeypatch.setenv("TRANSFERLAB_DATA", "/some/where")
-    assert params.data.resolved_source() == "/some/where"
+def test_the_env_var_is_only_a_checked_copy_of_the_official_data(tmp_path, tiny_folder, monkeypatch):
+    """TRANSFERLAB_DATA, which DVC does not see, may only say where the official data's bytes are: other images are
+    refused (a re-run would look up to date on the old ones); data.source, a param DVC sees, names them instead."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.setenv("TRANSFERLAB_DATA", str(tiny_folder))
+    with pytest.raises(DatasetError, match=rf"TRANSFERLAB_DATA={tiny_folder} is not the official Caltech-101 .*set data.source: {tiny_folder}"):
+        prepare_in(work, monkeypatch, "download")
+    assert not (work / "data/prepared").exists()
+    monkeypatch.setattr(dataset, "CALTECH101_MANIFEST_MD5", dataset.manifest_md5(tiny_folder))  # as if it were the official data
+    assert prepare_in(work, monkeypatch, "download")["source"] == str(tiny_folder)
+    # with data.source naming the images, the variable is ignored
+    other = tmp_path / "other"
+    shutil.copytree(tiny_folder, other)
+    (other / "class_0" / "image_0000.jpg").unlink()
+    monkeypatch.setattr(dataset, "CALTECH101_MANIFEST_MD5", "0" * 32)
+    assert prepare_in(work, monkeypatch, other)["source"] == str(other)

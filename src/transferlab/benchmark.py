@@ -43,12 +43,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from torchvision import datasets
 from torchvision.transforms import InterpolationMode, v2
 
 from . import cores
-from .config import DATA_SOURCE_ENV, RuntimeConfig, TrainConfig, read_yaml
+from .config import RuntimeConfig, TrainConfig, read_yaml
 from .data import batch_slices, epoch_order, eval_batches, eval_resize, normalize
 from .device import training_device
 from .distributed import World
@@ -398,9 +397,10 @@ def clone_project(project: Path, path: Path) -> Workspace:
     origin.run("git", "clone", "-q", str(project), str(path))
     clone = Workspace(path, env)
     params = read_yaml((path / "params.yaml").read_text())
-    source = env.get(DATA_SOURCE_ENV) or (params.get("data") or {}).get("source")
-    if source and source != "download" and not Path(source).is_absolute():
-        env[DATA_SOURCE_ENV] = str((project / source).resolve())  # the same data, the same params
+    source = (params.get("data") or {}).get("source")
+    if source and source != "download" and not Path(source).is_absolute():  # the same data at the same relative path
+        (path / source).parent.mkdir(parents=True, exist_ok=True)
+        (path / source).symlink_to((project / source).resolve())
     clone.dvc("cache", "dir", "--local", origin.dvc("cache", "dir").strip())
     clone.run("git", "config", "user.name", "transferlab benchmark")
     clone.run("git", "config", "user.email", "benchmark@localhost")

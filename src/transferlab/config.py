@@ -11,7 +11,6 @@ params within a second of starting.
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import types
 import typing
@@ -42,9 +41,9 @@ def _range(low: float | None = None, high: float | None = None, *, low_open: boo
 
 @dataclass(frozen=True)
 class DataConfig:
-    # "download" fetches the official CaltechDATA archive; anything else is a path to a
-    # local copy (an unpacked folder of class subfolders, or the .zip / .tar.gz archive).
-    # The environment variable TRANSFERLAB_DATA, when set, takes precedence.
+    # "download": the official Caltech-101, fetched from CaltechDATA, or read from a local copy of it named by the
+    # environment variable TRANSFERLAB_DATA (checked to be the official data); anything else is a path to your own
+    # images (an unpacked folder of class subfolders, or a .zip / .tar.gz archive of one)
     source: str = "download"
     exclude_classes: list = field(default_factory=lambda: ["BACKGROUND_Google"])
     train_per_class: int = field(default=30, metadata=_range(1))
@@ -62,9 +61,6 @@ class DataConfig:
                 f"data.val_per_class ({self.val_per_class}) must be smaller than "
                 f"data.train_per_class ({self.train_per_class}): validation images are held out of the training ones"
             )
-
-    def resolved_source(self) -> str:
-        return os.environ.get(DATA_SOURCE_ENV) or self.source
 
 
 @dataclass(frozen=True)

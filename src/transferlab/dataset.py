@@ -28,6 +28,8 @@ CALTECH101_ZIP_MD5 = "3138e1922a9193bfa496528edbbc45d0"
 CALTECH101_TAR_MEMBER = "caltech-101/101_ObjectCategories.tar.gz"
 CALTECH101_TAR_MD5 = "b224c7392d521a49829488ab0f1120d9"
 CALTECH101_FOLDER = "101_ObjectCategories"
+# the unpacked official folder, every file: the md5 of its "relative path <tab> md5 of the file" lines (manifest_md5)
+CALTECH101_MANIFEST_MD5 = "50324aa1e7d9c9f30ad2f952352f0b19"
 # as torchvision's ImageFolder: other files (the real archive's stray BACKGROUND_Google/tmp) are skipped
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 # Decompression-bomb guard: a larger image (Pillow's own warning threshold, about 0.27 GB as RGB) is skipped
@@ -67,8 +69,8 @@ def download(url: str, dest: Path, md5: str) -> Path:
             verify_md5(tmp, md5)
     except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
         raise DatasetError(
-            f"could not download {url} ({err}). Without network, point the pipeline at a local copy: "
-            f"set data.source in params.yaml (or the {DATA_SOURCE_ENV} environment variable) to an unpacked "
+            f"could not download {url} ({err}). Without network, point the pipeline at a local copy: set the "
+            f"{DATA_SOURCE_ENV} environment variable (or data.source in params.yaml) to an unpacked "
             f"{CALTECH101_FOLDER} folder or to caltech-101.zip / 101_ObjectCategories.tar.gz"
         ) from err
     return dest
@@ -130,9 +132,46 @@ def find_image_root(folder: Path) -> Path:
     )
 
 
-def acquire(source: str, raw_dir: Path) -> Path:
-    """Return the folder of class subfolders named by ``source`` (``download`` or a local path)."""
+def manifest_md5(root: Path) -> str:
+    """One checksum of a folder's contents: every file (:func:`walk_files`) with its path relative to ``root``."""
+    digest = hashlib.md5()
+    for path in walk_files(root):
+        digest.update(f"{path.relative_to(root).as_posix()}\t{md5sum(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def official_copy(copy: Path, raw_dir: Path) -> Path:
+    """The folder of class subfolders of ``TRANSFERLAB_DATA``: a local copy of the official Caltech-101, checked to be it.
+
+    ``data.source: download`` names the data; the environment variable only says where its bytes already are.
+    DVC does not see environment variables, so other images given that way would leave ``dvc repro`` up to date
+    on the old ones: they are refused.
+    """
+    own_images = (
+        f"DVC does not see environment variables, so a run on other images would look up to date on the old ones. "
+        f"To use your own images, set data.source: {copy} in params.yaml (or dvc exp run -S data.source={copy}) "
+        f"and unset {DATA_SOURCE_ENV}"
+    )
+    if copy.is_dir():
+        root = find_image_root(copy)
+        if manifest_md5(root) != CALTECH101_MANIFEST_MD5:
+            raise DatasetError(f"{DATA_SOURCE_ENV}={copy} is not the official Caltech-101 (its files differ). {own_images}")
+        return root
+    if copy.is_file():
+        if md5sum(copy) not in (CALTECH101_ZIP_MD5, CALTECH101_TAR_MD5):
+            raise DatasetError(f"{DATA_SOURCE_ENV}={copy} is not the official caltech-101.zip or its tar.gz (md5 differs). {own_images}")
+        return acquire_archive(copy, raw_dir)
+    raise DatasetError(f"{DATA_SOURCE_ENV}={copy} does not exist: give a local copy of the official Caltech-101, or unset it")
+
+
+def acquire(source: str, raw_dir: Path, official: str | None = None) -> Path:
+    """Return the folder of class subfolders named by ``source`` (``download`` or a local path).
+
+    ``official``: with ``download``, where a local copy of the official Caltech-101 already is (``TRANSFERLAB_DATA``).
+    """
     if source == "download":
+        if official:
+            return official_copy(Path(official).expanduser(), raw_dir)
         archive = download(CALTECH101_URL, raw_dir / "caltech-101.zip", CALTECH101_ZIP_MD5)
         return acquire_archive(archive, raw_dir)
     path = Path(source).expanduser()
@@ -141,7 +180,7 @@ def acquire(source: str, raw_dir: Path) -> Path:
     if path.is_file():
         return acquire_archive(path, raw_dir)
     raise DatasetError(
-        f"data source {source!r} does not exist: set data.source (or {DATA_SOURCE_ENV}) to 'download' "
+        f"data source {source!r} does not exist: set data.source to 'download' "
         f"or to an existing folder of class subfolders or archive"
     )
 

@@ -8,7 +8,8 @@ Not a pipeline stage: it reads what ``dvc exp show --json`` lists (the experimen
 of more with ``--all-commits``) and, for each model, works out the settings it really ran with and which of
 them vary:
 
-- the linear probe: ``data:`` (but its source), ``model:``, ``features:`` and ``probe:``;
+- the linear probe: ``data:`` (but its source: experiments on other images than the workspace's ``data.source``
+  are left out and named, never ranked with the others), ``model:``, ``features:`` and ``probe:``;
 - a trained model: ``data:``, ``model:`` (``model.arch`` only for a run from random init, which loads no
   weights), ``runtime:`` and its own section, ``train:`` for the fine-tuned model and ``scratch:`` for the
   scratch one (keys named without the section, ``lr``, as on the plots); plus ``features:`` and ``probe:``
@@ -355,6 +356,23 @@ def choose_base(shown: list, experiments: list[Experiment]) -> tuple[str, dict]:
     raise ExperimentsError("no listed params are valid for this code")
 
 
+def data_source(params: dict) -> str:
+    return str((params.get("data") or {}).get("source", "download"))
+
+
+def on_the_same_data(experiments: list[Experiment], base: dict) -> tuple[list[Experiment], list[str]]:
+    """The experiments on ``base``'s images (``data.source``), and a note for the others: validation scores on other
+    images are not comparable, so they are never ranked together."""
+    source = data_source(base)
+    kept = [e for e in experiments if data_source(e.params) == source]
+    notes = [
+        f"{e.name}: it ran on other images (data.source: {data_source(e.params)}), not those of the final fit's params ({source})"
+        for e in experiments
+        if data_source(e.params) != source
+    ]
+    return kept, notes
+
+
 def summarise(experiments: list[Experiment], base: dict) -> dict:
     """For each model with a validation score: its settings ranked, the varied keys, the choice and its final-fit command."""
     summary = {}
@@ -579,6 +597,10 @@ def run(shown_json: Path | None, out: Path, all_commits: bool = False) -> dict:
     for note in notes:
         log.warning("left out %s", note)
     base_name, base = choose_base(shown, experiments)
+    experiments, other_data = on_the_same_data(experiments, base)
+    for note in other_data:
+        log.warning("left out %s", note)
+    notes += other_data
     summary = summarise(experiments, base)
     unscored = without_validation(experiments)
     together = final_fit_all(summary, base)

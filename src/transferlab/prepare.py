@@ -12,6 +12,7 @@ drop`` leaves out the byte-identical files found in several classes and keeps on
 from __future__ import annotations
 
 import logging
+import os
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +22,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .config import DataConfig, load_params
+from .config import DATA_SOURCE_ENV, DataConfig, load_params
 from .dataset import ImageFile, acquire, load_image, md5sum, scan
 from .errors import DatasetError
 from .fileio import atomic_dir, write_csv, write_json
@@ -137,7 +138,10 @@ def write_split(folder: Path, name: str, indices: list[int], files: list[ImageFi
 def main() -> None:
     started = time.perf_counter()
     cfg = load_params().data
-    root = acquire(cfg.resolved_source(), RAW_DIR)
+    official = os.environ.get(DATA_SOURCE_ENV)
+    if official and cfg.source != "download":
+        log.warning("%s is set but ignored: data.source names the images (%s)", DATA_SOURCE_ENV, cfg.source)
+    root = acquire(cfg.source, RAW_DIR, official)
     classes, files = scan(root, cfg.exclude_classes)
     log.info("found %d classes and %d files in %s", len(classes), len(files), root)
     images, skipped, digests = decode_all(root, files, cfg.cache_size)
@@ -160,7 +164,7 @@ def main() -> None:
         "dropped_duplicates": len(dropped),
         "wall_time_s": round(time.perf_counter() - started, 1),
     }
-    # the source actually read (data.source, or TRANSFERLAB_DATA which DVC does not see)
+    # the folder actually read (with data.source: download, a checked local copy of the official data, or the download)
     write_json(PREPARE_REPORT, {**report, "source": str(root), "skipped": skipped, "duplicates": duplicates, "dropped": dropped})
     log.info("split: %s; skipped %d unreadable file(s)", counts, len(skipped))
 
