@@ -176,3 +176,12 @@ def test_the_readme_onnx_snippet_reproduces_predict(project, tmp_path):
     assert ran.returncode == 0, ran.stderr
     name, probability = ran.stdout.split()
     assert name == top["class"] and float(probability) == pytest.approx(top["probability"], abs=1e-3)
+
+
+def test_predict_takes_several_files_and_folders(project):
+    result = transferlab(
+        project, "predict", "images/class_0/image_0000.jpg", "images/class_1", "images/class_1/image_0002.jpg", "--topk", "1", "--json", "several.json"
+    )
+    assert result.returncode == 0, result.stderr
+    paths = [p["path"] for p in json.loads((project / "several.json").read_text())["predictions"]]
+    assert paths[0] == "images/class_0/image_0000.jpg" and len(paths) == 1 + 12, "each image once, in the order given"

@@ -9,6 +9,7 @@ from PIL import Image
 
 from browser import open_page
 from conftest import run
+from imagegen import make_image_folder
 
 MODELS = ("probe", "finetune", "scratch")
 STAGES = [
@@ -129,3 +130,19 @@ def test_a_probe_experiment_reuses_the_frozen_features_and_stops_at_validation(p
     assert (repo / "data/features/train.npy").read_bytes() == features
     summary = json.loads((repo / "metrics/train_probe/metrics.json").read_text())
     assert summary["best/C"] == 0.5 and 0 <= summary["best/val_acc"] <= 1
+
+
+def test_pointing_data_source_at_other_images_re_runs_prepare(project_repo, tmp_path):
+    """data.source is a param DVC sees: another folder of images makes prepare (and what follows) out of date."""
+    repo = project_repo
+    run(["dvc", "repro", "prepare"], repo)
+    assert "Data and pipelines are up to date" in run(["dvc", "status", "prepare"], repo).stdout
+    other = make_image_folder(tmp_path / "other_images", classes=4, per_class=12, seed=3)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["data"]["source"] = str(other)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert "modified:" in run(["dvc", "status", "prepare"], repo).stdout
+    result = run(["dvc", "repro", "prepare"], repo)
+    assert "Running stage 'prepare'" in result.stdout
+    report = json.loads((repo / "metrics/prepare.json").read_text())
+    assert report["source"] == str(other) and report["classes"] == 4

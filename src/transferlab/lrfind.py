@@ -31,7 +31,7 @@ import numpy as np
 
 log = logging.getLogger("transferlab.lrfind")
 
-MIN_DROP = 0.1  # the smoothed loss must fall at least this fraction below its start for a suggestion
+MIN_DROP = 0.05  # the smoothed loss must fall at least this fraction below its start for a suggestion
 VALLEY = 0.1  # the valley: where the smoothed loss is within this fraction of its whole fall above its minimum
 DIVERGE = 4.0  # the loss has diverged when it stays above this multiple of its lowest value ...
 DIVERGE_STEPS = 3  # ... for this many steps in a row (one spike is not divergence)
