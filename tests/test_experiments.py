@@ -44,7 +44,8 @@ def entry(name: str, overrides: dict, val: dict, test: dict | None = None, base:
     metrics = {}
     for model, acc in val.items():
         summary = {"epochs_run": 2, "wall_time_s": int(hashlib.sha1(name.encode()).hexdigest()[:6], 16) / 100}
-        metrics[f"metrics/train_{model}/metrics.json"] = {"data": summary if acc is None else {"best/val_acc": acc, **summary}}
+        scores = {"best/val_acc": acc, **({} if model == "probe" else {"val": {"acc": acc}})}  # best epoch = last epoch here
+        metrics[f"metrics/train_{model}/metrics.json"] = {"data": summary if acc is None else {**scores, **summary}}
     for model, acc in (test or {}).items():
         metrics[f"metrics/test_{model}/metrics.json"] = {"data": {"mean_per_class_acc": acc, "top1": acc, "wall_time_s": 9.9}}
     metrics.update(copy.deepcopy(copied or {}))
@@ -217,7 +218,7 @@ def test_final_fit_turns_train_on_val_on_adds_missing_keys_and_what_dvc_writes_r
     assert model_settings(params)["finetune"] == summary["finetune"]["settings"][0].values
 
     # had c won, dvc would write train.lr: 3e-05 (YAML 1.1 would take it for a string; the stages read it as a float)
-    runs[2]["data"]["metrics"]["metrics/train_finetune/metrics.json"]["data"]["best/val_acc"] = 0.9
+    runs[2]["data"]["metrics"]["metrics/train_finetune/metrics.json"]["data"]["val"]["acc"] = 0.9
     (tmp_path / "shown.json").write_text(json.dumps(shown(entry("main", {}, {}, base=workspace), runs)))
     fit = run(tmp_path / "shown.json", tmp_path / "out")["finetune"]["chosen"]["final_fit"]
     assert "-S train.lr=3e-05" in fit["command"] and fit["problem"] is None
@@ -341,7 +342,7 @@ def test_queued_validation_only_grid_with_two_workers_then_the_summary_and_its_f
             assert r["data"]["metrics"][path] == baseline["data"]["metrics"][path], f"{path}: validation-only, evaluate did not run"
     # the best fine-tuning run by validation accuracy, ties to the first name: the (validating) baseline commit competes too
     candidates = [(r["name"], r["data"]["metrics"]) for r in ran] + [(baseline["name"], baseline["data"]["metrics"])]
-    scores = {name: metrics["metrics/train_finetune_holdout/metrics.json"]["data"]["best/val_acc"] for name, metrics in candidates}
+    scores = {name: metrics["metrics/train_finetune_holdout/metrics.json"]["data"]["val"]["acc"] for name, metrics in candidates}
     expected = min(scores, key=lambda name: (-scores[name], name))
 
     summary_run = run_command([sys.executable, "-m", "transferlab.cli", "experiments"], repo)
@@ -430,7 +431,7 @@ def test_holdout_twins_score_whole_experiments_and_holdout_grids(tmp_path):
     holdouts = {model: f"metrics/train_{model}_holdout/metrics.json" for model in ("finetune", "scratch")}
 
     def summary(acc: float, epochs: int = 3) -> dict:
-        return {"data": {"best/val_acc": acc, "epochs_run": epochs}}
+        return {"data": {"best/val_acc": acc, "val": {"acc": acc}, "epochs_run": epochs}}
 
     baseline = entry("main", {}, {"probe": 0.88, "finetune": NO_VALIDATION, "scratch": NO_VALIDATION}, base=defaults)
     committed = baseline["data"]["metrics"]
@@ -460,3 +461,15 @@ def test_runs_on_other_images_are_left_out_and_named(tmp_path):
     (note,) = saved["left_out"]
     assert note.startswith("theirs: it ran on other images (data.source: /photos/holiday)")
     assert "theirs: it ran on other images" in (tmp_path / "out/experiments.md").read_text()
+
+
+def test_a_run_is_scored_by_the_epoch_its_final_fit_keeps(tmp_path):
+    """A final fit trains a fixed number of epochs and keeps the last: a 5-epoch run whose best epoch was the 2nd (92.7 %)
+    but whose last was 91.5 % loses to a 2-epoch run ending at 91.9 %."""
+    workspace = tiny_params()
+    long = entry("long", {"train.epochs": 5}, {"finetune": 0.927}, base=workspace)
+    long["data"]["metrics"]["metrics/train_finetune/metrics.json"]["data"]["val"]["acc"] = 0.915
+    short = entry("short", {"train.epochs": 2}, {"finetune": 0.919}, base=workspace)
+    (tmp_path / "shown.json").write_text(json.dumps(shown(entry("main", {}, {}, base=workspace), [long, short])))
+    summary = run(tmp_path / "shown.json", tmp_path / "out")
+    assert [(s.runs, s.val_acc) for s in summary["finetune"]["settings"]] == [(["short"], 0.919), (["long"], 0.915)]

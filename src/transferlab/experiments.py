@@ -23,7 +23,8 @@ Grid points are validation-only: queued with a holdout stage as the target (``dv
 holdout_finetune -S 'train.lr=...'``: the recipe trained on the train split, validated every epoch), or the
 training stage with ``train_on_val: false``, they stop before evaluation, and the test metrics their commits
 hold are the baseline's. So no test metric is read here. Each model's setting is chosen on the validation
-accuracy alone (``best/val_acc`` of its holdout twin's summary, else of its training stage's), and for the
+accuracy alone (the last epoch's ``val/acc`` of its holdout twin, else of its training stage: the epoch a final
+fit keeps; the probe's ``best/val_acc``), and for the
 choice the summary gives the command that makes the final fit and scores the test split once, e.g.
 ``dvc exp run -S train.lr=0.01 -S train.epochs=5``: the chosen values of the varied keys, any other key where
 the choice differs from the workspace's params.yaml, and ``train_on_val: true`` where the workspace does not
@@ -66,7 +67,7 @@ from .fileio import read_json, write_csv, write_json, write_text
 from .paths import holdout
 
 log = logging.getLogger("transferlab.experiments")
-VALIDATION_METRIC = "best/val_acc"
+VALIDATION_METRIC = "the last epoch's val/acc (the probe's: best/val_acc, at its chosen C)"
 PROTOCOL = "train_on_val"  # the key that turns a run into a final fit on train + val (no validation score)
 # how to get validation scores: each model's grid, queued validation-only (up to its holdout stage, never the test split)
 VALIDATION_RECIPES = {
@@ -197,12 +198,22 @@ def trained_summary(experiment: Experiment, model: str) -> dict | None:
     wrote); None when each is its baseline commit's (the stages did not run in this experiment) or missing."""
     baseline = experiment.baseline.metrics if experiment.baseline is not None else {}
     fresh = [experiment.metrics[p] for p in summary_paths(model) if experiment.metrics.get(p) and experiment.metrics[p] != baseline.get(p)]
-    return next((found for found in fresh if VALIDATION_METRIC in found), fresh[0] if fresh else None)
+    return next((found for found in fresh if score_in(found, model) is not None), fresh[0] if fresh else None)
+
+
+def score_in(summary: dict, model: str) -> float | None:
+    """The validation accuracy that a final fit of the run's setting stands for. A final fit trains a fixed number of
+    epochs and keeps the last, so a trained model's score is its last epoch's (dvclive's latest ``val/acc``), not its
+    best epoch's, which can come early in a long cosine schedule and overstate what the final fit gets."""
+    if model == "probe":
+        value = summary.get("best/val_acc")
+    else:
+        value = summary.get("val/acc", (summary.get("val") or {}).get("acc"))
+    return None if value is None else float(value)
 
 
 def validation_score(experiment: Experiment, model: str) -> float | None:
-    value = (trained_summary(experiment, model) or {}).get(VALIDATION_METRIC)
-    return None if value is None else float(value)
+    return score_in(trained_summary(experiment, model) or {}, model)
 
 
 def baseline_copy(experiment: Experiment, model: str) -> bool:
