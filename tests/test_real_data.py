@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from conftest import CALTECH, HF_HOME, tiny_params
-from transferlab import features, prepare, probe, training
+from transferlab import dataset, features, prepare, probe, training
 from transferlab.inference import onnx_runner as ONNX_RUNNER
 from transferlab.dataset import scan
 from transferlab.paths import train_dir
@@ -31,11 +31,17 @@ SUBSET = ["airplanes", "bonsai", "chair", "dolphin", "elephant", "ferry", "grand
 def test_real_archive_layout_and_stray_file():
     classes, files = scan(CALTECH, exclude=[])
     assert len(classes) == 102 and len(files) == 9145
-    root_images, skipped = prepare.decode_all(CALTECH, [f for f in files if f.path == "BACKGROUND_Google/tmp"], 64)
+    root_images, skipped, _ = prepare.decode_all(CALTECH, [f for f in files if f.path == "BACKGROUND_Google/tmp"], 64)
     assert not root_images and skipped[0]["path"] == "BACKGROUND_Google/tmp"
     assert skipped[0]["reason"].startswith("DatasetError: not an image file name")
     classes, _ = scan(CALTECH, exclude=["BACKGROUND_Google"])
     assert len(classes) == 101
+
+
+def test_the_official_data_is_recognised_as_a_local_copy(tmp_path):
+    """TRANSFERLAB_DATA with data.source: download: the real folder passes the check of every file's md5."""
+    assert dataset.manifest_md5(CALTECH) == dataset.CALTECH101_MANIFEST_MD5
+    assert dataset.acquire("download", tmp_path / "raw", str(CALTECH.parent)) == CALTECH
 
 
 def test_pretrained_weights_beat_random_init_by_a_wide_margin(tmp_path, monkeypatch):
