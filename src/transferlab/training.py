@@ -239,9 +239,9 @@ def training_data(train_on_val: bool) -> tuple[tuple[np.ndarray, np.ndarray], tu
     return merged, (val_images[:0], val_labels[:0])
 
 
-def divergence(run: str, out: str, progress: resume.Progress, params: Params) -> DivergedError:
+def divergence(run: str, out: str, cfg: TrainConfig, progress: resume.Progress, params: Params) -> DivergedError:
     """What to tell the user when the training loss stops being finite: the likely causes and the params to change."""
-    cfg, precision = params.train_config(run), params.runtime.precision
+    precision = params.runtime.precision
     body = f", the pretrained layers at {cfg.lr * cfg.backbone_lr_scale:g}" if cfg.mode == "finetune" else ""
     causes = f"the learning rate is too high ({params.key(run, 'lr')}: {cfg.lr:g}{body})"
     if precision != "fp32":
@@ -353,7 +353,7 @@ def run(name: str, world: World | None = None, holdout: bool = False) -> dict:
                 if progress.step % 10 == 0 or progress.step == len(slices):  # reading the sum waits for a GPU: not every step
                     if not math.isfinite(float(progress.loss_sum)):  # NaN and inf stay in the epoch's sum once there
                         bar.close()
-                        raise divergence(name, out, progress, params)
+                        raise divergence(name, out, cfg, progress, params)
                     bar.set_postfix(loss=f"{float(progress.loss_sum) / progress.seen:.3f}")
                 if world.stop_now(stop_requested(), progress.step, len(slices)):
                     save_state(epoch_start_generator)
