@@ -110,13 +110,13 @@ def range_test(run: str, steps: int, start: float, end: float, seed: int) -> dic
     from .training import Trainer, initial_model, training_data, training_inputs
 
     params = load_params()
-    cfg = dataclasses.replace(params.train_config(run), train_on_val=False, compile=False, seed=seed)
+    # as the holdout twin trains: on the train split, from the probe that never saw the validation images
+    cfg = dataclasses.replace(params.train_config(run, holdout=True), compile=False, seed=seed)
     weights = params.weights_for(run)
     device, amp_dtype = training_device(params.runtime.device, params.runtime.precision)
     classes = load_classes()
     data = training_data(train_on_val=False)
     train_labels = data[0][1]
-    # a probe that never saw the validation images, which judge the suggestion
     model, head_name, prep = initial_model(params.model.arch, weights, classes, cfg, holdout("probe"))
     slices = batch_slices(len(train_labels), cfg.batch_size)
     trainer = Trainer.create(model, head_name, cfg, params.runtime, len(slices), World(device=device), amp_dtype)
@@ -125,21 +125,20 @@ def range_test(run: str, steps: int, start: float, end: float, seed: int) -> dic
     # every group's lr is its params value times the same factor: the run's lr sweeps from start to end
     trainer.schedule = lr_scheduler.LambdaLR(trainer.optimizer, lambda step: rates[min(step, steps - 1)] / cfg.lr)
     generator = torch.Generator().manual_seed(seed)
-    lrs, losses = [], []
+    lrs, losses, diverged = [], [], False
     trainer.enter_train_mode()
     bar = tqdm(total=steps, desc=f"lr-find {run} seed {seed}", leave=False)
-    while len(losses) < steps:
+    while len(losses) < steps and not diverged:
         order = epoch_order(train_labels, generator, cfg.balanced_sampling)
-        for batch in slices:
+        for batch in slices[: steps - len(losses)]:
             lrs.append(trainer.optimizer.param_groups[-1]["lr"] * cfg.lr / trainer.schedule.base_lrs[-1])
             loss_sum, _, seen = trainer.step(inputs, order[batch])
             losses.append(float(loss_sum) / seen)
             bar.update()
             bar.set_postfix(lr=f"{lrs[-1]:.2g}", loss=f"{losses[-1]:.3f}")
-            if len(losses) == steps or diverged_at(np.array(losses)) is not None:
+            diverged = diverged_at(np.array(losses)) is not None
+            if diverged:
                 break
-        if diverged_at(np.array(losses)) is not None:
-            break
     bar.close()
     suggestion = suggest(np.array(lrs), np.array(losses))
     log.info("lr-find %s seed %d: %s (%s)", run, seed, f"lr {suggestion.lr:.3g}" if suggestion.lr else "no suggestion", suggestion.reason)
