@@ -72,9 +72,9 @@ def same_keys(keys: dict[int, object]) -> list[list[int]]:
     return [group for group in groups.values() if len(group) > 1]
 
 
-def find_duplicates(files: list[ImageFile], images: dict[int, np.ndarray], digests: list[str]) -> dict:
-    """Byte-identical files across classes and within one, and images alike by their difference hash across classes."""
-    exact = same_keys({index: digests[index] for index in images})
+def find_duplicates(files: list[ImageFile], images: dict[int, np.ndarray], exact: list[list[int]]) -> dict:
+    """Byte-identical files (``exact``: groups of indices) across classes and within one, and images alike by their
+    difference hash across classes."""
 
     def across(group: list[int]) -> bool:
         return len({files[i].label for i in group}) > 1
@@ -92,11 +92,11 @@ def find_duplicates(files: list[ImageFile], images: dict[int, np.ndarray], diges
     }
 
 
-def drop_duplicates(files: list[ImageFile], images: dict[int, np.ndarray], digests: list[str]) -> list[str]:
+def drop_duplicates(files: list[ImageFile], images: dict[int, np.ndarray], exact: list[list[int]]) -> list[str]:
     """``data.duplicates: drop``: remove every copy of a file found in several classes, and all but the first copy of a
     file repeated within a class, from ``images``; return the removed paths."""
     dropped = []
-    for group in same_keys({index: digests[index] for index in images}):
+    for group in exact:
         ambiguous = len({files[i].label for i in group}) > 1
         for index in group if ambiguous else group[1:]:
             del images[index]
@@ -145,11 +145,12 @@ def main() -> None:
     classes, files = scan(root, cfg.exclude_classes)
     log.info("found %d classes and %d files in %s", len(classes), len(files), root)
     images, skipped, digests = decode_all(root, files, cfg.cache_size)
-    duplicates = find_duplicates(files, images, digests)
+    exact = same_keys({index: digests[index] for index in images})  # byte-identical files, by their md5
+    duplicates = find_duplicates(files, images, exact)
     for kind, groups in duplicates.items():
         if groups:
             log.warning("%d group(s) of duplicates %s, such as %s", len(groups), kind.replace("_", " "), ", ".join(groups[0]))
-    dropped = drop_duplicates(files, images, digests) if cfg.duplicates == "drop" else []
+    dropped = drop_duplicates(files, images, exact) if cfg.duplicates == "drop" else []
     splits = split_indices(files, set(images), classes, cfg)
     with atomic_dir(PREPARED_DIR) as folder:  # the seven files appear together or not at all
         for name in SPLITS:
