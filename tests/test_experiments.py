@@ -473,3 +473,13 @@ def test_a_run_is_scored_by_the_epoch_its_final_fit_keeps(tmp_path):
     (tmp_path / "shown.json").write_text(json.dumps(shown(entry("main", {}, {}, base=workspace), [long, short])))
     summary = run(tmp_path / "shown.json", tmp_path / "out")
     assert [(s.runs, s.val_acc) for s in summary["finetune"]["settings"]] == [(["short"], 0.919), (["long"], 0.915)]
+
+
+def test_only_summarises_the_named_experiments(tmp_path):
+    """Several grids queued together: --only keeps one grid's runs; a name not in the listing is an error."""
+    (tmp_path / "shown.json").write_text(json.dumps(grid()))
+    summary = run(tmp_path / "shown.json", tmp_path / "out", only=["exp-0", "exp-3"])
+    assert [s.runs for s in summary["finetune"]["settings"]] == [["exp-0"], ["exp-3"]]
+    assert summary["finetune"]["chosen"]["runs"] == ["exp-0"], "exp-1 scored higher but is not in this grid"
+    with pytest.raises(ExperimentsError, match="no completed experiment named exp-queued, nope"):
+        run(tmp_path / "shown.json", tmp_path / "out", only=["exp-0", "nope", "exp-queued"])

@@ -4,7 +4,7 @@
     transferlab gradcam IMAGE --model PATH [--class NAME] [--layer NAME] [--out gradcam.png]
     transferlab features IMAGE --model PATH [--layer NAME] [--count 16] [--out features.png]
     transferlab export --model PATH --format torchscript|onnx --out FILE [--check IMAGE_OR_FOLDER]
-    transferlab experiments [--json SHOWN] [--all-commits] [--out metrics/experiments]
+    transferlab experiments [--json SHOWN] [--all-commits] [--out metrics/experiments] [--only NAME ...]
     transferlab lr-find finetune|scratch [--steps 100] [--start 1e-5] [--end 1] [--seeds 3] [--out metrics/experiments/lr_find]
 """
 
@@ -125,7 +125,7 @@ def cmd_experiments(args) -> int:
     from .experiments import ExperimentsError, run
 
     try:
-        run(args.shown_json, args.out, args.all_commits)
+        run(args.shown_json, args.out, args.all_commits, args.only)
     except ExperimentsError as err:
         print(f"transferlab experiments: {err}", file=sys.stderr)
         return 2
@@ -194,6 +194,7 @@ def parser() -> argparse.ArgumentParser:
     experiments.add_argument("--json", type=Path, dest="shown_json", help="a saved `dvc exp show --json` (default: run it here)")
     experiments.add_argument("--all-commits", action="store_true", help="experiments of every commit, not only the current one")
     experiments.add_argument("--out", type=Path, default=Path("metrics/experiments"), help="output folder (default: metrics/experiments)")
+    experiments.add_argument("--only", nargs="+", metavar="NAME", help="only these experiments (one grid of several queued together)")
     experiments.set_defaults(handler=cmd_experiments)
 
     lr_help = "learning-rate range test of a training run: loss against an exponentially rising lr, and a suggested lr"

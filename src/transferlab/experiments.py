@@ -599,9 +599,19 @@ def dvc_exp_show(all_commits: bool) -> list:
     return json.loads(result.stdout or "[]")
 
 
-def run(shown_json: Path | None, out: Path, all_commits: bool = False) -> dict:
+def only_named(experiments: list[Experiment], names: list[str]) -> list[Experiment]:
+    """The named experiments (one grid of several queued together), in the listing's order."""
+    missing = sorted(set(names) - {e.name for e in experiments})
+    if missing:
+        raise ExperimentsError(f"--only: no completed experiment named {', '.join(missing)} in the listing")
+    return [e for e in experiments if e.name in names]
+
+
+def run(shown_json: Path | None, out: Path, all_commits: bool = False, only: list[str] | None = None) -> dict:
     shown = read_json(shown_json) if shown_json else dvc_exp_show(all_commits)
     experiments = list(experiments_from_show(shown))
+    if only:
+        experiments = only_named(experiments, only)
     if not experiments:
         raise ExperimentsError("dvc exp show lists no completed experiment: run some with dvc exp run first")
     experiments, notes = valid_experiments(experiments)
