@@ -32,6 +32,7 @@ TINY_PARAMS = {
     "features": {"image_size": 32, "batch_size": 16},
     "train": {
         "epochs": 2, "batch_size": 8, "image_size": 32, "eval_image_size": 32, "init_head": "random", "train_on_val": False, "compile": False,
+        "frozen_stages": 0,
     },
     "scratch": {"epochs": 2, "batch_size": 8, "image_size": 32, "eval_image_size": 32, "train_on_val": False},
 }

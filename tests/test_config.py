@@ -120,6 +120,9 @@ def test_frozen_stages_with_pretrained_weights_and_scratch_ignoring_them(tmp_pat
     assert params.train_config("finetune").frozen_stages == 3
     scratch = params.train_config("scratch")
     assert (scratch.mode, scratch.frozen_stages, params.weights_for("scratch")) == ("scratch", 0, "none")
+    # feature_extract keeps the whole backbone fixed: the fine-tune's frozen_stages (the default is 4) is moot, not an error
+    raw["train"].update(mode="feature_extract")
+    assert parse_params(raw).train_config("finetune").frozen_stages == 0
 
 
 @pytest.mark.parametrize(
@@ -247,7 +250,7 @@ def test_entry_points_start_without_the_heavy_libraries():
 def test_numbers_are_read_as_users_and_dvc_write_them(tmp_path):
     """YAML 1.1 (PyYAML) reads 1e-3 as a string; params.yaml means a float, as DVC's -S writes 5e-05."""
     text = (PROJECT / "params.yaml").read_text()
-    text = text.replace("  lr: 0.002 ", "  lr: 1e-3 ", 1).replace("weight_decay: 0.00005", "weight_decay: 5e-05", 1)
+    text = re.sub(r"\n  lr: [0-9.]+ ", "\n  lr: 1e-3 ", text, count=1).replace("weight_decay: 0.00005", "weight_decay: 5e-05", 1)
     text = text.replace("  max_iter: 1000", "  max_iter: 1E3", 1)
     assert text.count("1e-3") == 1 and "5e-05" in text
     (tmp_path / "params.yaml").write_text(text)

@@ -439,7 +439,7 @@ def test_holdout_twins_score_whole_experiments_and_holdout_grids(tmp_path):
     unchanged = {path: committed[path] for path in committed if path != holdouts["finetune"]}
     grid_point = entry("grid-1", {"train.lr": 0.004}, {}, base=defaults, copied={**unchanged, holdouts["finetune"]: summary(0.93)})
     rerun = {path: committed[path] for path in committed if "finetune" not in path}
-    whole = entry("whole", {"train.lr": 0.001}, {"finetune": NO_VALIDATION}, base=defaults, copied={**rerun, holdouts["finetune"]: summary(0.91)})
+    whole = entry("whole", {"train.lr": 0.0005}, {"finetune": NO_VALIDATION}, base=defaults, copied={**rerun, holdouts["finetune"]: summary(0.91)})
     (tmp_path / "shown.json").write_text(json.dumps(shown(baseline, [grid_point, whole])))
     summary_ = run(tmp_path / "shown.json", tmp_path / "out")
     finetune = summary_["finetune"]

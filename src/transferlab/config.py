@@ -273,6 +273,8 @@ class Params:
                 f"{key('augment')}: false with feature_extract trains on the features stage's output, computed at "
                 f"features.image_size ({self.features.image_size}): set {key('image_size')} and {key('eval_image_size')} to it"
             )
+        if cfg.mode == "feature_extract":  # the whole backbone stays fixed: frozen_stages says nothing more
+            cfg = dataclasses.replace(cfg, frozen_stages=0)
         if cfg.frozen_stages and (cfg.mode != "finetune" or not pretrained):
             raise ConfigError(
                 f"{key('frozen_stages')}: freezing stages needs mode finetune with pretrained weights "
