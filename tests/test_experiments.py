@@ -483,3 +483,19 @@ def test_only_summarises_the_named_experiments(tmp_path):
     assert summary["finetune"]["chosen"]["runs"] == ["exp-0"], "exp-1 scored higher but is not in this grid"
     with pytest.raises(ExperimentsError, match="no completed experiment named exp-queued, nope"):
         run(tmp_path / "shown.json", tmp_path / "out", only=["exp-0", "nope", "exp-queued"])
+
+
+def test_a_head_grid_varies_the_head_not_the_probe_settings_only_lp_ft_runs_have(tmp_path):
+    """LP-FT runs depend on the features' and probe's settings, random-head runs do not: those keys, present in only
+    some settings, do not vary, so the grid is init_head x lr (a heatmap) whichever head wins."""
+    workspace = set_dotted(tiny_params(), {"probe.train_on_val": False})
+    for winner, command in (("probe", "-S train.init_head=probe -S train.lr=0.001"), ("random", "-S train.init_head=random -S train.lr=0.004")):
+        scores = {("probe", 0.001): 0.91, ("probe", 0.004): 0.90, ("random", 0.001): 0.47, ("random", 0.004): 0.93 if winner == "random" else 0.88}
+        runs = [entry(f"{head}-{lr}", {"train.init_head": head, "train.lr": lr}, {"finetune": acc}, base=workspace) for (head, lr), acc in scores.items()]
+        (tmp_path / "shown.json").write_text(json.dumps(shown(entry("main", {}, {}, base=workspace), runs)))
+        finetune = run(tmp_path / "shown.json", tmp_path / winner)["finetune"]
+        assert finetune["varied"] == ["init_head", "lr"], winner
+        assert finetune["chosen"]["runs"] == [f"{winner}-{0.001 if winner == 'probe' else 0.004}"]
+        assert finetune["chosen"]["final_fit"]["command"].startswith(f"dvc exp run {command} ")
+        assert (tmp_path / winner / "heatmap_finetune.png").is_file()
+        assert "| 47.00% | random | 0.001 | random-0.001 |" in (tmp_path / winner / "experiments.md").read_text()

@@ -241,7 +241,9 @@ def distinct_settings(experiments: list[Experiment], model: str) -> tuple[list[S
         if score > setting.val_acc:
             setting.val_acc, setting.scored_by = score, experiment
     settings = sorted(by_values.values(), key=lambda s: (-s.val_acc, s.scored_by.name))
-    varied = [key for key in (settings[0].values if settings else {}) if len({_key(s.values.get(key)) for s in settings}) > 1]
+    # a key only some settings have (the probe's, for LP-FT runs among random-head ones) varies only if its values do
+    keys = dict.fromkeys(key for setting in settings for key in setting.values)
+    varied = [key for key in keys if len({_key(s.values[key]) for s in settings if key in s.values}) > 1]
     return settings, varied
 
 
@@ -331,7 +333,7 @@ def final_fit(model: str, chosen: Setting, varied: list[str], base: dict) -> dic
     target.update(dict.fromkeys(protocol_keys(model, chosen.values), True))
     current = _flat_params(parse_params(base))
     first = [params_key(model, key) for key in varied]
-    overrides = {key: target[key] for key in first}
+    overrides = {key: target[key] for key in first if key in target}
     overrides.update({key: value for key, value in target.items() if key not in overrides and _key(current.get(key)) != _key(value)})
     return {"command": _command(overrides, base), "overrides": overrides, "problem": _problem(overrides, base, {model: chosen.values})}
 
@@ -399,7 +401,7 @@ def summarise(experiments: list[Experiment], base: dict) -> dict:
                 "runs": chosen.runs,
                 "scored_by": chosen.scored_by.name,
                 "val_acc": chosen.val_acc,
-                "values": {key: chosen.values[key] for key in varied},
+                "values": {key: chosen.values.get(key) for key in varied},
                 "final_fit": final_fit(model, chosen, varied, base),
             },
         }
@@ -462,7 +464,7 @@ def markdown(summary: dict, unscored: dict[str, list[str]], notes: list[str], ba
             "|" + "---|" * (len(varied) + 2),
         ]
         for setting in part["settings"]:
-            cells = [f"{setting.val_acc:.2%}", *(_shown(setting.values[key]) for key in varied), ", ".join(setting.runs)]
+            cells = [f"{setting.val_acc:.2%}", *(_shown(setting.values.get(key, "-")) for key in varied), ", ".join(setting.runs)]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
