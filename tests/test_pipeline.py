@@ -81,7 +81,7 @@ def test_repro_then_experiment_then_plots(project_repo):
     run(["git", "push", "-q", "origin", "HEAD"], repo)
 
     # an experiment on one model's params re-runs that model's stages only (and the panel where the three meet)
-    exp = run(["dvc", "exp", "run", "-S", "train.lr=0.001"], repo)
+    exp = run(["dvc", "exp", "run", "-S", "train.lr=0.0005"], repo)
     ran = {stage for stage in STAGES if f"Running stage '{stage}'" in exp.stdout}
     assert ran == {"train_finetune", "holdout_finetune", "evaluate@finetune", "gradcam", "compare"}, ran
     for stage in ("prepare", "features", "train_probe", "train_scratch", "holdout_scratch", "evaluate@probe", "evaluate@scratch"):
@@ -89,7 +89,7 @@ def test_repro_then_experiment_then_plots(project_repo):
     shown = json.loads(run(["dvc", "exp", "show", "--json"], repo).stdout)
     runs = [e for commit in shown for e in (commit.get("experiments") or [])]
     lrs = {r["revs"][0]["name"]: r["revs"][0]["data"]["params"]["params.yaml"]["data"]["train"]["lr"] for r in runs}
-    (experiment,) = [name for name, lr in lrs.items() if lr == 0.001]
+    (experiment,) = [name for name, lr in lrs.items() if lr == 0.0005]
 
     # the experiment against the baseline commit: both revisions of the learning curves
     # (`dvc exp run` leaves the experiment in the workspace)
