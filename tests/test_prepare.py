@@ -22,7 +22,7 @@ from PIL import Image
 from conftest import tiny_params
 from transferlab import dataset, prepare
 from transferlab.dataset import acquire, load_image
-from transferlab.errors import DatasetError
+from transferlab.errors import ConfigError, DatasetError
 
 
 def prepare_in(workdir: Path, monkeypatch, source: Path | str, **data_overrides) -> dict:
@@ -68,6 +68,21 @@ def test_split_is_deterministic_and_depends_on_seed(tmp_path, tiny_folder, monke
     prepare_in(other_seed, monkeypatch, tiny_folder, seed=1)
     assert read_split(first, "train") == read_split(second, "train")
     assert read_split(first, "train") != read_split(other_seed, "train")
+
+
+def test_validation_folds_partition_the_training_images_and_keep_the_test_split(tmp_path, tiny_folder, monkeypatch):
+    """data.val_fold: train_per_class 6 with val_per_class 2 holds three disjoint folds; train + val and test never change."""
+    folds = []
+    for fold in range(3):
+        workdir = tmp_path / f"fold{fold}"
+        workdir.mkdir()
+        prepare_in(workdir, monkeypatch, tiny_folder, val_fold=fold)
+        folds.append({name: {row["path"] for row in read_split(workdir, name)} for name in prepare.SPLITS})
+    assert all(len(f["val"]) == 3 * 2 and len(f["train"]) == 3 * 4 for f in folds)
+    assert len(set.union(*(f["val"] for f in folds))) == 3 * 6, "the folds' validation images are disjoint"
+    assert all(f["train"] | f["val"] == folds[0]["train"] | folds[0]["val"] and f["test"] == folds[0]["test"] for f in folds)
+    with pytest.raises(ConfigError, match="data.val_fold must be < 3"):
+        prepare_in(tmp_path / "fold0", monkeypatch, tiny_folder, val_fold=3)
 
 
 def test_test_cap_and_excluded_class(tmp_path, tiny_folder, monkeypatch):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from transferlab import evaluate, features, probe, training
+from transferlab import evaluate, features, probe, trained_model, training
 from transferlab.config import ProbeConfig, load_params
 from transferlab.data import normalize
 from transferlab.errors import ConfigError, ModelError
@@ -122,11 +122,16 @@ def test_train_and_test_resolutions_reach_the_model(project, monkeypatch):
 
     monkeypatch.setattr(training, "build_model", recording_build)
     monkeypatch.setattr(models, "build_model", recording_build)  # the features stage imports it where it runs
+    monkeypatch.setattr(trained_model, "build_model", recording_build)
     assert load_split("train")[0].shape[1:] == (40, 40, 3)
-    project(image_size=24, eval_image_size=36, probe={"C": [1.0]}, features={"image_size": 28})
+    # tested above the training size and above the cached crop (35 px of the 40): Touvron et al.'s train-test resolution
+    project(image_size=24, eval_image_size=48, probe={"C": [1.0]}, features={"image_size": 28})
     training.run("finetune")
-    assert set(seen) == {24, 36}
-    assert TrainedModel.load(checkpoint_path("finetune"), device="cpu").image_size == 36
+    assert set(seen) == {24, 48}
+    assert TrainedModel.load(checkpoint_path("finetune"), device="cpu").image_size == 48
+    seen.clear()
+    evaluate.evaluate("finetune")
+    assert set(seen) == {48}
     seen.clear()
     features.main()
     probe.main()

@@ -48,6 +48,9 @@ class DataConfig:
     exclude_classes: list = field(default_factory=lambda: ["BACKGROUND_Google"])
     train_per_class: int = field(default=30, metadata=_range(1))
     val_per_class: int = field(default=5, metadata=_range(0))
+    # which val_per_class-sized slice of each class's training images validates: folds 0, 1, ... of them
+    # give repeated choices on disjoint validation images (k-fold), the test split unchanged
+    val_fold: int = field(default=0, metadata=_range(0))
     test_per_class: int | None = field(default=None, metadata=_range(1))
     cache_size: int = field(default=256, metadata=_range(32, 1024))
     # byte-identical files: reported in metrics/prepare.json; drop: a file found in several classes is left out
@@ -60,6 +63,12 @@ class DataConfig:
             raise ConfigError(
                 f"data.val_per_class ({self.val_per_class}) must be smaller than "
                 f"data.train_per_class ({self.train_per_class}): validation images are held out of the training ones"
+            )
+        folds = self.train_per_class // self.val_per_class if self.val_per_class else 1
+        if self.val_fold >= folds:
+            raise ConfigError(
+                f"data.val_fold must be < {folds} ({self.train_per_class} training images per class hold "
+                f"{folds} disjoint validation folds of {self.val_per_class}), got {self.val_fold}"
             )
 
 
@@ -104,7 +113,7 @@ class FeaturesConfig:
 
 
 # keys of a run's section that only fine-tuning reads: train_scratch trains every layer from random init
-FINETUNE_ONLY = ("mode", "init_head", "frozen_stages", "backbone_lr_scale", "freeze_bn_stats")
+FINETUNE_ONLY = ("mode", "init_head", "frozen_stages", "backbone_lr_scale", "freeze_bn_stats", "interpolation")
 
 
 @dataclass(frozen=True)
@@ -146,6 +155,12 @@ class TrainConfig:
     label_smoothing: float = field(default=0.1, metadata=_range(0, 1))
     # keep the pretrained batch-norm running statistics fixed while fine-tuning
     freeze_bn_stats: bool = True
+    # exponential moving average of the weights, updated every optimizer step (0 = off): the average is
+    # what is validated and kept (torch.optim.swa_utils.AveragedModel)
+    ema_decay: float = field(default=0.0, metadata=_range(0, 1))
+    # weight-space interpolation (WiSE-FT, Wortsman et al. 2022): the kept weights are
+    # start + interpolation * (end - start), start being the weights fine-tuning began from; 1 = the end
+    interpolation: float = field(default=1.0, metadata=_range(0, 1))
     image_size: int = field(default=160, metadata=_range(16, 1024))
     eval_image_size: int = field(default=224, metadata=_range(16, 1024))
     # augmentation (torchvision.transforms.v2, on the training device); augment: false turns all of it off
@@ -166,6 +181,8 @@ class TrainConfig:
 
 def _check_recipe(cfg: TrainConfig, section: str) -> None:
     """The checks that involve several keys of one run's section."""
+    if cfg.ema_decay >= 1:
+        raise ConfigError(f"{section}.ema_decay must be < 1 (1 would keep the starting weights); 0 turns the average off")
     if cfg.warmup_epochs and cfg.warmup_steps:
         raise ConfigError(f"{section}.warmup_epochs and {section}.warmup_steps are both set: give the warm-up in one unit")
     if not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in cfg.milestones) or sorted(

@@ -105,7 +105,10 @@ def drop_duplicates(files: list[ImageFile], images: dict[int, np.ndarray], exact
 
 
 def split_indices(files: list[ImageFile], readable: set[int], classes: list[str], cfg: DataConfig) -> dict[str, list[int]]:
-    """Per class, shuffle the readable files with a seed of their own and cut train / val / test."""
+    """Per class, shuffle the readable files with a seed of their own and cut train / val / test.
+
+    The first ``train_per_class`` files train; fold ``val_fold`` of them (``val_per_class`` files) validates.
+    """
     by_class: dict[int, list[int]] = {label: [] for label in range(len(classes))}
     for index, item in enumerate(files):
         if index in readable:
@@ -121,8 +124,9 @@ def split_indices(files: list[ImageFile], readable: set[int], classes: list[str]
         rng = np.random.default_rng([cfg.seed, zlib.crc32(name.encode())])
         order = [indices[i] for i in rng.permutation(len(indices))]
         train, test = order[: cfg.train_per_class], order[cfg.train_per_class :]
-        splits["val"] += train[: cfg.val_per_class]
-        splits["train"] += train[cfg.val_per_class :]
+        fold = slice(cfg.val_fold * cfg.val_per_class, (cfg.val_fold + 1) * cfg.val_per_class)
+        splits["val"] += train[fold]
+        splits["train"] += train[: fold.start] + train[fold.stop :]
         splits["test"] += test[: cfg.test_per_class]
     return splits
 

@@ -10,7 +10,7 @@ import torch
 import yaml
 from dvclive import Live
 
-from .fileio import atomic_dir
+from .fileio import atomic_dir, write_csv
 
 
 class TrainingLog:
@@ -65,6 +65,11 @@ class TrainingLog:
         self.live.next_step()
         if self.writer is not None:
             self.writer.flush()
+
+    def write_csv(self, name: str, header: list[str], rows) -> None:
+        """A table next to the curves (``metrics/train_<run>/<name>``)."""
+        if self.live is not None:
+            write_csv(Path(self.live.dir) / name, header, rows)
 
     def log_images(self, tag: str, images: np.ndarray) -> None:
         """A few cached uint8 images (N x H x W x 3), for TensorBoard's image tab."""

@@ -24,6 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from . import cores, paths, resume
@@ -39,6 +40,7 @@ from .optim import LrSchedule, build_optimizer
 from .paths import FEATURES_DIR, checkpoint_path, resume_path, train_dir
 from .splits import features_info, load_classes, load_features, load_split
 from .tracking import TrainingLog
+from .weight_space import CURVE_POINTS, cpu_copy, interpolate, moving_average
 
 log = logging.getLogger("transferlab.train")
 
@@ -49,7 +51,7 @@ class Inputs:
 
     fetch: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # indices -> inputs, targets, labels
     forward: Callable[[torch.Tensor], torch.Tensor]
-    validate: Callable[[], torch.Tensor]  # logits of the validation split, on the CPU
+    validate: Callable[[nn.Module], torch.Tensor]  # a model's logits of the validation split, on the CPU
 
 
 def image_inputs(model, data, cfg: TrainConfig, channels_last: bool, prep, world: World, num_classes: int) -> Inputs:
@@ -69,10 +71,10 @@ def image_inputs(model, data, cfg: TrainConfig, channels_last: bool, prep, world
         inputs, targets = augment(images, labels)
         return inputs, targets, labels
 
-    def validate():
-        world.share_buffers(model)
+    def validate(net: nn.Module):
+        world.share_buffers(net)
         return world.map_rows(
-            lambda rows: predict_logits(model, rows, prep, cfg.eval_image_size, cfg.batch_size * 2, channels_last, "val", fast=False), val_images
+            lambda rows: predict_logits(net, rows, prep, cfg.eval_image_size, cfg.batch_size * 2, channels_last, "val", fast=False), val_images
         )
 
     forward = world.wrap(model)
@@ -96,7 +98,7 @@ def frozen_features(cfg: TrainConfig, arch: str, weights: str, counts: tuple[int
     return train, val
 
 
-def feature_inputs(features: tuple[torch.Tensor, torch.Tensor], train_labels: np.ndarray, head: nn.Module, world: World) -> Inputs:
+def feature_inputs(features: tuple[torch.Tensor, torch.Tensor], train_labels: np.ndarray, head_name: str, model: nn.Module, world: World) -> Inputs:
     """feature_extract without augmentation: the head trains on the frozen features."""
     device = world.device
     train_features, val_features = (f.to(device) for f in features)
@@ -106,11 +108,11 @@ def feature_inputs(features: tuple[torch.Tensor, torch.Tensor], train_labels: np
         indices = indices.to(device)
         return train_features[indices], labels[indices], labels[indices]
 
-    def validate():
+    def validate(net: nn.Module):
         with torch.no_grad():
-            return head(val_features).float().cpu()
+            return net.get_submodule(head_name)(val_features).float().cpu()
 
-    return Inputs(fetch, world.wrap(head), validate)
+    return Inputs(fetch, world.wrap(model.get_submodule(head_name)), validate)
 
 
 @dataclass
@@ -120,7 +122,7 @@ class Trainer:
     cfg: TrainConfig
     runtime: RuntimeConfig
     model: nn.Module
-    head: nn.Module
+    head_name: str
     frozen: list[str]  # modules of the frozen backbone stages
     optimizer: torch.optim.Optimizer
     schedule: LrSchedule
@@ -128,10 +130,20 @@ class Trainer:
     criterion: nn.Module
     world: World
     amp_dtype: torch.dtype | None
+    average: AveragedModel | None  # the moving average of the weights (ema_decay), updated every step
 
     @property
     def device(self) -> torch.device:
         return self.world.device
+
+    @property
+    def head(self) -> nn.Module:
+        return self.model.get_submodule(self.head_name)
+
+    @property
+    def kept(self) -> nn.Module:
+        """The network that is validated and saved: the moving average of the weights, or the weights."""
+        return self.average.module if self.average is not None else self.model
 
     @classmethod
     def create(
@@ -139,12 +151,14 @@ class Trainer:
     ) -> "Trainer":
         """``world`` from :func:`process_group`, ``amp_dtype`` from :func:`training_device`."""
         device = world.device
-        head = model.get_submodule(head_name)
         frozen = freeze_stages(model, head_name, cfg.frozen_stages)
         if cfg.mode == "feature_extract":
             model.requires_grad_(False)
-            head.requires_grad_(True)
+            model.get_submodule(head_name).requires_grad_(True)
         model.to(device, memory_format=torch.channels_last if runtime.channels_last else torch.preserve_format)
+        average = moving_average(model, cfg.ema_decay) if cfg.ema_decay else None
+        if average is not None:
+            average.update_parameters(model)  # the average starts at the starting weights
         scale = None if cfg.mode == "scratch" else cfg.backbone_lr_scale
         groups = parameter_groups(model, head_name, cfg.lr, scale, cfg.weight_decay, cfg.decay_norm_and_bias)
         optimizer = build_optimizer(groups, cfg)
@@ -152,7 +166,7 @@ class Trainer:
             cfg,
             runtime,
             model,
-            head,
+            head_name,
             frozen,
             optimizer,
             LrSchedule(optimizer, cfg, steps_per_epoch),
@@ -160,6 +174,7 @@ class Trainer:
             nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
             world,
             amp_dtype,
+            average,
         )
 
     def enter_train_mode(self) -> None:
@@ -189,6 +204,8 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.schedule.step()
+        if self.average is not None:
+            self.average.update_parameters(self.model)
         loss_sum, correct = loss.detach().double() * len(labels), (logits.argmax(1) == labels).sum()
         return self.world.sum(loss_sum), self.world.sum(correct), len(indices)
 
@@ -198,6 +215,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict(),
+            "average": self.average.state_dict() if self.average is not None else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -205,6 +223,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.scaler.load_state_dict(state["scaler"])
+        if self.average is not None:
+            self.average.load_state_dict(state["average"])
 
 
 def start_from_probe(model: nn.Module, arch: str, weights: str, classes: list[str], path: Path) -> None:
@@ -268,11 +288,25 @@ def validation_metrics(logits: torch.Tensor, labels: np.ndarray) -> dict:
 def training_inputs(trainer: Trainer, data, prep, arch: str, weights: str, num_classes: int) -> Inputs:
     cfg = trainer.cfg
     if cfg.mode == "feature_extract" and not cfg.augment:
-        linear_head(trainer.model, next(n for n, m in trainer.model.named_modules() if m is trainer.head))
+        linear_head(trainer.model, trainer.head_name)
         (_, train_labels), (_, val_labels) = data
         features = frozen_features(cfg, arch, weights, (len(train_labels), len(val_labels)))
-        return feature_inputs(features, train_labels, trainer.head, trainer.world)
+        return feature_inputs(features, train_labels, trainer.head_name, trainer.model, trainer.world)
     return image_inputs(trainer.model, data, cfg, trainer.runtime.channels_last, prep, trainer.world, num_classes)
+
+
+def interpolation_curve(
+    trainer: Trainer, inputs: Inputs, start: dict, end: dict, val_labels: np.ndarray, chosen: float
+) -> list[tuple[float, float, float]]:
+    """(mixing weight, validation accuracy, loss) of the weights ``start + weight * (end - start)`` (WiSE-FT), at
+    :data:`CURVE_POINTS` and the run's ``interpolation``: how far from its start fine-tuning is best stopped."""
+    rows = []
+    for weight in sorted({*CURVE_POINTS, chosen}):
+        trainer.kept.load_state_dict(interpolate(start, end, weight))
+        scores = validation_metrics(inputs.validate(trainer.kept), val_labels)
+        rows.append((weight, scores["val/acc"], scores["val/loss"]))
+        log.info("interpolation %.2f: validation accuracy %.4f", weight, scores["val/acc"])
+    return rows
 
 
 def run(name: str, world: World | None = None, holdout: bool = False) -> dict:
@@ -300,6 +334,7 @@ def run(name: str, world: World | None = None, holdout: bool = False) -> dict:
     slices = batch_slices(len(train_labels), cfg.batch_size)
     trainer = Trainer.create(model, head_name, cfg, runtime, len(slices), world, amp_dtype)
     inputs = training_inputs(trainer, data, prep, params.model.arch, weights, len(classes))  # frozen features that are not there fail here
+    start = cpu_copy(model) if cfg.mode != "scratch" else None  # where fine-tuning starts: one end of the interpolation
     generator = torch.Generator().manual_seed(cfg.seed)  # the same on every process: one order, sharded per batch
     # the files the run starts from: the probe's head (LP-FT), the frozen features (feature_extract without augmentation)
     start_from = [checkpoint_path(probe)] if cfg.init_head == "probe" else []
@@ -363,15 +398,21 @@ def run(name: str, world: World | None = None, holdout: bool = False) -> dict:
             logged = progress.train_metrics()
             score = None
             if len(val_labels):
-                logged.update(validation_metrics(inputs.validate(), val_labels))
+                logged.update(validation_metrics(inputs.validate(trainer.kept), val_labels))
                 score = logged["val/acc"] if cfg.monitor == "val_acc" else -logged["val/loss"]
             if progress.end_epoch(logged, score, cfg.early_stopping_patience):
-                best_model = {key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items()}
+                best_model = cpu_copy(trainer.kept)
             trainer.schedule.end_epoch(logged.get(cfg.monitor.replace("_", "/")))
             log.info("%s epoch %d: %s", out, progress.epoch, ", ".join(f"{k} {v:.4g}" for k, v in logged.items()))
             live.log_epoch(logged)
             save_state(generator.get_state())
         best = {"val_acc": progress.history[progress.best_epoch - 1].get("val/acc"), "epoch": progress.best_epoch}
+        if start is not None and len(val_labels):  # the validation score along the line from the start to the kept weights
+            curve = interpolation_curve(trainer, inputs, start, best_model, val_labels, cfg.interpolation)
+            live.write_csv("interpolation.csv", ["interpolation", "val_acc", "val_loss"], curve)
+            best["val_acc"] = next(acc for weight, acc, _ in curve if weight == cfg.interpolation)
+        if start is not None and cfg.interpolation < 1:
+            best_model = interpolate(start, best_model, cfg.interpolation)
         if not world.main:
             return best
         save_checkpoint(
