@@ -96,6 +96,23 @@ def test_probe_stage_then_lp_ft_starts_from_exactly_the_probe(project):
     assert not (train_dir("finetune") / "plots" / "metrics" / "val").exists()
 
 
+def test_random_crops_are_more_training_views_for_the_probe_only(project):
+    """features.train_crops: the train and validation images get that many more views (drawn the same each run), the
+    test images keep two; the probe trains on every view and scores validation and test images on the first two."""
+    project(probe={"C": [1.0]}, features={"train_crops": 2})
+    features.main()
+    train, val, test = (np.array(load_features(split)) for split in ("train", "val", "test"))
+    assert train.shape == (4, 3 * 4, 512) and val.shape == (4, 3 * 2, 512) and test.shape == (2, 3 * 6, 512)
+    assert not np.allclose(train[2], train[0]) and not np.allclose(train[2], train[3]), "the crops are views of their own"
+    samples, labels = probe.as_samples(train, load_split("train")[1], flip=True)
+    assert samples.shape == (4 * 3 * 4, 512) and np.array_equal(labels[:12], labels[24:36])
+    np.testing.assert_array_equal(probe.scored(val, flip=True), val[:2].mean(0))
+    features.main()
+    np.testing.assert_array_equal(np.array(load_features("train")), train)
+    probe.main()
+    assert json.loads((train_dir("probe") / "metrics.json").read_text())["train_images"] == 3 * 6
+
+
 def test_lp_ft_refuses_a_probe_of_another_model(project):
     features.main()
     probe.main()

@@ -109,7 +109,11 @@ class FeaturesConfig:
 
     image_size: int = field(default=224, metadata=_range(16, 1024))
     batch_size: int = field(default=64, metadata=_range(1))
-    seed: int = 0  # initialises the backbone with model.weights: none (features of a random network)
+    # random resized crops of each train and validation image, each mirrored at random: extra training samples
+    # for the linear probe (0 = only the centre crop and its mirror image); scale (crop_scale_min, 1)
+    train_crops: int = field(default=0, metadata=_range(0))
+    crop_scale_min: float = field(default=0.6, metadata=_range(0, 1, low_open=True))
+    seed: int = 0  # initialises the backbone with model.weights: none (features of a random network), and draws the crops
 
 
 # keys of a run's section that only fine-tuning reads: train_scratch trains every layer from random init

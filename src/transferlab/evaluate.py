@@ -86,7 +86,7 @@ def probe_probabilities(path: Path, labels: np.ndarray, classes: list[str], tta:
     weight = checkpoint["model"][f"{checkpoint['head']}.weight"].numpy().astype(np.float64)
     bias = checkpoint["model"][f"{checkpoint['head']}.bias"].numpy().astype(np.float64)
     views = np.asarray(load_features("test"), dtype=np.float64)
-    logits = (views.mean(0) if tta == "flip" else views[0]) @ weight.T + bias  # linear: the mean of the views' logits
+    logits = (views[:2].mean(0) if tta == "flip" else views[0]) @ weight.T + bias  # linear: the mean of the views' logits
     return softmax(logits)
 
 

@@ -92,14 +92,15 @@ def choose_c(
 
 
 def as_samples(features: np.ndarray, labels: np.ndarray, flip: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Training samples: the centre crops, and with ``flip`` the mirror images too (every view a sample of its own)."""
-    views = features if flip else features[:1]
+    """Training samples, every view a sample of its own: the centre crops, with ``flip`` the mirror images too, and the
+    random crops the features stage drew (``features.train_crops``)."""
+    views = np.concatenate([features[:2] if flip else features[:1], features[2:]])
     return views.reshape(-1, views.shape[-1]), np.tile(labels, len(views))
 
 
 def scored(features: np.ndarray, flip: bool) -> np.ndarray:
     """What the head scores for each image: the mean of both views' features with ``flip`` (flip TTA), else the centre crop."""
-    return features.mean(0) if flip else features[0]
+    return features[:2].mean(0) if flip else features[0]
 
 
 def save_probe(name: str, head: LinearHead, info: dict, classes: list[str], cfg: ProbeConfig, channels_last: bool, **extra) -> None:
