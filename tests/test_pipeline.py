@@ -60,6 +60,8 @@ def test_repro_then_experiment_then_plots(project_repo):
     report = (repo / "metrics/comparison.md").read_text()
     assert "| Mean per-class accuracy |" in report and "Gain over scratch" in report and "| Fine-tuned (LP-FT) |" in report
     assert (repo / "plots/learning_curves.png").read_bytes()[:4] == b"\x89PNG"
+    curve = (repo / "metrics/train_finetune_holdout/interpolation.csv").read_text().splitlines()
+    assert curve[0] == "interpolation,val_acc,val_loss" and len(curve) == 1 + 6, "LP-FT's twin: the WiSE-FT curve"
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert set(lock["stages"]) == set(STAGES)
     for mode in MODELS:

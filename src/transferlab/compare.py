@@ -76,6 +76,16 @@ def read_curve(run: str, metric: str) -> tuple[list[int], list[float]]:
     return [int(r["step"]) + 1 for r in rows], [float(r[name]) for r in rows]
 
 
+def read_interpolation() -> tuple[list[float], list[float]]:
+    """The fine-tuned model's holdout twin: validation accuracy against the mixing weight of start and end (WiSE-FT)."""
+    path = train_dir(holdout("finetune")) / "interpolation.csv"
+    if not path.is_file():
+        return [], []
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    return [float(r["interpolation"]) for r in rows], [float(r["val_acc"]) for r in rows]
+
+
 def training_budget(run: str) -> tuple[dict, dict]:
     """The run's settings (dvclive's params.yaml) and its summary (metrics.json), from the training stage's folder."""
     return yaml.safe_load((train_dir(run) / "params.yaml").read_text()), read_json(train_dir(run) / "metrics.json")
@@ -246,7 +256,15 @@ def plot_curves(path: Path) -> None:
     }
     curves = {panel: runs for panel, runs in curves.items() if any(epochs for epochs, _ in runs.values())}
     probe_val = read_json(train_dir("probe") / "metrics.json").get("best/val_acc")
-    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 4), squeeze=False)
+    weights, accuracies = read_interpolation()
+    panels = len(curves) + bool(weights)
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4), squeeze=False)
+    if weights:
+        ax = axes[0][-1]
+        ax.plot(weights, accuracies, "-o", markersize=3, color="tab:blue")
+        ax.set(title=f"{NAMES['finetune']}: start + w (end - start), held out", xlabel="w (0: the probe it starts from, 1: fine-tuned)",
+               ylabel="validation accuracy (no TTA)")
+        ax.grid(alpha=0.3)
     for ax, ((metric, title, source), runs) in zip(axes[0], curves.items()):
         for (run, (epochs, values)), style in zip(runs.items(), ("-o", "-s")):
             ax.plot(epochs, values, style, markersize=3, label=NAMES[run])
