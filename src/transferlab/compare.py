@@ -262,7 +262,7 @@ def plot_curves(path: Path) -> None:
     if weights:
         ax = axes[0][-1]
         ax.plot(weights, accuracies, "-o", markersize=3, color="tab:blue")
-        ax.set(title=f"{NAMES['finetune']}: start + w (end - start), held out", xlabel="w (0: the probe it starts from, 1: fine-tuned)",
+        ax.set(title=f"{NAMES['finetune']}: start + w (end - start), held out", xlabel="w (0: where fine-tuning starts, 1: fine-tuned)",
                ylabel="validation accuracy (no TTA)")
         ax.grid(alpha=0.3)
     for ax, ((metric, title, source), runs) in zip(axes[0], curves.items()):

@@ -111,7 +111,7 @@ def range_test(run: str, steps: int, start: float, end: float, seed: int) -> dic
 
     params = load_params()
     # as the holdout twin trains: on the train split, from the probe that never saw the validation images
-    cfg = dataclasses.replace(params.train_config(run, holdout=True), compile=False, seed=seed)
+    cfg = dataclasses.replace(params.train_config(run, holdout=True), compile=False, ema_decay=0.0, seed=seed)
     weights = params.weights_for(run)
     device, amp_dtype = training_device(params.runtime.device, params.runtime.precision)
     classes = load_classes()

@@ -40,5 +40,5 @@ def features_info(folder: Path = FEATURES_DIR) -> dict:
 
 
 def load_features(split: str, folder: Path = FEATURES_DIR):
-    """The split's features, 2 views x N x D float32 (memory-mapped)."""
+    """The split's features, views x N x D float32 (memory-mapped): centre crop, mirror image, then any random crops."""
     return np.load(folder / f"{split}.npy", mmap_mode="r")

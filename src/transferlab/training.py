@@ -296,14 +296,18 @@ def training_inputs(trainer: Trainer, data, prep, arch: str, weights: str, num_c
 
 
 def interpolation_curve(
-    trainer: Trainer, inputs: Inputs, start: dict, end: dict, val_labels: np.ndarray, chosen: float
+    trainer: Trainer, inputs: Inputs, start: dict, end: dict, end_scores: dict, val_labels: np.ndarray, chosen: float
 ) -> list[tuple[float, float, float]]:
     """(mixing weight, validation accuracy, loss) of the weights ``start + weight * (end - start)`` (WiSE-FT), at
-    :data:`CURVE_POINTS` and the run's ``interpolation``: how far from its start fine-tuning is best stopped."""
+    :data:`CURVE_POINTS` and the run's ``interpolation``: which mix of start and end validates best.
+    ``end_scores``: the kept epoch's validation metrics (weight 1), measured during training."""
     rows = []
     for weight in sorted({*CURVE_POINTS, chosen}):
-        trainer.kept.load_state_dict(interpolate(start, end, weight))
-        scores = validation_metrics(inputs.validate(trainer.kept), val_labels)
+        if weight == 1:
+            scores = end_scores
+        else:
+            trainer.kept.load_state_dict(interpolate(start, end, weight))
+            scores = validation_metrics(inputs.validate(trainer.kept), val_labels)
         rows.append((weight, scores["val/acc"], scores["val/loss"]))
         log.info("interpolation %.2f: validation accuracy %.4f", weight, scores["val/acc"])
     return rows
@@ -408,7 +412,8 @@ def run(name: str, world: World | None = None, holdout: bool = False) -> dict:
             save_state(generator.get_state())
         best = {"val_acc": progress.history[progress.best_epoch - 1].get("val/acc"), "epoch": progress.best_epoch}
         if start is not None and len(val_labels):  # the validation score along the line from the start to the kept weights
-            curve = interpolation_curve(trainer, inputs, start, best_model, val_labels, cfg.interpolation)
+            end_scores = progress.history[progress.best_epoch - 1]
+            curve = interpolation_curve(trainer, inputs, start, best_model, end_scores, val_labels, cfg.interpolation)
             live.write_csv("interpolation.csv", ["interpolation", "val_acc", "val_loss"], curve)
             best["val_acc"] = next(acc for weight, acc, _ in curve if weight == cfg.interpolation)
         if start is not None and cfg.interpolation < 1:

@@ -21,9 +21,21 @@ def interpolate(start: dict[str, torch.Tensor], end: dict[str, torch.Tensor], we
 
 
 def moving_average(model: nn.Module, decay: float) -> AveragedModel:
-    """An exponential moving average of ``model``'s weights and buffers: ``update_parameters(model)`` after every
-    step sets ``average = decay * average + (1 - decay) * weights`` (the first call copies the weights)."""
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    """An exponential moving average of ``model``'s weights and floating-point buffers: ``update_parameters(model)``
+    after every step sets ``average = decay * average + (1 - decay) * weights`` (the first call copies them).
+
+    Integer buffers (batch-norm step counters, index tables) are copied, not averaged: torch's EMA function would
+    truncate the average of integers. The average forgets a step's weights with time constant 1 / (1 - decay) steps.
+    """
+    ema = get_ema_multi_avg_fn(decay)
+
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], steps: torch.Tensor) -> None:
+        if averaged[0].is_floating_point():  # torch groups the tensors by dtype: one group is all float or all integer
+            ema(averaged, current, steps)
+        else:
+            torch._foreach_copy_(averaged, current)
+
+    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
 
 
 def cpu_copy(model: nn.Module) -> dict[str, torch.Tensor]:
