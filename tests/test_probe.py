@@ -94,6 +94,7 @@ def test_probe_stage_then_lp_ft_starts_from_exactly_the_probe(project):
     best = training.run("finetune")
     assert best == {"val_acc": None, "epoch": 1}, "trained on train + val: no validation, the last epoch kept"
     assert not (train_dir("finetune") / "plots" / "metrics" / "val").exists()
+    assert not (train_dir("finetune") / "interpolation.csv").exists(), "no validation, no curve"
 
 
 def test_random_crops_are_more_training_views_for_the_probe_only(project):

@@ -44,7 +44,7 @@ def test_interpolation_at_0_is_the_start_at_1_the_end_and_between_the_mix(projec
     start, end = kept_state(holdout("probe")), runs[1.0]["state"]
     assert all(torch.equal(runs[0.0]["state"][key], value) for key, value in start.items()), "0: exactly the probe"
     assert torch.equal(runs[0.0]["logits"], val_logits(holdout("probe"))), "0: the probe's predictions"
-    assert not torch.equal(end["fc.weight"], start["fc.weight"]), "fine-tuning moved the weights"
+    assert not torch.equal(end["fc.weight"], start["fc.weight"]) and not torch.equal(end["layer1.0.conv1.weight"], start["layer1.0.conv1.weight"])
     for key in ("fc.weight", "layer1.0.conv1.weight"):
         torch.testing.assert_close(runs[0.3]["state"][key], start[key] + 0.3 * (end[key] - start[key]))
     # one curve, the same whichever weight is kept, drawn at every point and the kept one; its ends are the runs' scores
@@ -78,6 +78,17 @@ def test_the_moving_average_is_the_exponential_average_of_the_weights_it_saw():
     assert expected[0, 0].item() == pytest.approx(((0.75 * 1 + 0.25 * 4) * 0.75 + 0.25 * 9) * 0.75 + 0.25 * 16)
 
 
+def test_the_moving_average_copies_integer_buffers():
+    """Index tables and step counters are integers: an average would truncate them (torch's EMA function does)."""
+    layer = nn.Linear(2, 2)
+    layer.register_buffer("index", torch.arange(20000))
+    average = moving_average(layer, 0.9999)
+    for step in range(6):
+        layer.index.add_(step)
+        average.update_parameters(layer)
+    assert torch.equal(average.module.index, layer.index)
+
+
 def test_the_moving_average_is_what_training_validates_and_keeps(project):
     """A decay near 1 keeps nearly the starting weights; near 0 nearly the last ones (the run without an average)."""
     project(epochs=2)
@@ -87,6 +98,9 @@ def test_the_moving_average_is_what_training_validates_and_keeps(project):
     assert training.run("finetune") == without
     torch.testing.assert_close(kept_state("finetune")["fc.weight"], last["fc.weight"])
     project(epochs=2, ema_decay=0.999999)
-    training.run("finetune")
+    best = training.run("finetune")
+    images, labels = load_split("val")
+    kept = TrainedModel.load(checkpoint_path("finetune"), device="cpu")
+    assert best["val_acc"] == pytest.approx((kept.probabilities(images, 16).argmax(1) == labels).mean()), "the average is validated"
     torch.testing.assert_close(kept_state("finetune")["layer1.0.conv1.weight"], project.weights["layer1.0.conv1.weight"], rtol=1e-4, atol=1e-5)
     assert not torch.allclose(last["layer1.0.conv1.weight"], project.weights["layer1.0.conv1.weight"], rtol=1e-4, atol=1e-5)
