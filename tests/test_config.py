@@ -100,6 +100,12 @@ def test_bad_values_name_the_key(section, key, value, message):
         ({"train": {"train_on_val": True, "schedule": "plateau"}}, "train.schedule watches the validation split, but train.train_on_val trains on it"),
         ({"data": {"val_per_class": 0}, "probe": {"C": [0.1, 1.0]}}, "probe.C lists several values to choose from on the validation split"),
         ({"train": {"init_head": "probe", "train_on_val": False}}, "train.train_on_val: false validates every epoch, but the probe"),
+        ({"train": {"ema_decay": 1.0}}, "train.ema_decay must be < 1"),
+        ({"train": {"interpolation": 1.5}}, "train.interpolation must be <= 1"),
+        ({"scratch": {"interpolation": 0.5}}, "scratch.interpolation: train_scratch trains every layer from random init"),
+        ({"data": {"val_fold": 3}}, "data.val_fold must be < 3 (6 training images per class hold 3 disjoint validation folds of 2)"),
+        ({"data": {"val_per_class": 0, "val_fold": 1}}, "data.val_fold (1) picks validation images, but data.val_per_class is 0"),
+        ({"features": {"train_crops": 33}}, "features.train_crops must be <= 32"),
     ],
 )
 def test_invalid_training_options_and_combinations_name_the_param(values, message):

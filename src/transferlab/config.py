@@ -64,6 +64,8 @@ class DataConfig:
                 f"data.val_per_class ({self.val_per_class}) must be smaller than "
                 f"data.train_per_class ({self.train_per_class}): validation images are held out of the training ones"
             )
+        if self.val_fold and not self.val_per_class:
+            raise ConfigError(f"data.val_fold ({self.val_fold}) picks validation images, but data.val_per_class is 0")
         folds = self.train_per_class // self.val_per_class if self.val_per_class else 1
         if self.val_fold >= folds:
             raise ConfigError(
@@ -111,7 +113,7 @@ class FeaturesConfig:
     batch_size: int = field(default=64, metadata=_range(1))
     # random resized crops of each train and validation image, each mirrored at random: extra training samples
     # for the linear probe (0 = only the centre crop and its mirror image); scale (crop_scale_min, 1)
-    train_crops: int = field(default=0, metadata=_range(0))
+    train_crops: int = field(default=0, metadata=_range(0, 32))
     crop_scale_min: float = field(default=0.6, metadata=_range(0, 1, low_open=True))
     seed: int = 0  # initialises the backbone with model.weights: none (features of a random network), and draws the crops
 

@@ -6,7 +6,9 @@ new head on the frozen backbone (without augmentation, on the features stage's o
 from random weights. ``train.init_head: probe`` starts from the linear probe (LP-FT). Per epoch, dvclive
 logs train (and val) loss and accuracy and each parameter group's learning rate to ``metrics/train_<run>/``;
 ``data/models/<run>/model.pt`` keeps, with everything needed to use it, the best epoch on the validation
-split (``monitor``), or the last one with ``train_on_val``. An interrupted run (killed, Ctrl-C) resumes
+split (``monitor``), or the last one with ``train_on_val``: its weights, or their moving average with
+``ema_decay``, mixed with the starting weights with ``interpolation`` < 1 (WiSE-FT; a run with validation
+writes the validation accuracy along that line, ``interpolation.csv``). An interrupted run (killed, Ctrl-C) resumes
 where it stopped when started again (see ``resume.py``). With ``runtime.processes: N`` the same command
 trains in N data-parallel processes (see ``distributed.py``).
 """
