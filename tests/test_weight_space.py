@@ -33,15 +33,15 @@ def curve(run: str) -> dict[float, float]:
 
 def test_interpolation_at_0_is_the_start_at_1_the_end_and_between_the_mix(project):
     """LP-FT's holdout twin: at 0 the kept weights are exactly the probe it started from, at 1 the fine-tuned ones."""
-    project(probe={"C": [1.0]}, init_head="probe", train_on_val=True, epochs=2)
+    project(probe={"C": [1.0]}, init_head="probe", train_on_val=True, epochs=1)
     features.main()
     probe.main()
     runs = {}
     for weight in (1.0, 0.0, 0.3):
-        project(probe={"C": [1.0]}, init_head="probe", train_on_val=True, epochs=2, interpolation=weight)
+        project(probe={"C": [1.0]}, init_head="probe", train_on_val=True, epochs=1, interpolation=weight)
         best = training.run("finetune", holdout=True)
         runs[weight] = {"state": kept_state(TWIN), "best": best, "curve": curve(TWIN), "logits": val_logits(TWIN)}
-    start, end = kept_state(holdout("probe")), runs[1.0]["state"]
+    start, end = kept_state(holdout("probe")), runs[1.0]["state"]  # one epoch: the best is the last
     assert all(torch.equal(runs[0.0]["state"][key], value) for key, value in start.items()), "0: exactly the probe"
     assert torch.equal(runs[0.0]["logits"], val_logits(holdout("probe"))), "0: the probe's predictions"
     assert not torch.equal(end["fc.weight"], start["fc.weight"]) and not torch.equal(end["layer1.0.conv1.weight"], start["layer1.0.conv1.weight"])
@@ -50,10 +50,20 @@ def test_interpolation_at_0_is_the_start_at_1_the_end_and_between_the_mix(projec
     # one curve, the same whichever weight is kept, drawn at every point and the kept one; its ends are the runs' scores
     assert set(runs[1.0]["curve"]) == set(CURVE_POINTS) and set(runs[0.3]["curve"]) == {*CURVE_POINTS, 0.3}
     assert runs[0.0]["curve"] == runs[1.0]["curve"]
-    assert runs[1.0]["best"]["val_acc"] == runs[1.0]["curve"][1.0]
-    assert runs[0.3]["best"]["val_acc"] == runs[0.3]["curve"][0.3]
+    assert runs[1.0]["curve"][1.0] == runs[1.0]["best"]["val_acc"]
+    assert runs[0.3]["best"] == {"val_acc": runs[0.3]["curve"][0.3], "epoch": 1}
     val_labels = load_split("val")[1]
     assert runs[0.0]["curve"][0.0] == pytest.approx((runs[0.0]["logits"].argmax(1).numpy() == val_labels).mean())
+
+
+def test_the_line_ends_at_the_last_epoch_which_a_final_fit_keeps(project):
+    project(probe={"C": [1.0]}, init_head="probe", train_on_val=True, epochs=4, lr=0.003)
+    features.main()
+    probe.main()
+    training.run("finetune", holdout=True)
+    accs = [float(r.split("\t")[1]) for r in (train_dir(TWIN) / "plots" / "metrics" / "val" / "acc.tsv").read_text().splitlines()[1:]]
+    assert accs.index(max(accs)) != len(accs) - 1, "a run whose best epoch is not its last"
+    assert curve(TWIN)[1.0] == accs[-1]
 
 
 def test_interpolation_is_exact_at_both_ends():

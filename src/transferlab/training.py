@@ -7,8 +7,8 @@ from random weights. ``train.init_head: probe`` starts from the linear probe (LP
 logs train (and val) loss and accuracy and each parameter group's learning rate to ``metrics/train_<run>/``;
 ``data/models/<run>/model.pt`` keeps, with everything needed to use it, the best epoch on the validation
 split (``monitor``), or the last one with ``train_on_val``: its weights, or their moving average with
-``ema_decay``, mixed with the starting weights with ``interpolation`` < 1 (WiSE-FT; a run with validation
-writes the validation accuracy along that line, ``interpolation.csv``). An interrupted run (killed, Ctrl-C) resumes
+``ema_decay``. With ``interpolation`` < 1 it keeps instead a mix of the starting weights and the last epoch's
+(WiSE-FT); a fine-tuning run with validation writes the validation accuracy along that line (``interpolation.csv``). An interrupted run (killed, Ctrl-C) resumes
 where it stopped when started again (see ``resume.py``). With ``runtime.processes: N`` the same command
 trains in N data-parallel processes (see ``distributed.py``).
 """
@@ -302,7 +302,7 @@ def interpolation_curve(
 ) -> list[tuple[float, float, float]]:
     """(mixing weight, validation accuracy, loss) of the weights ``start + weight * (end - start)`` (WiSE-FT), at
     :data:`CURVE_POINTS` and the run's ``interpolation``: which mix of start and end validates best.
-    ``end_scores``: the kept epoch's validation metrics (weight 1), measured during training."""
+    ``end_scores``: the validation metrics of ``end`` (weight 1), measured during training."""
     rows = []
     for weight in sorted({*CURVE_POINTS, chosen}):
         if weight == 1:
@@ -413,13 +413,14 @@ def run(name: str, world: World | None = None, holdout: bool = False) -> dict:
             live.log_epoch(logged)
             save_state(generator.get_state())
         best = {"val_acc": progress.history[progress.best_epoch - 1].get("val/acc"), "epoch": progress.best_epoch}
-        if start is not None and len(val_labels):  # the validation score along the line from the start to the kept weights
-            end_scores = progress.history[progress.best_epoch - 1]
-            curve = interpolation_curve(trainer, inputs, start, best_model, end_scores, val_labels, cfg.interpolation)
-            live.write_csv("interpolation.csv", ["interpolation", "val_acc", "val_loss"], curve)
-            best["val_acc"] = next(acc for weight, acc, _ in curve if weight == cfg.interpolation)
-        if start is not None and cfg.interpolation < 1:
-            best_model = interpolate(start, best_model, cfg.interpolation)
+        if start is not None:  # WiSE-FT: the line from the starting weights to the last epoch's, those a final fit keeps
+            end, curve = cpu_copy(trainer.kept), None
+            if len(val_labels):
+                curve = interpolation_curve(trainer, inputs, start, end, progress.history[-1], val_labels, cfg.interpolation)
+                live.write_csv("interpolation.csv", ["interpolation", "val_acc", "val_loss"], curve)
+            if cfg.interpolation < 1:  # the mix replaces the best-epoch choice
+                best_model = interpolate(start, end, cfg.interpolation)
+                best = {"val_acc": next((acc for w, acc, _ in curve or [] if w == cfg.interpolation), None), "epoch": progress.epoch}
         if not world.main:
             return best
         save_checkpoint(
