@@ -153,13 +153,13 @@ def test_export_check_fails_when_the_export_differs(project, monkeypatch, tmp_pa
 
 
 def readme_onnx_snippet() -> str:
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    text = (Path(__file__).resolve().parents[1] / "docs" / "using-models.md").read_text()
     block = text.split("<!-- onnx-snippet -->", 1)[1]
     return block.split("```python\n", 1)[1].split("```", 1)[0]
 
 
 def test_the_readme_onnx_snippet_reproduces_predict(project, tmp_path):
-    """The export's metadata is enough: the README's ONNX Runtime snippet (Pillow and numpy, no torch, no transferlab) on a
+    """The export's metadata is enough: the docs' ONNX Runtime snippet (Pillow and numpy, no torch, no transferlab) on a
     sideways phone photo of another size gives the class and probability `transferlab predict` gives."""
     source = Image.open(project / "images/class_1/image_0003.jpg").resize((150, 110), Image.BICUBIC)
     exif = Image.Exif()

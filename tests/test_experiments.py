@@ -374,8 +374,9 @@ def test_queued_validation_only_grid_with_two_workers_then_the_summary_and_its_f
 
 
 def readme_experiment_commands() -> list[list[str]]:
-    """Every `dvc exp run` command in the README's code blocks, as its arguments."""
-    text = (PROJECT / "README.md").read_text().replace("\\\n", " ")
+    """Every `dvc exp run` command in the code blocks of the README and the docs, as its arguments."""
+    pages = [PROJECT / "README.md", *sorted((PROJECT / "docs").glob("*.md"))]
+    text = "\n".join(page.read_text() for page in pages).replace("\\\n", " ")
     return [shlex.split(line, comments=True)[5:] for line in text.splitlines() if line.startswith("uv run dvc exp run")]
 
 
@@ -414,7 +415,7 @@ VALIDATION_ONLY = {
 def test_every_readme_grid_is_validation_only(tmp_path):
     """Each queued README recipe targets a training or holdout stage (it never scores the test split) and validates that model."""
     queued = [args for args in readme_experiment_commands() if "--queue" in args]
-    assert queued, "the README queues no grid"
+    assert queued, "the docs queue no grid"
     for args in queued:
         targets = [a for i, a in enumerate(args) if not a.startswith("-") and args[i - 1] not in ("-S", "--set-param", "-n", "--name")]
         assert len(targets) == 1 and targets[0] in VALIDATION_ONLY, f"dvc exp run {shlex.join(args)}: no training stage as its target, one of {', '.join(VALIDATION_ONLY)}"
