@@ -49,11 +49,21 @@ def open_page(page_file: Path, screenshot: Path) -> PageReport:
         browser = playwright.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+            page.on(
+                "console", lambda message: errors.append(message.text) if message.type == "error" else None
+            )
             page.on("pageerror", lambda error: errors.append(str(error)))
             page.goto(page_file.resolve().as_uri(), wait_until="load")
-            images = page.eval_on_selector_all("img", "imgs => imgs.map(i => [i.alt, i.complete && i.naturalWidth > 0])")
+            images = page.eval_on_selector_all(
+                "img", "imgs => imgs.map(i => [i.alt, i.complete && i.naturalWidth > 0])"
+            )
             page.screenshot(path=str(screenshot), full_page=True)
-            return PageReport(errors, len(images), [alt for alt, loaded in images if not loaded], page.title(), page.inner_text("body"))
+            return PageReport(
+                errors,
+                len(images),
+                [alt for alt, loaded in images if not loaded],
+                page.title(),
+                page.inner_text("body"),
+            )
         finally:
             browser.close()

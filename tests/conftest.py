@@ -27,11 +27,22 @@ from transferlab import prepare  # noqa: E402
 # Small enough to train in seconds on 2 CPU cores. A training run here needs no probe and validates every
 # epoch; test_pipeline puts the project's defaults back (LP-FT from the probe, train + val).
 TINY_PARAMS = {
-    "data": {"train_per_class": 6, "val_per_class": 2, "cache_size": 40, "exclude_classes": ["BACKGROUND_Google"]},
+    "data": {
+        "train_per_class": 6,
+        "val_per_class": 2,
+        "cache_size": 40,
+        "exclude_classes": ["BACKGROUND_Google"],
+    },
     "model": {"arch": "resnet18", "weights": "none"},
     "features": {"image_size": 32, "batch_size": 16},
     "train": {
-        "epochs": 2, "batch_size": 8, "image_size": 32, "eval_image_size": 32, "init_head": "random", "train_on_val": False, "compile": False,
+        "epochs": 2,
+        "batch_size": 8,
+        "image_size": 32,
+        "eval_image_size": 32,
+        "init_head": "random",
+        "train_on_val": False,
+        "compile": False,
         "frozen_stages": 0,
     },
     "scratch": {"epochs": 2, "batch_size": 8, "image_size": 32, "eval_image_size": 32, "train_on_val": False},
@@ -59,7 +70,9 @@ def tiny_folder(tmp_path) -> Path:
 
 def run(cmd: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     result = subprocess.run(cmd, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True)
-    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, (
+        f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    )
     return result
 
 
@@ -99,7 +112,9 @@ def project(tmp_path, tiny_folder, monkeypatch):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     prepare.main()
 
-    def configure(probe: dict | None = None, features: dict | None = None, runtime: dict | None = None, **train_values):
+    def configure(
+        probe: dict | None = None, features: dict | None = None, runtime: dict | None = None, **train_values
+    ):
         """Set train: keys (and probe:, features: and runtime: keys) in params.yaml."""
         params["train"].update(train_values)
         for section, values in (("probe", probe), ("features", features), ("runtime", runtime)):

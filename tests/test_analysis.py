@@ -24,8 +24,8 @@ from transferlab.analysis import (
     plot_misclassified,
     topk_accuracies,
 )
-from transferlab.explain import feature_maps, find_layer, gradcam, last_spatial_layer
 from transferlab.errors import ModelError
+from transferlab.explain import feature_maps, find_layer, gradcam, last_spatial_layer
 from transferlab.models import Preprocessing
 from transferlab.trained_model import TrainedModel
 
@@ -35,16 +35,22 @@ def test_expected_calibration_error_with_known_answers():
     correct = np.array([True, False, True, True])
     # bin [0.9, 1): confidence 0.95, accuracy 0.5; bin [0.6, 0.7): confidence 0.65, accuracy 1
     assert expected_calibration_error(confidence, correct, 10) == pytest.approx((2 * 0.45 + 2 * 0.35) / 4)
-    assert expected_calibration_error(np.array([0.75] * 4), np.array([True, True, True, False]), 10) == pytest.approx(0)
+    assert expected_calibration_error(
+        np.array([0.75] * 4), np.array([True, True, True, False]), 10
+    ) == pytest.approx(0)
 
 
 def test_calibration_bins_agree_with_scikit_learn():
     rng = np.random.default_rng(0)
-    confidence = np.concatenate([rng.uniform(0.01, 0.99, 496), [0.2, 0.4, 0.6, 0.8]])  # and values on bin edges
+    confidence = np.concatenate(
+        [rng.uniform(0.01, 0.99, 496), [0.2, 0.4, 0.6, 0.8]]
+    )  # and values on bin edges
     correct = rng.uniform(size=500) < confidence**2
     accuracy, mean_confidence = calibration_curve(correct, confidence, n_bins=5)
     bins = calibration_bins(confidence, correct, 5)
-    assert [b[1] for b in bins] == pytest.approx(accuracy) and [b[0] for b in bins] == pytest.approx(mean_confidence)
+    assert [b[1] for b in bins] == pytest.approx(accuracy) and [b[0] for b in bins] == pytest.approx(
+        mean_confidence
+    )
     assert sum(b[2] for b in bins) == 500
 
 
@@ -59,7 +65,11 @@ def test_confused_pairs_and_most_confused_classes():
     labels = np.array([0, 0, 0, 0, 1, 1, 2, 2, 3, 3])
     predictions = np.array([1, 1, 1, 0, 0, 1, 2, 3, 3, 3])
     pairs = confused_pairs(labels, predictions, classes)
-    assert [(p.true_class, p.predicted_class, p.count) for p in pairs] == [("cat", "dog", 3), ("dog", "cat", 1), ("emu", "fox", 1)]
+    assert [(p.true_class, p.predicted_class, p.count) for p in pairs] == [
+        ("cat", "dog", 3),
+        ("dog", "cat", 1),
+        ("emu", "fox", 1),
+    ]
     assert pairs[0].share == pytest.approx(0.75)
     assert most_confused_classes(labels, predictions, 4, 2).tolist() == [0, 1]  # cat and dog: 4 mistakes each
 
@@ -132,7 +142,9 @@ def test_gradcam_lights_up_the_evidence_for_the_chosen_class():
 def test_default_layer_is_the_last_spatial_one_in_torchvision_and_timm(model, layer):
     model_at = trained(model, ["a", "b", "c"], size=96)
     assert find_layer(model_at, None)[0] == layer
-    cams = gradcam(model_at, np.random.default_rng(0).integers(0, 256, (2, 96, 96, 3), dtype=np.uint8), size=96)
+    cams = gradcam(
+        model_at, np.random.default_rng(0).integers(0, 256, (2, 96, 96, 3), dtype=np.uint8), size=96
+    )
     assert cams.shape == (2, 96, 96) and cams.min() >= 0 and cams.max() <= 1
 
 

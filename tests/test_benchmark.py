@@ -40,7 +40,9 @@ def test_throughput_smoke_run_reports_every_figure(project, tiny_folder, tmp_pat
     assert all(f"| {key} |" in table for key in results)
 
 
-@pytest.mark.skipif(not os.environ.get(GRID_ENV), reason=f"5 minutes of dvc runs on 2 cores: set {GRID_ENV}=1")
+@pytest.mark.skipif(
+    not os.environ.get(GRID_ENV), reason=f"5 minutes of dvc runs on 2 cores: set {GRID_ENV}=1"
+)
 def test_grid_smoke_run_reports_every_figure(project_repo, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(project_repo)
     out = tmp_path / "grid.json"

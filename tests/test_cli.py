@@ -18,8 +18,8 @@ from PIL import Image
 
 from conftest import tiny_params
 from transferlab import export, prepare, training
-from transferlab.splits import load_split
 from transferlab.paths import PREPARED_DIR, checkpoint_path
+from transferlab.splits import load_split
 from transferlab.trained_model import TrainedModel
 
 
@@ -48,7 +48,9 @@ def project(tmp_path_factory):
 
 
 def transferlab(project: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "transferlab.cli", *args], cwd=project, capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "transferlab.cli", *args], cwd=project, capture_output=True, text=True
+    )
 
 
 def test_predict_a_folder_with_bad_files_csv_json_and_the_pipelines_numbers(project, monkeypatch):
@@ -56,17 +58,27 @@ def test_predict_a_folder_with_bad_files_csv_json_and_the_pipelines_numbers(proj
     images.mkdir()
     test_rows = list(csv.DictReader((project / PREPARED_DIR / "test.csv").open()))[:4]
     for row in test_rows:
-        (images / Path(row["path"]).name.replace("image", row["class"])).write_bytes((project / "images" / row["path"]).read_bytes())
+        (images / Path(row["path"]).name.replace("image", row["class"])).write_bytes(
+            (project / "images" / row["path"]).read_bytes()
+        )
     (images / "notes.jpg").write_text("not an image")
     (images / "empty.png").write_bytes(b"")
     (images / "readme.txt").write_text("not an image file name: ignored")
 
-    result = transferlab(project, "predict", "to_predict", "--topk", "2", "--csv", "out.csv", "--json", "out.json")
+    result = transferlab(
+        project, "predict", "to_predict", "--topk", "2", "--csv", "out.csv", "--json", "out.json"
+    )
     assert result.returncode == 1, "some files could not be read"
-    assert "cannot read to_predict/notes.jpg" in result.stderr and "cannot read to_predict/empty.png" in result.stderr
+    assert (
+        "cannot read to_predict/notes.jpg" in result.stderr
+        and "cannot read to_predict/empty.png" in result.stderr
+    )
     assert "readme.txt" not in result.stderr + result.stdout
     report = json.loads((project / "out.json").read_text())
-    assert len(report["predictions"]) == 4 and {f["path"] for f in report["failures"]} == {"to_predict/notes.jpg", "to_predict/empty.png"}
+    assert len(report["predictions"]) == 4 and {f["path"] for f in report["failures"]} == {
+        "to_predict/notes.jpg",
+        "to_predict/empty.png",
+    }
     assert all(len(p["top"]) == 2 for p in report["predictions"])
     rows = list(csv.DictReader((project / "out.csv").open()))
     assert len(rows) == 4 * 2 + 2 and rows[0]["rank"] == "1"
@@ -76,20 +88,28 @@ def test_predict_a_folder_with_bad_files_csv_json_and_the_pipelines_numbers(proj
     trained = TrainedModel.load(checkpoint_path("finetune"), device="cpu")
     cached, _ = load_split("test")
     expected = trained.probabilities(cached[:4], tta="flip")  # predict and evaluate default to flip TTA
-    assert not np.allclose(expected, trained.probabilities(cached[:4], tta="none"), atol=1e-4), "TTA must make a difference here"
+    assert not np.allclose(expected, trained.probabilities(cached[:4], tta="none"), atol=1e-4), (
+        "TTA must make a difference here"
+    )
     by_name = {Path(p["path"]).name: p["top"][0] for p in report["predictions"]}
     for row, probs in zip(test_rows, expected):
         top = by_name[Path(row["path"]).name.replace("image", row["class"])]
-        assert top["class"] == trained.classes[probs.argmax()] and top["probability"] == pytest.approx(probs.max(), abs=1e-5)
+        assert top["class"] == trained.classes[probs.argmax()] and top["probability"] == pytest.approx(
+            probs.max(), abs=1e-5
+        )
     assert str(report["predictions"][0]["path"]) in result.stdout
 
 
 def test_the_installed_command_predicts_a_single_grayscale_image(project):
     Image.open(project / "images/class_2/image_0001.jpg").convert("L").save(project / "gray.png")
     command = Path(sys.executable).parent / "transferlab"  # the console script of pyproject.toml
-    result = subprocess.run([str(command), "predict", "gray.png", "--topk", "10"], cwd=project, capture_output=True, text=True)
+    result = subprocess.run(
+        [str(command), "predict", "gray.png", "--topk", "10"], cwd=project, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[0] == "gray.png" and len(result.stdout.splitlines()) == 1 + 3, "top-k stops at the 3 classes"
+    assert result.stdout.splitlines()[0] == "gray.png" and len(result.stdout.splitlines()) == 1 + 3, (
+        "top-k stops at the 3 classes"
+    )
 
 
 @pytest.mark.parametrize(
@@ -98,9 +118,18 @@ def test_the_installed_command_predicts_a_single_grayscale_image(project):
         (["predict", "images", "--model", "nowhere/model.pt"], "no trained model at nowhere/model.pt"),
         (["predict", "no_such_folder"], "no_such_folder does not exist"),
         (["predict", "data"], "no image files under data"),
-        (["gradcam", "images/class_0/image_0000.jpg", "--layer", "fc"], "layer 'fc' does not output a grid of feature maps"),
-        (["features", "images/class_0/image_0000.jpg", "--layer", "avgpool"], "layer 'avgpool' does not output a grid of feature maps"),
-        (["features", "images/class_0/image_0000.jpg", "--layer", "layer9"], "layer 'layer9' is not a module of resnet18"),
+        (
+            ["gradcam", "images/class_0/image_0000.jpg", "--layer", "fc"],
+            "layer 'fc' does not output a grid of feature maps",
+        ),
+        (
+            ["features", "images/class_0/image_0000.jpg", "--layer", "avgpool"],
+            "layer 'avgpool' does not output a grid of feature maps",
+        ),
+        (
+            ["features", "images/class_0/image_0000.jpg", "--layer", "layer9"],
+            "layer 'layer9' is not a module of resnet18",
+        ),
     ],
 )
 def test_bad_arguments_are_one_clear_line(project, args, message):
@@ -113,23 +142,41 @@ def test_bad_arguments_are_one_clear_line(project, args, message):
 def test_gradcam_and_features_write_pictures(project):
     image = "images/class_1/image_0000.jpg"
     model = str(checkpoint_path("finetune"))
-    result = transferlab(project, "gradcam", image, "--model", model, "--class", "class_2", "--out", "cam.png")
+    result = transferlab(
+        project, "gradcam", image, "--model", model, "--class", "class_2", "--out", "cam.png"
+    )
     assert result.returncode == 0, result.stderr
     assert "Grad-CAM of class_2" in result.stdout
-    result = transferlab(project, "features", image, "--model", model, "--layer", "layer3", "--count", "8", "--out", "maps.png")
+    result = transferlab(
+        project, "features", image, "--model", model, "--layer", "layer3", "--count", "8", "--out", "maps.png"
+    )
     assert result.returncode == 0, result.stderr
     assert "feature maps of layer3" in result.stdout
     for name in ("cam.png", "maps.png"):
         with Image.open(project / name) as picture:
             assert picture.format == "PNG"
     wrong_class = transferlab(project, "gradcam", image, "--model", model, "--class", "class_7")
-    assert wrong_class.returncode == 2 and "--class 'class_7' is not one of the model's classes; did you mean" in wrong_class.stderr
+    assert (
+        wrong_class.returncode == 2
+        and "--class 'class_7' is not one of the model's classes; did you mean" in wrong_class.stderr
+    )
 
 
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
 def test_export_predicts_what_the_model_predicts(project, fmt):
     out = f"model.{fmt}"
-    result = transferlab(project, "export", "--model", str(checkpoint_path("finetune")), "--format", fmt, "--out", out, "--check", "images")
+    result = transferlab(
+        project,
+        "export",
+        "--model",
+        str(checkpoint_path("finetune")),
+        "--format",
+        fmt,
+        "--out",
+        out,
+        "--check",
+        "images",
+    )
     assert result.returncode == 0, result.stderr
     assert "the same top-1 for 16" in result.stdout
     if fmt == "onnx":
@@ -145,7 +192,9 @@ def test_export_check_fails_when_the_export_differs(project, monkeypatch, tmp_pa
     monkeypatch.chdir(project)
     trained = TrainedModel.load(checkpoint_path("finetune"), device="cpu")
     real = export._export_torchscript
-    monkeypatch.setattr(export, "_export_torchscript", lambda *args: (lambda x, run=real(*args): run(x) + np.eye(3)[[2]] * 5))
+    monkeypatch.setattr(
+        export, "_export_torchscript", lambda *args: lambda x, run=real(*args): run(x) + np.eye(3)[[2]] * 5
+    )
     sample = np.random.default_rng(0).integers(0, 256, (3, 40, 40, 3), dtype=np.uint8)
     with pytest.raises(export.ExportError, match="differs from the model"):
         export.export(trained, "torchscript", tmp_path / "bad.pt", sample)
@@ -165,9 +214,20 @@ def test_the_readme_onnx_snippet_reproduces_predict(project, tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6
     source.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "photo.jpg", quality=92, exif=exif)
-    result = transferlab(project, "export", "--model", str(checkpoint_path("finetune")), "--format", "onnx", "--out", str(tmp_path / "model.onnx"))
+    result = transferlab(
+        project,
+        "export",
+        "--model",
+        str(checkpoint_path("finetune")),
+        "--format",
+        "onnx",
+        "--out",
+        str(tmp_path / "model.onnx"),
+    )
     assert result.returncode == 0, result.stderr
-    predicted = transferlab(project, "predict", str(tmp_path / "photo.jpg"), "--topk", "1", "--json", str(tmp_path / "p.json"))
+    predicted = transferlab(
+        project, "predict", str(tmp_path / "photo.jpg"), "--topk", "1", "--json", str(tmp_path / "p.json")
+    )
     assert predicted.returncode == 0, predicted.stderr
     top = json.loads((tmp_path / "p.json").read_text())["predictions"][0]["top"][0]
     snippet = readme_onnx_snippet()
@@ -180,8 +240,18 @@ def test_the_readme_onnx_snippet_reproduces_predict(project, tmp_path):
 
 def test_predict_takes_several_files_and_folders(project):
     result = transferlab(
-        project, "predict", "images/class_0/image_0000.jpg", "images/class_1", "images/class_1/image_0002.jpg", "--topk", "1", "--json", "several.json"
+        project,
+        "predict",
+        "images/class_0/image_0000.jpg",
+        "images/class_1",
+        "images/class_1/image_0002.jpg",
+        "--topk",
+        "1",
+        "--json",
+        "several.json",
     )
     assert result.returncode == 0, result.stderr
     paths = [p["path"] for p in json.loads((project / "several.json").read_text())["predictions"]]
-    assert paths[0] == "images/class_0/image_0000.jpg" and len(paths) == 1 + 12, "each image once, in the order given"
+    assert paths[0] == "images/class_0/image_0000.jpg" and len(paths) == 1 + 12, (
+        "each image once, in the order given"
+    )

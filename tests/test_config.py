@@ -33,7 +33,10 @@ def test_each_run_reads_its_own_section():
     assert params.train_config("scratch").lr == 0.2
     assert params.train_config("scratch").batch_size == 8, "train: does not reach the scratch run"
     assert params.weights_for("finetune") == "imagenet" and params.weights_for("scratch") == "none"
-    assert params.train_config("scratch").mode == "scratch" and params.train_config("scratch").init_head == "random"
+    assert (
+        params.train_config("scratch").mode == "scratch"
+        and params.train_config("scratch").init_head == "random"
+    )
 
 
 @pytest.mark.parametrize(
@@ -72,15 +75,39 @@ def test_bad_values_name_the_key(section, key, value, message):
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"train": {"optimizer": "adamx"}}, "train.optimizer must be one of sgd, adam, adamw, rmsprop, adagrad, adadelta; got 'adamx'"),
-        ({"train": {"schedule": "cosin"}}, "train.schedule must be one of constant, step, multistep, exponential, cosine, linear, plateau"),
+        (
+            {"train": {"optimizer": "adamx"}},
+            "train.optimizer must be one of sgd, adam, adamw, rmsprop, adagrad, adadelta; got 'adamx'",
+        ),
+        (
+            {"train": {"schedule": "cosin"}},
+            "train.schedule must be one of constant, step, multistep, exponential, cosine, linear, plateau",
+        ),
         ({"train": {"mode": "linear"}}, "train.mode must be one of finetune, feature_extract, scratch"),
-        ({"train": {"mode": "feature_extract"}}, "train.mode: feature_extract trains a head on pretrained features, but model.weights is none"),
-        ({"train": {"frozen_stages": 2}}, "train.frozen_stages: freezing stages needs mode finetune with pretrained weights"),
-        ({"scratch": {"mode": "finetune"}}, "scratch.mode: train_scratch trains every layer from random init"),
-        ({"scratch": {"frozen_stages": 1}}, "scratch.frozen_stages: train_scratch trains every layer from random init"),
-        ({"scratch": {"warmup_epochs": 1.0, "warmup_steps": 10}}, "scratch.warmup_epochs and scratch.warmup_steps are both set"),
-        ({"train": {"warmup_epochs": 1.0, "warmup_steps": 10}}, "train.warmup_epochs and train.warmup_steps are both set"),
+        (
+            {"train": {"mode": "feature_extract"}},
+            "train.mode: feature_extract trains a head on pretrained features, but model.weights is none",
+        ),
+        (
+            {"train": {"frozen_stages": 2}},
+            "train.frozen_stages: freezing stages needs mode finetune with pretrained weights",
+        ),
+        (
+            {"scratch": {"mode": "finetune"}},
+            "scratch.mode: train_scratch trains every layer from random init",
+        ),
+        (
+            {"scratch": {"frozen_stages": 1}},
+            "scratch.frozen_stages: train_scratch trains every layer from random init",
+        ),
+        (
+            {"scratch": {"warmup_epochs": 1.0, "warmup_steps": 10}},
+            "scratch.warmup_epochs and scratch.warmup_steps are both set",
+        ),
+        (
+            {"train": {"warmup_epochs": 1.0, "warmup_steps": 10}},
+            "train.warmup_epochs and train.warmup_steps are both set",
+        ),
         ({"train": {"schedule": "multistep"}}, "train.schedule: multistep needs train.milestones"),
         ({"train": {"milestones": [3, 2]}}, "train.milestones must be increasing epoch numbers"),
         ({"train": {"gamma": 0}}, "train.gamma must be > 0"),
@@ -88,23 +115,61 @@ def test_bad_values_name_the_key(section, key, value, message):
         ({"runtime": {"device": "tpu"}}, "runtime.device must be one of auto, cpu, cuda, mps"),
         ({"train": {"device": "cpu"}}, "unknown param train.device"),
         ({"runtime": {"processes": 3}}, "train.batch_size (8) must be divisible by runtime.processes (3)"),
-        ({"train": {"auto_augment": "autoaugment"}}, "train.auto_augment must be one of none, trivialaugment, randaugment"),
+        (
+            {"train": {"auto_augment": "autoaugment"}},
+            "train.auto_augment must be one of none, trivialaugment, randaugment",
+        ),
         ({"train": {"monitor": "val_top5"}}, "train.monitor must be one of val_acc, val_loss"),
-        ({"data": {"val_per_class": 0}, "train": {"early_stopping_patience": 2}}, "train.early_stopping_patience watches the validation split"),
-        ({"data": {"val_per_class": 0}, "scratch": {"schedule": "plateau"}}, "scratch.schedule watches the validation split"),
-        ({"train": {"mode": "feature_extract", "augment": False, "image_size": 64}, "model": {"weights": "imagenet"}},
-         "train.augment: false with feature_extract trains on the features stage's output, computed at features.image_size (32)"),
+        (
+            {"data": {"val_per_class": 0}, "train": {"early_stopping_patience": 2}},
+            "train.early_stopping_patience watches the validation split",
+        ),
+        (
+            {"data": {"val_per_class": 0}, "scratch": {"schedule": "plateau"}},
+            "scratch.schedule watches the validation split",
+        ),
+        (
+            {
+                "train": {"mode": "feature_extract", "augment": False, "image_size": 64},
+                "model": {"weights": "imagenet"},
+            },
+            "train.augment: false with feature_extract trains on the features stage's output, computed at features.image_size (32)",
+        ),
         ({"train": {"random_erasing": 1.5}}, "train.random_erasing must be <= 1"),
-        ({"train": {"augment": False, "mixup_alpha": 0.2}}, "train.mixup_alpha has no effect with train.augment: false"),
-        ({"scratch": {"init_head": "probe"}}, "scratch.init_head: train_scratch trains every layer from random init"),
-        ({"train": {"train_on_val": True, "schedule": "plateau"}}, "train.schedule watches the validation split, but train.train_on_val trains on it"),
-        ({"data": {"val_per_class": 0}, "probe": {"C": [0.1, 1.0]}}, "probe.C lists several values to choose from on the validation split"),
-        ({"train": {"init_head": "probe", "train_on_val": False}}, "train.train_on_val: false validates every epoch, but the probe"),
+        (
+            {"train": {"augment": False, "mixup_alpha": 0.2}},
+            "train.mixup_alpha has no effect with train.augment: false",
+        ),
+        (
+            {"scratch": {"init_head": "probe"}},
+            "scratch.init_head: train_scratch trains every layer from random init",
+        ),
+        (
+            {"train": {"train_on_val": True, "schedule": "plateau"}},
+            "train.schedule watches the validation split, but train.train_on_val trains on it",
+        ),
+        (
+            {"data": {"val_per_class": 0}, "probe": {"C": [0.1, 1.0]}},
+            "probe.C lists several values to choose from on the validation split",
+        ),
+        (
+            {"train": {"init_head": "probe", "train_on_val": False}},
+            "train.train_on_val: false validates every epoch, but the probe",
+        ),
         ({"train": {"ema_decay": 1.0}}, "train.ema_decay must be < 1"),
         ({"train": {"interpolation": 1.5}}, "train.interpolation must be <= 1"),
-        ({"scratch": {"interpolation": 0.5}}, "scratch.interpolation: train_scratch trains every layer from random init"),
-        ({"data": {"val_fold": 3}}, "data.val_fold must be < 3 (6 training images per class hold 3 disjoint validation folds of 2)"),
-        ({"data": {"val_per_class": 0, "val_fold": 1}}, "data.val_fold (1) picks validation images, but data.val_per_class is 0"),
+        (
+            {"scratch": {"interpolation": 0.5}},
+            "scratch.interpolation: train_scratch trains every layer from random init",
+        ),
+        (
+            {"data": {"val_fold": 3}},
+            "data.val_fold must be < 3 (6 training images per class hold 3 disjoint validation folds of 2)",
+        ),
+        (
+            {"data": {"val_per_class": 0, "val_fold": 1}},
+            "data.val_fold (1) picks validation images, but data.val_per_class is 0",
+        ),
         ({"features": {"train_crops": 33}}, "features.train_crops must be <= 32"),
     ],
 )
@@ -142,7 +207,9 @@ def test_frozen_stages_with_pretrained_weights_and_scratch_ignoring_them(tmp_pat
 def test_bad_model_params_fail_at_load_time(key, value, message):
     raw = tiny_params()
     raw["model"][key] = value
-    model = parse_params(raw).model  # checked where a model is built: importing torch and timm is not params.yaml's business
+    model = parse_params(
+        raw
+    ).model  # checked where a model is built: importing torch and timm is not params.yaml's business
     with pytest.raises(ModelError, match=message):
         check_model(model.arch, model.weights)
 
@@ -163,7 +230,9 @@ def test_stage_refuses_bad_params_before_any_work(tmp_path):
     raw = tiny_params()
     raw["train"]["lr"] = -1
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    result = subprocess.run([sys.executable, "-m", "transferlab.train", "finetune"], cwd=tmp_path, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "transferlab.train", "finetune"], cwd=tmp_path, capture_output=True, text=True
+    )
     assert result.returncode == 2
     assert "train.lr must be > 0" in result.stderr
     assert not (tmp_path / "metrics").exists() and not (tmp_path / "data").exists()
@@ -176,11 +245,17 @@ def test_each_training_stage_reads_whole_sections():
     """
     stages = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
     raw = yaml.safe_load((PROJECT / "params.yaml").read_text())
-    assert set(raw["train"]) == {f.name for f in dataclasses.fields(TrainConfig)}, "params.yaml names every train key"
-    assert set(raw["scratch"]) == set(raw["train"]) - set(FINETUNE_ONLY), "params.yaml names every key scratch reads"
+    assert set(raw["train"]) == {f.name for f in dataclasses.fields(TrainConfig)}, (
+        "params.yaml names every train key"
+    )
+    assert set(raw["scratch"]) == set(raw["train"]) - set(FINETUNE_ONLY), (
+        "params.yaml names every key scratch reads"
+    )
     assert {"model", "runtime", "train"} <= set(stages["train_finetune"]["params"])
     scratch = stages["train_scratch"]["params"]
-    assert {"runtime", "scratch"} <= set(scratch) and not any(p == "train" or p.startswith("train.") for p in scratch)
+    assert {"runtime", "scratch"} <= set(scratch) and not any(
+        p == "train" or p.startswith("train.") for p in scratch
+    )
 
 
 def package_imports(module: str) -> set[str]:
@@ -238,7 +313,9 @@ def test_the_package_has_no_import_cycle():
 
     for module in modules:
         reachable = set().union(*(package_imports(m) for m in direct(module))) if direct(module) else set()
-        assert module not in reachable, f"{module} imports itself through {sorted(direct(module) & reachable)}"
+        assert module not in reachable, (
+            f"{module} imports itself through {sorted(direct(module) & reachable)}"
+        )
 
 
 def test_entry_points_start_without_the_heavy_libraries():
@@ -250,13 +327,17 @@ def test_entry_points_start_without_the_heavy_libraries():
         "print(','.join(heavy))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() in ("", "matplotlib"), result.stdout  # compare draws with matplotlib (under a second)
+    assert result.stdout.strip() in ("", "matplotlib"), (
+        result.stdout
+    )  # compare draws with matplotlib (under a second)
 
 
 def test_numbers_are_read_as_users_and_dvc_write_them(tmp_path):
     """YAML 1.1 (PyYAML) reads 1e-3 as a string; params.yaml means a float, as DVC's -S writes 5e-05."""
     text = (PROJECT / "params.yaml").read_text()
-    text = re.sub(r"\n  lr: [0-9.]+ ", "\n  lr: 1e-3 ", text, count=1).replace("weight_decay: 0.00005", "weight_decay: 5e-05", 1)
+    text = re.sub(r"\n  lr: [0-9.]+ ", "\n  lr: 1e-3 ", text, count=1).replace(
+        "weight_decay: 0.00005", "weight_decay: 5e-05", 1
+    )
     text = text.replace("  max_iter: 1000", "  max_iter: 1E3", 1)
     assert text.count("1e-3") == 1 and "5e-05" in text
     (tmp_path / "params.yaml").write_text(text)

@@ -17,9 +17,9 @@ from torch import nn
 
 from transferlab.config import load_params
 from transferlab.errors import ConfigError
-from transferlab.splits import load_split
 from transferlab.inference import predict_logits
 from transferlab.paths import checkpoint_path, train_dir
+from transferlab.splits import load_split
 from transferlab.trained_model import TrainedModel
 
 
@@ -46,7 +46,9 @@ def full_validation_loss(run: str) -> float:
     """The kept model's loss on every validation image, computed here in one process."""
     trained = TrainedModel.load(checkpoint_path(run), device="cpu")
     images, labels = load_split("val")
-    logits = predict_logits(trained.model, images, trained.prep, trained.image_size, 64, trained.channels_last)
+    logits = predict_logits(
+        trained.model, images, trained.prep, trained.image_size, 64, trained.channels_last
+    )
     return nn.functional.cross_entropy(logits, torch.from_numpy(labels)).item()
 
 
@@ -56,7 +58,15 @@ def test_two_processes_take_the_same_steps_as_one(project):
     Without augmentation, dropout or batch statistics (fine-tuning keeps them frozen) the only difference
     left is the order of floating-point sums.
     """
-    project(mode="finetune", augment=False, freeze_bn_stats=True, batch_size=8, epochs=2, lr=0.05, runtime={"processes": 1})
+    project(
+        mode="finetune",
+        augment=False,
+        freeze_bn_stats=True,
+        batch_size=8,
+        epochs=2,
+        lr=0.05,
+        runtime={"processes": 1},
+    )
     train_stage("finetune")
     single, single_summary, _ = outcome("finetune")
     assert logged_processes("finetune") == 1
@@ -69,9 +79,9 @@ def test_two_processes_take_the_same_steps_as_one(project):
     assert abs(single_summary["best/val_acc"] - double_summary["best/val_acc"]) <= 0.02
     for key, value in single["model"].items():
         assert torch.allclose(value.float(), double["model"][key].float(), atol=1e-4), key
-    assert val_losses[double_summary["best/epoch"] - 1] == pytest.approx(full_validation_loss("finetune"), abs=1e-4), (
-        "the logged validation loss covers the whole validation split, not one process's shard"
-    )
+    assert val_losses[double_summary["best/epoch"] - 1] == pytest.approx(
+        full_validation_loss("finetune"), abs=1e-4
+    ), "the logged validation loss covers the whole validation split, not one process's shard"
 
 
 def test_two_processes_train_from_scratch_and_only_rank_0_writes(project):
@@ -85,7 +95,9 @@ def test_two_processes_train_from_scratch_and_only_rank_0_writes(project):
 
 def test_global_batch_must_split_evenly(project):
     project(runtime={"processes": 3}, batch_size=8)
-    with pytest.raises(ConfigError, match=r"train.batch_size \(8\) must be divisible by runtime.processes \(3\)"):
+    with pytest.raises(
+        ConfigError, match=r"train.batch_size \(8\) must be divisible by runtime.processes \(3\)"
+    ):
         load_params()
 
 
@@ -93,7 +105,9 @@ def training_processes(project_dir: Path) -> list[psutil.Process]:
     """Training processes (the stage command, torchrun, its workers) running in ``project_dir``."""
     found = []
     for process in psutil.process_iter(["cmdline", "cwd"]):
-        if "transferlab.train" in " ".join(process.info["cmdline"] or []) and process.info["cwd"] == str(project_dir):
+        if "transferlab.train" in " ".join(process.info["cmdline"] or []) and process.info["cwd"] == str(
+            project_dir
+        ):
             found.append(process)
     return found
 
@@ -102,7 +116,9 @@ def test_ctrl_c_stops_every_process_which_save_and_the_rerun_resumes_exactly(pro
     """Ctrl-C to the stage command reaches torchrun once; all processes stop at one step, rank 0 saves, none is left."""
     project(mode="finetune", runtime={"processes": 2}, batch_size=2, epochs=4)
     state = Path("data/resume/finetune.pt")
-    stage = subprocess.Popen([sys.executable, "-m", "transferlab.train", "finetune"], stderr=subprocess.PIPE, text=True)
+    stage = subprocess.Popen(
+        [sys.executable, "-m", "transferlab.train", "finetune"], stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + 180
     while not state.exists():
         assert time.monotonic() < deadline and stage.poll() is None, "no saved state after the first epoch"

@@ -18,9 +18,8 @@ import pytest
 import yaml
 from dvc.utils.hydra import apply_overrides, get_hydra_sweeps
 
-from conftest import PROJECT
+from conftest import PROJECT, tiny_params
 from conftest import run as run_command
-from conftest import tiny_params
 from transferlab import cli
 from transferlab.config import load_params, parse_params
 from transferlab.experiments import ExperimentsError, experiments_from_show, model_settings, run
@@ -36,7 +35,14 @@ def set_dotted(params: dict, overrides: dict) -> dict:
     return params
 
 
-def entry(name: str, overrides: dict, val: dict, test: dict | None = None, base: dict | None = None, copied: dict | None = None) -> dict:
+def entry(
+    name: str,
+    overrides: dict,
+    val: dict,
+    test: dict | None = None,
+    base: dict | None = None,
+    copied: dict | None = None,
+) -> dict:
     """One experiment as `dvc exp show --json` lists it: params.yaml (``base``, tiny params by default) with dotted
     overrides, and the metric files: ``val`` model -> validation score (NO_VALIDATION: trained on train + val),
     ``test`` model -> test score, ``copied`` path -> a metric file copied as is (a stage that did not run)."""
@@ -44,23 +50,40 @@ def entry(name: str, overrides: dict, val: dict, test: dict | None = None, base:
     metrics = {}
     for model, acc in val.items():
         summary = {"epochs_run": 2, "wall_time_s": int(hashlib.sha1(name.encode()).hexdigest()[:6], 16) / 100}
-        scores = {"best/val_acc": acc, **({} if model == "probe" else {"val": {"acc": acc}})}  # best epoch = last epoch here
-        metrics[f"metrics/train_{model}/metrics.json"] = {"data": summary if acc is None else {**scores, **summary}}
+        scores = {
+            "best/val_acc": acc,
+            **({} if model == "probe" else {"val": {"acc": acc}}),
+        }  # best epoch = last epoch here
+        metrics[f"metrics/train_{model}/metrics.json"] = {
+            "data": summary if acc is None else {**scores, **summary}
+        }
     for model, acc in (test or {}).items():
-        metrics[f"metrics/test_{model}/metrics.json"] = {"data": {"mean_per_class_acc": acc, "top1": acc, "wall_time_s": 9.9}}
+        metrics[f"metrics/test_{model}/metrics.json"] = {
+            "data": {"mean_per_class_acc": acc, "top1": acc, "wall_time_s": 9.9}
+        }
     metrics.update(copy.deepcopy(copied or {}))
     rev = hashlib.sha1(name.encode()).hexdigest()
-    return {"rev": rev, "name": name, "data": {"params": {"params.yaml": {"data": params}}, "metrics": metrics}, "error": None}
+    return {
+        "rev": rev,
+        "name": name,
+        "data": {"params": {"params.yaml": {"data": params}}, "metrics": metrics},
+        "error": None,
+    }
 
 
 def shown(baseline: dict, experiments: list[dict], queued: list[dict] = ()) -> list:
     wrap = [{"revs": [e], "executor": None, "name": e["name"]} for e in experiments]
     wrap += [{"revs": [e], "executor": {"state": "queued"}, "name": e["name"]} for e in queued]
-    return [{"rev": "workspace", "name": None, **{k: baseline[k] for k in ("data", "error")}}, {**baseline, "experiments": wrap}]
+    return [
+        {"rev": "workspace", "name": None, **{k: baseline[k] for k in ("data", "error")}},
+        {**baseline, "experiments": wrap},
+    ]
 
 
 def outputs_text(out: Path) -> str:
-    return "\n".join((out / name).read_text() for name in ("experiments.md", "summary.json", "experiments.csv"))
+    return "\n".join(
+        (out / name).read_text() for name in ("experiments.md", "summary.json", "experiments.csv")
+    )
 
 
 def assert_no_test_score(text: str, scores: list[float]) -> None:
@@ -88,13 +111,28 @@ def grid() -> list:
     The best validation score (lr 0.01, 2 epochs) is not the best test score (lr 0.1, 1 epoch): the choice
     must follow validation. No test score equals a validation score, so a shown test score is caught.
     """
-    scores = {(0.01, 1): (0.60, 0.71), (0.01, 2): (0.80, 0.77), (0.1, 1): (0.70, 0.93), (0.1, 2): (0.50, 0.61)}
+    scores = {
+        (0.01, 1): (0.60, 0.71),
+        (0.01, 2): (0.80, 0.77),
+        (0.1, 1): (0.70, 0.93),
+        (0.1, 2): (0.50, 0.61),
+    }
     runs = [
-        entry(f"exp-{i}", {"train.lr": lr, "train.epochs": epochs}, {"finetune": val, "scratch": 0.3}, {"finetune": test, "scratch": 0.23})
+        entry(
+            f"exp-{i}",
+            {"train.lr": lr, "train.epochs": epochs},
+            {"finetune": val, "scratch": 0.3},
+            {"finetune": test, "scratch": 0.23},
+        )
         for i, ((lr, epochs), (val, test)) in enumerate(scores.items())
     ]
     # the final fit: no validation score
-    baseline = entry("main", {"train.train_on_val": True}, {"finetune": NO_VALIDATION, "scratch": NO_VALIDATION}, {"finetune": 0.99})
+    baseline = entry(
+        "main",
+        {"train.train_on_val": True},
+        {"finetune": NO_VALIDATION, "scratch": NO_VALIDATION},
+        {"finetune": 0.99},
+    )
     return shown(baseline, runs, queued=[entry("exp-queued", {"train.lr": 0.5}, {})])
 
 
@@ -107,14 +145,21 @@ def test_summary_chooses_on_validation_and_plots_the_grid(tmp_path, capsys):
 
     finetune = summary["finetune"]
     assert finetune["varied"] == ["epochs", "lr"]
-    assert finetune["chosen"]["runs"] == ["exp-1"] and finetune["chosen"]["values"] == {"epochs": 2, "lr": 0.01}
+    assert finetune["chosen"]["runs"] == ["exp-1"] and finetune["chosen"]["values"] == {
+        "epochs": 2,
+        "lr": 0.01,
+    }
     assert finetune["chosen"]["val_acc"] == 0.80
-    assert "test" not in finetune["chosen"], "no test metric is read: a validation-only run's is its baseline's"
+    assert "test" not in finetune["chosen"], (
+        "no test metric is read: a validation-only run's is its baseline's"
+    )
     # the workspace (main's params) makes the final fit already: only the chosen values change
     assert finetune["chosen"]["final_fit"]["command"] == "dvc exp run -S train.epochs=2 -S train.lr=0.01"
     assert [s.val_acc for s in finetune["settings"]] == [0.80, 0.70, 0.60, 0.50]
     scratch = summary["scratch"]
-    assert scratch["varied"] == [] and len(scratch["settings"]) == 1 and len(scratch["settings"][0].runs) == 4, "one setting, run 4 times"
+    assert (
+        scratch["varied"] == [] and len(scratch["settings"]) == 1 and len(scratch["settings"][0].runs) == 4
+    ), "one setting, run 4 times"
     # the tiny workspace validates the scratch run: its final fit turns training on train + val on
     assert scratch["chosen"]["final_fit"]["command"] == "dvc exp run -S scratch.train_on_val=true"
     assert "probe" not in summary, "no probe validation score in these experiments"
@@ -123,20 +168,28 @@ def test_summary_chooses_on_validation_and_plots_the_grid(tmp_path, capsys):
     saved = json.loads((out / "summary.json").read_text())
     assert saved["without_validation"] == {"finetune": ["main"], "scratch": ["main"]}
     assert saved["finetune"]["values"] == {"epochs": 2, "lr": 0.01}
-    assert saved["final_fit_all"]["command"] == "dvc exp run -S train.epochs=2 -S train.lr=0.01 -S scratch.train_on_val=true"
+    assert (
+        saved["final_fit_all"]["command"]
+        == "dvc exp run -S train.epochs=2 -S train.lr=0.01 -S scratch.train_on_val=true"
+    )
     report = (out / "experiments.md").read_text()
     assert "**epochs=2, lr=0.01**" in report and "`dvc exp run -S train.epochs=2 -S train.lr=0.01`" in report
     assert "trains on train + val with the chosen setting and evaluates the test split once" in report
     assert_no_test_score(outputs_text(out) + capsys.readouterr().out, GRID_TEST_SCORES)
     with (out / "experiments.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert [(r["model"], r["val_acc"]) for r in rows][:2] == [("finetune", "0.8"), ("finetune", "0.7")] and len(rows) == 5
+    assert [(r["model"], r["val_acc"]) for r in rows][:2] == [
+        ("finetune", "0.8"),
+        ("finetune", "0.7"),
+    ] and len(rows) == 5
     for picture in ("validation_vs_params.png", "heatmap_finetune.png"):
         assert (out / picture).read_bytes()[:4] == b"\x89PNG"
     assert not (out / "heatmap_scratch.png").exists()
 
 
-def test_validation_only_grids_never_show_the_baselines_stale_test_metrics_and_the_final_fit_carries_the_choice(tmp_path, capsys):
+def test_validation_only_grids_never_show_the_baselines_stale_test_metrics_and_the_final_fit_carries_the_choice(
+    tmp_path, capsys
+):
     """The README's recipes on the project's own params: grids queued up to a training stage, validation only.
 
     Their commits hold the baseline's test metrics (the evaluate stages did not run) and, for the models their
@@ -144,9 +197,15 @@ def test_validation_only_grids_never_show_the_baselines_stale_test_metrics_and_t
     model's final-fit command, applied the way dvc applies it, gives exactly the chosen setting, trained on train + val.
     """
     defaults = yaml.safe_load((PROJECT / "params.yaml").read_text())
-    assert defaults["train"]["train_on_val"] and defaults["probe"]["train_on_val"] and defaults["train"]["init_head"] == "probe"
+    assert (
+        defaults["train"]["train_on_val"]
+        and defaults["probe"]["train_on_val"]
+        and defaults["train"]["init_head"] == "probe"
+    )
     stale_test = {"mean_per_class_acc": 0.9137, "top1": 0.9251, "top5": 0.9911, "wall_time_s": 237.1}
-    baseline = entry("main", {}, {"probe": 0.881, "finetune": NO_VALIDATION, "scratch": NO_VALIDATION}, base=defaults)
+    baseline = entry(
+        "main", {}, {"probe": 0.881, "finetune": NO_VALIDATION, "scratch": NO_VALIDATION}, base=defaults
+    )
     for model in ("probe", "finetune", "scratch"):
         baseline["data"]["metrics"][f"metrics/test_{model}/metrics.json"] = {"data": stale_test}
     committed = baseline["data"]["metrics"]
@@ -154,28 +213,58 @@ def test_validation_only_grids_never_show_the_baselines_stale_test_metrics_and_t
     def copied(*paths: str) -> dict:
         return {path: committed[path] for path in paths}
 
-    stale_tests = copied(*(f"metrics/test_{model}/metrics.json" for model in ("probe", "finetune", "scratch")))
+    stale_tests = copied(
+        *(f"metrics/test_{model}/metrics.json" for model in ("probe", "finetune", "scratch"))
+    )
     runs = []
     # dvc exp run --queue train_finetune -S train.train_on_val=false -S probe.train_on_val=false -S train.schedule=step
     #   -S 'train.lr=0.001,0.01' -S 'train.weight_decay=0,0.0005'   (the probe re-runs: it held the validation images out)
     finetune_val = {(0.001, 0.0): 0.84, (0.001, 0.0005): 0.86, (0.01, 0.0): 0.91, (0.01, 0.0005): 0.89}
     for i, ((lr, decay), val) in enumerate(finetune_val.items()):
-        overrides = {"train.train_on_val": False, "probe.train_on_val": False, "train.schedule": "step", "train.lr": lr, "train.weight_decay": decay}
-        runs.append(entry(f"ft-{i}", overrides, {"probe": 0.881, "finetune": val}, base=defaults, copied={**stale_tests, **copied("metrics/train_scratch/metrics.json")}))
+        overrides = {
+            "train.train_on_val": False,
+            "probe.train_on_val": False,
+            "train.schedule": "step",
+            "train.lr": lr,
+            "train.weight_decay": decay,
+        }
+        runs.append(
+            entry(
+                f"ft-{i}",
+                overrides,
+                {"probe": 0.881, "finetune": val},
+                base=defaults,
+                copied={**stale_tests, **copied("metrics/train_scratch/metrics.json")},
+            )
+        )
     # dvc exp run --queue train_scratch -S scratch.train_on_val=false -S 'scratch.lr=0.02,0.1'
     for i, (lr, val) in enumerate({0.02: 0.41, 0.1: 0.47}.items()):
         kept = copied("metrics/train_probe/metrics.json", "metrics/train_finetune/metrics.json")
-        runs.append(entry(f"sc-{i}", {"scratch.train_on_val": False, "scratch.lr": lr}, {"scratch": val}, base=defaults, copied={**stale_tests, **kept}))
+        runs.append(
+            entry(
+                f"sc-{i}",
+                {"scratch.train_on_val": False, "scratch.lr": lr},
+                {"scratch": val},
+                base=defaults,
+                copied={**stale_tests, **kept},
+            )
+        )
     listing = shown(baseline, runs)
     (tmp_path / "shown.json").write_text(json.dumps(listing))
     summary = run(tmp_path / "shown.json", tmp_path / "out")
 
     assert_no_test_score(outputs_text(tmp_path / "out") + capsys.readouterr().out, [0.9137, 0.9251, 0.9911])
     finetune, scratch, probe = summary["finetune"], summary["scratch"], summary["probe"]
-    assert finetune["varied"] == ["lr", "weight_decay"] and finetune["chosen"]["values"] == {"lr": 0.01, "weight_decay": 0.0}
+    assert finetune["varied"] == ["lr", "weight_decay"] and finetune["chosen"]["values"] == {
+        "lr": 0.01,
+        "weight_decay": 0.0,
+    }
     assert finetune["chosen"]["runs"] == ["ft-2"] and finetune["chosen"]["val_acc"] == 0.91
     # the varied keys, and the grid's constant train.schedule (not the workspace's); train_on_val is the workspace's: true
-    assert finetune["chosen"]["final_fit"]["command"] == "dvc exp run -S train.lr=0.01 -S train.weight_decay=0.0 -S train.schedule=step"
+    assert (
+        finetune["chosen"]["final_fit"]["command"]
+        == "dvc exp run -S train.lr=0.01 -S train.weight_decay=0.0 -S train.schedule=step"
+    )
     assert scratch["varied"] == ["lr"] and scratch["chosen"]["runs"] == ["sc-1"]
     assert scratch["chosen"]["final_fit"]["command"] == "dvc exp run -S scratch.lr=0.1"
     # the probe re-ran in the fine-tuning grid with the same settings (train_on_val is the protocol, not a setting);
@@ -183,18 +272,30 @@ def test_validation_only_grids_never_show_the_baselines_stale_test_metrics_and_t
     assert probe["varied"] == [] and probe["chosen"]["runs"] == ["ft-0", "ft-1", "ft-2", "ft-3", "main"]
     assert probe["chosen"]["final_fit"]["command"] == "dvc exp run"
     saved = json.loads((tmp_path / "out/summary.json").read_text())
-    assert saved["without_validation"] == {"finetune": ["main"], "scratch": ["main"]}, "the copies in the grids are not runs"
+    assert saved["without_validation"] == {"finetune": ["main"], "scratch": ["main"]}, (
+        "the copies in the grids are not runs"
+    )
 
     # what each command makes: the chosen setting, trained on train + val
     chosen = {model: part["settings"][0].values for model, part in summary.items()}
-    for model, command in [*((m, p["chosen"]["final_fit"]["command"]) for m, p in summary.items()), ("all", saved["final_fit_all"]["command"])]:
+    for model, command in [
+        *((m, p["chosen"]["final_fit"]["command"]) for m, p in summary.items()),
+        ("all", saved["final_fit_all"]["command"]),
+    ]:
         params = applied_command(command, defaults, tmp_path)
         settings = model_settings(params)
         for checked in chosen if model == "all" else [model]:
             assert settings[checked] == chosen[checked], f"{command}: not the {checked} model's choice"
-        assert params["train"]["train_on_val"] and params["probe"]["train_on_val"] and params["scratch"]["train_on_val"]
+        assert (
+            params["train"]["train_on_val"]
+            and params["probe"]["train_on_val"]
+            and params["scratch"]["train_on_val"]
+        )
         assert saved["final_fit_all"]["problem"] is None
-    assert "-S train.lr=0.01" in saved["final_fit_all"]["command"] and "-S scratch.lr=0.1" in saved["final_fit_all"]["command"]
+    assert (
+        "-S train.lr=0.01" in saved["final_fit_all"]["command"]
+        and "-S scratch.lr=0.1" in saved["final_fit_all"]["command"]
+    )
 
 
 def test_final_fit_turns_train_on_val_on_adds_missing_keys_and_what_dvc_writes_reads_back(tmp_path):
@@ -212,7 +313,10 @@ def test_final_fit_turns_train_on_val_on_adds_missing_keys_and_what_dvc_writes_r
     (tmp_path / "shown.json").write_text(json.dumps(shown(entry("main", {}, {}, base=workspace), runs)))
     summary = run(tmp_path / "shown.json", tmp_path / "out")
     fit = summary["finetune"]["chosen"]["final_fit"]
-    assert fit["command"] == "dvc exp run -S train.lr=0.003 -S ++train.nesterov=false -S train.train_on_val=true -S probe.train_on_val=true"
+    assert (
+        fit["command"]
+        == "dvc exp run -S train.lr=0.003 -S ++train.nesterov=false -S train.train_on_val=true -S probe.train_on_val=true"
+    )
     assert fit["problem"] is None
     params = applied_command(fit["command"], workspace, tmp_path)
     assert model_settings(params)["finetune"] == summary["finetune"]["settings"][0].values
@@ -232,43 +336,77 @@ def test_a_training_summary_copied_from_the_baseline_is_not_a_new_run(tmp_path):
     baseline's. Counted as a run of the experiment's own probe settings, it would win the tie and be chosen."""
     workspace = set_dotted(tiny_params(), {"train.init_head": "probe", "probe.train_on_val": False})
     baseline = entry("main", {}, {"probe": 0.5, "finetune": 0.6}, base=workspace)
-    kept = {"metrics/train_finetune/metrics.json": baseline["data"]["metrics"]["metrics/train_finetune/metrics.json"]}
+    kept = {
+        "metrics/train_finetune/metrics.json": baseline["data"]["metrics"][
+            "metrics/train_finetune/metrics.json"
+        ]
+    }
     probe_grid = entry("a-probe-grid", {"probe.C": [0.01]}, {"probe": 0.7}, base=workspace, copied=kept)
     (tmp_path / "shown.json").write_text(json.dumps(shown(baseline, [probe_grid])))
     summary = run(tmp_path / "shown.json", tmp_path / "out")
-    assert summary["probe"]["varied"] == ["probe.C"] and summary["probe"]["chosen"]["values"] == {"probe.C": [0.01]}
-    assert summary["probe"]["chosen"]["final_fit"]["command"] == "dvc exp run -S 'probe.C=[0.01]' -S probe.train_on_val=true"
+    assert summary["probe"]["varied"] == ["probe.C"] and summary["probe"]["chosen"]["values"] == {
+        "probe.C": [0.01]
+    }
+    assert (
+        summary["probe"]["chosen"]["final_fit"]["command"]
+        == "dvc exp run -S 'probe.C=[0.01]' -S probe.train_on_val=true"
+    )
     assert summary["finetune"]["varied"] == [] and summary["finetune"]["chosen"]["runs"] == ["main"]
     # the two models' choices disagree on the probe the fine-tuning starts from: no single command
     assert "probe.C" in json.loads((tmp_path / "out/summary.json").read_text())["final_fit_all"]["problem"]
 
 
 def test_skips_workspace_queued_and_failed_and_breaks_ties_by_name(tmp_path):
-    runs = [entry("b-run", {"scratch.lr": 0.1}, {"scratch": 0.5}), entry("a-run", {"scratch.lr": 0.2}, {"scratch": 0.5})]
+    runs = [
+        entry("b-run", {"scratch.lr": 0.1}, {"scratch": 0.5}),
+        entry("a-run", {"scratch.lr": 0.2}, {"scratch": 0.5}),
+    ]
     listing = shown(entry("main", {}, {}), runs, queued=[entry("q", {"scratch.lr": 9.0}, {"scratch": 1.0})])
-    listing[1]["experiments"].append({"revs": [entry("f", {"scratch.lr": 8.0}, {"scratch": 1.0})], "executor": {"state": "failed"}, "name": "f"})
+    listing[1]["experiments"].append(
+        {
+            "revs": [entry("f", {"scratch.lr": 8.0}, {"scratch": 1.0})],
+            "executor": {"state": "failed"},
+            "name": "f",
+        }
+    )
     assert [e.name for e in experiments_from_show(listing)] == ["main", "b-run", "a-run"]
     (tmp_path / "shown.json").write_text(json.dumps(listing))
     summary = run(tmp_path / "shown.json", tmp_path / "out")
     assert summary["scratch"]["varied"] == ["lr"] and summary["scratch"]["chosen"]["runs"] == ["a-run"]
-    assert summary["scratch"]["chosen"]["final_fit"]["command"] == "dvc exp run -S scratch.lr=0.2 -S scratch.train_on_val=true"
+    assert (
+        summary["scratch"]["chosen"]["final_fit"]["command"]
+        == "dvc exp run -S scratch.lr=0.2 -S scratch.train_on_val=true"
+    )
     assert not list((tmp_path / "out").glob("heatmap_*.png")), "one varied setting: no heatmap"
 
 
 def test_names_repeated_across_commits_and_invalid_params(tmp_path):
     """With --all-commits an experiment name can repeat under two commits; params this code rejects are listed, not fatal."""
-    first = shown(entry("main", {}, {}), [entry("same", {"scratch.lr": 0.1}, {"scratch": 0.4}, {"scratch": 0.11})])
-    second = shown(entry("old", {}, {}), [entry("same", {"scratch.lr": 0.2}, {"scratch": 0.6}, {"scratch": 0.33})])
+    first = shown(
+        entry("main", {}, {}), [entry("same", {"scratch.lr": 0.1}, {"scratch": 0.4}, {"scratch": 0.11})]
+    )
+    second = shown(
+        entry("old", {}, {}), [entry("same", {"scratch.lr": 0.2}, {"scratch": 0.6}, {"scratch": 0.33})]
+    )
     second[1]["rev"] = "1" * 40
     second[1]["experiments"][0]["revs"][0]["rev"] = "2" * 40
     broken = entry("broken", {"train.lr": -1.0}, {"scratch": 0.9})
     first[1]["experiments"].append({"revs": [broken], "executor": None, "name": "broken"})
     (tmp_path / "shown.json").write_text(json.dumps(first + second[1:]))
     summary = run(tmp_path / "shown.json", tmp_path / "out")
-    assert summary["scratch"]["chosen"]["values"] == {"lr": 0.2} and summary["scratch"]["chosen"]["val_acc"] == 0.6
-    assert [e.rev for e in summary["scratch"]["settings"][0].experiments] == ["2" * 40], "the second commit's run"
+    assert (
+        summary["scratch"]["chosen"]["values"] == {"lr": 0.2}
+        and summary["scratch"]["chosen"]["val_acc"] == 0.6
+    )
+    assert [e.rev for e in summary["scratch"]["settings"][0].experiments] == ["2" * 40], (
+        "the second commit's run"
+    )
     saved = json.loads((tmp_path / "out/summary.json").read_text())
-    assert len(saved["left_out"]) == 1 and saved["left_out"][0].startswith("broken: ") and "train.lr" in saved["left_out"][0]
+    assert (
+        len(saved["left_out"]) == 1
+        and saved["left_out"][0].startswith("broken: ")
+        and "train.lr" in saved["left_out"][0]
+    )
     assert "broken: its params are not valid" in (tmp_path / "out/experiments.md").read_text()
     assert_no_test_score(outputs_text(tmp_path / "out"), [0.11, 0.33])
 
@@ -282,7 +420,11 @@ def test_no_validation_score_is_an_error_that_says_what_to_run(tmp_path, capsys)
     with pytest.raises(SystemExit) as exit_code:
         cli.main(["experiments", "--json", str(tmp_path / "shown.json"), "--out", str(tmp_path / "out")])
     error = capsys.readouterr().err
-    assert exit_code.value.code == 2 and "no experiment has a validation score" in error and "--queue holdout_scratch -S" in error
+    assert (
+        exit_code.value.code == 2
+        and "no experiment has a validation score" in error
+        and "--queue holdout_scratch -S" in error
+    )
 
 
 def wait_for_queue(repo, timeout_s: float = 900) -> str:
@@ -297,7 +439,11 @@ def wait_for_queue(repo, timeout_s: float = 900) -> str:
 
 
 def md5_of_files(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def assert_cache_intact(repo: Path) -> int:
@@ -329,46 +475,74 @@ def test_queued_validation_only_grid_with_two_workers_then_the_summary_and_its_f
     ran = [e["revs"][0] for commit in listing for e in commit.get("experiments") or []]
     baseline = next(commit for commit in listing if commit["rev"] != "workspace")
     baseline_prepared = baseline["data"]["deps"]["data/prepared"]["hash"]
-    assert {r["data"]["deps"]["data/prepared"]["hash"] for r in ran} == {baseline_prepared}, "all read the same prepared data"
-    grid_points = {(r["data"]["params"]["params.yaml"]["data"]["train"]["lr"], r["data"]["params"]["params.yaml"]["data"]["train"]["epochs"]) for r in ran}
+    assert {r["data"]["deps"]["data/prepared"]["hash"] for r in ran} == {baseline_prepared}, (
+        "all read the same prepared data"
+    )
+    grid_points = {
+        (
+            r["data"]["params"]["params.yaml"]["data"]["train"]["lr"],
+            r["data"]["params"]["params.yaml"]["data"]["train"]["epochs"],
+        )
+        for r in ran
+    }
     assert grid_points == {(0.001, 1), (0.001, 2), (0.05, 1), (0.05, 2)}
-    for r in ran:  # each experiment's holdout run is its own; its final fit and test metrics are the baseline's (stale)
+    for r in (
+        ran
+    ):  # each experiment's holdout run is its own; its final fit and test metrics are the baseline's (stale)
         train_summary = r["data"]["metrics"]["metrics/train_finetune_holdout/metrics.json"]["data"]
         assert train_summary["epochs_run"] == r["data"]["params"]["params.yaml"]["data"]["train"]["epochs"]
         final = "metrics/train_finetune/metrics.json"
         assert r["data"]["metrics"][final] == baseline["data"]["metrics"][final], "the final fit did not run"
         for model in ("probe", "finetune", "scratch"):
             path = f"metrics/test_{model}/metrics.json"
-            assert r["data"]["metrics"][path] == baseline["data"]["metrics"][path], f"{path}: validation-only, evaluate did not run"
-    # the best fine-tuning run by validation accuracy, ties to the first name: the (validating) baseline commit competes too
-    candidates = [(r["name"], r["data"]["metrics"]) for r in ran] + [(baseline["name"], baseline["data"]["metrics"])]
-    scores = {name: metrics["metrics/train_finetune_holdout/metrics.json"]["data"]["val"]["acc"] for name, metrics in candidates}
+            assert r["data"]["metrics"][path] == baseline["data"]["metrics"][path], (
+                f"{path}: validation-only, evaluate did not run"
+            )
+    # the best fine-tuning run by validation accuracy, ties to the first name: the (validating) baseline commit competes
+    # too, and the grid point with the baseline's own values is the baseline (dvc found its stage unchanged, it did not run)
+    holdout = "metrics/train_finetune_holdout/metrics.json"
+    copies = [r["name"] for r in ran if r["data"]["metrics"][holdout] == baseline["data"]["metrics"][holdout]]
+    assert len(copies) == 1, "the grid point (0.001, 2) is params.yaml's own: a copy of the baseline"
+    candidates = [(r["name"], r["data"]["metrics"]) for r in ran if r["name"] not in copies]
+    candidates.append((baseline["name"], baseline["data"]["metrics"]))
+    scores = {name: metrics[holdout]["data"]["val"]["acc"] for name, metrics in candidates}
     expected = min(scores, key=lambda name: (-scores[name], name))
 
     summary_run = run_command([sys.executable, "-m", "transferlab.cli", "experiments"], repo)
     out = repo / "metrics/experiments"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["finetune"]["runs"] == [expected] and summary["finetune"]["val_acc"] == scores[expected]
-    assert summary["finetune"]["varied"] == ["epochs", "lr"], "the grid's two params, as the fine-tuning ran them"
+    assert summary["finetune"]["varied"] == ["epochs", "lr"], (
+        "the grid's two params, as the fine-tuning ran them"
+    )
     assert summary["scratch"]["varied"] == [] and summary["scratch"]["runs"] == [baseline["name"]], (
         "the scratch stages did not run in the experiments: their scratch summaries are the baseline's, counted once"
     )
-    assert "test" not in summary["finetune"] and not re.search(r"mean_per_class_acc|top1", summary_run.stdout + (out / "experiments.md").read_text())
+    assert "test" not in summary["finetune"] and not re.search(
+        r"mean_per_class_acc|top1", summary_run.stdout + (out / "experiments.md").read_text()
+    )
     assert (out / "heatmap_finetune.png").read_bytes()[:4] == b"\x89PNG"
     assert "metrics/experiments/summary.json" in summary_run.stdout
 
     # the final fit, as the summary gives it: the chosen values, trained on train + val, then the test split scored once
     chosen = summary["finetune"]["values"]
     command = summary["finetune"]["final_fit"]["command"]
-    assert command == f"dvc exp run -S train.epochs={chosen['epochs']} -S train.lr={chosen['lr']!r} -S train.train_on_val=true"
+    assert (
+        command
+        == f"dvc exp run -S train.epochs={chosen['epochs']} -S train.lr={chosen['lr']!r} -S train.train_on_val=true"
+    )
     run_command(shlex.split(command), repo)
     params = yaml.safe_load((repo / "params.yaml").read_text())["train"]
     assert (params["epochs"], params["lr"], params["train_on_val"]) == (chosen["epochs"], chosen["lr"], True)
     trained = json.loads((repo / "metrics/train_finetune/metrics.json").read_text())
-    assert "best/val_acc" not in trained and trained["epochs_run"] == chosen["epochs"], "trained on train + val, every epoch kept"
+    assert "best/val_acc" not in trained and trained["epochs_run"] == chosen["epochs"], (
+        "trained on train + val, every epoch kept"
+    )
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
     model_hash = next(o["md5"] for o in lock["train_finetune"]["outs"] if o["path"] == "data/models/finetune")
-    evaluated = next(d["md5"] for d in lock["evaluate@finetune"]["deps"] if d["path"] == "data/models/finetune")
+    evaluated = next(
+        d["md5"] for d in lock["evaluate@finetune"]["deps"] if d["path"] == "data/models/finetune"
+    )
     assert evaluated == model_hash, "the test split was scored with the final fit's model"
     assert "Data and pipelines are up to date" in run_command(["dvc", "status"], repo).stdout
 
@@ -377,7 +551,11 @@ def readme_experiment_commands() -> list[list[str]]:
     """Every `dvc exp run` command in the code blocks of the README and the docs, as its arguments."""
     pages = [PROJECT / "README.md", *sorted((PROJECT / "docs").glob("*.md"))]
     text = "\n".join(page.read_text() for page in pages).replace("\\\n", " ")
-    return [shlex.split(line, comments=True)[5:] for line in text.splitlines() if line.startswith("uv run dvc exp run")]
+    return [
+        shlex.split(line, comments=True)[5:]
+        for line in text.splitlines()
+        if line.startswith("uv run dvc exp run")
+    ]
 
 
 def overrides_of(args: list[str]) -> list[str]:
@@ -417,11 +595,19 @@ def test_every_readme_grid_is_validation_only(tmp_path):
     queued = [args for args in readme_experiment_commands() if "--queue" in args]
     assert queued, "the docs queue no grid"
     for args in queued:
-        targets = [a for i, a in enumerate(args) if not a.startswith("-") and args[i - 1] not in ("-S", "--set-param", "-n", "--name")]
-        assert len(targets) == 1 and targets[0] in VALIDATION_ONLY, f"dvc exp run {shlex.join(args)}: no training stage as its target, one of {', '.join(VALIDATION_ONLY)}"
+        targets = [
+            a
+            for i, a in enumerate(args)
+            if not a.startswith("-") and args[i - 1] not in ("-S", "--set-param", "-n", "--name")
+        ]
+        assert len(targets) == 1 and targets[0] in VALIDATION_ONLY, (
+            f"dvc exp run {shlex.join(args)}: no training stage as its target, one of {', '.join(VALIDATION_ONLY)}"
+        )
         for params in readme_points(args, tmp_path):
             for section in VALIDATION_ONLY[targets[0]]:
-                assert params[section]["train_on_val"] is False, f"dvc exp run {shlex.join(args)}: {section}.train_on_val stays true"
+                assert params[section]["train_on_val"] is False, (
+                    f"dvc exp run {shlex.join(args)}: {section}.train_on_val stays true"
+                )
 
 
 def test_holdout_twins_score_whole_experiments_and_holdout_grids(tmp_path):
@@ -434,18 +620,39 @@ def test_holdout_twins_score_whole_experiments_and_holdout_grids(tmp_path):
     def summary(acc: float, epochs: int = 3) -> dict:
         return {"data": {"best/val_acc": acc, "val": {"acc": acc}, "epochs_run": epochs}}
 
-    baseline = entry("main", {}, {"probe": 0.88, "finetune": NO_VALIDATION, "scratch": NO_VALIDATION}, base=defaults)
+    baseline = entry(
+        "main", {}, {"probe": 0.88, "finetune": NO_VALIDATION, "scratch": NO_VALIDATION}, base=defaults
+    )
     committed = baseline["data"]["metrics"]
     committed.update({holdouts["finetune"]: summary(0.90), holdouts["scratch"]: summary(0.45)})
     unchanged = {path: committed[path] for path in committed if path != holdouts["finetune"]}
-    grid_point = entry("grid-1", {"train.lr": 0.004}, {}, base=defaults, copied={**unchanged, holdouts["finetune"]: summary(0.93)})
+    grid_point = entry(
+        "grid-1",
+        {"train.lr": 0.004},
+        {},
+        base=defaults,
+        copied={**unchanged, holdouts["finetune"]: summary(0.93)},
+    )
     rerun = {path: committed[path] for path in committed if "finetune" not in path}
-    whole = entry("whole", {"train.lr": 0.0005}, {"finetune": NO_VALIDATION}, base=defaults, copied={**rerun, holdouts["finetune"]: summary(0.91)})
+    whole = entry(
+        "whole",
+        {"train.lr": 0.0005},
+        {"finetune": NO_VALIDATION},
+        base=defaults,
+        copied={**rerun, holdouts["finetune"]: summary(0.91)},
+    )
     (tmp_path / "shown.json").write_text(json.dumps(shown(baseline, [grid_point, whole])))
     summary_ = run(tmp_path / "shown.json", tmp_path / "out")
     finetune = summary_["finetune"]
-    assert [(s.runs, s.val_acc) for s in finetune["settings"]] == [(["grid-1"], 0.93), (["whole"], 0.91), (["main"], 0.90)]
-    assert finetune["varied"] == ["lr"] and finetune["chosen"]["final_fit"]["command"] == "dvc exp run -S train.lr=0.004"
+    assert [(s.runs, s.val_acc) for s in finetune["settings"]] == [
+        (["grid-1"], 0.93),
+        (["whole"], 0.91),
+        (["main"], 0.90),
+    ]
+    assert (
+        finetune["varied"] == ["lr"]
+        and finetune["chosen"]["final_fit"]["command"] == "dvc exp run -S train.lr=0.004"
+    )
     assert [(s.runs, s.val_acc) for s in summary_["scratch"]["settings"]] == [(["main"], 0.45)]
     assert json.loads((tmp_path / "out/summary.json").read_text())["without_validation"] == {}
 
@@ -454,8 +661,12 @@ def test_runs_on_other_images_are_left_out_and_named(tmp_path):
     """Validation scores on two datasets are not comparable: only runs on the final fit's data.source are ranked."""
     workspace = tiny_params()
     mine = entry("mine", {"scratch.lr": 0.1}, {"scratch": 0.5}, base=workspace)
-    theirs = entry("theirs", {"scratch.lr": 0.2, "data.source": "/photos/holiday"}, {"scratch": 0.9}, base=workspace)
-    (tmp_path / "shown.json").write_text(json.dumps(shown(entry("main", {}, {}, base=workspace), [mine, theirs])))
+    theirs = entry(
+        "theirs", {"scratch.lr": 0.2, "data.source": "/photos/holiday"}, {"scratch": 0.9}, base=workspace
+    )
+    (tmp_path / "shown.json").write_text(
+        json.dumps(shown(entry("main", {}, {}, base=workspace), [mine, theirs]))
+    )
     summary = run(tmp_path / "shown.json", tmp_path / "out")
     assert summary["scratch"]["chosen"]["runs"] == ["mine"] and summary["scratch"]["chosen"]["val_acc"] == 0.5
     saved = json.loads((tmp_path / "out/summary.json").read_text())
@@ -471,9 +682,14 @@ def test_a_run_is_scored_by_the_epoch_its_final_fit_keeps(tmp_path):
     long = entry("long", {"train.epochs": 5}, {"finetune": 0.927}, base=workspace)
     long["data"]["metrics"]["metrics/train_finetune/metrics.json"]["data"]["val"]["acc"] = 0.915
     short = entry("short", {"train.epochs": 2}, {"finetune": 0.919}, base=workspace)
-    (tmp_path / "shown.json").write_text(json.dumps(shown(entry("main", {}, {}, base=workspace), [long, short])))
+    (tmp_path / "shown.json").write_text(
+        json.dumps(shown(entry("main", {}, {}, base=workspace), [long, short]))
+    )
     summary = run(tmp_path / "shown.json", tmp_path / "out")
-    assert [(s.runs, s.val_acc) for s in summary["finetune"]["settings"]] == [(["short"], 0.919), (["long"], 0.915)]
+    assert [(s.runs, s.val_acc) for s in summary["finetune"]["settings"]] == [
+        (["short"], 0.919),
+        (["long"], 0.915),
+    ]
 
 
 def test_only_summarises_the_named_experiments(tmp_path):
@@ -490,13 +706,28 @@ def test_a_head_grid_varies_the_head_not_the_probe_settings_only_lp_ft_runs_have
     """LP-FT runs depend on the features' and probe's settings, random-head runs do not: those keys, present in only
     some settings, do not vary, so the grid is init_head x lr (a heatmap) whichever head wins."""
     workspace = set_dotted(tiny_params(), {"probe.train_on_val": False})
-    for winner, command in (("probe", "-S train.init_head=probe -S train.lr=0.001"), ("random", "-S train.init_head=random -S train.lr=0.004")):
-        scores = {("probe", 0.001): 0.91, ("probe", 0.004): 0.90, ("random", 0.001): 0.47, ("random", 0.004): 0.93 if winner == "random" else 0.88}
-        runs = [entry(f"{head}-{lr}", {"train.init_head": head, "train.lr": lr}, {"finetune": acc}, base=workspace) for (head, lr), acc in scores.items()]
+    for winner, command in (
+        ("probe", "-S train.init_head=probe -S train.lr=0.001"),
+        ("random", "-S train.init_head=random -S train.lr=0.004"),
+    ):
+        scores = {
+            ("probe", 0.001): 0.91,
+            ("probe", 0.004): 0.90,
+            ("random", 0.001): 0.47,
+            ("random", 0.004): 0.93 if winner == "random" else 0.88,
+        }
+        runs = [
+            entry(
+                f"{head}-{lr}", {"train.init_head": head, "train.lr": lr}, {"finetune": acc}, base=workspace
+            )
+            for (head, lr), acc in scores.items()
+        ]
         (tmp_path / "shown.json").write_text(json.dumps(shown(entry("main", {}, {}, base=workspace), runs)))
         finetune = run(tmp_path / "shown.json", tmp_path / winner)["finetune"]
         assert finetune["varied"] == ["init_head", "lr"], winner
         assert finetune["chosen"]["runs"] == [f"{winner}-{0.001 if winner == 'probe' else 0.004}"]
         assert finetune["chosen"]["final_fit"]["command"].startswith(f"dvc exp run {command} ")
         assert (tmp_path / winner / "heatmap_finetune.png").is_file()
-        assert "| 47.00% | random | 0.001 | random-0.001 |" in (tmp_path / winner / "experiments.md").read_text()
+        assert (
+            "| 47.00% | random | 0.001 | random-0.001 |" in (tmp_path / winner / "experiments.md").read_text()
+        )

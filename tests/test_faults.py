@@ -44,12 +44,26 @@ runpy.run_module(module, run_name="__main__")
 
 EVALUATED = ("probe", "finetune", "scratch")
 PREPARED_FILES = {"classes.json", "train.npy", "train.csv", "val.npy", "val.csv", "test.npy", "test.csv"}
-EVALUATION_FILES = {"metrics.json", "per_class.csv", "confused_pairs.csv", "confusion_matrix.png", "calibration.png", "misclassified.jpg"}
+EVALUATION_FILES = {
+    "metrics.json",
+    "per_class.csv",
+    "confused_pairs.csv",
+    "confusion_matrix.png",
+    "calibration.png",
+    "misclassified.jpg",
+}
 
 
 def die_after(repo: Path, module: str, target: str, match: str, *args: str) -> None:
-    result = subprocess.run([sys.executable, "-c", DIES_AFTER, module, target, match, *args], cwd=repo, capture_output=True, text=True)
-    assert result.returncode == -signal.SIGKILL, f"the stage should have been killed:\n{result.stderr[-2000:]}"
+    result = subprocess.run(
+        [sys.executable, "-c", DIES_AFTER, module, target, match, *args],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == -signal.SIGKILL, (
+        f"the stage should have been killed:\n{result.stderr[-2000:]}"
+    )
 
 
 def snapshot(folder: Path) -> dict[str, object]:
@@ -59,7 +73,9 @@ def snapshot(folder: Path) -> dict[str, object]:
         key = str(path.relative_to(folder))
         if path.suffix == ".json":
             data = json.loads(path.read_text())
-            files[key] = {k: v for k, v in data.items() if k != "wall_time_s"} if isinstance(data, dict) else data
+            files[key] = (
+                {k: v for k, v in data.items() if k != "wall_time_s"} if isinstance(data, dict) else data
+            )
         elif path.suffix in (".png", ".jpg"):
             with Image.open(path) as picture:
                 files[key] = (picture.size, picture.mode, len(picture.tobytes()))  # decodes the whole file
@@ -124,7 +140,11 @@ def writing(repo: Path) -> bool:
     [
         ("numpy.save", "train.npy", {"train.npy"}),
         ("transferlab.fileio.write_csv", "val.csv", {"train.npy", "train.csv", "val.npy", "val.csv"}),
-        ("transferlab.fileio.write_json", "classes.json", PREPARED_FILES),  # all written, not yet renamed into place
+        (
+            "transferlab.fileio.write_json",
+            "classes.json",
+            PREPARED_FILES,
+        ),  # all written, not yet renamed into place
     ],
 )
 def test_prepare_killed_while_writing_its_outputs(finished, target, match, staged):
@@ -133,7 +153,9 @@ def test_prepare_killed_while_writing_its_outputs(finished, target, match, stage
     die_after(repo, "transferlab.prepare", target, match)
     assert not (repo / "data/prepared").exists(), "no half-written data/prepared"
     assert {p.name for p in (repo / "data/prepared.partial").iterdir()} == staged
-    run(["dvc", "repro", "-f", "-s", "prepare"], repo)  # -f: else DVC restores the missing output from its cache
+    run(
+        ["dvc", "repro", "-f", "-s", "prepare"], repo
+    )  # -f: else DVC restores the missing output from its cache
     assert_pipeline_matches(repo, reference)
 
 
@@ -141,10 +163,18 @@ def test_one_models_evaluation_killed_while_writing_leaves_the_others_alone(fini
     """evaluate@finetune killed after its last picture, before its folder is renamed into place."""
     repo, reference = finished
     shutil.rmtree(repo / "metrics/test_finetune")
-    die_after(repo, "transferlab.evaluate", "transferlab.analysis.plot_misclassified", "test_finetune.partial", "finetune")
+    die_after(
+        repo,
+        "transferlab.evaluate",
+        "transferlab.analysis.plot_misclassified",
+        "test_finetune.partial",
+        "finetune",
+    )
     assert not (repo / "metrics/test_finetune").exists(), "nothing half-written in place"
     for run_ in ("probe", "scratch"):
-        assert assert_whole_or_absent(repo / f"metrics/test_{run_}", reference[run_], EVALUATION_FILES), "the other models' results stay"
+        assert assert_whole_or_absent(repo / f"metrics/test_{run_}", reference[run_], EVALUATION_FILES), (
+            "the other models' results stay"
+        )
     assert "evaluate@finetune" in run(["dvc", "status"], repo).stdout
     assert_pipeline_matches(repo, reference)
 
@@ -162,10 +192,16 @@ def stage_process(dvc: subprocess.Popen, module: str) -> psutil.Process | None:
 def start_evaluate(repo: Path) -> tuple[subprocess.Popen, float]:
     """``dvc repro -f -s evaluate@finetune`` started in the background, once the evaluate process has written the
     first file into its output folder (in the staging folder); and the time that happened."""
-    for stale in staging_folders(repo):  # a kill's leftovers, which the stage clears itself: not the sign looked for
+    for stale in staging_folders(
+        repo
+    ):  # a kill's leftovers, which the stage clears itself: not the sign looked for
         shutil.rmtree(stale)
     dvc = subprocess.Popen(
-        ["dvc", "repro", "-f", "-s", "evaluate@finetune"], cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        ["dvc", "repro", "-f", "-s", "evaluate@finetune"],
+        cwd=repo,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     wait_for(lambda: writing(repo) or dvc.poll() is not None, "evaluate's first file")
     return dvc, time.monotonic()
@@ -189,7 +225,9 @@ def test_evaluate_killed_at_moments_spread_over_its_writes(finished):
         landed += writing(repo)  # killed with an output folder half-written
         for run_ in EVALUATED:
             assert_whole_or_absent(repo / f"metrics/test_{run_}", reference[run_], EVALUATION_FILES)
-    assert landed > len(fractions) // 2, f"only {landed} of {len(fractions)} kills landed while an output folder was being written"
+    assert landed > len(fractions) // 2, (
+        f"only {landed} of {len(fractions)} kills landed while an output folder was being written"
+    )
     run(["dvc", "repro", "-f", "-s", "evaluate@finetune"], repo)
     assert_pipeline_matches(repo, reference)
 
@@ -202,6 +240,10 @@ def test_training_killed_while_writing_its_checkpoint(project_repo, monkeypatch)
     assert not (project_repo / "metrics/train_finetune").exists(), "no training log of an unfinished run"
     assert (project_repo / "data/resume/finetune.pt").exists(), "the run's state, saved after its last epoch"
     again = run([sys.executable, "-m", "transferlab.train", "finetune"], project_repo)
-    assert "resuming finetune from epoch 4" in again.stderr, "every epoch was done: only the checkpoint is written again"
-    assert [p.name for p in (project_repo / "data/models/finetune").iterdir()] == ["model.pt"], "the killed write's temporary file is gone"
+    assert "resuming finetune from epoch 4" in again.stderr, (
+        "every epoch was done: only the checkpoint is written again"
+    )
+    assert [p.name for p in (project_repo / "data/models/finetune").iterdir()] == ["model.pt"], (
+        "the killed write's temporary file is gone"
+    )
     assert_same_results(results(project_repo), uninterrupted(project_repo, monkeypatch))

@@ -38,7 +38,9 @@ def test_a_photo_stored_sideways_is_read_upright_everywhere(tmp_path):
     seen = load_image(tmp_path / "phone.jpg", 32)
     assert np.abs(seen.astype(int) - expected.astype(int)).mean() < 6, "read upright"
     unrotated = np.asarray(Image.open(tmp_path / "phone.jpg").convert("RGB").resize((32, 48)))
-    assert np.abs(unrotated[:32].astype(int) - expected.astype(int)).mean() > 40, "the test image must need the rotation"
+    assert np.abs(unrotated[:32].astype(int) - expected.astype(int)).mean() > 40, (
+        "the test image must need the rotation"
+    )
     # transferlab predict decodes with the same loader
     _, images, failures = read_images([tmp_path / "phone.jpg"], 32)
     assert not failures and np.array_equal(images[0], seen)
@@ -68,30 +70,41 @@ def test_prepare_and_predict_walk_a_folder_by_the_same_rules(tmp_path, tiny_fold
     classes, files = scan(folder, [])
     assert classes == ["class_0", "class_1", "class_2"]
     per_class = {name: sorted(f.path for f in files if f.class_name == name) for name in classes}
-    assert [len(per_class[name]) for name in classes] == [12, 12, 12], "symlinked class and sub-folder counted, hidden skipped"
+    assert [len(per_class[name]) for name in classes] == [12, 12, 12], (
+        "symlinked class and sub-folder counted, hidden skipped"
+    )
     assert sum("2024 trip/" in path for path in per_class["class_1"]) == 6
-    assert not any(".ipynb_checkpoints" in f.path or ".DS_Store" in f.path or "/loop/" in f.path for f in files)
+    assert not any(
+        ".ipynb_checkpoints" in f.path or ".DS_Store" in f.path or "/loop/" in f.path for f in files
+    )
     # predict walks each class folder to the same files
     for name in classes:
         walked = [f"{name}/{p.relative_to(folder / name).as_posix()}" for p in find_images([folder / name])]
         assert walked == per_class[name]
     report = prepare_in(tmp_path, monkeypatch, folder)
     assert report["classes"] == 3 and report["skipped_files"] == 0
-    assert any("2024 trip" in row["path"] for name in ("train", "val", "test") for row in read_split(tmp_path, name))
+    assert any(
+        "2024 trip" in row["path"] for name in ("train", "val", "test") for row in read_split(tmp_path, name)
+    )
 
 
 def test_predict_takes_several_files_and_folders_each_once(tmp_path, tiny_folder):
     first = sorted((tiny_folder / "class_0").glob("*.jpg"))[0]
     found = find_images([first, tiny_folder / "class_1", first])
     assert found[0] == first and len(found) == 1 + 12
-    with pytest.raises(DatasetError, match="nowhere.jpg does not exist: give image files or folders of images"):
+    with pytest.raises(
+        DatasetError, match="nowhere.jpg does not exist: give image files or folders of images"
+    ):
         find_images([first, tmp_path / "nowhere.jpg"])
 
 
 def test_fewer_than_two_classes_is_refused_before_any_work(tmp_path, tiny_folder, monkeypatch):
     for name in ("class_1", "class_2"):
         shutil.rmtree(tiny_folder / name)
-    with pytest.raises(DatasetError, match=r"1 class subfolder\(s\) left after excluding \[.*\] \(only 'class_0'\): a classifier needs at least 2"):
+    with pytest.raises(
+        DatasetError,
+        match=r"1 class subfolder\(s\) left after excluding \[.*\] \(only 'class_0'\): a classifier needs at least 2",
+    ):
         prepare_in(tmp_path, monkeypatch, tiny_folder)
     assert not (tmp_path / "data").exists()
 
@@ -102,7 +115,9 @@ def test_duplicates_are_listed_and_can_be_dropped(tmp_path, tiny_folder, monkeyp
     rng = np.random.default_rng(0)
     for extra in range(3):  # keep every class large enough once duplicates are dropped
         for name in ("class_0", "class_1", "class_2"):
-            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tiny_folder / name / f"extra_{extra}.png")
+            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(
+                tiny_folder / name / f"extra_{extra}.png"
+            )
     shutil.copy(source, tiny_folder / "class_1" / "same_bytes.jpg")
     shutil.copy(source, tiny_folder / "class_0" / "copy.jpg")
     Image.open(source).save(tiny_folder / "class_2" / "re_encoded.png")  # other bytes, the same picture
@@ -112,14 +127,18 @@ def test_duplicates_are_listed_and_can_be_dropped(tmp_path, tiny_folder, monkeyp
     assert saved["duplicates"]["across_classes"] == [["class_0/copy.jpg", first, "class_1/same_bytes.jpg"]]
     assert saved["duplicates"]["within_class"] == []
     # the re-encoded picture decodes to the same pixels: its perceptual hash finds it with the byte-identical ones
-    assert saved["duplicates"]["alike_across_classes"] == [["class_0/copy.jpg", first, "class_1/same_bytes.jpg", "class_2/re_encoded.png"]]
+    assert saved["duplicates"]["alike_across_classes"] == [
+        ["class_0/copy.jpg", first, "class_1/same_bytes.jpg", "class_2/re_encoded.png"]
+    ]
     assert report["duplicates_across_classes"] == 1 and report["dropped_duplicates"] == 0
     kept = {row["path"] for name in ("train", "val", "test") for row in read_split(tmp_path, name)}
     assert "class_1/same_bytes.jpg" in kept, "keep (the default) only reports"
 
     report = prepare_in(tmp_path, monkeypatch, tiny_folder, duplicates="drop")
     kept = {row["path"] for name in ("train", "val", "test") for row in read_split(tmp_path, name)}
-    assert not {first, "class_0/copy.jpg", "class_1/same_bytes.jpg"} & kept, "a file in two classes is left out, every copy"
+    assert not {first, "class_0/copy.jpg", "class_1/same_bytes.jpg"} & kept, (
+        "a file in two classes is left out, every copy"
+    )
     assert report["dropped_duplicates"] == 3 and "class_2/re_encoded.png" in kept
 
 

@@ -37,21 +37,30 @@ STAGE = [sys.executable, "-m"]
 
 def write_png(path: Path, width: int, height: int) -> None:
     """A real, fully decodable greyscale PNG of width x height black pixels: a few hundred KB for ~100 MP."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    compressor, row, parts = zlib.compressobj(9), b"\0" * (width + 1), []  # each row: filter byte 0, then pixels
+    compressor, row, parts = (
+        zlib.compressobj(9),
+        b"\0" * (width + 1),
+        [],
+    )  # each row: filter byte 0, then pixels
     for _ in range(height):
         parts.append(compressor.compress(row))
     parts.append(compressor.flush())
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b"")
+    )
 
 
 # --- bad data -----------------------------------------------------------------------------------------------
 
 
-def test_text_named_jpg_and_decompression_bombs_are_skipped_with_the_reason(tmp_path, tiny_folder, monkeypatch):
+def test_text_named_jpg_and_decompression_bombs_are_skipped_with_the_reason(
+    tmp_path, tiny_folder, monkeypatch
+):
     folder = tiny_folder / "class_0"
     (folder / "notes.jpg").write_text("these are my notes, not a photo")
     write_png(folder / "bomb.png", 12_000, 8_000)  # 96 MP: over the guard, under Pillow's own error threshold
@@ -61,8 +70,13 @@ def test_text_named_jpg_and_decompression_bombs_are_skipped_with_the_reason(tmp_
     reasons = {entry["path"]: entry["reason"] for entry in report["skipped"]}
     assert reasons.keys() == {"class_0/notes.jpg", "class_0/bomb.png", "class_0/bigger_bomb.png"}
     assert reasons["class_0/notes.jpg"].startswith("UnidentifiedImageError")
-    assert "12000 x 8000 pixels is over the 89,478,485-pixel limit (decompression-bomb guard)" in reasons["class_0/bomb.png"]
-    assert reasons["class_0/bigger_bomb.png"].startswith("DecompressionBombError: Image size (200000000 pixels) exceeds limit")
+    assert (
+        "12000 x 8000 pixels is over the 89,478,485-pixel limit (decompression-bomb guard)"
+        in reasons["class_0/bomb.png"]
+    )
+    assert reasons["class_0/bigger_bomb.png"].startswith(
+        "DecompressionBombError: Image size (200000000 pixels) exceeds limit"
+    )
     assert report["train_images"] == 12, "the split is made of the readable images alone"
     # the guard is the only thing between such a file and a full decode: one pixel under it is read
     assert 12_000 * 8_000 > MAX_IMAGE_PIXELS > 12_000 * 7_000
@@ -76,21 +90,33 @@ def test_16_bit_greyscale_is_scaled_to_8_bits_not_clipped(tmp_path):
     assert Image.open(tmp_path / "deep.png").mode == "I;16"
     Image.fromarray(np.full((40, 40), 32768, np.uint16)).save(tmp_path / "grey.png")
     grey = load_image(tmp_path / "grey.png", 32)
-    assert grey.shape == (32, 32, 3) and np.all(grey == 128), "mid-grey stays mid-grey (Pillow alone makes it white)"
+    assert grey.shape == (32, 32, 3) and np.all(grey == 128), (
+        "mid-grey stays mid-grey (Pillow alone makes it white)"
+    )
     row = load_image(tmp_path / "deep.png", 64)[32, :, 0].astype(int)
-    assert row[0] <= 2 and row[-1] >= 253 and np.all(np.diff(row) >= -2), "the ramp stays a ramp from black to white"
-    wide = np.tile(np.linspace(-1000, 1_000_000, 64).round().astype(np.int32), (64, 1))  # 32-bit TIFF, beyond 16 bits
+    assert row[0] <= 2 and row[-1] >= 253 and np.all(np.diff(row) >= -2), (
+        "the ramp stays a ramp from black to white"
+    )
+    wide = np.tile(
+        np.linspace(-1000, 1_000_000, 64).round().astype(np.int32), (64, 1)
+    )  # 32-bit TIFF, beyond 16 bits
     Image.fromarray(wide).save(tmp_path / "wide.tif")
     assert Image.open(tmp_path / "wide.tif").mode == "I"
     row = load_image(tmp_path / "wide.tif", 64)[32, :, 0].astype(int)
-    assert row[0] <= 2 and row[-1] >= 253 and np.all(np.diff(row) >= -2), "stretched over its own range, not clipped"
+    assert row[0] <= 2 and row[-1] >= 253 and np.all(np.diff(row) >= -2), (
+        "stretched over its own range, not clipped"
+    )
 
 
 def test_empty_class_folder_is_an_error_naming_the_class_count_and_param(tmp_path, tiny_folder, monkeypatch):
     (tiny_folder / "class_3").mkdir()
-    with pytest.raises(DatasetError, match=r"class 'class_3' has 0 readable images; data.train_per_class=6 needs at least 7"):
+    with pytest.raises(
+        DatasetError, match=r"class 'class_3' has 0 readable images; data.train_per_class=6 needs at least 7"
+    ):
         prepare_in(tmp_path, monkeypatch, tiny_folder)
-    assert not (tmp_path / "data" / "prepared").exists() and not (tmp_path / "metrics" / "prepare.json").exists()
+    assert (
+        not (tmp_path / "data" / "prepared").exists() and not (tmp_path / "metrics" / "prepare.json").exists()
+    )
 
 
 def test_a_dataset_folder_one_level_too_high_says_where_to_point(tmp_path, tiny_folder, monkeypatch):
@@ -99,7 +125,10 @@ def test_a_dataset_folder_one_level_too_high_says_where_to_point(tmp_path, tiny_
     tiny_folder.rename(parent / "images")  # my_dataset/images/class_0/*.jpg, and data.source: my_dataset
     work = tmp_path / "work"
     work.mkdir()
-    with pytest.raises(DatasetError, match=r"hold only folders \(such as .*my_dataset/images/class_0\), so the data source points one level too high"):
+    with pytest.raises(
+        DatasetError,
+        match=r"hold only folders \(such as .*my_dataset/images/class_0\), so the data source points one level too high",
+    ):
         prepare_in(work, monkeypatch, parent)
     # one level too low (a class folder of images) says what layout it expects
     with pytest.raises(DatasetError, match="expected an ImageFolder layout"):
@@ -144,28 +173,36 @@ def test_a_web_page_given_as_the_local_archive_is_an_error(tmp_path):
     assert not any((tmp_path / "raw").iterdir())
 
 
-
 def test_a_damaged_or_cut_short_local_archive_is_an_error_and_leaves_nothing(tmp_path, tiny_folder):
     whole = tmp_path / "images.tar.gz"
     with tarfile.open(whole, "w:gz") as tf:
         tf.add(tiny_folder, arcname="images")
     cut = tmp_path / "cut.tar.gz"
     cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
-    tail_cut = tmp_path / "tail_cut.tar.gz"  # every member extracts: only the gzip trailer (checksum, length) is lost
+    tail_cut = (
+        tmp_path / "tail_cut.tar.gz"
+    )  # every member extracts: only the gzip trailer (checksum, length) is lost
     tail_cut.write_bytes(whole.read_bytes()[:-8])
     damaged = tmp_path / "damaged.zip"
     with zipfile.ZipFile(damaged, "w", zipfile.ZIP_DEFLATED) as zf:
         zf.write(next((tiny_folder / "class_0").iterdir()), "images/class_0/photo.jpg")
     data = bytearray(damaged.read_bytes())
-    data[60:80] = bytes(20)  # inside the compressed photo: the archive's directory is intact, its contents not
+    data[60:80] = bytes(
+        20
+    )  # inside the compressed photo: the archive's directory is intact, its contents not
     damaged.write_bytes(bytes(data))
     for archive in (cut, tail_cut, damaged):
         raw = tmp_path / f"raw_{archive.stem}"
-        with pytest.raises(DatasetError, match=rf"{archive.name} is damaged or cut short \(\w+: .*\): get it again"):
+        with pytest.raises(
+            DatasetError, match=rf"{archive.name} is damaged or cut short \(\w+: .*\): get it again"
+        ):
             acquire(str(archive), raw)
         assert not any(raw.iterdir()), "nothing of a damaged archive is kept"
 
-def add_member(tf: tarfile.TarFile, name: str, kind: bytes = tarfile.REGTYPE, target: str = "", data: bytes = b"owned") -> None:
+
+def add_member(
+    tf: tarfile.TarFile, name: str, kind: bytes = tarfile.REGTYPE, target: str = "", data: bytes = b"owned"
+) -> None:
     info = tarfile.TarInfo(name)
     info.type, info.linkname = kind, target
     info.size = len(data) if kind == tarfile.REGTYPE else 0
@@ -176,9 +213,18 @@ def add_member(tf: tarfile.TarFile, name: str, kind: bytes = tarfile.REGTYPE, ta
     "member",
     [
         pytest.param(lambda tf, outside: add_member(tf, str(outside / "absolute.txt")), id="absolute-path"),
-        pytest.param(lambda tf, outside: add_member(tf, "images/link", tarfile.SYMTYPE, str(outside)), id="symlink-outside"),
-        pytest.param(lambda tf, outside: add_member(tf, "images/up", tarfile.SYMTYPE, "../../../outside"), id="relative-symlink-outside"),
-        pytest.param(lambda tf, outside: add_member(tf, "images/hard", tarfile.LNKTYPE, str(outside / "secret.txt")), id="hardlink-outside"),
+        pytest.param(
+            lambda tf, outside: add_member(tf, "images/link", tarfile.SYMTYPE, str(outside)),
+            id="symlink-outside",
+        ),
+        pytest.param(
+            lambda tf, outside: add_member(tf, "images/up", tarfile.SYMTYPE, "../../../outside"),
+            id="relative-symlink-outside",
+        ),
+        pytest.param(
+            lambda tf, outside: add_member(tf, "images/hard", tarfile.LNKTYPE, str(outside / "secret.txt")),
+            id="hardlink-outside",
+        ),
     ],
 )
 def test_tar_members_pointing_outside_the_target_are_refused(tmp_path, member):
@@ -193,7 +239,10 @@ def test_tar_members_pointing_outside_the_target_are_refused(tmp_path, member):
     raw = tmp_path / "raw"
     with pytest.raises(DatasetError, match="refusing to extract"):
         acquire(str(archive), raw)
-    assert sorted(p.name for p in outside.iterdir()) == ["secret.txt"] and (outside / "secret.txt").read_text() == "secret"
+    assert (
+        sorted(p.name for p in outside.iterdir()) == ["secret.txt"]
+        and (outside / "secret.txt").read_text() == "secret"
+    )
     assert not any(raw.iterdir()), "nothing of a refused archive is kept"
 
 
@@ -213,10 +262,17 @@ def test_params_that_are_not_valid_yaml_fail_before_any_work_naming_the_line(tmp
     params = yaml.safe_dump(tiny_params(), sort_keys=False).replace("train:\n", "train:\n  lr: [0.01\n", 1)
     (tmp_path / "params.yaml").write_text(params)
     line = params.splitlines().index("  lr: [0.01") + 2  # the unclosed list runs into the next key
-    with pytest.raises(ConfigError, match=rf"params.yaml is not valid YAML at line {line}, column 7: expected ',' or '\]', but got ':'"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"params.yaml is not valid YAML at line {line}, column 7: expected ',' or '\]', but got ':'",
+    ):
         load_params(tmp_path / "params.yaml")
     result = subprocess.run([*STAGE, "transferlab.prepare"], cwd=tmp_path, capture_output=True, text=True)
-    assert result.returncode == 2 and "prepare: params.yaml is not valid YAML" in result.stderr and "Traceback" not in result.stderr
+    assert (
+        result.returncode == 2
+        and "prepare: params.yaml is not valid YAML" in result.stderr
+        and "Traceback" not in result.stderr
+    )
     assert not (tmp_path / "data").exists()
 
 
@@ -233,10 +289,14 @@ def probe_checkpoint(project):
     return checkpoint_path("probe")
 
 
-def test_a_checkpoint_that_would_run_code_is_refused_everywhere_it_is_read(project, probe_checkpoint, tmp_path, caplog):
+def test_a_checkpoint_that_would_run_code_is_refused_everywhere_it_is_read(
+    project, probe_checkpoint, tmp_path, caplog
+):
     evil = tmp_path / "evil.pt"
     torch.save({"arch": "resnet18", "classes": ["a"], "model": RunsCode()}, evil)
-    with pytest.raises(ModelError, match=r"refusing to load .*evil.pt: it holds more than tensors .*GLOBAL posix.system"):
+    with pytest.raises(
+        ModelError, match=r"refusing to load .*evil.pt: it holds more than tensors .*GLOBAL posix.system"
+    ):
         TrainedModel.load(evil)
     # as the probe LP-FT starts from
     probe_checkpoint.write_bytes(evil.read_bytes())
@@ -257,22 +317,30 @@ def test_truncated_or_foreign_checkpoints_are_clear_errors(probe_checkpoint, tmp
     (tmp_path / "text.pt").write_text("hello")
     (tmp_path / "notes.pt").write_text("a text file")  # the unpickler trips on each of these in its own way
     (tmp_path / "page.pt").write_text("<!DOCTYPE html><html><body>Sign in</body></html>")
-    (tmp_path / "curl.pt").write_text("curl: (22) The requested URL returned error: 404\n")  # "c" reads as a GLOBAL
+    (tmp_path / "curl.pt").write_text(
+        "curl: (22) The requested URL returned error: 404\n"
+    )  # "c" reads as a GLOBAL
     kinds = {"truncated.pt": "is damaged or cut short", "empty.pt": "is empty: this is not a model file"}
     for name in ("truncated.pt", "empty.pt", "text.pt", "notes.pt", "page.pt", "curl.pt"):
         with pytest.raises(ModelError, match=f"{name} {kinds.get(name, 'is not a model file')}") as error:
             TrainedModel.load(tmp_path / name)
         message = str(error.value)
-        assert message.endswith("if it was downloaded or copied, get it again") and "re-run that stage" in message
+        assert (
+            message.endswith("if it was downloaded or copied, get it again")
+            and "re-run that stage" in message
+        )
         assert len(message) < 400 and "write it again" not in message
     torch.save({"weights": torch.zeros(3)}, tmp_path / "state_dict.pt")
     with pytest.raises(ModelError, match="not a checkpoint written by a training stage"):
         TrainedModel.load(tmp_path / "state_dict.pt")
-    with pytest.raises(ModelError, match="not a checkpoint written by a training stage"):  # as LP-FT's starting point
-        training.start_from_probe(torch.nn.Linear(1, 1), "resnet18", "none", ["a"], tmp_path / "state_dict.pt")
+    with pytest.raises(
+        ModelError, match="not a checkpoint written by a training stage"
+    ):  # as LP-FT's starting point
+        training.start_from_probe(
+            torch.nn.Linear(1, 1), "resnet18", "none", ["a"], tmp_path / "state_dict.pt"
+        )
     for name in ("truncated.pt", "page.pt"):  # as a training state: ignored, the run starts fresh
         assert resume.load_state(tmp_path / name, "any") is None and not (tmp_path / name).exists()
-
 
 
 def test_a_training_state_is_kept_when_reading_it_fails_for_want_of_memory(tmp_path, monkeypatch):
@@ -280,21 +348,33 @@ def test_a_training_state_is_kept_when_reading_it_fails_for_want_of_memory(tmp_p
     torch.save({"fingerprint": "any"}, state)
 
     def out_of_memory(*args, **kwargs):
-        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 GB")
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 GB"
+        )
 
     monkeypatch.setattr(torch, "load", out_of_memory)
-    with pytest.raises(RuntimeError, match="can't allocate memory"):  # the stage's out-of-memory message follows
+    with pytest.raises(
+        RuntimeError, match="can't allocate memory"
+    ):  # the stage's out-of-memory message follows
         resume.load_state(state, "any")
     assert state.exists(), "the state may be fine: it is not deleted"
+
 
 def test_evaluate_refuses_a_model_trained_on_other_classes(project, probe_checkpoint):
     for run in ("finetune", "scratch"):
         checkpoint_path(run).parent.mkdir(parents=True, exist_ok=True)
         checkpoint_path(run).write_bytes(probe_checkpoint.read_bytes())
     other = torch.load(checkpoint_path("scratch"), weights_only=True)
-    other["classes"] = ["class_0", "class_2", "class_1"]  # same count, other order: every label would be misread
+    other["classes"] = [
+        "class_0",
+        "class_2",
+        "class_1",
+    ]  # same count, other order: every label would be misread
     torch.save(other, checkpoint_path("scratch"))
-    with pytest.raises(ModelError, match=r"scratch/model.pt was trained on 3 classes that are not data/prepared/classes.json's 3"):
+    with pytest.raises(
+        ModelError,
+        match=r"scratch/model.pt was trained on 3 classes that are not data/prepared/classes.json's 3",
+    ):
         evaluate.evaluate("scratch")
     assert not Path("metrics/test_scratch").exists(), "checked before anything is written"
 
@@ -314,12 +394,19 @@ runpy.run_module("transferlab.{module}", run_name="__main__")
 
 
 def test_running_out_of_memory_suggests_a_smaller_batch(project):
-    project(image_size=1024, batch_size=12)  # 12 images of 1024 x 1024 through resnet18: several GB of activations
+    project(
+        image_size=1024, batch_size=12
+    )  # 12 images of 1024 x 1024 through resnet18: several GB of activations
     code = CAPPED.format(module="train", work="training", headroom=1 << 30)
-    result = subprocess.run([sys.executable, "-c", code, "finetune"], capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", code, "finetune"], capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     assert "train finetune: out of memory with train.batch_size: 12" in result.stderr
-    assert "Set a smaller train.batch_size in params.yaml (6, say)" in result.stderr and "Traceback" not in result.stderr
+    assert (
+        "Set a smaller train.batch_size in params.yaml (6, say)" in result.stderr
+        and "Traceback" not in result.stderr
+    )
     assert not checkpoint_path("finetune").exists()
 
 
@@ -331,7 +418,9 @@ def test_out_of_memory_on_a_gpu_names_the_runs_own_batch_size(project, monkeypat
     Path("params.yaml").write_text(yaml.safe_dump(params))
 
     def out_of_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 7.6 GiB")
+        raise torch.OutOfMemoryError(
+            "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 7.6 GiB"
+        )
 
     monkeypatch.setattr(training.Trainer, "step", out_of_memory)
     with pytest.raises(SystemExit) as exit_info:
@@ -348,20 +437,29 @@ def test_out_of_memory_on_a_gpu_names_the_runs_own_batch_size(project, monkeypat
     assert "already too much: use smaller images or a device with more memory" in message
 
 
-def test_out_of_memory_in_transferlab_predict_names_its_batch_option(probe_checkpoint, tmp_path, monkeypatch, capsys):
+def test_out_of_memory_in_transferlab_predict_names_its_batch_option(
+    probe_checkpoint, tmp_path, monkeypatch, capsys
+):
     from transferlab import cli, predict
 
     Image.new("RGB", (40, 40), "red").save(tmp_path / "photo.jpg")
 
     def out_of_memory(*args, **kwargs):
-        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 8589934592 bytes")
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 8589934592 bytes"
+        )
 
     monkeypatch.setattr(predict, "predict", out_of_memory)
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["predict", str(tmp_path / "photo.jpg"), "--model", str(probe_checkpoint), "--batch-size", "64"])
+        cli.main(
+            ["predict", str(tmp_path / "photo.jpg"), "--model", str(probe_checkpoint), "--batch-size", "64"]
+        )
     assert exit_info.value.code == 2
     message = capsys.readouterr().err
-    assert "transferlab predict: out of memory with --batch-size 64 ([enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator" in message
+    assert (
+        "transferlab predict: out of memory with --batch-size 64 ([enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator"
+        in message
+    )
     assert "Set a smaller --batch-size on the command line (32, say)" in message
 
 
@@ -374,7 +472,11 @@ def test_a_diverging_run_stops_with_advice_and_writes_no_model(project, capsys):
         train.main(["finetune"])
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
-    assert "finetune diverged: the training loss became" in error and "Lower train.lr" in error and "train.lr: 1e+09" in error
+    assert (
+        "finetune diverged: the training loss became" in error
+        and "Lower train.lr" in error
+        and "train.lr: 1e+09" in error
+    )
     assert "lr-find finetune" in error and "No model was written" in error
     assert not checkpoint_path("finetune").exists()
 
@@ -398,9 +500,14 @@ def test_divergence_keeps_the_state_saved_before_it(project, monkeypatch):
 
     monkeypatch.setattr(training.Trainer, "step", step)
     monkeypatch.setattr(resume, "save_state", save_state)
-    with pytest.raises(DivergedError, match=r"finetune diverged: .* in epoch 2, .*the resumable state saved before it is kept"):
+    with pytest.raises(
+        DivergedError,
+        match=r"finetune diverged: .* in epoch 2, .*the resumable state saved before it is kept",
+    ):
         training.run("finetune")
-    assert resume_path("finetune").read_bytes() == saved["bytes"], "the state of the end of epoch 1, untouched"
+    assert resume_path("finetune").read_bytes() == saved["bytes"], (
+        "the state of the end of epoch 1, untouched"
+    )
     assert not checkpoint_path("finetune").exists()
 
 
@@ -409,10 +516,15 @@ def test_a_model_with_nan_weights_is_refused_where_it_is_used(probe_checkpoint, 
     key = next(k for k, v in checkpoint["model"].items() if v.is_floating_point())
     checkpoint["model"][key] = checkpoint["model"][key] * float("nan")
     torch.save(checkpoint, tmp_path / "diverged.pt")
-    with pytest.raises(ModelError, match=rf"diverged.pt holds NaN or infinite weights \({re.escape(key)}, 1 tensor"):
+    with pytest.raises(
+        ModelError, match=rf"diverged.pt holds NaN or infinite weights \({re.escape(key)}, 1 tensor"
+    ):
         TrainedModel.load(tmp_path / "diverged.pt")
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "photo.png")
-    for command in (["predict", str(tmp_path / "photo.png")], ["export", "--format", "onnx", "--out", str(tmp_path / "m.onnx")]):
+    for command in (
+        ["predict", str(tmp_path / "photo.png")],
+        ["export", "--format", "onnx", "--out", str(tmp_path / "m.onnx")],
+    ):
         with pytest.raises(SystemExit) as exit_info:
             cli.main([*command, "--model", str(tmp_path / "diverged.pt")])
         assert exit_info.value.code == 2
@@ -427,7 +539,9 @@ def test_weights_out_of_reach_offline_are_one_line_saying_where_they_were_looked
     with pytest.raises(ModelError) as error:
         build_model("timm/resnet18", "imagenet", 3)
     message = str(error.value)
-    assert "\n" not in message and message.startswith("model.weights: imagenet: the ImageNet weights of timm/resnet18 are not on")
+    assert "\n" not in message and message.startswith(
+        "model.weights: imagenet: the ImageNet weights of timm/resnet18 are not on"
+    )
     assert "timm/resnet18.a1_in1k in the Hugging Face cache" in message and "HF_HUB_OFFLINE is on" in message
     assert "set model.weights to a state-dict file" in message
 
@@ -437,5 +551,8 @@ def test_weights_out_of_reach_offline_are_one_line_saying_where_they_were_looked
         raise urllib.error.URLError("[Errno -2] Name or service not known")
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    with pytest.raises(ModelError, match=r"weights of resnet18 are not on .*URLError.*resnet18-\w+\.pth in torchvision's cache .*torch/hub/checkpoints"):
+    with pytest.raises(
+        ModelError,
+        match=r"weights of resnet18 are not on .*URLError.*resnet18-\w+\.pth in torchvision's cache .*torch/hub/checkpoints",
+    ):
         build_model("resnet18", "imagenet", 3)

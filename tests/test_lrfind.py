@@ -28,7 +28,9 @@ def test_a_clean_valley_suggests_its_middle():
     done (log10 lr = -2.5 + ln(9)/3 = -1.77) to where the rise reaches 0.3 (log10 lr = -1 + sqrt(0.3/40) = -0.91)."""
     suggestion = lrfind.suggest(LRS, valley())
     low, high = 10 ** (-2.5 + np.log(9) / 3), 10 ** (-1 + np.sqrt(0.3 / 40))
-    assert suggestion.valley == pytest.approx((low, high), rel=0.25)  # the smoothing rounds the sharp rise off a little
+    assert suggestion.valley == pytest.approx(
+        (low, high), rel=0.25
+    )  # the smoothing rounds the sharp rise off a little
     assert suggestion.lr == pytest.approx(np.sqrt(low * high), rel=0.15)
 
 
@@ -73,7 +75,9 @@ def test_range_test_raises_the_lr_as_set_and_keeps_nothing(project, tmp_path, mo
         project(mode="finetune", backbone_lr_scale=0.1)
     run = "scratch" if mode == "scratch" else "finetune"
     before = {p: digest(p) for p in tmp_path.rglob("*") if p.is_file()}
-    cli_main_status(["lr-find", run, "--steps", "12", "--start", "1e-4", "--end", "10", "--seeds", "2", "--out", "lr"])
+    cli_main_status(
+        ["lr-find", run, "--steps", "12", "--start", "1e-4", "--end", "10", "--seeds", "2", "--out", "lr"]
+    )
     result = json.loads((tmp_path / "lr" / f"{run}.json").read_text())
     assert (tmp_path / "lr" / f"{run}.png").stat().st_size > 0
     assert [t["seed"] for t in result["tests"]] == [0, 1]
@@ -84,7 +88,11 @@ def test_range_test_raises_the_lr_as_set_and_keeps_nothing(project, tmp_path, mo
     assert result["command"].startswith(f"transferlab lr-find {run} --steps 12")
     # the model and optimizer were thrown away: no checkpoint, no resume state, no file changed
     assert not checkpoint_path(run).exists() and not RESUME_DIR.exists()
-    after = {p: digest(p) for p in tmp_path.rglob("*") if p.is_file() and "lr" not in p.relative_to(tmp_path).parts[:1]}
+    after = {
+        p: digest(p)
+        for p in tmp_path.rglob("*")
+        if p.is_file() and "lr" not in p.relative_to(tmp_path).parts[:1]
+    }
     assert after == before
 
 

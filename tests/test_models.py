@@ -14,7 +14,9 @@ from conftest import HF_HOME
 from transferlab.errors import ModelError
 from transferlab.models import backbone_stages, build_model, freeze_stages, parameter_groups, set_train_mode
 
-RESNET18_FILE = "resnet18-f37072fd.pth"  # the file name torchvision's ResNet18_Weights.IMAGENET1K_V1 downloads to
+RESNET18_FILE = (
+    "resnet18-f37072fd.pth"  # the file name torchvision's ResNet18_Weights.IMAGENET1K_V1 downloads to
+)
 
 
 def fake_imagenet_state(arch: str, seed: int = 1) -> dict:
@@ -46,12 +48,20 @@ def test_torchvision_imagenet_weights_via_its_cache(tmp_path, monkeypatch):
     model, head, prep = build_model("resnet18", "imagenet", 101)
     assert head == "fc" and model.fc.out_features == 101
     assert_backbone_equals(model, head, state)
-    assert prep.mean == (0.485, 0.456, 0.406) and prep.interpolation == "bilinear" and prep.crop_pct == 224 / 256
+    assert (
+        prep.mean == (0.485, 0.456, 0.406) and prep.interpolation == "bilinear" and prep.crop_pct == 224 / 256
+    )
     assert model(torch.randn(2, 3, 64, 64)).shape == (2, 101)
 
 
 @pytest.mark.parametrize(
-    ("arch", "head"), [("alexnet", "classifier.6"), ("squeezenet1_0", "classifier.1"), ("googlenet", "fc"), ("timm/resnet18", "fc")]
+    ("arch", "head"),
+    [
+        ("alexnet", "classifier.6"),
+        ("squeezenet1_0", "classifier.1"),
+        ("googlenet", "fc"),
+        ("timm/resnet18", "fc"),
+    ],
 )
 def test_head_is_replaced_by_a_fresh_101_way_layer(arch, head):
     model, found, _ = build_model(arch, "none", 101)
@@ -89,7 +99,9 @@ def test_real_timm_weights_file_from_shared():
 def test_weights_for_another_architecture_or_class_count_are_refused(tmp_path):
     other = tmp_path / "resnet.pth"
     torch.save(fake_imagenet_state("resnet18"), other)
-    with pytest.raises(ModelError, match=r"weights file .*resnet.pth does not fit timm/tf_efficientnet_lite0"):
+    with pytest.raises(
+        ModelError, match=r"weights file .*resnet.pth does not fit timm/tf_efficientnet_lite0"
+    ):
         build_model("timm/tf_efficientnet_lite0", str(other), 101)
     ten_classes = tmp_path / "ten.pth"
     state = fake_imagenet_state("resnet18")
@@ -123,7 +135,9 @@ def test_unknown_architectures():
 
 def test_learning_rate_and_weight_decay_groups():
     model, head, _ = build_model("resnet18", "none", 101)
-    finetune = parameter_groups(model, head, lr=0.01, backbone_lr_scale=0.1, weight_decay=1e-4, decay_norm_and_bias=False)
+    finetune = parameter_groups(
+        model, head, lr=0.01, backbone_lr_scale=0.1, weight_decay=1e-4, decay_norm_and_bias=False
+    )
     summary = [(g["name"], g["lr"], g["weight_decay"]) for g in finetune]
     assert summary == [
         ("backbone", pytest.approx(0.001), 1e-4),
@@ -131,12 +145,20 @@ def test_learning_rate_and_weight_decay_groups():
         ("head", 0.01, 1e-4),
         ("head", 0.01, 0.0),
     ]
-    assert [p for p in finetune[2]["params"]] == [model.fc.weight] and [p for p in finetune[3]["params"]] == [model.fc.bias]
+    assert [p for p in finetune[2]["params"]] == [model.fc.weight] and [p for p in finetune[3]["params"]] == [
+        model.fc.bias
+    ]
     undecayed = {id(p) for p in finetune[1]["params"]}
-    assert id(model.bn1.weight) in undecayed and id(model.bn1.bias) in undecayed and id(model.conv1.weight) not in undecayed
+    assert (
+        id(model.bn1.weight) in undecayed
+        and id(model.bn1.bias) in undecayed
+        and id(model.conv1.weight) not in undecayed
+    )
     grouped = [id(p) for g in finetune for p in g["params"]]
     assert sorted(grouped) == sorted(id(p) for p in model.parameters())
-    scratch = parameter_groups(model, head, lr=0.05, backbone_lr_scale=None, weight_decay=1e-4, decay_norm_and_bias=True)
+    scratch = parameter_groups(
+        model, head, lr=0.05, backbone_lr_scale=None, weight_decay=1e-4, decay_norm_and_bias=True
+    )
     assert len(scratch) == 1 and len(scratch[0]["params"]) == len(list(model.parameters()))
 
 

@@ -13,8 +13,16 @@ from imagegen import make_image_folder
 
 MODELS = ("probe", "finetune", "scratch")
 STAGES = [
-    "prepare", "features", "train_probe", "train_finetune", "train_scratch", "holdout_finetune", "holdout_scratch",
-    *(f"evaluate@{m}" for m in MODELS), "gradcam", "compare",
+    "prepare",
+    "features",
+    "train_probe",
+    "train_finetune",
+    "train_scratch",
+    "holdout_finetune",
+    "holdout_scratch",
+    *(f"evaluate@{m}" for m in MODELS),
+    "gradcam",
+    "compare",
 ]
 
 
@@ -24,7 +32,9 @@ def check_report(repo):
     assert "report.html" in (repo / "metrics/.gitignore").read_text()
     seen = open_page(report, repo / "screenshot.png")
     assert seen.console_errors == [] and seen.broken_images == []
-    assert seen.images == 3 + 3 * 3, "curves, Grad-CAM, per-class gain; per model: confusion matrix, calibration, mistakes"
+    assert seen.images == 3 + 3 * 3, (
+        "curves, Grad-CAM, per-class gain; per model: confusion matrix, calibration, mistakes"
+    )
     assert "Mean per-class accuracy" in seen.text and "Params of each model" in seen.text
     with Image.open(repo / "screenshot.png") as shot:
         assert shot.width == 1280 and shot.height > 3000, "the whole page, pictures included"
@@ -58,10 +68,16 @@ def test_repro_then_experiment_then_plots(project_repo):
         per_class = (repo / f"metrics/test_{mode}/per_class.csv").read_text().splitlines()
         assert per_class[0] == "class,precision,recall,f1,support" and len(per_class) == 1 + 3
     report = (repo / "metrics/comparison.md").read_text()
-    assert "| Mean per-class accuracy |" in report and "Gain over scratch" in report and "| Fine-tuned (LP-FT) |" in report
+    assert (
+        "| Mean per-class accuracy |" in report
+        and "Gain over scratch" in report
+        and "| Fine-tuned (LP-FT) |" in report
+    )
     assert (repo / "plots/learning_curves.png").read_bytes()[:4] == b"\x89PNG"
     curve = (repo / "metrics/train_finetune_holdout/interpolation.csv").read_text().splitlines()
-    assert curve[0] == "interpolation,val_acc,val_loss" and len(curve) == 1 + 6, "LP-FT's twin: the WiSE-FT curve"
+    assert curve[0] == "interpolation,val_acc,val_loss" and len(curve) == 1 + 6, (
+        "LP-FT's twin: the WiSE-FT curve"
+    )
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert set(lock["stages"]) == set(STAGES)
     for mode in MODELS:
@@ -86,11 +102,22 @@ def test_repro_then_experiment_then_plots(project_repo):
     exp = run(["dvc", "exp", "run", "-S", "train.lr=0.0005"], repo)
     ran = {stage for stage in STAGES if f"Running stage '{stage}'" in exp.stdout}
     assert ran == {"train_finetune", "holdout_finetune", "evaluate@finetune", "gradcam", "compare"}, ran
-    for stage in ("prepare", "features", "train_probe", "train_scratch", "holdout_scratch", "evaluate@probe", "evaluate@scratch"):
+    for stage in (
+        "prepare",
+        "features",
+        "train_probe",
+        "train_scratch",
+        "holdout_scratch",
+        "evaluate@probe",
+        "evaluate@scratch",
+    ):
         assert f"Stage '{stage}' didn't change" in exp.stdout, stage
     shown = json.loads(run(["dvc", "exp", "show", "--json"], repo).stdout)
     runs = [e for commit in shown for e in (commit.get("experiments") or [])]
-    lrs = {r["revs"][0]["name"]: r["revs"][0]["data"]["params"]["params.yaml"]["data"]["train"]["lr"] for r in runs}
+    lrs = {
+        r["revs"][0]["name"]: r["revs"][0]["data"]["params"]["params.yaml"]["data"]["train"]["lr"]
+        for r in runs
+    }
     (experiment,) = [name for name, lr in lrs.items() if lr == 0.0005]
 
     # the experiment against the baseline commit: both revisions of the learning curves
@@ -102,9 +129,13 @@ def test_repro_then_experiment_then_plots(project_repo):
     }
     held_out = diff["heldout_accuracy"][0]["content"]["data"]["values"]
     assert {(p["rev"], p["filename"].split("/")[0]) for p in held_out} == {
-        (rev, stage) for rev in ("workspace", "HEAD") for stage in ("train_finetune_holdout", "train_scratch_holdout")
+        (rev, stage)
+        for rev in ("workspace", "HEAD")
+        for stage in ("train_finetune_holdout", "train_scratch_holdout")
     }
-    confusion = diff["metrics/test_finetune/plots/sklearn/confusion_matrix.json"][0]["content"]["data"]["values"]
+    confusion = diff["metrics/test_finetune/plots/sklearn/confusion_matrix.json"][0]["content"]["data"][
+        "values"
+    ]
     assert {p["actual"] for p in confusion} == {"class_0", "class_1", "class_2"}
 
     # a teammate clones, pulls the baseline's data and models instead of re-running, then the pushed experiment
@@ -112,7 +143,9 @@ def test_repro_then_experiment_then_plots(project_repo):
     clone = repo.parent / "clone"
     run(["git", "clone", "-q", str(origin), str(clone)], repo.parent)
     run(["dvc", "pull"], clone)
-    assert "Data and pipelines are up to date" in run(["dvc", "repro", "--dry"], clone).stdout, "pulled outputs need no re-run"
+    assert "Data and pipelines are up to date" in run(["dvc", "repro", "--dry"], clone).stdout, (
+        "pulled outputs need no re-run"
+    )
     run(["dvc", "exp", "pull", "origin", experiment], clone)
     run(["dvc", "exp", "apply", experiment], clone)
     for path in ("data/models/finetune/model.pt", "metrics/test_finetune/metrics.json"):
@@ -126,9 +159,13 @@ def test_a_probe_experiment_reuses_the_frozen_features_and_stops_at_validation(p
     features = (repo / "data/features/train.npy").read_bytes()
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "baseline"], repo)
-    exp = run(["dvc", "exp", "run", "train_probe", "-S", "probe.C=[0.5]", "-S", "probe.train_on_val=false"], repo)
+    exp = run(
+        ["dvc", "exp", "run", "train_probe", "-S", "probe.C=[0.5]", "-S", "probe.train_on_val=false"], repo
+    )
     assert "Stage 'features' didn't change" in exp.stdout and "Running stage 'train_probe'" in exp.stdout
-    assert "evaluate" not in exp.stdout and not (repo / "metrics/test_probe").exists(), "a grid point stops at validation"
+    assert "evaluate" not in exp.stdout and not (repo / "metrics/test_probe").exists(), (
+        "a grid point stops at validation"
+    )
     assert (repo / "data/features/train.npy").read_bytes() == features
     summary = json.loads((repo / "metrics/train_probe/metrics.json").read_text())
     assert summary["best/C"] == 0.5 and 0 <= summary["best/val_acc"] <= 1

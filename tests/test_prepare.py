@@ -45,7 +45,11 @@ def test_split_counts_no_overlap_and_cache(tmp_path, tiny_folder, monkeypatch):
     assert report["classes"] == 3 and report["skipped_files"] == 0
     splits = {name: read_split(tmp_path, name) for name in prepare.SPLITS}
     paths = {name: {row["path"] for row in rows} for name, rows in splits.items()}
-    assert not (paths["train"] & paths["val"]) and not (paths["train"] & paths["test"]) and not (paths["val"] & paths["test"])
+    assert (
+        not (paths["train"] & paths["val"])
+        and not (paths["train"] & paths["test"])
+        and not (paths["val"] & paths["test"])
+    )
     for label in range(3):
         counts = {name: sum(int(r["label"]) == label for r in rows) for name, rows in splits.items()}
         assert counts == {"train": 4, "val": 2, "test": 6}
@@ -54,7 +58,11 @@ def test_split_counts_no_overlap_and_cache(tmp_path, tiny_folder, monkeypatch):
     # rows of the array are the images of the CSV rows, in order
     first = tiny_folder / splits["train"][0]["path"]
     np.testing.assert_array_equal(train[0], load_image(first, 40))
-    assert json.loads((tmp_path / "data/prepared/classes.json").read_text()) == ["class_0", "class_1", "class_2"]
+    assert json.loads((tmp_path / "data/prepared/classes.json").read_text()) == [
+        "class_0",
+        "class_1",
+        "class_2",
+    ]
 
 
 def test_split_is_deterministic_and_depends_on_seed(tmp_path, tiny_folder, monkeypatch):
@@ -70,7 +78,9 @@ def test_split_is_deterministic_and_depends_on_seed(tmp_path, tiny_folder, monke
     assert read_split(first, "train") != read_split(other_seed, "train")
 
 
-def test_validation_folds_partition_the_training_images_and_keep_the_test_split(tmp_path, tiny_folder, monkeypatch):
+def test_validation_folds_partition_the_training_images_and_keep_the_test_split(
+    tmp_path, tiny_folder, monkeypatch
+):
     """data.val_fold: train_per_class 6 with val_per_class 2 holds three disjoint folds; train + val and test never change."""
     folds = []
     for fold in range(3):
@@ -80,7 +90,10 @@ def test_validation_folds_partition_the_training_images_and_keep_the_test_split(
         folds.append({name: {row["path"] for row in read_split(workdir, name)} for name in prepare.SPLITS})
     assert all(len(f["val"]) == 3 * 2 and len(f["train"]) == 3 * 4 for f in folds)
     assert len(set.union(*(f["val"] for f in folds))) == 3 * 6, "the folds' validation images are disjoint"
-    assert all(f["train"] | f["val"] == folds[0]["train"] | folds[0]["val"] and f["test"] == folds[0]["test"] for f in folds)
+    assert all(
+        f["train"] | f["val"] == folds[0]["train"] | folds[0]["val"] and f["test"] == folds[0]["test"]
+        for f in folds
+    )
     with pytest.raises(ConfigError, match="data.val_fold must be < 3"):
         prepare_in(tmp_path / "fold0", monkeypatch, tiny_folder, val_fold=3)
 
@@ -158,7 +171,9 @@ def loopback_server(tmp_path):
     server.shutdown()
 
 
-def test_download_verifies_and_extracts_the_official_layout(tmp_path, tiny_folder, loopback_server, monkeypatch):
+def test_download_verifies_and_extracts_the_official_layout(
+    tmp_path, tiny_folder, loopback_server, monkeypatch
+):
     base, www = loopback_server
     _, zip_md5, tar_md5 = official_style_zip(tiny_folder, www / "caltech-101.zip")
     monkeypatch.setattr(dataset, "CALTECH101_URL", f"{base}/caltech-101.zip")
@@ -217,10 +232,15 @@ def test_the_env_var_is_only_a_checked_copy_of_the_official_data(tmp_path, tiny_
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.setenv("TRANSFERLAB_DATA", str(tiny_folder))
-    with pytest.raises(DatasetError, match=rf"TRANSFERLAB_DATA={tiny_folder} is not the official Caltech-101 .*set data.source: {tiny_folder}"):
+    with pytest.raises(
+        DatasetError,
+        match=rf"TRANSFERLAB_DATA={tiny_folder} is not the official Caltech-101 .*set data.source: {tiny_folder}",
+    ):
         prepare_in(work, monkeypatch, "download")
     assert not (work / "data/prepared").exists()
-    monkeypatch.setattr(dataset, "CALTECH101_MANIFEST_MD5", dataset.manifest_md5(tiny_folder))  # as if it were the official data
+    monkeypatch.setattr(
+        dataset, "CALTECH101_MANIFEST_MD5", dataset.manifest_md5(tiny_folder)
+    )  # as if it were the official data
     assert prepare_in(work, monkeypatch, "download")["source"] == str(tiny_folder)
     # with data.source naming the images, the variable is ignored
     other = tmp_path / "other"

@@ -35,7 +35,9 @@ def test_the_regularisation_is_chosen_on_validation(winner):
     grid = [1e-4, 10.0]
     heads = [probe.fit_head(*train_set, 3, C, 1000) for C in grid]
     predictions = [head.logits(val_features).argmax(1) for head in heads]
-    assert (predictions[0] != predictions[1]).mean() > 0.1, "the two C values must disagree for the test to mean anything"
+    assert (predictions[0] != predictions[1]).mean() > 0.1, (
+        "the two C values must disagree for the test to mean anything"
+    )
     cfg = ProbeConfig(C=grid)
     head, chosen, results = probe.choose_c(train_set, (val_features, predictions[winner]), 3, cfg)
     assert chosen["C"] == grid[winner]
@@ -67,7 +69,9 @@ def test_probe_stage_then_lp_ft_starts_from_exactly_the_probe(project):
     with (train_dir("probe") / "regularization.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [float(r["C"]) for r in rows] == [0.01, 1.0]
-    best = max(rows, key=lambda r: (float(r["val_acc"]), -float(r["val_loss"])))  # ties: the lower validation loss
+    best = max(
+        rows, key=lambda r: (float(r["val_acc"]), -float(r["val_loss"]))
+    )  # ties: the lower validation loss
     assert summary["best/C"] == float(best["C"]) and summary["train_images"] == 3 * 6, "refit on train + val"
     train_features, val_features = load_features("train"), load_features("val")
     assert train_features.shape == (2, 3 * 4, 512) and val_features.shape == (2, 3 * 2, 512), "both views"
@@ -83,12 +87,19 @@ def test_probe_stage_then_lp_ft_starts_from_exactly_the_probe(project):
     # LP-FT before its first step predicts exactly what the probe predicts
     params = load_params()
     cfg = params.train_config("finetune")
-    start, _, prep = training.initial_model(params.model.arch, project.weights_path, load_classes(), dataclasses.replace(cfg, init_head="probe"))
-    assert torch.equal(predict_logits(start, images, prep, 32, 16, False), predict_logits(fitted.model, images, fitted.prep, 32, 16, False))
+    start, _, prep = training.initial_model(
+        params.model.arch, project.weights_path, load_classes(), dataclasses.replace(cfg, init_head="probe")
+    )
+    assert torch.equal(
+        predict_logits(start, images, prep, 32, 16, False),
+        predict_logits(fitted.model, images, fitted.prep, 32, 16, False),
+    )
     fresh, _, _ = training.initial_model(params.model.arch, project.weights_path, load_classes(), cfg)
     assert not torch.equal(fresh.fc.weight, start.fc.weight), "init_head: random keeps a fresh head"
 
-    with pytest.raises(ConfigError, match="probe.train_on_val: true"):  # its head has seen the validation images
+    with pytest.raises(
+        ConfigError, match="probe.train_on_val: true"
+    ):  # its head has seen the validation images
         project(init_head="probe", train_on_val=False) or training.run("finetune")
     project(init_head="probe", train_on_val=True, epochs=1)
     best = training.run("finetune")
@@ -104,7 +115,9 @@ def test_random_crops_are_more_training_views_for_the_probe_only(project):
     features.main()
     train, val, test = (np.array(load_features(split)) for split in ("train", "val", "test"))
     assert train.shape == (4, 3 * 4, 512) and val.shape == (4, 3 * 2, 512) and test.shape == (2, 3 * 6, 512)
-    assert not np.allclose(train[2], train[0]) and not np.allclose(train[2], train[3]), "the crops are views of their own"
+    assert not np.allclose(train[2], train[0]) and not np.allclose(train[2], train[3]), (
+        "the crops are views of their own"
+    )
     samples, labels = probe.as_samples(train, load_split("train")[1], flip=True)
     assert samples.shape == (4 * 3 * 4, 512) and np.array_equal(labels[:12], labels[24:36])
     np.testing.assert_array_equal(probe.scored(val, flip=True), val[:2].mean(0))
@@ -122,7 +135,9 @@ def test_lp_ft_refuses_a_probe_of_another_model(project):
         training.start_from_probe(other.model, "resnet18", "none", other.classes, checkpoint_path("probe"))
     checkpoint_path("probe").unlink()
     with pytest.raises(ModelError, match="run its stage first"):
-        training.start_from_probe(other.model, "resnet18", project.weights_path, other.classes, checkpoint_path("probe"))
+        training.start_from_probe(
+            other.model, "resnet18", project.weights_path, other.classes, checkpoint_path("probe")
+        )
 
 
 def test_train_and_test_resolutions_reach_the_model(project, monkeypatch):
@@ -165,18 +180,27 @@ def test_flip_tta_in_evaluate_is_the_mean_of_both_views(project, monkeypatch):
     crops = trained.crop(images)  # the evaluation crop; TTA adds its mirror image
     with torch.no_grad():
         plain, mirrored = (trained.model(normalize(view, trained.prep)) for view in (crops, crops.flip(3)))
-    assert not torch.allclose(plain, mirrored), "the model must see the difference for the test to mean anything"
+    assert not torch.allclose(plain, mirrored), (
+        "the model must see the difference for the test to mean anything"
+    )
     expected = ((plain + mirrored) / 2).softmax(1).numpy()
     np.testing.assert_allclose(trained.probabilities(images, tta="flip"), expected, atol=1e-6)
 
     # evaluate@probe scores from the frozen test features: the same mean of both views, without a backbone pass
-    np.testing.assert_allclose(evaluate.probe_probabilities(checkpoint_path("probe"), labels, trained.classes, "flip"), expected, atol=1e-5)
+    np.testing.assert_allclose(
+        evaluate.probe_probabilities(checkpoint_path("probe"), labels, trained.classes, "flip"),
+        expected,
+        atol=1e-5,
+    )
     cfg = load_params().evaluate
     metrics = evaluate.evaluate("probe")
     with (evaluation_dir("probe") / "per_class.csv").open() as f:
         recall = {row["class"]: float(row["recall"]) for row in csv.DictReader(f)}
     predictions = expected.argmax(1)
-    assert recall == {name: pytest.approx((predictions[labels == c] == c).mean(), abs=1e-4) for c, name in enumerate(trained.classes)}
+    assert recall == {
+        name: pytest.approx((predictions[labels == c] == c).mean(), abs=1e-4)
+        for c, name in enumerate(trained.classes)
+    }
     assert cfg.tta == "flip" and metrics["top1"] == pytest.approx((predictions == labels).mean())
 
 
@@ -213,20 +237,34 @@ def test_the_holdout_twin_of_lp_ft_starts_from_the_probe_fitted_on_train_only_an
     features.main()
     probe.main()
     summary = json.loads((train_dir("probe") / "metrics.json").read_text())
-    train_only = probe.fit_head(*probe.as_samples(load_features("train"), load_split("train")[1], flip=True), 3, summary["best/C"], 1000)
+    train_only = probe.fit_head(
+        *probe.as_samples(load_features("train"), load_split("train")[1], flip=True),
+        3,
+        summary["best/C"],
+        1000,
+    )
     twin = TrainedModel.load(checkpoint_path(holdout("probe")), device="cpu")
     np.testing.assert_allclose(twin.model.fc.weight.detach().numpy(), train_only.weight, rtol=1e-5, atol=1e-6)
     final = TrainedModel.load(checkpoint_path("probe"), device="cpu")
-    assert not torch.allclose(final.model.fc.weight, twin.model.fc.weight), "the final probe is refitted on train + val"
+    assert not torch.allclose(final.model.fc.weight, twin.model.fc.weight), (
+        "the final probe is refitted on train + val"
+    )
 
     params = load_params()
     start, _, _ = training.initial_model(
-        params.model.arch, project.weights_path, load_classes(), params.train_config("finetune", holdout=True), holdout("probe")
+        params.model.arch,
+        project.weights_path,
+        load_classes(),
+        params.train_config("finetune", holdout=True),
+        holdout("probe"),
     )
     assert torch.equal(start.fc.weight, twin.model.fc.weight)
     best = training.run("finetune", holdout=True)
     assert best["val_acc"] is not None and best["epoch"] in (1, 2)
-    assert json.loads((train_dir(holdout("finetune")) / "metrics.json").read_text())["best/val_acc"] == best["val_acc"]
+    assert (
+        json.loads((train_dir(holdout("finetune")) / "metrics.json").read_text())["best/val_acc"]
+        == best["val_acc"]
+    )
     assert (train_dir(holdout("finetune")) / "plots" / "metrics" / "val" / "acc.tsv").is_file()
     kept = torch.load(checkpoint_path(holdout("finetune")), weights_only=True)
     assert kept["run"] == holdout("finetune") and kept["config"]["train_on_val"] is False

@@ -14,24 +14,41 @@ import yaml
 
 from conftest import CALTECH, HF_HOME, tiny_params
 from transferlab import dataset, features, prepare, probe, training
-from transferlab.inference import onnx_runner as ONNX_RUNNER
 from transferlab.dataset import scan
+from transferlab.inference import onnx_runner as ONNX_RUNNER
 from transferlab.paths import train_dir
 from transferlab.splits import load_split
 
 pytestmark = [
     pytest.mark.real_data,
-    pytest.mark.skipif(os.environ.get("TRANSFERLAB_REAL_DATA") != "1", reason="opt-in: set TRANSFERLAB_REAL_DATA=1"),
-    pytest.mark.skipif(not CALTECH.is_dir() or not HF_HOME.is_dir(), reason="../shared (Caltech-101, HF cache) is absent"),
+    pytest.mark.skipif(
+        os.environ.get("TRANSFERLAB_REAL_DATA") != "1", reason="opt-in: set TRANSFERLAB_REAL_DATA=1"
+    ),
+    pytest.mark.skipif(
+        not CALTECH.is_dir() or not HF_HOME.is_dir(), reason="../shared (Caltech-101, HF cache) is absent"
+    ),
 ]
 
-SUBSET = ["airplanes", "bonsai", "chair", "dolphin", "elephant", "ferry", "grand_piano", "hedgehog", "lamp", "sunflower"]
+SUBSET = [
+    "airplanes",
+    "bonsai",
+    "chair",
+    "dolphin",
+    "elephant",
+    "ferry",
+    "grand_piano",
+    "hedgehog",
+    "lamp",
+    "sunflower",
+]
 
 
 def test_real_archive_layout_and_stray_file():
     classes, files = scan(CALTECH, exclude=[])
     assert len(classes) == 102 and len(files) == 9145
-    root_images, skipped, _ = prepare.decode_all(CALTECH, [f for f in files if f.path == "BACKGROUND_Google/tmp"], 64)
+    root_images, skipped, _ = prepare.decode_all(
+        CALTECH, [f for f in files if f.path == "BACKGROUND_Google/tmp"], 64
+    )
     assert not root_images and skipped[0]["path"] == "BACKGROUND_Google/tmp"
     assert skipped[0]["reason"].startswith("DatasetError: not an image file name")
     classes, _ = scan(CALTECH, exclude=["BACKGROUND_Google"])
@@ -50,9 +67,18 @@ def test_pretrained_weights_beat_random_init_by_a_wide_margin(tmp_path, monkeypa
     for name in SUBSET:
         (subset / name).symlink_to(CALTECH / name)
     params = tiny_params()
-    params["data"].update(source=str(subset), train_per_class=12, val_per_class=4, test_per_class=5, cache_size=144)
+    params["data"].update(
+        source=str(subset), train_per_class=12, val_per_class=4, test_per_class=5, cache_size=144
+    )
     params["model"] = {"arch": "timm/tf_efficientnet_lite0", "weights": "imagenet"}
-    shared = {"epochs": 3, "batch_size": 16, "image_size": 112, "eval_image_size": 128, "lr": 0.02, "backbone_lr_scale": 0.1}
+    shared = {
+        "epochs": 3,
+        "batch_size": 16,
+        "image_size": 112,
+        "eval_image_size": 128,
+        "lr": 0.02,
+        "backbone_lr_scale": 0.1,
+    }
     params["train"].update(shared)
     params["scratch"].update({key: value for key, value in shared.items() if key != "backbone_lr_scale"})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
@@ -60,12 +86,16 @@ def test_pretrained_weights_beat_random_init_by_a_wide_margin(tmp_path, monkeypa
     prepare.main()
     finetuned = training.run("finetune")["val_acc"]
     scratch = training.run("scratch")["val_acc"]
-    assert finetuned >= 0.8, f"fine-tuned ImageNet weights reach only {finetuned:.2f} on 10 easy classes: were they loaded?"
+    assert finetuned >= 0.8, (
+        f"fine-tuned ImageNet weights reach only {finetuned:.2f} on 10 easy classes: were they loaded?"
+    )
     assert finetuned - scratch >= 0.4, (finetuned, scratch)
 
     # the features stage (ONNX Runtime on a CPU), then a head trained on those frozen real features
     params["features"]["image_size"] = 128
-    params["train"].update(mode="feature_extract", augment=False, epochs=10, lr=0.1, image_size=128, eval_image_size=128)
+    params["train"].update(
+        mode="feature_extract", augment=False, epochs=10, lr=0.1, image_size=128, eval_image_size=128
+    )
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     features.main()
     head_only = training.run("finetune")["val_acc"]
@@ -73,7 +103,15 @@ def test_pretrained_weights_beat_random_init_by_a_wide_margin(tmp_path, monkeypa
 
     # the linear probe stage (logistic regression on the real features), and LP-FT starting from exactly it
     params["probe"].update(C=[0.1, 1.0], train_on_val=False)
-    params["train"].update(mode="finetune", augment=True, init_head="probe", epochs=1, lr=0.002, backbone_lr_scale=1.0, image_size=112)
+    params["train"].update(
+        mode="finetune",
+        augment=True,
+        init_head="probe",
+        epochs=1,
+        lr=0.002,
+        backbone_lr_scale=1.0,
+        image_size=112,
+    )
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     probe.main()
     fitted = json.loads((train_dir("probe") / "metrics.json").read_text())["best/val_acc"]

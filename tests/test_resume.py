@@ -63,7 +63,10 @@ def results(repo: Path) -> dict:
     summary = json.loads((repo / "metrics/train_finetune/metrics.json").read_text())
     checkpoint = torch.load(repo / "data/models/finetune/model.pt", weights_only=True)
     return {
-        "curves": {str(p.relative_to(curves)): [line.split("\t")[:2] for line in p.read_text().splitlines()] for p in sorted(curves.rglob("*.tsv"))},
+        "curves": {
+            str(p.relative_to(curves)): [line.split("\t")[:2] for line in p.read_text().splitlines()]
+            for p in sorted(curves.rglob("*.tsv"))
+        },
         "summary": {k: v for k, v in summary.items() if k != "wall_time_s"},
         "weights": checkpoint["model"],
         "epoch": checkpoint["epoch"],
@@ -85,7 +88,13 @@ def uninterrupted(repo: Path, monkeypatch) -> dict:
 
 
 def test_sigkill_mid_run_then_dvc_repro_resumes_and_matches_an_uninterrupted_run(repo, monkeypatch):
-    dvc = subprocess.Popen(["dvc", "repro", "train_finetune"], cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    dvc = subprocess.Popen(
+        ["dvc", "repro", "train_finetune"],
+        cwd=repo,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     wait_for(lambda: saved_epoch(repo) >= 2, "the second epoch's saved state")
     trainers = [p for p in psutil.Process(dvc.pid).children(recursive=True) if is_trainer(p)]
     assert len(trainers) == 1, "the training process should still be running"

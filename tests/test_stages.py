@@ -25,7 +25,9 @@ def test_metrics_with_known_answers():
     metrics = classification_metrics(labels, probs, topk=[1, 2, 5, 6])
     assert metrics["top1"] == pytest.approx(4 / 6)
     assert metrics["mean_per_class_acc"] == pytest.approx((3 / 4 + 1 + 0) / 3)
-    assert metrics["top2"] == pytest.approx(5 / 6)  # image 5's class is its 2nd guess; image 3's is ranked last
+    assert metrics["top2"] == pytest.approx(
+        5 / 6
+    )  # image 5's class is its 2nd guess; image 3's is ranked last
     assert metrics["top5"] == pytest.approx(5 / 6)  # only image 3 (class 0 ranked 6th) misses
     assert metrics["top6"] == 1.0
 
@@ -57,7 +59,9 @@ def test_atomic_dir_replaces_a_folder_whole_or_not_at_all(tmp_path):
         assert not any(staging.iterdir()), "a fresh staging folder, not the killed run's"
         (staging / "c.txt").write_text("new")
     write_json(tmp_path / "metrics.json", {"top1": 0.5})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "prepared"], "no staging folder or temp file left"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "prepared"], (
+        "no staging folder or temp file left"
+    )
     assert [p.name for p in target.iterdir()] == ["c.txt"], "the old folder's files do not linger"
 
 
@@ -77,24 +81,48 @@ def test_atomic_dir_renames_the_old_folder_aside_before_the_new_one_in(tmp_path,
     with pytest.raises(KeyboardInterrupt), atomic_dir(target) as staging:
         (staging / "a.txt").write_text("new")
     monkeypatch.undo()
-    assert not target.exists() and (tmp_path / "prepared.old.partial" / "a.txt").read_text() == "old", "whole, never mixed"
+    assert not target.exists() and (tmp_path / "prepared.old.partial" / "a.txt").read_text() == "old", (
+        "whole, never mixed"
+    )
     with atomic_dir(target) as staging:
         (staging / "a.txt").write_text("new")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared"] and (target / "a.txt").read_text() == "new"
+    assert (
+        sorted(p.name for p in tmp_path.iterdir()) == ["prepared"] and (target / "a.txt").read_text() == "new"
+    )
 
 
 def write_results(model: str, top1: float, per_class: dict[str, float]) -> None:
     out = evaluation_dir(model)
     out.mkdir(parents=True)
-    write_json(out / "metrics.json", {"top1": top1, "top5": 1.0, "mean_per_class_acc": sum(per_class.values()) / len(per_class), "test_images": 40})
-    rows = ["class,precision,recall,f1,support"] + [f"{name},0.5,{acc},0.5,10" for name, acc in per_class.items()]
+    write_json(
+        out / "metrics.json",
+        {
+            "top1": top1,
+            "top5": 1.0,
+            "mean_per_class_acc": sum(per_class.values()) / len(per_class),
+            "test_images": 40,
+        },
+    )
+    rows = ["class,precision,recall,f1,support"] + [
+        f"{name},0.5,{acc},0.5,10" for name, acc in per_class.items()
+    ]
     (out / "per_class.csv").write_text("\n".join(rows) + "\n")
     train_dir(model).mkdir(parents=True)
     if model == "probe":
         settings = {"mode": "linear_probe", "image_size": 32, "weights": "none", "train_on_val": True}
-        write_json(train_dir(model) / "metrics.json", {"best/val_acc": 0.7, "best/C": 0.3, "wall_time_s": 12.0})
+        write_json(
+            train_dir(model) / "metrics.json", {"best/val_acc": 0.7, "best/C": 0.3, "wall_time_s": 12.0}
+        )
     else:
-        settings = {"mode": model, "epochs": 2, "image_size": 32, "eval_image_size": 32, "lr": 0.1, "backbone_lr_scale": 0.1, "weights": "none"}
+        settings = {
+            "mode": model,
+            "epochs": 2,
+            "image_size": 32,
+            "eval_image_size": 32,
+            "lr": 0.1,
+            "backbone_lr_scale": 0.1,
+            "weights": "none",
+        }
         write_json(train_dir(model) / "metrics.json", {"best/epoch": 2, "wall_time_s": 30.0})
         curves = train_dir(model) / "plots" / "metrics" / "train"
         curves.mkdir(parents=True)
@@ -118,8 +146,12 @@ def test_comparison_gains_and_ranking(tmp_path, monkeypatch):
     table = report.split("## Training budget")[0]
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| Model")]
     assert [row.split(" | ")[0] for row in rows] == ["| Linear probe", "| Fine-tuned", "| From scratch"]
-    assert rows[0].endswith("| +25.00% |") and rows[1].endswith("| +27.50% |") and rows[2].endswith("| - |"), "gain over scratch, mean per-class"
-    assert "| Linear probe | linear_probe | none | - | 32 px | C 0.3 | train + val | 70.00% (C 0.3) |" in report
+    assert (
+        rows[0].endswith("| +25.00% |") and rows[1].endswith("| +27.50% |") and rows[2].endswith("| - |")
+    ), "gain over scratch, mean per-class"
+    assert (
+        "| Linear probe | linear_probe | none | - | 32 px | C 0.3 | train + val | 70.00% (C 0.3) |" in report
+    )
     assert "helps 2 classes, hurts 1, ties 1" in report
     most = report.split("## Classes that gain most")[1].split("##")[0]
     assert most.index("| cat |") < most.index("| fox |") < most.index("| emu |") < most.index("| dog |")
@@ -140,5 +172,9 @@ def test_training_without_a_validation_split_keeps_the_last_epoch(tmp_path, tiny
     best = training.run("scratch")
     assert best == {"val_acc": None, "epoch": 2}
     checkpoint = torch.load(checkpoint_path("scratch"), weights_only=True)
-    assert checkpoint["epoch"] == 2 and checkpoint["val_acc"] is None and checkpoint["classes"] == ["class_0", "class_1", "class_2"]
+    assert (
+        checkpoint["epoch"] == 2
+        and checkpoint["val_acc"] is None
+        and checkpoint["classes"] == ["class_0", "class_1", "class_2"]
+    )
     assert "best/val_acc" not in json.loads((train_dir("scratch") / "metrics.json").read_text())

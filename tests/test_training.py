@@ -44,14 +44,22 @@ def test_finetune_trains_every_layer_and_keeps_batch_norm_statistics(project):
     state, pretrained = trained_state(), project.weights
     assert not same(state["conv1.weight"], pretrained["conv1.weight"])
     assert not same(state["layer4.1.conv2.weight"], pretrained["layer4.1.conv2.weight"])
-    assert same(state["layer2.0.bn1.running_mean"], pretrained["layer2.0.bn1.running_mean"])  # freeze_bn_stats
+    assert same(
+        state["layer2.0.bn1.running_mean"], pretrained["layer2.0.bn1.running_mean"]
+    )  # freeze_bn_stats
 
 
 def test_partial_unfreezing_trains_only_layer3_layer4_and_the_head(project):
     project(mode="finetune", frozen_stages=3, freeze_bn_stats=False)
     training.run("finetune")
     state, pretrained = trained_state(), project.weights
-    for key in ("conv1.weight", "bn1.running_mean", "layer1.0.conv1.weight", "layer2.1.bn2.running_var", "layer2.1.bn2.weight"):
+    for key in (
+        "conv1.weight",
+        "bn1.running_mean",
+        "layer1.0.conv1.weight",
+        "layer2.1.bn2.running_var",
+        "layer2.1.bn2.weight",
+    ):
         assert same(state[key], pretrained[key]), f"{key} is in a frozen stage"
     for key in ("layer3.0.conv1.weight", "layer4.1.bn2.running_mean"):
         assert not same(state[key], pretrained[key]), f"{key} should train"
@@ -161,7 +169,9 @@ def test_unavailable_precision_and_device_fail_before_any_work(project):
         training.run("finetune")
     if not torch.cuda.is_available():
         project(runtime={"precision": "fp32", "device": "cuda"})
-        with pytest.raises(ConfigError, match="runtime.device: cuda is not available on this machine; available: auto, cpu"):
+        with pytest.raises(
+            ConfigError, match="runtime.device: cuda is not available on this machine; available: auto, cpu"
+        ):
             training.run("finetune")
     if not cpu_supports_bf16():
         project(runtime={"precision": "bf16", "device": "cpu"})
@@ -176,17 +186,24 @@ def test_bf16_autocast_path_where_the_cpu_has_native_bf16(project, monkeypatch):
     project(runtime={"precision": "bf16", "device": "cpu"}, epochs=1)
     training.run("finetune")
     assert np.isfinite(logged("finetune", "train/loss")).all()
-    assert torch.load(checkpoint_path("finetune"), weights_only=True)["model"]["fc.weight"].dtype == torch.float32
+    assert (
+        torch.load(checkpoint_path("finetune"), weights_only=True)["model"]["fc.weight"].dtype
+        == torch.float32
+    )
 
 
 def test_augmentation_draws_per_image_on_whole_batches():
     cfg = TrainConfig(image_size=24, crop_scale_min=0.2, auto_augment="trivialaugment", mixup_alpha=0.4)
     image = torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8)
     batch, labels = image.expand(4, 3, 40, 40).clone(), torch.tensor([0, 1, 2, 0])
-    inputs, targets = BatchAugmenter(cfg, PREP, num_classes=3, cache_size=40, channels_last=False)(batch, labels)
+    inputs, targets = BatchAugmenter(cfg, PREP, num_classes=3, cache_size=40, channels_last=False)(
+        batch, labels
+    )
     assert inputs.shape == (4, 3, 24, 24) and inputs.dtype == torch.float32
     assert len({tuple(x.flatten()[:50].tolist()) for x in inputs}) == 4, "each image gets its own crop"
-    assert targets.shape == (4, 3) and torch.allclose(targets.sum(1), torch.ones(4))  # MixUp: class probabilities
+    assert targets.shape == (4, 3) and torch.allclose(
+        targets.sum(1), torch.ones(4)
+    )  # MixUp: class probabilities
     plain = BatchAugmenter(TrainConfig(image_size=24, augment=False), PREP, 3, 40, channels_last=False)
     fixed, same_labels = plain(batch, labels)
     assert torch.equal(fixed[0], fixed[3]) and torch.equal(same_labels, labels)
@@ -203,11 +220,20 @@ def test_balanced_sampling_draws_classes_equally():
 
 @pytest.mark.parametrize(
     ("name", "options"),
-    [("sgd", {"nesterov": True}), ("adam", {}), ("adamw", {}), ("rmsprop", {"momentum": 0.9}), ("adagrad", {}), ("adadelta", {})],
+    [
+        ("sgd", {"nesterov": True}),
+        ("adam", {}),
+        ("adamw", {}),
+        ("rmsprop", {"momentum": 0.9}),
+        ("adagrad", {}),
+        ("adadelta", {}),
+    ],
 )
 def test_optimizers(name, options):
     weight = torch.nn.Parameter(torch.ones(3))
-    optimizer = build_optimizer([{"params": [weight], "lr": 0.1, "weight_decay": 0.01}], TrainConfig(optimizer=name, lr=0.1))
+    optimizer = build_optimizer(
+        [{"params": [weight], "lr": 0.1, "weight_decay": 0.01}], TrainConfig(optimizer=name, lr=0.1)
+    )
     assert type(optimizer).__name__.lower() == name
     for key, value in options.items():
         assert optimizer.defaults[key] == value
@@ -244,8 +270,14 @@ def lr_per_epoch(steps_per_epoch: int = 4, monitored: list[float] | None = None,
         ({"schedule": "constant", "warmup_steps": 2}, [0.01, 1, 1, 1]),
         ({"schedule": "step", "step_epochs": 2, "gamma": 0.5, "warmup_epochs": 1.0}, [0.01, 1, 0.5, 0.5]),
         ({"schedule": "exponential", "gamma": 0.5, "warmup_steps": 2}, [0.01, 0.5, 0.25, 0.125]),
-        ({"schedule": "multistep", "milestones": [2], "gamma": 0.1, "warmup_epochs": 1.0}, [0.01, 1, 0.1, 0.1]),
-        ({"schedule": "plateau", "gamma": 0.5, "plateau_patience": 0, "monitored": [0.5, 0.6, 0.6, 0.6]}, [1, 1, 1, 0.5]),
+        (
+            {"schedule": "multistep", "milestones": [2], "gamma": 0.1, "warmup_epochs": 1.0},
+            [0.01, 1, 0.1, 0.1],
+        ),
+        (
+            {"schedule": "plateau", "gamma": 0.5, "plateau_patience": 0, "monitored": [0.5, 0.6, 0.6, 0.6]},
+            [1, 1, 1, 0.5],
+        ),
     ],
 )
 def test_schedules(cfg, expected):

@@ -40,11 +40,20 @@ def test_interpolation_at_0_is_the_start_at_1_the_end_and_between_the_mix(projec
     for weight in (1.0, 0.0, 0.3):
         project(probe={"C": [1.0]}, init_head="probe", train_on_val=True, epochs=1, interpolation=weight)
         best = training.run("finetune", holdout=True)
-        runs[weight] = {"state": kept_state(TWIN), "best": best, "curve": curve(TWIN), "logits": val_logits(TWIN)}
+        runs[weight] = {
+            "state": kept_state(TWIN),
+            "best": best,
+            "curve": curve(TWIN),
+            "logits": val_logits(TWIN),
+        }
     start, end = kept_state(holdout("probe")), runs[1.0]["state"]  # one epoch: the best is the last
-    assert all(torch.equal(runs[0.0]["state"][key], value) for key, value in start.items()), "0: exactly the probe"
+    assert all(torch.equal(runs[0.0]["state"][key], value) for key, value in start.items()), (
+        "0: exactly the probe"
+    )
     assert torch.equal(runs[0.0]["logits"], val_logits(holdout("probe"))), "0: the probe's predictions"
-    assert not torch.equal(end["fc.weight"], start["fc.weight"]) and not torch.equal(end["layer1.0.conv1.weight"], start["layer1.0.conv1.weight"])
+    assert not torch.equal(end["fc.weight"], start["fc.weight"]) and not torch.equal(
+        end["layer1.0.conv1.weight"], start["layer1.0.conv1.weight"]
+    )
     for key in ("fc.weight", "layer1.0.conv1.weight"):
         torch.testing.assert_close(runs[0.3]["state"][key], start[key] + 0.3 * (end[key] - start[key]))
     # one curve, the same whichever weight is kept, drawn at every point and the kept one; its ends are the runs' scores
@@ -53,7 +62,9 @@ def test_interpolation_at_0_is_the_start_at_1_the_end_and_between_the_mix(projec
     assert runs[1.0]["curve"][1.0] == runs[1.0]["best"]["val_acc"]
     assert runs[0.3]["best"] == {"val_acc": runs[0.3]["curve"][0.3], "epoch": 1}
     val_labels = load_split("val")[1]
-    assert runs[0.0]["curve"][0.0] == pytest.approx((runs[0.0]["logits"].argmax(1).numpy() == val_labels).mean())
+    assert runs[0.0]["curve"][0.0] == pytest.approx(
+        (runs[0.0]["logits"].argmax(1).numpy() == val_labels).mean()
+    )
 
 
 def test_the_line_ends_at_the_last_epoch_which_a_final_fit_keeps(project):
@@ -61,14 +72,22 @@ def test_the_line_ends_at_the_last_epoch_which_a_final_fit_keeps(project):
     features.main()
     probe.main()
     training.run("finetune", holdout=True)
-    accs = [float(r.split("\t")[1]) for r in (train_dir(TWIN) / "plots" / "metrics" / "val" / "acc.tsv").read_text().splitlines()[1:]]
+    accs = [
+        float(r.split("\t")[1])
+        for r in (train_dir(TWIN) / "plots" / "metrics" / "val" / "acc.tsv").read_text().splitlines()[1:]
+    ]
     assert accs.index(max(accs)) != len(accs) - 1, "a run whose best epoch is not its last"
     assert curve(TWIN)[1.0] == accs[-1]
 
 
 def test_interpolation_is_exact_at_both_ends():
-    start, end = {"w": torch.randn(50), "n": torch.tensor(3)}, {"w": torch.randn(50) * 1e6, "n": torch.tensor(7)}
-    assert torch.equal(interpolate(start, end, 0.0)["w"], start["w"]) and torch.equal(interpolate(start, end, 1.0)["w"], end["w"])
+    start, end = (
+        {"w": torch.randn(50), "n": torch.tensor(3)},
+        {"w": torch.randn(50) * 1e6, "n": torch.tensor(7)},
+    )
+    assert torch.equal(interpolate(start, end, 0.0)["w"], start["w"]) and torch.equal(
+        interpolate(start, end, 1.0)["w"], end["w"]
+    )
     assert interpolate(start, end, 0.5)["n"] == 7, "counters are not mixed"
 
 
@@ -85,7 +104,9 @@ def test_the_moving_average_is_the_exponential_average_of_the_weights_it_saw():
     for weights in seen[1:]:
         expected = decay * expected + (1 - decay) * weights
     torch.testing.assert_close(average.module.weight, expected)
-    assert expected[0, 0].item() == pytest.approx(((0.75 * 1 + 0.25 * 4) * 0.75 + 0.25 * 9) * 0.75 + 0.25 * 16)
+    assert expected[0, 0].item() == pytest.approx(
+        ((0.75 * 1 + 0.25 * 4) * 0.75 + 0.25 * 9) * 0.75 + 0.25 * 16
+    )
 
 
 def test_the_moving_average_copies_integer_buffers():
@@ -111,6 +132,15 @@ def test_the_moving_average_is_what_training_validates_and_keeps(project):
     best = training.run("finetune")
     images, labels = load_split("val")
     kept = TrainedModel.load(checkpoint_path("finetune"), device="cpu")
-    assert best["val_acc"] == pytest.approx((kept.probabilities(images, 16).argmax(1) == labels).mean()), "the average is validated"
-    torch.testing.assert_close(kept_state("finetune")["layer1.0.conv1.weight"], project.weights["layer1.0.conv1.weight"], rtol=1e-4, atol=1e-5)
-    assert not torch.allclose(last["layer1.0.conv1.weight"], project.weights["layer1.0.conv1.weight"], rtol=1e-4, atol=1e-5)
+    assert best["val_acc"] == pytest.approx((kept.probabilities(images, 16).argmax(1) == labels).mean()), (
+        "the average is validated"
+    )
+    torch.testing.assert_close(
+        kept_state("finetune")["layer1.0.conv1.weight"],
+        project.weights["layer1.0.conv1.weight"],
+        rtol=1e-4,
+        atol=1e-5,
+    )
+    assert not torch.allclose(
+        last["layer1.0.conv1.weight"], project.weights["layer1.0.conv1.weight"], rtol=1e-4, atol=1e-5
+    )

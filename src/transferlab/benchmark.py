@@ -398,7 +398,9 @@ def clone_project(project: Path, path: Path) -> Workspace:
     clone = Workspace(path, env)
     params = read_yaml((path / "params.yaml").read_text())
     source = (params.get("data") or {}).get("source")
-    if source and source != "download" and not Path(source).is_absolute():  # the same data at the same relative path
+    if (
+        source and source != "download" and not Path(source).is_absolute()
+    ):  # the same data at the same relative path
         (path / source).parent.mkdir(parents=True, exist_ok=True)
         (path / source).symlink_to((project / source).resolve())
     clone.dvc("cache", "dir", "--local", origin.dvc("cache", "dir").strip())
@@ -504,7 +506,9 @@ def print_table(results: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--arch", default="timm/tf_efficientnet_lite0")
     parser.add_argument("--weights", default="none", help="model.weights (values do not change speeds)")
     parser.add_argument("--image-size", type=int, default=160)
@@ -523,14 +527,18 @@ def main(argv: list[str] | None = None) -> None:
     experiments = parser.add_argument_group("experiment overheads, with the real dvc commands")
     experiments.add_argument("--grid", action="store_true", help="measure these instead of the throughput")
     experiments.add_argument("--grid-epochs", type=int, default=1, help="epochs of each training experiment")
-    experiments.add_argument("--grid-image-size", type=int, help="their train and eval size (default: params)")
+    experiments.add_argument(
+        "--grid-image-size", type=int, help="their train and eval size (default: params)"
+    )
     experiments.add_argument("--probe-c", type=float, default=0.1, help="the C of the probe experiment (a)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.grid:
         results = grid(args)
     else:
-        with cores.shared():  # this process's share of the cores, set once: its figures are for that many threads
+        with (
+            cores.shared()
+        ):  # this process's share of the cores, set once: its figures are for that many threads
             results = throughput(args)
     print_table(results)
     if args.json:

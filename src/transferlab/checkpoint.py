@@ -31,7 +31,9 @@ def load_torch_file(path: str | Path) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        if isinstance(err, OSError) or is_out_of_memory(err):  # the file may be fine: not a reason to distrust it
+        if isinstance(err, OSError) or is_out_of_memory(
+            err
+        ):  # the file may be fine: not a reason to distrust it
             raise
         # torch's message for a refused pickle: a paragraph on the weights_only default, then the refused GLOBAL.
         # Only a file torch wrote (a zip archive, or the legacy format's pickle header) is reported as refused: the
@@ -39,8 +41,13 @@ def load_torch_file(path: str | Path) -> object:
         # tripped on (truncated, empty, a text or web page).
         refused = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), None)
         if refused and _written_by_torch(path):
-            raise ModelError(f"refusing to load {path}: it holds more than tensors and plain containers ({refused})") from err
-        reason = next((line.strip() for line in str(err).splitlines() if line.strip() and "weights_only" not in line), "")
+            raise ModelError(
+                f"refusing to load {path}: it holds more than tensors and plain containers ({refused})"
+            ) from err
+        reason = next(
+            (line.strip() for line in str(err).splitlines() if line.strip() and "weights_only" not in line),
+            "",
+        )
         if len(reason) > 160:
             reason = reason[:160].rsplit(" ", 1)[0] + " ..."
         if Path(path).stat().st_size == 0:
@@ -59,7 +66,9 @@ def read_checkpoint(path: str | Path) -> dict:
     """A training stage's checkpoint dict (arch, classes, model weights, ...), or a ``ModelError`` saying why not."""
     checkpoint = load_torch_file(path)
     if not isinstance(checkpoint, dict) or not {"arch", "classes", "model"} <= set(checkpoint):
-        raise ModelError(f"{path} is not a checkpoint written by a training stage (no arch, classes and model)")
+        raise ModelError(
+            f"{path} is not a checkpoint written by a training stage (no arch, classes and model)"
+        )
     return checkpoint
 
 
@@ -70,8 +79,21 @@ def save_torch_file(path: Path, data: dict) -> None:
 
 
 def save_checkpoint(
-    path: Path, state: dict, *, run: str, mode: str, arch: str, weights: str, classes: list[str], head: str,
-    preprocessing: dict, cache_size: int, eval_image_size: int, channels_last: bool, config: dict, **extra,
+    path: Path,
+    state: dict,
+    *,
+    run: str,
+    mode: str,
+    arch: str,
+    weights: str,
+    classes: list[str],
+    head: str,
+    preprocessing: dict,
+    cache_size: int,
+    eval_image_size: int,
+    channels_last: bool,
+    config: dict,
+    **extra,
 ) -> None:
     """A trained model with everything needed to use it: architecture, classes, preprocessing, how it was made."""
     checkpoint = {

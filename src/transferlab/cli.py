@@ -1,11 +1,11 @@
 """``transferlab``: use any trained model (a ``model.pt`` a training stage wrote) outside the pipeline.
 
-    transferlab predict IMAGE_OR_FOLDER... --model data/models/finetune/model.pt --topk 5 [--csv F] [--json F]
-    transferlab gradcam IMAGE --model PATH [--class NAME] [--layer NAME] [--out gradcam.png]
-    transferlab features IMAGE --model PATH [--layer NAME] [--count 16] [--out features.png]
-    transferlab export --model PATH --format torchscript|onnx --out FILE [--check IMAGE_OR_FOLDER]
-    transferlab experiments [--json SHOWN] [--all-commits] [--out metrics/experiments] [--only NAME ...]
-    transferlab lr-find finetune|scratch [--steps 100] [--start 1e-5] [--end 1] [--seeds 3] [--out metrics/experiments/lr_find]
+transferlab predict IMAGE_OR_FOLDER... --model data/models/finetune/model.pt --topk 5 [--csv F] [--json F]
+transferlab gradcam IMAGE --model PATH [--class NAME] [--layer NAME] [--out gradcam.png]
+transferlab features IMAGE --model PATH [--layer NAME] [--count 16] [--out features.png]
+transferlab export --model PATH --format torchscript|onnx --out FILE [--check IMAGE_OR_FOLDER]
+transferlab experiments [--json SHOWN] [--all-commits] [--out metrics/experiments] [--only NAME ...]
+transferlab lr-find finetune|scratch [--steps 100] [--start 1e-5] [--end 1] [--seeds 3] [--out metrics/experiments/lr_find]
 """
 
 from __future__ import annotations
@@ -66,8 +66,8 @@ def cmd_predict(args) -> int:
 def cmd_gradcam(args) -> int:
     import matplotlib.pyplot as plt
 
-    from .figures import save_figure
     from .explain import display_images, gradcam, show_overlay
+    from .figures import save_figure
     from .trained_model import TrainedModel
 
     trained = TrainedModel.load(args.model)
@@ -80,7 +80,9 @@ def cmd_gradcam(args) -> int:
     show_overlay(left, shown, None, args.image.name)
     show_overlay(right, shown, cam, f"Grad-CAM for {trained.classes[target]} ({probs[target]:.1%})")
     save_figure(fig, args.out)
-    print(f"{args.out}: Grad-CAM of {trained.classes[target]} (p={probs[target]:.3f}); predicted {trained.classes[int(probs.argmax())]}")
+    print(
+        f"{args.out}: Grad-CAM of {trained.classes[target]} (p={probs[target]:.3f}); predicted {trained.classes[int(probs.argmax())]}"
+    )
     return 0
 
 
@@ -91,7 +93,9 @@ def cmd_features(args) -> int:
     trained = TrainedModel.load(args.model)
     image = one_image(trained, args.image)
     layer, maps = feature_maps(trained, image, args.layer)
-    plot_feature_maps(args.out, display_images(trained, image, trained.image_size)[0], maps[0], layer, args.count)
+    plot_feature_maps(
+        args.out, display_images(trained, image, trained.image_size)[0], maps[0], layer, args.count
+    )
     print(f"{args.out}: feature maps of {layer}, shape {tuple(maps.shape[1:])}")
     return 0
 
@@ -108,7 +112,9 @@ def cmd_export(args) -> int:
         if not len(sample):
             raise DatasetError(f"--check {args.check}: no readable image to compare on")
     else:  # random images: the check then compares logits, not meaningful predictions
-        sample = np.random.default_rng(0).integers(0, 256, (4, trained.cache_size, trained.cache_size, 3), dtype=np.uint8)
+        sample = np.random.default_rng(0).integers(
+            0, 256, (4, trained.cache_size, trained.cache_size, 3), dtype=np.uint8
+        )
     try:
         check = export(trained, args.format, args.out, sample)
     except ExportError as err:
@@ -137,7 +143,16 @@ def cmd_lr_find(args) -> int:
 
     if not 0 < args.start < args.end:
         raise ConfigError(f"--start ({args.start:g}) and --end ({args.end:g}): need 0 < start < end")
-    options = ["--steps", str(args.steps), "--start", f"{args.start:g}", "--end", f"{args.end:g}", "--seeds", str(args.seeds)]
+    options = [
+        "--steps",
+        str(args.steps),
+        "--start",
+        f"{args.start:g}",
+        "--end",
+        f"{args.end:g}",
+        "--seeds",
+        str(args.seeds),
+    ]
     command = shlex.join(["transferlab", "lr-find", args.run, *options])
     result = run(args.run, args.steps, args.start, args.end, args.seeds, args.out, command)
     summary = result["summary"]
@@ -153,26 +168,46 @@ def cmd_lr_find(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    main_parser = argparse.ArgumentParser(prog="transferlab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    main_parser = argparse.ArgumentParser(
+        prog="transferlab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = main_parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, handler, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
-        sub.add_argument("--model", type=Path, default=Path(DEFAULT_MODEL), help=f"a trained model.pt (default: {DEFAULT_MODEL})")
+        sub.add_argument(
+            "--model",
+            type=Path,
+            default=Path(DEFAULT_MODEL),
+            help=f"a trained model.pt (default: {DEFAULT_MODEL})",
+        )
         sub.set_defaults(handler=handler)
         return sub
 
-    predict = command("predict", cmd_predict, "top-k classes and probabilities of an image or of every image in a folder")
-    predict.add_argument("images", type=Path, nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and folders (walked as prepare walks a class folder)")
+    predict = command(
+        "predict", cmd_predict, "top-k classes and probabilities of an image or of every image in a folder"
+    )
+    predict.add_argument(
+        "images",
+        type=Path,
+        nargs="+",
+        metavar="IMAGE_OR_FOLDER",
+        help="image files and folders (walked as prepare walks a class folder)",
+    )
     predict.add_argument("--topk", type=int, default=5)
     predict.add_argument("--batch-size", type=int, default=32)
     predict.add_argument(
-        "--tta", choices=TTA_MODES, default="flip", help="test-time augmentation, as evaluate's evaluate.tta (default: flip)"
+        "--tta",
+        choices=TTA_MODES,
+        default="flip",
+        help="test-time augmentation, as evaluate's evaluate.tta (default: flip)",
     )
     predict.add_argument("--csv", type=Path, help="also write the predictions (and unreadable files) as CSV")
     predict.add_argument("--json", type=Path, help="also write them as JSON")
 
-    gradcam = command("gradcam", cmd_gradcam, "Grad-CAM heatmap of an image for the predicted (or a chosen) class")
+    gradcam = command(
+        "gradcam", cmd_gradcam, "Grad-CAM heatmap of an image for the predicted (or a chosen) class"
+    )
     gradcam.add_argument("image", type=Path)
     gradcam.add_argument("--class", dest="target", help="class to explain (default: the predicted one)")
     gradcam.add_argument("--layer", help="dotted module name (default: the last layer with a spatial output)")
@@ -180,21 +215,46 @@ def parser() -> argparse.ArgumentParser:
 
     features = command("features", cmd_features, "feature maps of a layer for an image")
     features.add_argument("image", type=Path)
-    features.add_argument("--layer", help="dotted module name (default: the last layer with a spatial output)")
-    features.add_argument("--count", type=int, default=16, help="channels shown (those with the highest mean activation)")
+    features.add_argument(
+        "--layer", help="dotted module name (default: the last layer with a spatial output)"
+    )
+    features.add_argument(
+        "--count", type=int, default=16, help="channels shown (those with the highest mean activation)"
+    )
     features.add_argument("--out", type=Path, default=Path("features.png"))
 
-    export = command("export", cmd_export, "export to TorchScript or ONNX and check it predicts what the model predicts")
+    export = command(
+        "export", cmd_export, "export to TorchScript or ONNX and check it predicts what the model predicts"
+    )
     export.add_argument("--format", choices=("torchscript", "onnx"), required=True)
     export.add_argument("--out", type=Path, required=True)
-    export.add_argument("--check", type=Path, metavar="IMAGE_OR_FOLDER", help="images to compare on (default: 4 random images)")
+    export.add_argument(
+        "--check",
+        type=Path,
+        metavar="IMAGE_OR_FOLDER",
+        help="images to compare on (default: 4 random images)",
+    )
 
     summary_help = "summarise DVC experiments: plots against each varied param, each model's best setting chosen on validation"
     experiments = commands.add_parser("experiments", help=summary_help, description=summary_help)
-    experiments.add_argument("--json", type=Path, dest="shown_json", help="a saved `dvc exp show --json` (default: run it here)")
-    experiments.add_argument("--all-commits", action="store_true", help="experiments of every commit, not only the current one")
-    experiments.add_argument("--out", type=Path, default=Path("metrics/experiments"), help="output folder (default: metrics/experiments)")
-    experiments.add_argument("--only", nargs="+", metavar="NAME", help="only these experiments (one grid of several queued together)")
+    experiments.add_argument(
+        "--json", type=Path, dest="shown_json", help="a saved `dvc exp show --json` (default: run it here)"
+    )
+    experiments.add_argument(
+        "--all-commits", action="store_true", help="experiments of every commit, not only the current one"
+    )
+    experiments.add_argument(
+        "--out",
+        type=Path,
+        default=Path("metrics/experiments"),
+        help="output folder (default: metrics/experiments)",
+    )
+    experiments.add_argument(
+        "--only",
+        nargs="+",
+        metavar="NAME",
+        help="only these experiments (one grid of several queued together)",
+    )
     experiments.set_defaults(handler=cmd_experiments)
 
     lr_help = "learning-rate range test of a training run: loss against an exponentially rising lr, and a suggested lr"
@@ -203,8 +263,18 @@ def parser() -> argparse.ArgumentParser:
     lr_find.add_argument("--steps", type=int, default=100, help="optimizer steps per test (default: 100)")
     lr_find.add_argument("--start", type=float, default=1e-5, help="first learning rate (default: 1e-5)")
     lr_find.add_argument("--end", type=float, default=1.0, help="last learning rate (default: 1)")
-    lr_find.add_argument("--seeds", type=int, default=3, help="tests, each with its own seed; the median suggestion wins (default: 3)")
-    lr_find.add_argument("--out", type=Path, default=Path("metrics/experiments/lr_find"), help="output folder (default: metrics/experiments/lr_find)")
+    lr_find.add_argument(
+        "--seeds",
+        type=int,
+        default=3,
+        help="tests, each with its own seed; the median suggestion wins (default: 3)",
+    )
+    lr_find.add_argument(
+        "--out",
+        type=Path,
+        default=Path("metrics/experiments/lr_find"),
+        help="output folder (default: metrics/experiments/lr_find)",
+    )
     lr_find.set_defaults(handler=cmd_lr_find)
     return main_parser
 

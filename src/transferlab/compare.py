@@ -21,7 +21,17 @@ import yaml
 from .config import MODELS, RUNS, load_params
 from .figures import plt, save_figure
 from .fileio import read_json, write_json, write_text
-from .paths import COMPARISON_JSON, COMPARISON_MD, CURVES_PNG, GAIN_PNG, GRADCAM_IMAGE, REPORT_HTML, evaluation_dir, holdout, train_dir
+from .paths import (
+    COMPARISON_JSON,
+    COMPARISON_MD,
+    CURVES_PNG,
+    GAIN_PNG,
+    GRADCAM_IMAGE,
+    REPORT_HTML,
+    evaluation_dir,
+    holdout,
+    train_dir,
+)
 from .stage import run_stage
 
 # panels of the learning-curve plot: the final fits' training curves, then the holdout twins' accuracy on the
@@ -48,8 +58,13 @@ class Table:
 
 def metric_labels(metrics: dict) -> dict[str, str]:
     """The test metrics every model reports, in display order (top-k in order of k)."""
-    topk = sorted((key for key in metrics if key.startswith("top") and key[3:].isdigit()), key=lambda key: int(key[3:]))
-    return {"mean_per_class_acc": "Mean per-class accuracy", **{key: f"Top-{key[3:]} accuracy" for key in topk}}
+    topk = sorted(
+        (key for key in metrics if key.startswith("top") and key[3:].isdigit()), key=lambda key: int(key[3:])
+    )
+    return {
+        "mean_per_class_acc": "Mean per-class accuracy",
+        **{key: f"Top-{key[3:]} accuracy" for key in topk},
+    }
 
 
 def read_per_class(run: str) -> dict[str, float]:
@@ -88,7 +103,9 @@ def read_interpolation() -> tuple[list[float], list[float]]:
 
 def training_budget(run: str) -> tuple[dict, dict]:
     """The run's settings (dvclive's params.yaml) and its summary (metrics.json), from the training stage's folder."""
-    return yaml.safe_load((train_dir(run) / "params.yaml").read_text()), read_json(train_dir(run) / "metrics.json")
+    return yaml.safe_load((train_dir(run) / "params.yaml").read_text()), read_json(
+        train_dir(run) / "metrics.json"
+    )
 
 
 def model_name(model: str, cfg: dict) -> str:
@@ -97,7 +114,12 @@ def model_name(model: str, cfg: dict) -> str:
 
 def gains_over_scratch(results: dict[str, dict]) -> dict[str, float]:
     """``<model>/<metric>``: how many points each pretrained model adds to the scratch model's test metric."""
-    return {f"{model}/{key}": results[model][key] - results["scratch"][key] for model in MODELS if model != "scratch" for key in metric_labels(results[model])}
+    return {
+        f"{model}/{key}": results[model][key] - results["scratch"][key]
+        for model in MODELS
+        if model != "scratch"
+        for key in metric_labels(results[model])
+    }
 
 
 def metrics_table(results: dict[str, dict], names: dict[str, str]) -> Table:
@@ -107,7 +129,14 @@ def metrics_table(results: dict[str, dict], names: dict[str, str]) -> Table:
     for model, metrics in results.items():
         gain = metrics["mean_per_class_acc"] - results["scratch"]["mean_per_class_acc"]
         ece = f"{metrics['ece']:.3f}" if "ece" in metrics else "n/a"
-        rows.append([names[model], *(f"{metrics[key]:.2%}" for key in labels), ece, "-" if model == "scratch" else f"{gain:+.2%}"])
+        rows.append(
+            [
+                names[model],
+                *(f"{metrics[key]:.2%}" for key in labels),
+                ece,
+                "-" if model == "scratch" else f"{gain:+.2%}",
+            ]
+        )
     return Table("Linear probe, fine-tuned and from scratch, test split", headers, rows)
 
 
@@ -116,24 +145,66 @@ def budget_row(name: str, cfg: dict, summary: dict) -> list[str]:
     trained_on = "train + val" if cfg.get("train_on_val") else "train"
     wall = f"{summary['wall_time_s'] / 60:.1f} min"
     if mode == "linear_probe":
-        val = f"{summary['best/val_acc']:.2%} (C {summary['best/C']:g})" if "best/val_acc" in summary else "n/a"
-        return [name, mode, cfg["weights"], "-", f"{cfg['image_size']} px", f"C {summary['best/C']:g}", trained_on, val, wall]
+        val = (
+            f"{summary['best/val_acc']:.2%} (C {summary['best/C']:g})" if "best/val_acc" in summary else "n/a"
+        )
+        return [
+            name,
+            mode,
+            cfg["weights"],
+            "-",
+            f"{cfg['image_size']} px",
+            f"C {summary['best/C']:g}",
+            trained_on,
+            val,
+            wall,
+        ]
     body = cfg["lr"] * cfg["backbone_lr_scale"]
-    lr = f"{cfg['lr']:g}" + {"finetune": f" (body {body:g})", "feature_extract": " (body frozen)"}.get(mode, "")
-    val = f"{summary['best/val_acc']:.2%} (epoch {summary['best/epoch']})" if "best/val_acc" in summary else "n/a"
-    return [name, mode, cfg["weights"], str(cfg["epochs"]), f"{cfg['image_size']} / {cfg['eval_image_size']} px", lr, trained_on, val, wall]
+    lr = f"{cfg['lr']:g}" + {"finetune": f" (body {body:g})", "feature_extract": " (body frozen)"}.get(
+        mode, ""
+    )
+    val = (
+        f"{summary['best/val_acc']:.2%} (epoch {summary['best/epoch']})"
+        if "best/val_acc" in summary
+        else "n/a"
+    )
+    return [
+        name,
+        mode,
+        cfg["weights"],
+        str(cfg["epochs"]),
+        f"{cfg['image_size']} / {cfg['eval_image_size']} px",
+        lr,
+        trained_on,
+        val,
+        wall,
+    ]
 
 
 def budget_table(budgets: dict[str, tuple[dict, dict]], names: dict[str, str]) -> Table:
     rows = [budget_row(names[model], cfg, summary) for model, (cfg, summary) in budgets.items()]
-    headers = ["Model", "Mode", "Weights", "Epochs", "Train / eval resolution", "lr (probe: C)", "Trained on", "Val acc", "Stage wall time"]
+    headers = [
+        "Model",
+        "Mode",
+        "Weights",
+        "Epochs",
+        "Train / eval resolution",
+        "lr (probe: C)",
+        "Trained on",
+        "Val acc",
+        "Stage wall time",
+    ]
     return Table("Training budget", headers, rows)
 
 
 def gain_tables(gains: list[tuple[str, float, float, float]], top: int) -> list[Table]:
     headers = ["Class", "Fine-tuned", "Scratch", "Gain"]
     return [
-        Table(f"Classes that {title} from fine-tuning", headers, [[name, f"{ft:.1%}", f"{sc:.1%}", f"{gain:+.1%}"] for name, ft, sc, gain in rows])
+        Table(
+            f"Classes that {title} from fine-tuning",
+            headers,
+            [[name, f"{ft:.1%}", f"{sc:.1%}", f"{gain:+.1%}"] for name, ft, sc, gain in rows],
+        )
         for title, rows in (("gain most", gains[:top]), ("gain least (or lose)", gains[::-1][:top]))
     ]
 
@@ -143,19 +214,29 @@ def confusion_tables(top: int, names: dict[str, str]) -> list[Table]:
     tables = []
     for model in MODELS:
         pairs = read_confused_pairs(model, top)
-        rows = [[p["true_class"], p["predicted_class"], p["count"], f"{float(p['share_of_true_class']):.0%}"] for p in pairs]
+        rows = [
+            [p["true_class"], p["predicted_class"], p["count"], f"{float(p['share_of_true_class']):.0%}"]
+            for p in pairs
+        ]
         tables.append(Table(f"Most confused pairs, {names[model]}", headers, rows))
     return tables
 
 
 def markdown(table: Table) -> list[str]:
-    lines = [f"## {table.title}", "", "| " + " | ".join(table.headers) + " |", "|---|" + "---:|" * (len(table.headers) - 1)]
+    lines = [
+        f"## {table.title}",
+        "",
+        "| " + " | ".join(table.headers) + " |",
+        "|---|" + "---:|" * (len(table.headers) - 1),
+    ]
     return lines + ["| " + " | ".join(row) + " |" for row in table.rows] + [""]
 
 
 def html_table(table: Table, heading: bool = True) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in table.headers)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in row) + "</tr>" for row in table.rows)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in row) + "</tr>" for row in table.rows
+    )
     title = f"<h2>{html.escape(table.title)}</h2>\n" if heading else ""
     return f"{title}<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
@@ -224,7 +305,11 @@ pre { background: #f6f6f6; padding: 0.8em; font-size: 0.8em; overflow-x: auto; }
 
 def html_report(comparison: Comparison) -> str:
     def pictures(name: str) -> str:
-        return "<div class='row'>" + "".join(embedded_image(evaluation_dir(model) / name, NAMES[model]) for model in MODELS) + "</div>"
+        return (
+            "<div class='row'>"
+            + "".join(embedded_image(evaluation_dir(model) / name, NAMES[model]) for model in MODELS)
+            + "</div>"
+        )
 
     def params_of(run: str, cfg: dict) -> str:
         return f"<h3>{run}</h3><pre>{html.escape(yaml.safe_dump(cfg, sort_keys=False))}</pre>"
@@ -245,14 +330,18 @@ def html_report(comparison: Comparison) -> str:
     for name, title in EVALUATION_PICTURES:
         parts += [f"<h2>{html.escape(title)}</h2>", pictures(name)]
     parts += [html_table(t) for t in comparison.confusions]
-    parts += ["<h2>Params of each model</h2>", *(params_of(name, cfg) for name, cfg in comparison.params.items())]
+    parts += [
+        "<h2>Params of each model</h2>",
+        *(params_of(name, cfg) for name, cfg in comparison.params.items()),
+    ]
     body = "\n".join(parts)
     return f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>transferlab report</title><style>{STYLE}</style></head>\n<body>\n{body}\n</body></html>\n"
 
 
 def plot_curves(path: Path) -> None:
     curves = {
-        (metric, title, source): {run: read_curve(holdout(run) if source else run, metric) for run in RUNS} for metric, title, source in CURVES
+        (metric, title, source): {run: read_curve(holdout(run) if source else run, metric) for run in RUNS}
+        for metric, title, source in CURVES
     }
     curves = {panel: runs for panel, runs in curves.items() if any(epochs for epochs, _ in runs.values())}
     probe_val = read_json(train_dir("probe") / "metrics.json").get("best/val_acc")
@@ -262,14 +351,23 @@ def plot_curves(path: Path) -> None:
     if weights:
         ax = axes[0][-1]
         ax.plot(weights, accuracies, "-o", markersize=3, color="tab:blue")
-        ax.set(title=f"{NAMES['finetune']}: start + w (end - start), held out", xlabel="w (0: where fine-tuning starts, 1: fine-tuned)",
-               ylabel="validation accuracy (no TTA)")
+        ax.set(
+            title=f"{NAMES['finetune']}: start + w (end - start), held out",
+            xlabel="w (0: where fine-tuning starts, 1: fine-tuned)",
+            ylabel="validation accuracy (no TTA)",
+        )
         ax.grid(alpha=0.3)
     for ax, ((metric, title, source), runs) in zip(axes[0], curves.items()):
         for (run, (epochs, values)), style in zip(runs.items(), ("-o", "-s")):
             ax.plot(epochs, values, style, markersize=3, label=NAMES[run])
         if source and probe_val is not None:  # the probe has no epochs: its validation accuracy, as a level
-            ax.axhline(probe_val, color="grey", linestyle="--", linewidth=1, label=f"{NAMES['probe']} ({probe_val:.1%}, with flip TTA)")
+            ax.axhline(
+                probe_val,
+                color="grey",
+                linestyle="--",
+                linewidth=1,
+                label=f"{NAMES['probe']} ({probe_val:.1%}, with flip TTA)",
+            )
         ax.set(title=title, xlabel="epoch")
         ax.grid(alpha=0.3)
         ax.legend()
@@ -281,7 +379,10 @@ def plot_gains(path: Path, gains: list[tuple[str, float, float, float]]) -> None
     names = [g[0] for g in gains][::-1]
     values = [g[3] * 100 for g in gains][::-1]
     ax.barh(names, values, color=["tab:green" if v >= 0 else "tab:red" for v in values])
-    ax.set(xlabel="fine-tuned minus scratch, per-class test accuracy (points)", title="Gain from ImageNet pretraining per class")
+    ax.set(
+        xlabel="fine-tuned minus scratch, per-class test accuracy (points)",
+        title="Gain from ImageNet pretraining per class",
+    )
     ax.tick_params(axis="y", labelsize=6)
     ax.axvline(0, color="black", linewidth=0.8)
     save_figure(fig, path)
@@ -291,10 +392,15 @@ def main() -> None:
     top = load_params().evaluate.top_classes
     results = {model: read_json(evaluation_dir(model) / "metrics.json") for model in MODELS}
     per_ft, per_sc = read_per_class("finetune"), read_per_class("scratch")
-    gains = sorted(((c, per_ft[c], per_sc[c], per_ft[c] - per_sc[c]) for c in per_ft), key=lambda g: (-g[3], g[0]))
+    gains = sorted(
+        ((c, per_ft[c], per_sc[c], per_ft[c] - per_sc[c]) for c in per_ft), key=lambda g: (-g[3], g[0])
+    )
     comparison = build_comparison(results, gains, top, {model: training_budget(model) for model in MODELS})
     write_text(COMPARISON_MD, markdown_report(comparison))
-    write_json(COMPARISON_JSON, {f"gain_over_scratch/{key}": gain for key, gain in gains_over_scratch(results).items()})
+    write_json(
+        COMPARISON_JSON,
+        {f"gain_over_scratch/{key}": gain for key, gain in gains_over_scratch(results).items()},
+    )
     plot_curves(CURVES_PNG)
     plot_gains(GAIN_PNG, gains)
     write_text(REPORT_HTML, html_report(comparison))

@@ -65,7 +65,9 @@ class DataConfig:
                 f"data.train_per_class ({self.train_per_class}): validation images are held out of the training ones"
             )
         if self.val_fold and not self.val_per_class:
-            raise ConfigError(f"data.val_fold ({self.val_fold}) picks validation images, but data.val_per_class is 0")
+            raise ConfigError(
+                f"data.val_fold ({self.val_fold}) picks validation images, but data.val_per_class is 0"
+            )
         folds = self.train_per_class // self.val_per_class if self.val_per_class else 1
         if self.val_fold >= folds:
             raise ConfigError(
@@ -119,7 +121,14 @@ class FeaturesConfig:
 
 
 # keys of a run's section that only fine-tuning reads: train_scratch trains every layer from random init
-FINETUNE_ONLY = ("mode", "init_head", "frozen_stages", "backbone_lr_scale", "freeze_bn_stats", "interpolation")
+FINETUNE_ONLY = (
+    "mode",
+    "init_head",
+    "frozen_stages",
+    "backbone_lr_scale",
+    "freeze_bn_stats",
+    "interpolation",
+)
 
 
 @dataclass(frozen=True)
@@ -152,7 +161,9 @@ class TrainConfig:
     warmup_steps: int = field(default=0, metadata=_range(0))  # ... or in optimizer steps (not both)
     step_epochs: int = field(default=2, metadata=_range(1))  # step: multiply by gamma every step_epochs
     milestones: list = field(default_factory=list)  # multistep: epochs at which the lr is multiplied by gamma
-    gamma: float = field(default=0.1, metadata=_range(0, 1, low_open=True))  # step, multistep, exponential (per epoch), plateau
+    gamma: float = field(
+        default=0.1, metadata=_range(0, 1, low_open=True)
+    )  # step, multistep, exponential (per epoch), plateau
     plateau_patience: int = field(default=1, metadata=_range(0))
     # validation metric that picks the best epoch, drives plateau and early stopping
     monitor: str = field(default="val_acc", metadata=_choice(*MONITORS))
@@ -175,12 +186,18 @@ class TrainConfig:
     crop_scale_min: float = field(default=0.25, metadata=_range(0, 1, low_open=True))  # random resized crop
     hflip: bool = True
     rotation_degrees: float = field(default=0.0, metadata=_range(0, 180))
-    color_jitter: float = field(default=0.0, metadata=_range(0, 1))  # brightness, contrast, saturation strength
+    color_jitter: float = field(
+        default=0.0, metadata=_range(0, 1)
+    )  # brightness, contrast, saturation strength
     auto_augment: str = field(default="none", metadata=_choice(*AUTO_AUGMENTS))
     random_erasing: float = field(default=0.0, metadata=_range(0, 1))  # probability per image
-    mixup_alpha: float = field(default=0.0, metadata=_range(0))  # 0 = off; with cutmix, one of the two per batch
+    mixup_alpha: float = field(
+        default=0.0, metadata=_range(0)
+    )  # 0 = off; with cutmix, one of the two per batch
     cutmix_alpha: float = field(default=0.0, metadata=_range(0))
-    balanced_sampling: bool = False  # draw every class equally often (Caltech-101 has 31 to 800 images a class)
+    balanced_sampling: bool = (
+        False  # draw every class equally often (Caltech-101 has 31 to 800 images a class)
+    )
     compile: bool = False  # torch.compile the model: faster steps after a warm-up of about a minute on a CPU
     seed: int = 0
 
@@ -188,19 +205,31 @@ class TrainConfig:
 def _check_recipe(cfg: TrainConfig, section: str) -> None:
     """The checks that involve several keys of one run's section."""
     if cfg.ema_decay >= 1:
-        raise ConfigError(f"{section}.ema_decay must be < 1 (1 would keep the starting weights); 0 turns the average off")
+        raise ConfigError(
+            f"{section}.ema_decay must be < 1 (1 would keep the starting weights); 0 turns the average off"
+        )
     if cfg.warmup_epochs and cfg.warmup_steps:
-        raise ConfigError(f"{section}.warmup_epochs and {section}.warmup_steps are both set: give the warm-up in one unit")
+        raise ConfigError(
+            f"{section}.warmup_epochs and {section}.warmup_steps are both set: give the warm-up in one unit"
+        )
     if not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in cfg.milestones) or sorted(
         set(cfg.milestones)
     ) != list(cfg.milestones):
-        raise ConfigError(f"{section}.milestones must be increasing epoch numbers >= 1, got {cfg.milestones!r}")
+        raise ConfigError(
+            f"{section}.milestones must be increasing epoch numbers >= 1, got {cfg.milestones!r}"
+        )
     augmentations = ("rotation_degrees", "color_jitter", "random_erasing", "mixup_alpha", "cutmix_alpha")
-    unused = [name for name in augmentations if getattr(cfg, name)] + (["auto_augment"] if cfg.auto_augment != "none" else [])
+    unused = [name for name in augmentations if getattr(cfg, name)] + (
+        ["auto_augment"] if cfg.auto_augment != "none" else []
+    )
     if not cfg.augment and unused:
-        raise ConfigError(f"{section}.{unused[0]} has no effect with {section}.augment: false; set it to its off value or augment: true")
+        raise ConfigError(
+            f"{section}.{unused[0]} has no effect with {section}.augment: false; set it to its off value or augment: true"
+        )
     if cfg.schedule == "multistep" and not cfg.milestones:
-        raise ConfigError(f"{section}.schedule: multistep needs {section}.milestones (epochs at which the lr drops)")
+        raise ConfigError(
+            f"{section}.schedule: multistep needs {section}.milestones (epochs at which the lr drops)"
+        )
 
 
 @dataclass(frozen=True)
@@ -215,7 +244,9 @@ class ProbeConfig:
     train_on_val: bool = True  # refit on train + validation with the chosen C
 
     def __post_init__(self):
-        if not self.C or not all(isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0 for c in self.C):
+        if not self.C or not all(
+            isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0 for c in self.C
+        ):
             raise ConfigError(f"probe.C must be a non-empty list of numbers > 0, got {self.C!r}")
 
 
@@ -230,10 +261,14 @@ class EvaluateConfig:
     calibration_bins: int = field(default=15, metadata=_range(2, 100))  # reliability diagram and ECE
     gallery_size: int = field(default=24, metadata=_range(0, 200))  # misclassified test images shown
     gradcam_images: int = field(default=6, metadata=_range(0, 50))  # test images in the Grad-CAM panel
-    tta: str = field(default="flip", metadata=_choice(*TTA_MODES))  # flip: average the logits of image and mirror image
+    tta: str = field(
+        default="flip", metadata=_choice(*TTA_MODES)
+    )  # flip: average the logits of image and mirror image
 
     def __post_init__(self):
-        if not self.topk or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in self.topk):
+        if not self.topk or not all(
+            isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in self.topk
+        ):
             raise ConfigError(f"evaluate.topk must be a non-empty list of integers >= 1, got {self.topk!r}")
 
 
@@ -270,12 +305,29 @@ class Params:
         def key(name: str) -> str:
             return self.key(run, name)
 
-        needs_validation = [k for k, on in (("schedule", cfg.schedule == "plateau"), ("early_stopping_patience", cfg.early_stopping_patience)) if on]
+        needs_validation = [
+            k
+            for k, on in (
+                ("schedule", cfg.schedule == "plateau"),
+                ("early_stopping_patience", cfg.early_stopping_patience),
+            )
+            if on
+        ]
         if needs_validation and not self.data.val_per_class:
-            raise ConfigError(f"{key(needs_validation[0])} watches the validation split, but data.val_per_class is 0")
+            raise ConfigError(
+                f"{key(needs_validation[0])} watches the validation split, but data.val_per_class is 0"
+            )
         if needs_validation and cfg.train_on_val:
-            raise ConfigError(f"{key(needs_validation[0])} watches the validation split, but {key('train_on_val')} trains on it; set one of them off")
-        if cfg.init_head == "probe" and self.probe.train_on_val and not cfg.train_on_val and self.data.val_per_class and not holdout:
+            raise ConfigError(
+                f"{key(needs_validation[0])} watches the validation split, but {key('train_on_val')} trains on it; set one of them off"
+            )
+        if (
+            cfg.init_head == "probe"
+            and self.probe.train_on_val
+            and not cfg.train_on_val
+            and self.data.val_per_class
+            and not holdout
+        ):
             raise ConfigError(
                 f"{key('train_on_val')}: false validates every epoch, but the probe the run starts from (train.init_head: probe) "
                 f"was fitted on the validation images too (probe.train_on_val: true); set both to false to choose settings"
@@ -291,7 +343,11 @@ class Params:
                 f"{key('mode')}: feature_extract trains a head on pretrained features, but model.weights is none; "
                 f"with random weights use one of: finetune, scratch"
             )
-        if cfg.mode == "feature_extract" and not cfg.augment and not cfg.image_size == cfg.eval_image_size == self.features.image_size:
+        if (
+            cfg.mode == "feature_extract"
+            and not cfg.augment
+            and not cfg.image_size == cfg.eval_image_size == self.features.image_size
+        ):
             raise ConfigError(
                 f"{key('augment')}: false with feature_extract trains on the features stage's output, computed at "
                 f"features.image_size ({self.features.image_size}): set {key('image_size')} and {key('eval_image_size')} to it"
@@ -326,7 +382,9 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
         whole = f"; write {int(value)}" if value.is_integer() else ""
         raise ConfigError(f"{key} must be a whole number, got {value!r}{whole}")
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-        raise ConfigError(f"{key} must be of type {expected.__name__}, got {value!r} ({type(value).__name__})")
+        raise ConfigError(
+            f"{key} must be of type {expected.__name__}, got {value!r} ({type(value).__name__})"
+        )
     return value
 
 
@@ -376,7 +434,7 @@ SECTIONS = {
     "evaluate": EvaluateConfig,
     "logging": LoggingConfig,
 }
-SCRATCH_EXCLUDES = {name: "train_scratch trains every layer from random init: this key is the fine-tuning's (train.)" for name in FINETUNE_ONLY}
+SCRATCH_EXCLUDES = dict.fromkeys(FINETUNE_ONLY, "train_scratch trains every layer from random init: this key is the fine-tuning's (train.)")
 
 
 def parse_params(raw: dict) -> Params:
@@ -386,7 +444,9 @@ def parse_params(raw: dict) -> Params:
     allowed = {*SECTIONS, "scratch"}
     unknown = set(raw) - allowed
     if unknown:
-        raise ConfigError(f"unknown section(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(allowed))}")
+        raise ConfigError(
+            f"unknown section(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(allowed))}"
+        )
     built = {name: _build(cls, name, raw.get(name)) for name, cls in SECTIONS.items()}
     scratch = _build(TrainConfig, "scratch", raw.get("scratch"), SCRATCH_EXCLUDES)
     built["scratch"] = dataclasses.replace(scratch, mode="scratch", init_head="random", frozen_stages=0)
@@ -396,7 +456,9 @@ def parse_params(raw: dict) -> Params:
     for run in RUNS:
         params.train_config(run)
     if len(params.probe.C) > 1 and not params.data.val_per_class:
-        raise ConfigError("probe.C lists several values to choose from on the validation split, but data.val_per_class is 0")
+        raise ConfigError(
+            "probe.C lists several values to choose from on the validation split, but data.val_per_class is 0"
+        )
     return params
 
 
@@ -409,7 +471,9 @@ class ParamsLoader(yaml.SafeLoader):
 
 
 ParamsLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+0123456789.")
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
 )
 
 

@@ -18,8 +18,8 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -88,7 +88,9 @@ def fixed_threads() -> int | None:
     if not value:
         return None
     if not value.isdigit() or int(value) < 1:
-        raise ConfigError(f"{THREADS_ENV}={value!r}: give a whole number of threads >= 1 (or unset it to share the cores)")
+        raise ConfigError(
+            f"{THREADS_ENV}={value!r}: give a whole number of threads >= 1 (or unset it to share the cores)"
+        )
     return int(value)
 
 

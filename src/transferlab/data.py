@@ -17,13 +17,21 @@ def _interpolation(prep: Preprocessing) -> InterpolationMode:
 
 def _per_image_augmentation(cfg: TrainConfig, prep: Preprocessing) -> v2.Transform:
     interpolation = _interpolation(prep)
-    steps = [v2.RandomResizedCrop(cfg.image_size, scale=(cfg.crop_scale_min, 1.0), interpolation=interpolation, antialias=True)]
+    steps = [
+        v2.RandomResizedCrop(
+            cfg.image_size, scale=(cfg.crop_scale_min, 1.0), interpolation=interpolation, antialias=True
+        )
+    ]
     if cfg.hflip:
         steps.append(v2.RandomHorizontalFlip())
     if cfg.rotation_degrees:
         steps.append(v2.RandomRotation(cfg.rotation_degrees, interpolation=interpolation))
     if cfg.color_jitter:
-        steps.append(v2.ColorJitter(brightness=cfg.color_jitter, contrast=cfg.color_jitter, saturation=cfg.color_jitter))
+        steps.append(
+            v2.ColorJitter(
+                brightness=cfg.color_jitter, contrast=cfg.color_jitter, saturation=cfg.color_jitter
+            )
+        )
     if cfg.auto_augment == "trivialaugment":
         steps.append(v2.TrivialAugmentWide(interpolation=interpolation))
     elif cfg.auto_augment == "randaugment":
@@ -47,7 +55,9 @@ class BatchAugmenter:
     batch gets the deterministic evaluation crop at ``image_size``.
     """
 
-    def __init__(self, cfg: TrainConfig, prep: Preprocessing, num_classes: int, cache_size: int, channels_last: bool):
+    def __init__(
+        self, cfg: TrainConfig, prep: Preprocessing, num_classes: int, cache_size: int, channels_last: bool
+    ):
         self.prep, self.channels_last = prep, channels_last
         self.per_image = _per_image_augmentation(cfg, prep) if cfg.augment else None
         self.whole_batch = None if cfg.augment else eval_resize(cfg.image_size, prep, cache_size)
@@ -66,7 +76,9 @@ class BatchAugmenter:
             images = torch.stack([self.erasing(image) for image in images])
         if self.mixing is not None:  # on float images: a mix of uint8 images would be rounded
             images, labels = self.mixing(images, labels)
-        return (images.contiguous(memory_format=torch.channels_last) if self.channels_last else images), labels
+        return (
+            images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+        ), labels
 
 
 def eval_resize(size: int, prep: Preprocessing, cache_size: int) -> v2.Transform:
@@ -81,7 +93,9 @@ def eval_resize(size: int, prep: Preprocessing, cache_size: int) -> v2.Transform
 
 def normalize(batch: torch.Tensor, prep: Preprocessing, channels_last: bool = False) -> torch.Tensor:
     """uint8 NCHW batch -> normalised float batch, in the memory format the model runs fastest in."""
-    batch = v2.functional.normalize(v2.functional.to_dtype(batch, torch.float32, scale=True), list(prep.mean), list(prep.std))
+    batch = v2.functional.normalize(
+        v2.functional.to_dtype(batch, torch.float32, scale=True), list(prep.mean), list(prep.std)
+    )
     return batch.contiguous(memory_format=torch.channels_last) if channels_last else batch
 
 
@@ -90,7 +104,9 @@ def epoch_order(labels: np.ndarray, generator: torch.Generator, balanced: bool) 
     if balanced:
         counts = np.bincount(labels)
         weights = torch.from_numpy(1.0 / counts[labels])
-        sampler = WeightedRandomSampler(weights, num_samples=len(labels), replacement=True, generator=generator)
+        sampler = WeightedRandomSampler(
+            weights, num_samples=len(labels), replacement=True, generator=generator
+        )
     else:
         sampler = RandomSampler(range(len(labels)), generator=generator)
     return torch.tensor(list(sampler), dtype=torch.int64)

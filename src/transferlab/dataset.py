@@ -60,7 +60,10 @@ def download(url: str, dest: Path, md5: str) -> Path:
     try:
         with urllib.request.urlopen(url, timeout=60) as response, atomic_path(dest) as tmp:
             total = int(response.headers.get("Content-Length") or 0) or None
-            with tmp.open("wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}") as bar:
+            with (
+                tmp.open("wb") as out,
+                tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}") as bar,
+            ):
                 for block in iter(lambda: response.read(1 << 20), b""):
                     out.write(block)
                     bar.update(len(block))
@@ -82,7 +85,9 @@ def _extract_zip(archive: Path, target: Path) -> None:
         for member in zf.infolist():
             destination = (root / member.filename).resolve()
             if not destination.is_relative_to(root) or member.filename.startswith("/"):
-                raise DatasetError(f"refusing to extract {member.filename!r} from {archive}: it points outside the target")
+                raise DatasetError(
+                    f"refusing to extract {member.filename!r} from {archive}: it points outside the target"
+                )
         zf.extractall(root)
 
 
@@ -98,7 +103,9 @@ def _extract_tar(archive: Path, target: Path) -> None:
     try:
         with tarfile.open(archive) as tf:
             tf.extractall(target, filter=_refuse_absolute_paths)
-            while tf.fileobj.read(1 << 20):  # to the end: a gzip stream's checksum and length are checked there
+            while tf.fileobj.read(
+                1 << 20
+            ):  # to the end: a gzip stream's checksum and length are checked there
                 pass
     except tarfile.FilterError as err:
         raise DatasetError(f"refusing to extract {archive}: {err}") from err
@@ -116,8 +123,17 @@ def extract(archive: Path, target: Path) -> Path:
                 raise DatasetError(
                     f"{archive} is neither a zip nor a tar archive (a web page saved under that name, or a zip cut short?)"
                 )
-        except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError) as err:
-            raise DatasetError(f"{archive} is damaged or cut short ({type(err).__name__}: {err}): get it again") from err
+        except (
+            tarfile.TarError,
+            zipfile.BadZipFile,
+            EOFError,
+            zlib.error,
+            gzip.BadGzipFile,
+            lzma.LZMAError,
+        ) as err:
+            raise DatasetError(
+                f"{archive} is damaged or cut short ({type(err).__name__}: {err}): get it again"
+            ) from err
     return target
 
 
@@ -155,13 +171,19 @@ def official_copy(copy: Path, raw_dir: Path) -> Path:
     if copy.is_dir():
         root = find_image_root(copy)
         if manifest_md5(root) != CALTECH101_MANIFEST_MD5:
-            raise DatasetError(f"{DATA_SOURCE_ENV}={copy} is not the official Caltech-101 (its files differ). {own_images}")
+            raise DatasetError(
+                f"{DATA_SOURCE_ENV}={copy} is not the official Caltech-101 (its files differ). {own_images}"
+            )
         return root
     if copy.is_file():
         if md5sum(copy) not in (CALTECH101_ZIP_MD5, CALTECH101_TAR_MD5):
-            raise DatasetError(f"{DATA_SOURCE_ENV}={copy} is not the official caltech-101.zip or its tar.gz (md5 differs). {own_images}")
+            raise DatasetError(
+                f"{DATA_SOURCE_ENV}={copy} is not the official caltech-101.zip or its tar.gz (md5 differs). {own_images}"
+            )
         return acquire_archive(copy, raw_dir)
-    raise DatasetError(f"{DATA_SOURCE_ENV}={copy} does not exist: give a local copy of the official Caltech-101, or unset it")
+    raise DatasetError(
+        f"{DATA_SOURCE_ENV}={copy} does not exist: give a local copy of the official Caltech-101, or unset it"
+    )
 
 
 def acquire(source: str, raw_dir: Path, official: str | None = None) -> Path:
@@ -217,13 +239,19 @@ def walk_files(folder: Path) -> list[Path]:
             continue
         seen.add(real)
         folders[:] = sorted(name for name in folders if not name.startswith("."))
-        found += [Path(parent) / name for name in files if not name.startswith(".") and os.path.isfile(os.path.join(parent, name))]
+        found += [
+            Path(parent) / name
+            for name in files
+            if not name.startswith(".") and os.path.isfile(os.path.join(parent, name))
+        ]
     return sorted(found)
 
 
 def scan(root: Path, exclude: list[str]) -> tuple[list[str], list[ImageFile]]:
     """List classes (sorted subfolder names, minus ``exclude``) and their files (see :func:`walk_files`), in a deterministic order."""
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in exclude and not p.name.startswith("."))
+    classes = sorted(
+        p.name for p in root.iterdir() if p.is_dir() and p.name not in exclude and not p.name.startswith(".")
+    )
     files = [
         ImageFile(f"{name}/{path.relative_to(root / name).as_posix()}", label, name)
         for label, name in enumerate(classes)
@@ -248,7 +276,9 @@ def scan(root: Path, exclude: list[str]) -> tuple[list[str], list[ImageFile]]:
 
 def to_8_bits(values: np.ndarray) -> np.ndarray:
     """16-bit greyscale to 8 bits, scaled and rounded; 32-bit integer values beyond 0..65535 over their own range."""
-    lo, hi = (0, 65535) if values.min() >= 0 and values.max() <= 65535 else (int(values.min()), int(values.max()))
+    lo, hi = (
+        (0, 65535) if values.min() >= 0 and values.max() <= 65535 else (int(values.min()), int(values.max()))
+    )
     span = max(hi - lo, 1)
     return (((values.astype(np.int64) - lo) * 255 + span // 2) // span).astype(np.uint8)
 
@@ -268,13 +298,17 @@ def load_image(path: Path, size: int) -> np.ndarray:
                 f"{image.width} x {image.height} pixels is over the {MAX_IMAGE_PIXELS:,}-pixel limit (decompression-bomb guard)"
             )
         image.draft("RGB", (size, size))  # lets JPEG decode at a reduced scale when the image is large
-        image = ImageOps.exif_transpose(image)  # upright: a phone photo stored sideways carries its rotation in EXIF
+        image = ImageOps.exif_transpose(
+            image
+        )  # upright: a phone photo stored sideways carries its rotation in EXIF
         if image.mode in WIDE_GREYSCALE_MODES:
             image = Image.fromarray(to_8_bits(np.asarray(image)))
         image = image.convert("RGB")
         width, height = image.size
         scale = size / min(width, height)
-        resized = image.resize((max(size, round(width * scale)), max(size, round(height * scale))), Image.BICUBIC)
+        resized = image.resize(
+            (max(size, round(width * scale)), max(size, round(height * scale))), Image.BICUBIC
+        )
     left = (resized.width - size) // 2
     top = (resized.height - size) // 2
     return np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.uint8)

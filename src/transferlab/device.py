@@ -24,7 +24,9 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device(available[0])
     if name not in available:
-        raise ConfigError(f"runtime.device: {name} is not available on this machine; available: auto, {', '.join(available)}")
+        raise ConfigError(
+            f"runtime.device: {name} is not available on this machine; available: auto, {', '.join(available)}"
+        )
     return torch.device(name)
 
 
@@ -39,11 +41,19 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         return None
     if precision == "fp16":
         if device.type != "cuda":
-            raise ConfigError(f"runtime.precision: fp16 needs a CUDA device (training runs on {device.type}); allowed here: fp32, bf16")
+            raise ConfigError(
+                f"runtime.precision: fp16 needs a CUDA device (training runs on {device.type}); allowed here: fp32, bf16"
+            )
         return torch.float16
-    supported = torch.cuda.is_bf16_supported() if device.type == "cuda" else device.type == "cpu" and cpu_supports_bf16()
+    supported = (
+        torch.cuda.is_bf16_supported()
+        if device.type == "cuda"
+        else device.type == "cpu" and cpu_supports_bf16()
+    )
     if not supported:
-        raise ConfigError(f"runtime.precision: this {device.type} has no native bf16 support; allowed here: fp32")
+        raise ConfigError(
+            f"runtime.precision: this {device.type} has no native bf16 support; allowed here: fp32"
+        )
     return torch.bfloat16
 
 

@@ -22,8 +22,8 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -53,7 +53,9 @@ class World:
         """The module whose backward pass averages gradients across processes (DDP), for training steps only."""
         if self.size == 1:
             return module
-        return DistributedDataParallel(module, device_ids=[self.local_rank] if self.device.type == "cuda" else None)
+        return DistributedDataParallel(
+            module, device_ids=[self.local_rank] if self.device.type == "cuda" else None
+        )
 
     def share_buffers(self, module: nn.Module) -> None:
         """Rank 0's buffers on every process. DDP sends them before each training forward, which then updates each
@@ -125,9 +127,21 @@ def launch(processes: int, module: str, args: list[str]) -> int:
     """
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", "-m", module, *args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={processes}",
+        "-m",
+        module,
+        *args,
+    ]
     launcher = subprocess.Popen(command, env=env, start_new_session=True)
-    previous = {sig: signal.signal(sig, lambda signum, frame: launcher.send_signal(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {
+        sig: signal.signal(sig, lambda signum, frame: launcher.send_signal(signum))
+        for sig in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
         return launcher.wait()
     finally:
@@ -136,7 +150,9 @@ def launch(processes: int, module: str, args: list[str]) -> int:
 
 
 @contextlib.contextmanager
-def process_group(device: torch.device, processes: int, batch_size: int, batch_key: str = "train.batch_size") -> Iterator[World]:
+def process_group(
+    device: torch.device, processes: int, batch_size: int, batch_key: str = "train.batch_size"
+) -> Iterator[World]:
     """This process's :class:`World`: a process group when torchrun started it, else a single process.
 
     ``device`` is the resolved ``runtime.device``; with CUDA each process takes the GPU of its local rank.
@@ -146,19 +162,27 @@ def process_group(device: torch.device, processes: int, batch_size: int, batch_k
         return
     local_size, size = int(os.environ["LOCAL_WORLD_SIZE"]), int(os.environ["WORLD_SIZE"])
     if local_size != processes:
-        raise ConfigError(f"runtime.processes is {processes} but torchrun started {local_size} processes per node; make them equal")
+        raise ConfigError(
+            f"runtime.processes is {processes} but torchrun started {local_size} processes per node; make them equal"
+        )
     if batch_size % size:
-        raise ConfigError(f"{batch_key} ({batch_size}) must be divisible by the {size} processes: it is the global batch, split evenly")
+        raise ConfigError(
+            f"{batch_key} ({batch_size}) must be divisible by the {size} processes: it is the global batch, split evenly"
+        )
     local_rank = int(os.environ["LOCAL_RANK"])
     if device.type == "cuda":
         if torch.cuda.device_count() < local_size:
-            raise ConfigError(f"runtime.processes: {local_size} processes per node, but this machine has {torch.cuda.device_count()} GPU(s)")
+            raise ConfigError(
+                f"runtime.processes: {local_size} processes per node, but this machine has {torch.cuda.device_count()} GPU(s)"
+            )
         torch.cuda.set_device(local_rank)
         device, backend = torch.device("cuda", local_rank), "nccl"
     elif device.type == "cpu":
         backend = "gloo"
     else:
-        raise ConfigError(f"runtime.processes: distributed training runs on cuda or cpu, not {device.type}; set runtime.processes: 1")
+        raise ConfigError(
+            f"runtime.processes: distributed training runs on cuda or cpu, not {device.type}; set runtime.processes: 1"
+        )
     dist.init_process_group(backend)
     world = World(dist.get_rank(), size, local_rank, device)
     if not world.main:  # one process reports

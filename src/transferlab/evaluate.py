@@ -33,7 +33,9 @@ from .stage import run_stage
 log = logging.getLogger("transferlab.evaluate")
 
 
-def classification_metrics(labels: np.ndarray, probs: np.ndarray, topk: list[int], calibration_bins: int = 15) -> dict:
+def classification_metrics(
+    labels: np.ndarray, probs: np.ndarray, topk: list[int], calibration_bins: int = 15
+) -> dict:
     from sklearn.metrics import balanced_accuracy_score
 
     from .analysis import expected_calibration_error, topk_accuracies
@@ -54,14 +56,20 @@ def write_per_class(path: Path, labels: np.ndarray, predictions: np.ndarray, cla
     precision, recall, f1, support = precision_recall_fscore_support(
         labels, predictions, labels=np.arange(len(classes)), zero_division=0
     )
-    rows = ([name, *(f"{v:.4f}" for v in values), int(n)] for name, *values, n in zip(classes, precision, recall, f1, support))
+    rows = (
+        [name, *(f"{v:.4f}" for v in values), int(n)]
+        for name, *values, n in zip(classes, precision, recall, f1, support)
+    )
     write_csv(path, ["class", "precision", "recall", "f1", "support"], rows)
 
 
 def write_confused_pairs(path: Path, labels: np.ndarray, predictions: np.ndarray, classes: list[str]) -> None:
     from .analysis import confused_pairs
 
-    rows = ((p.true_class, p.predicted_class, p.count, f"{p.share:.4f}") for p in confused_pairs(labels, predictions, classes))
+    rows = (
+        (p.true_class, p.predicted_class, p.count, f"{p.share:.4f}")
+        for p in confused_pairs(labels, predictions, classes)
+    )
     write_csv(path, ["true_class", "predicted_class", "count", "share_of_true_class"], rows)
 
 
@@ -81,12 +89,18 @@ def probe_probabilities(path: Path, labels: np.ndarray, classes: list[str], tta:
     checkpoint, info = read_checkpoint(path), features_info()
     check_classes(path, checkpoint["classes"], classes)
     made_for = (checkpoint["arch"], checkpoint["weights"], checkpoint["eval_image_size"])
-    if made_for != (info["arch"], info["weights"], info["image_size"]) or info["images"]["test"] != len(labels):
-        raise ModelError(f"{path} and the frozen features do not belong together: re-run the features and train_probe stages (dvc repro)")
+    if made_for != (info["arch"], info["weights"], info["image_size"]) or info["images"]["test"] != len(
+        labels
+    ):
+        raise ModelError(
+            f"{path} and the frozen features do not belong together: re-run the features and train_probe stages (dvc repro)"
+        )
     weight = checkpoint["model"][f"{checkpoint['head']}.weight"].numpy().astype(np.float64)
     bias = checkpoint["model"][f"{checkpoint['head']}.bias"].numpy().astype(np.float64)
     views = np.asarray(load_features("test"), dtype=np.float64)
-    logits = (views[:2].mean(0) if tta == "flip" else views[0]) @ weight.T + bias  # linear: the mean of the views' logits
+    logits = (
+        views[:2].mean(0) if tta == "flip" else views[0]
+    ) @ weight.T + bias  # linear: the mean of the views' logits
     return softmax(logits)
 
 
@@ -95,7 +109,9 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return (exp / exp.sum(1, keepdims=True)).astype(np.float32)
 
 
-def model_probabilities(path: Path, images: np.ndarray, classes: list[str], cfg: EvaluateConfig, device: str) -> np.ndarray:
+def model_probabilities(
+    path: Path, images: np.ndarray, classes: list[str], cfg: EvaluateConfig, device: str
+) -> np.ndarray:
     """A trained model's test probabilities: the network over the test images (torch and the model libraries imported here)."""
     from .device import resolve_device
     from .trained_model import TrainedModel
@@ -105,7 +121,15 @@ def model_probabilities(path: Path, images: np.ndarray, classes: list[str], cfg:
     return trained.probabilities(images, cfg.batch_size, f"test {path.parent.name}", cfg.tta)
 
 
-def write_results(run: str, probs: np.ndarray, images: np.ndarray, labels: np.ndarray, classes: list[str], cfg: EvaluateConfig, extra: dict) -> dict:
+def write_results(
+    run: str,
+    probs: np.ndarray,
+    images: np.ndarray,
+    labels: np.ndarray,
+    classes: list[str],
+    cfg: EvaluateConfig,
+    extra: dict,
+) -> dict:
     """metrics.json, the CSV files and the pictures of one model, in its folder (written whole, or not at all)."""
     from dvclive import Live
 
@@ -118,20 +142,40 @@ def write_results(run: str, probs: np.ndarray, images: np.ndarray, labels: np.nd
             for key, value in metrics.items():
                 live.summary[key] = value
             names = np.array(classes)
-            live.log_sklearn_plot("confusion_matrix", names[labels].tolist(), names[predictions].tolist(), name="confusion_matrix.json")
+            live.log_sklearn_plot(
+                "confusion_matrix",
+                names[labels].tolist(),
+                names[predictions].tolist(),
+                name="confusion_matrix.json",
+            )
         write_per_class(out / "per_class.csv", labels, predictions, classes)
         write_confused_pairs(out / "confused_pairs.csv", labels, predictions, classes)
-        plot_confusion_matrix(out / "confusion_matrix.png", labels, predictions, classes, cfg.confusion_classes, run)
-        plot_calibration(out / "calibration.png", probs.max(1), predictions == labels, cfg.calibration_bins, metrics["ece"], run)
+        plot_confusion_matrix(
+            out / "confusion_matrix.png", labels, predictions, classes, cfg.confusion_classes, run
+        )
+        plot_calibration(
+            out / "calibration.png",
+            probs.max(1),
+            predictions == labels,
+            cfg.calibration_bins,
+            metrics["ece"],
+            run,
+        )
         plot_misclassified(out / "misclassified.jpg", images, labels, probs, classes, cfg.gallery_size, run)
     return metrics
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("model", choices=MODELS)
     run = parser.parse_args(argv).model
-    run_stage(f"evaluate {run}", lambda: evaluate(run), lambda: ("evaluate.batch_size", load_params().evaluate.batch_size))
+    run_stage(
+        f"evaluate {run}",
+        lambda: evaluate(run),
+        lambda: ("evaluate.batch_size", load_params().evaluate.batch_size),
+    )
 
 
 def evaluate(run: str) -> dict:
@@ -144,12 +188,16 @@ def evaluate(run: str) -> dict:
     images, labels = load_split("test")
     classes = load_classes()
     source = "the frozen test features" if run == "probe" else "the test images"
-    log.info("%s: %s on %d test images (%s), scored from %s", run, path, len(labels), f"tta {cfg.tta}", source)
+    log.info(
+        "%s: %s on %d test images (%s), scored from %s", run, path, len(labels), f"tta {cfg.tta}", source
+    )
     if run == "probe":
         probs = probe_probabilities(path, labels, classes, cfg.tta)
     else:
         probs = model_probabilities(path, images, classes, cfg, params.runtime.device)
-    metrics = write_results(run, probs, images, labels, classes, cfg, {"wall_time_s": round(time.perf_counter() - started, 1)})
+    metrics = write_results(
+        run, probs, images, labels, classes, cfg, {"wall_time_s": round(time.perf_counter() - started, 1)}
+    )
     log.info("%s on %d test images: %s (%.1f s)", run, len(labels), metrics, time.perf_counter() - started)
     return metrics
 

@@ -53,9 +53,9 @@ import math
 import re
 import shlex
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -183,7 +183,10 @@ def params_key(model: str, key: str) -> str:
 def protocol_keys(model: str, values: dict) -> list[str]:
     """The ``train_on_val`` keys the model's final fit sets true: its own, and the probe's when it starts from the probe."""
     own = "probe" if model == "probe" else RUN_SECTIONS[model]
-    return [f"{own}.{PROTOCOL}", *(["probe." + PROTOCOL] if model != "probe" and values.get("init_head") == "probe" else [])]
+    return [
+        f"{own}.{PROTOCOL}",
+        *(["probe." + PROTOCOL] if model != "probe" and values.get("init_head") == "probe" else []),
+    ]
 
 
 def summary_paths(model: str) -> list[str]:
@@ -197,7 +200,11 @@ def trained_summary(experiment: Experiment, model: str) -> dict | None:
     """The first of the model's training summaries this experiment wrote with a validation score (else the first it
     wrote); None when each is its baseline commit's (the stages did not run in this experiment) or missing."""
     baseline = experiment.baseline.metrics if experiment.baseline is not None else {}
-    fresh = [experiment.metrics[p] for p in summary_paths(model) if experiment.metrics.get(p) and experiment.metrics[p] != baseline.get(p)]
+    fresh = [
+        experiment.metrics[p]
+        for p in summary_paths(model)
+        if experiment.metrics.get(p) and experiment.metrics[p] != baseline.get(p)
+    ]
     return next((found for found in fresh if score_in(found, model) is not None), fresh[0] if fresh else None)
 
 
@@ -218,7 +225,9 @@ def validation_score(experiment: Experiment, model: str) -> float | None:
 
 def baseline_copy(experiment: Experiment, model: str) -> bool:
     """The model's training summaries are its baseline commit's: its stages did not run in this experiment."""
-    return trained_summary(experiment, model) is None and any(experiment.metrics.get(p) for p in summary_paths(model))
+    return trained_summary(experiment, model) is None and any(
+        experiment.metrics.get(p) for p in summary_paths(model)
+    )
 
 
 def _key(value) -> str:
@@ -285,7 +294,13 @@ def _hydra(value) -> str:
     if isinstance(value, list):
         return "[" + ",".join(_hydra(v) for v in value) + "]"
     text = str(value)
-    if re.fullmatch(r"[A-Za-z_][\w./-]*", text) and text.lower() not in ("true", "false", "null", "nan", "inf"):
+    if re.fullmatch(r"[A-Za-z_][\w./-]*", text) and text.lower() not in (
+        "true",
+        "false",
+        "null",
+        "nan",
+        "inf",
+    ):
         return text
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
@@ -334,14 +349,26 @@ def final_fit(model: str, chosen: Setting, varied: list[str], base: dict) -> dic
     current = _flat_params(parse_params(base))
     first = [params_key(model, key) for key in varied]
     overrides = {key: target[key] for key in first if key in target}
-    overrides.update({key: value for key, value in target.items() if key not in overrides and _key(current.get(key)) != _key(value)})
-    return {"command": _command(overrides, base), "overrides": overrides, "problem": _problem(overrides, base, {model: chosen.values})}
+    overrides.update(
+        {
+            key: value
+            for key, value in target.items()
+            if key not in overrides and _key(current.get(key)) != _key(value)
+        }
+    )
+    return {
+        "command": _command(overrides, base),
+        "overrides": overrides,
+        "problem": _problem(overrides, base, {model: chosen.values}),
+    }
 
 
 def _flat_params(checked: Params) -> dict:
     flat = {}
     for section in ("data", "model", "runtime", "features", "probe", *RUN_SECTIONS.values()):
-        flat.update(_section(f"{section}.", getattr(checked, section), FINETUNE_ONLY if section == "scratch" else ()))
+        flat.update(
+            _section(f"{section}.", getattr(checked, section), FINETUNE_ONLY if section == "scratch" else ())
+        )
     return flat
 
 
@@ -351,7 +378,11 @@ def final_fit_all(summary: dict, base: dict) -> dict:
     for part in summary.values():
         overrides.update(part["chosen"]["final_fit"]["overrides"])
     chosen = {model: part["settings"][0].values for model, part in summary.items()}
-    return {"command": _command(overrides, base), "overrides": overrides, "problem": _problem(overrides, base, chosen)}
+    return {
+        "command": _command(overrides, base),
+        "overrides": overrides,
+        "problem": _problem(overrides, base, chosen),
+    }
 
 
 def choose_base(shown: list, experiments: list[Experiment]) -> tuple[str, dict]:
@@ -406,7 +437,9 @@ def summarise(experiments: list[Experiment], base: dict) -> dict:
             },
         }
     if not summary:
-        raise ExperimentsError(f"no experiment has a validation score ({VALIDATION_METRIC}); {NO_VALIDATION_HINT}")
+        raise ExperimentsError(
+            f"no experiment has a validation score ({VALIDATION_METRIC}); {NO_VALIDATION_HINT}"
+        )
     return summary
 
 
@@ -415,13 +448,18 @@ def _shown(value) -> str:
 
 
 def _final_fit_line(fit: dict) -> list[str]:
-    lines = [f"Final fit ({FINAL_FIT}): `{fit['command']}`" + ("" if fit["overrides"] else ", the params as they are")]
+    lines = [
+        f"Final fit ({FINAL_FIT}): `{fit['command']}`"
+        + ("" if fit["overrides"] else ", the params as they are")
+    ]
     if fit["problem"]:
         lines.append(f"Not runnable as it stands: {fit['problem']}.")
     return lines
 
 
-def markdown(summary: dict, unscored: dict[str, list[str]], notes: list[str], base_name: str, together: dict) -> str:
+def markdown(
+    summary: dict, unscored: dict[str, list[str]], notes: list[str], base_name: str, together: dict
+) -> str:
     lines = [
         "# Experiments: each model's best setting, chosen on the validation split",
         "",
@@ -432,7 +470,10 @@ def markdown(summary: dict, unscored: dict[str, list[str]], notes: list[str], ba
     ]
     if len(summary) > 1:
         if together["problem"]:
-            lines += [f"No single final fit for every model: {together['problem']}; run each model's command.", ""]
+            lines += [
+                f"No single final fit for every model: {together['problem']}; run each model's command.",
+                "",
+            ]
         else:
             lines += [f"Every model's final fit in one run ({FINAL_FIT}): `{together['command']}`", ""]
     if unscored:
@@ -443,7 +484,12 @@ def markdown(summary: dict, unscored: dict[str, list[str]], notes: list[str], ba
     for model in MODELS:
         if model not in summary:
             if model in unscored:
-                lines += [f"## {NAMES[model]}", "", f"No validation score: `{VALIDATION_RECIPES[model]}`.", ""]
+                lines += [
+                    f"## {NAMES[model]}",
+                    "",
+                    f"No validation score: `{VALIDATION_RECIPES[model]}`.",
+                    "",
+                ]
             continue
         part = summary[model]
         chosen, varied = part["chosen"], part["varied"]
@@ -464,7 +510,11 @@ def markdown(summary: dict, unscored: dict[str, list[str]], notes: list[str], ba
             "|" + "---|" * (len(varied) + 2),
         ]
         for setting in part["settings"]:
-            cells = [f"{setting.val_acc:.2%}", *(_shown(setting.values.get(key, "-")) for key in varied), ", ".join(setting.runs)]
+            cells = [
+                f"{setting.val_acc:.2%}",
+                *(_shown(setting.values.get(key, "-")) for key in varied),
+                ", ".join(setting.runs),
+            ]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -476,7 +526,10 @@ def _numeric(values: list) -> bool:
 
 def _positions(values: list) -> tuple[list, list, bool]:
     """x positions, the distinct values in order, and whether to use a log axis (positive values spanning 10x or more)."""
-    distinct = sorted({_key(v): v for v in values}.values(), key=lambda v: (not _numeric([v]), v if _numeric([v]) else str(v)))
+    distinct = sorted(
+        {_key(v): v for v in values}.values(),
+        key=lambda v: (not _numeric([v]), v if _numeric([v]) else str(v)),
+    )
     if _numeric(distinct):
         return values, distinct, min(distinct) > 0 and max(distinct) / min(distinct) >= 10
     index = {_key(v): i for i, v in enumerate(distinct)}
@@ -505,9 +558,15 @@ def plot_against_params(summary: dict, path: Path) -> None:
             x, distinct, log_axis = _positions([s.values[key] for s in settings])
             groups = {"": None}
             if len(others) == 1:
-                groups = {_key(value): value for value in _positions([s.values[others[0]] for s in settings])[1]}
+                groups = {
+                    _key(value): value for value in _positions([s.values[others[0]] for s in settings])[1]
+                }
             for group_key, group_value in groups.items():
-                members = [i for i, s in enumerate(settings) if len(others) != 1 or _key(s.values[others[0]]) == group_key]
+                members = [
+                    i
+                    for i, s in enumerate(settings)
+                    if len(others) != 1 or _key(s.values[others[0]]) == group_key
+                ]
                 points = sorted((x[i], settings[i].val_acc) for i in members)
                 best_at = {}
                 for px, py in points:
@@ -515,10 +574,21 @@ def plot_against_params(summary: dict, path: Path) -> None:
                 label = f"{others[0]}={_shown(group_value)}" if len(others) == 1 else None
                 line = ax.plot(list(best_at), list(best_at.values()), marker="o", label=label)[0]
                 ax.scatter([p[0] for p in points], [p[1] for p in points], color=line.get_color(), s=12)
-            ax.scatter([x[0]], [chosen.val_acc], marker="*", s=220, color="gold", edgecolor="black", zorder=5, label="chosen")
+            ax.scatter(
+                [x[0]],
+                [chosen.val_acc],
+                marker="*",
+                s=220,
+                color="gold",
+                edgecolor="black",
+                zorder=5,
+                label="chosen",
+            )
             if log_axis:
                 ax.set_xscale("log")
-            ax.set_xticks(distinct if _numeric(distinct) else range(len(distinct)), [_shown(v) for v in distinct])
+            ax.set_xticks(
+                distinct if _numeric(distinct) else range(len(distinct)), [_shown(v) for v in distinct]
+            )
             ax.minorticks_off()
             ax.set_xlabel(key)
             ax.set_ylabel("validation accuracy")
@@ -536,16 +606,29 @@ def plot_heatmap(model: str, part: dict, path: Path) -> None:
     cols = _positions([s.values[col_key] for s in settings])[1]
     grid = np.full((len(rows), len(cols)), np.nan)
     for s in settings:
-        r, c = [_key(v) for v in rows].index(_key(s.values[row_key])), [_key(v) for v in cols].index(_key(s.values[col_key]))
+        r, c = (
+            [_key(v) for v in rows].index(_key(s.values[row_key])),
+            [_key(v) for v in cols].index(_key(s.values[col_key])),
+        )
         grid[r, c] = s.val_acc if math.isnan(grid[r, c]) else max(grid[r, c], s.val_acc)
     fig, ax = plt.subplots(figsize=(1.2 * len(cols) + 2.5, 0.8 * len(rows) + 1.8))
     image = ax.imshow(grid, cmap="viridis", aspect="auto")
     for (r, c), value in np.ndenumerate(grid):
         if not math.isnan(value):
-            ax.text(c, r, f"{value:.1%}", ha="center", va="center", color="white" if value < np.nanmean(grid) else "black", fontsize=9)
+            ax.text(
+                c,
+                r,
+                f"{value:.1%}",
+                ha="center",
+                va="center",
+                color="white" if value < np.nanmean(grid) else "black",
+                fontsize=9,
+            )
     best_r = [_key(v) for v in rows].index(_key(settings[0].values[row_key]))
     best_c = [_key(v) for v in cols].index(_key(settings[0].values[col_key]))
-    ax.add_patch(plt.Rectangle((best_c - 0.5, best_r - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5))
+    ax.add_patch(
+        plt.Rectangle((best_c - 0.5, best_r - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5)
+    )
     ax.set_xticks(range(len(cols)), [_shown(v) for v in cols])
     ax.set_yticks(range(len(rows)), [_shown(v) for v in rows])
     ax.set_xlabel(col_key)
@@ -555,7 +638,9 @@ def plot_heatmap(model: str, part: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
-def summary_json(summary: dict, unscored: dict[str, list[str]], notes: list[str], base_name: str, together: dict) -> dict:
+def summary_json(
+    summary: dict, unscored: dict[str, list[str]], notes: list[str], base_name: str, together: dict
+) -> dict:
     return {
         "metric": f"validation accuracy ({VALIDATION_METRIC}) alone; no test metric is read: each final-fit command scores the test split once",
         "final_fit_from": base_name,
@@ -566,7 +651,9 @@ def summary_json(summary: dict, unscored: dict[str, list[str]], notes: list[str]
     }
 
 
-def write_outputs(summary: dict, unscored: dict[str, list[str]], notes: list[str], base_name: str, together: dict, out: Path) -> list[Path]:
+def write_outputs(
+    summary: dict, unscored: dict[str, list[str]], notes: list[str], base_name: str, together: dict, out: Path
+) -> list[Path]:
     """Every output file, written atomically; pictures of an earlier summary that no longer apply are removed."""
     for stale in [*out.glob("heatmap_*.png"), out / "validation_vs_params.png"]:
         stale.unlink(missing_ok=True)
@@ -595,7 +682,9 @@ def dvc_exp_show(all_commits: bool) -> list:
     try:
         result = subprocess.run(command, capture_output=True, text=True, check=False)
     except FileNotFoundError as err:
-        raise ExperimentsError("dvc is not on PATH: run this inside the project's environment (uv run ...)") from err
+        raise ExperimentsError(
+            "dvc is not on PATH: run this inside the project's environment (uv run ...)"
+        ) from err
     if result.returncode != 0:
         raise ExperimentsError(f"{' '.join(command)} failed: {result.stderr.strip()[-500:]}")
     return json.loads(result.stdout or "[]")
@@ -631,5 +720,7 @@ def run(shown_json: Path | None, out: Path, all_commits: bool = False, only: lis
         print(path)
     for model, part in summary.items():
         chosen = part["chosen"]
-        print(f"{NAMES[model]}: chosen {chosen['values'] or '(nothing varied)'} val {chosen['val_acc']:.2%}; final fit: {chosen['final_fit']['command']}")
+        print(
+            f"{NAMES[model]}: chosen {chosen['values'] or '(nothing varied)'} val {chosen['val_acc']:.2%}; final fit: {chosen['final_fit']['command']}"
+        )
     return summary

@@ -22,7 +22,9 @@ def last_spatial_layer(model: nn.Module, image_size: int) -> str:
     """Name of the last module (in the order forward passes finish) whose output is an N x C x H x W map with H, W > 1."""
     finished: list[tuple[str, tuple]] = []  # (module name, output shape), in the order the modules finish
     hooks = [
-        module.register_forward_hook(lambda m, args, out, name=name: finished.append((name, tuple(getattr(out, "shape", ())))))
+        module.register_forward_hook(
+            lambda m, args, out, name=name: finished.append((name, tuple(getattr(out, "shape", ()))))
+        )
         for name, module in model.named_modules()
         if name
     ]
@@ -48,7 +50,9 @@ def find_layer(trained: TrainedModel, name: str | None) -> tuple[str, nn.Module]
         return name, trained.model.get_submodule(name)
     except AttributeError:
         top = ", ".join(n for n, _ in trained.model.named_children())
-        raise ModelError(f"layer {name!r} is not a module of {trained.arch} (a dotted module path; top-level modules: {top})") from None
+        raise ModelError(
+            f"layer {name!r} is not a module of {trained.arch} (a dotted module path; top-level modules: {top})"
+        ) from None
 
 
 def require_spatial(layer: str, output: torch.Tensor) -> None:
@@ -59,7 +63,13 @@ def require_spatial(layer: str, output: torch.Tensor) -> None:
         )
 
 
-def gradcam(trained: TrainedModel, images: np.ndarray, targets: list[int] | None = None, layer: str | None = None, size: int | None = None) -> np.ndarray:
+def gradcam(
+    trained: TrainedModel,
+    images: np.ndarray,
+    targets: list[int] | None = None,
+    layer: str | None = None,
+    size: int | None = None,
+) -> np.ndarray:
     """Grad-CAM maps (N x size x size, each scaled to [0, 1]) for ``targets`` (default: the predicted classes)."""
     name, module = find_layer(trained, layer)
     inputs = trained.inputs(images)
@@ -75,7 +85,9 @@ def gradcam(trained: TrainedModel, images: np.ndarray, targets: list[int] | None
     return (cams / peak).cpu().numpy()
 
 
-def feature_maps(trained: TrainedModel, images: np.ndarray, layer: str | None = None) -> tuple[str, torch.Tensor]:
+def feature_maps(
+    trained: TrainedModel, images: np.ndarray, layer: str | None = None
+) -> tuple[str, torch.Tensor]:
     """The chosen layer's output (N x C x h x w) for the images."""
     name, module = find_layer(trained, layer)
     with torch.no_grad():
@@ -84,7 +96,9 @@ def feature_maps(trained: TrainedModel, images: np.ndarray, layer: str | None = 
     return name, maps.detach().float().cpu()
 
 
-def show_overlay(ax: plt.Axes, image: np.ndarray, cam: np.ndarray | None, title: str, color: str = "black") -> None:
+def show_overlay(
+    ax: plt.Axes, image: np.ndarray, cam: np.ndarray | None, title: str, color: str = "black"
+) -> None:
     ax.imshow(image)
     if cam is not None:
         ax.imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=1)
@@ -97,7 +111,9 @@ def display_images(trained: TrainedModel, images: np.ndarray, size: int) -> np.n
     return trained.crop(images, size).permute(0, 2, 3, 1).numpy()
 
 
-def plot_gradcam_panel(path: Path, images: np.ndarray, labels: np.ndarray, models: dict[str, TrainedModel], size: int = 224) -> None:
+def plot_gradcam_panel(
+    path: Path, images: np.ndarray, labels: np.ndarray, models: dict[str, TrainedModel], size: int = 224
+) -> None:
     """One row per image: the image, then each model's Grad-CAM for its own prediction (green right, red wrong).
 
     The maps are drawn on the first model's evaluation crop: the runs share the architecture, so the crop too.
@@ -110,7 +126,9 @@ def plot_gradcam_panel(path: Path, images: np.ndarray, labels: np.ndarray, model
         return
     first = next(iter(models.values()))
     shown = display_images(first, images, size)
-    fig, axes = plt.subplots(len(images), 1 + len(models), figsize=(2.4 * (1 + len(models)), 2.5 * len(images)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(images), 1 + len(models), figsize=(2.4 * (1 + len(models)), 2.5 * len(images)), squeeze=False
+    )
     for row, label in enumerate(labels):
         show_overlay(axes[row, 0], shown[row], None, f"true: {first.classes[label]}")
     for column, (run, trained) in enumerate(models.items(), start=1):
@@ -119,7 +137,13 @@ def plot_gradcam_panel(path: Path, images: np.ndarray, labels: np.ndarray, model
         cams = gradcam(trained, images, predictions.tolist(), size=size)
         for row, (label, predicted) in enumerate(zip(labels, predictions)):
             title = f"{run}: {trained.classes[predicted]} ({probs[row, predicted]:.0%})"
-            show_overlay(axes[row, column], shown[row], cams[row], title, "tab:green" if predicted == label else "tab:red")
+            show_overlay(
+                axes[row, column],
+                shown[row],
+                cams[row],
+                title,
+                "tab:green" if predicted == label else "tab:red",
+            )
     fig.suptitle("Grad-CAM: where each model looks for the class it predicts", fontsize=10)
     save_figure(fig, path, dpi=80)
 
@@ -137,5 +161,8 @@ def plot_feature_maps(path: Path, image: np.ndarray, maps: torch.Tensor, layer: 
     for ax, channel in zip(axes.flat[columns:], strongest.tolist()):
         ax.imshow(maps[channel].numpy(), cmap="viridis")
         ax.set_title(f"channel {channel}", fontsize=8)
-    fig.suptitle(f"feature maps of {layer} ({maps.shape[0]} channels, {maps.shape[1]}x{maps.shape[2]}): strongest {len(strongest)}", fontsize=9)
+    fig.suptitle(
+        f"feature maps of {layer} ({maps.shape[0]} channels, {maps.shape[1]}x{maps.shape[2]}): strongest {len(strongest)}",
+        fontsize=9,
+    )
     save_figure(fig, path, dpi=90)

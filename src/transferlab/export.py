@@ -74,7 +74,14 @@ def _export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, meta
     import onnxruntime
 
     batch = torch.export.Dim("batch")
-    program = torch.onnx.export(model, (example,), dynamic_shapes=({0: batch},), input_names=["images"], output_names=["logits"], dynamo=True)
+    program = torch.onnx.export(
+        model,
+        (example,),
+        dynamic_shapes=({0: batch},),
+        input_names=["images"],
+        output_names=["logits"],
+        dynamo=True,
+    )
     proto = program.model_proto
     onnx.helper.set_model_props(proto, {METADATA_KEY: meta})
     onnx.save(proto, str(path))
@@ -82,7 +89,9 @@ def _export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, meta
     return lambda x: session.run(None, {"images": x.numpy()})[0]
 
 
-def export(trained: TrainedModel, fmt: str, path: Path, sample: np.ndarray, tolerance: float = 1e-3) -> ExportCheck:
+def export(
+    trained: TrainedModel, fmt: str, path: Path, sample: np.ndarray, tolerance: float = 1e-3
+) -> ExportCheck:
     """Write the export to ``path`` if its logits match the model's on ``sample`` (uint8 N x H x W x 3 images).
 
     The export is written and checked under a temporary name: one that fails the check is never left at ``path``.
@@ -94,7 +103,9 @@ def export(trained: TrainedModel, fmt: str, path: Path, sample: np.ndarray, tole
     writer = _export_torchscript if fmt == "torchscript" else _export_onnx
     with torch.no_grad(), atomic_path(path) as tmp:
         expected = model(trained_inputs).numpy()
-        example = trained_inputs[:1].repeat(2, 1, 1, 1)  # batch size 2: a batch of 1 would be fixed into the ONNX graph
+        example = trained_inputs[:1].repeat(
+            2, 1, 1, 1
+        )  # batch size 2: a batch of 1 would be fixed into the ONNX graph
         got = writer(model, example, tmp, metadata(trained))(trained_inputs)
         diff = float(np.abs(got - expected).max())
         same = int((got.argmax(1) == expected.argmax(1)).sum())

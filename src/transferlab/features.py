@@ -35,10 +35,20 @@ def random_crops(images, count: int, scale_min: float, seed: int):
     import torch
     from torchvision.transforms import v2
 
-    crop = v2.Compose([v2.RandomResizedCrop(images.shape[1], scale=(scale_min, 1.0), antialias=True), v2.RandomHorizontalFlip()])
+    crop = v2.Compose(
+        [
+            v2.RandomResizedCrop(images.shape[1], scale=(scale_min, 1.0), antialias=True),
+            v2.RandomHorizontalFlip(),
+        ]
+    )
     torch.manual_seed(seed)  # v2 transforms draw from torch's global generator
     for _ in range(count):
-        yield np.stack([crop(torch.from_numpy(np.array(image)).permute(2, 0, 1)).permute(1, 2, 0).numpy() for image in images])
+        yield np.stack(
+            [
+                crop(torch.from_numpy(np.array(image)).permute(2, 0, 1)).permute(1, 2, 0).numpy()
+                for image in images
+            ]
+        )
 
 
 def extract(params: Params, out: Path) -> dict:
@@ -56,24 +66,61 @@ def extract(params: Params, out: Path) -> dict:
     torch.manual_seed(cfg.seed)  # the fresh head and, with model.weights: none, the whole network
     model, head_name, prep = build_model(arch, weights, len(classes))
     head = linear_head(model, head_name)
-    model.to(resolve_device(runtime.device), memory_format=torch.channels_last if runtime.channels_last else torch.preserve_format)
+    model.to(
+        resolve_device(runtime.device),
+        memory_format=torch.channels_last if runtime.channels_last else torch.preserve_format,
+    )
     counts, views_of = {}, {}
     for split in SPLITS:
         started = time.perf_counter()
         images, _ = load_split(split)
-        views = [predict_views(model, images, prep, cfg.image_size, cfg.batch_size, runtime.channels_last, f"features {split}", head, flip=True)]
+        views = [
+            predict_views(
+                model,
+                images,
+                prep,
+                cfg.image_size,
+                cfg.batch_size,
+                runtime.channels_last,
+                f"features {split}",
+                head,
+                flip=True,
+            )
+        ]
         crops = cfg.train_crops if split != "test" and len(images) else 0
-        for index, cropped in enumerate(random_crops(images, crops, cfg.crop_scale_min, cfg.seed + SPLITS.index(split))):
+        for index, cropped in enumerate(
+            random_crops(images, crops, cfg.crop_scale_min, cfg.seed + SPLITS.index(split))
+        ):
             desc = f"features {split}, random crop {index + 1}/{crops}"
-            views.append(predict_views(model, cropped, prep, cfg.image_size, cfg.batch_size, runtime.channels_last, desc, head))
+            views.append(
+                predict_views(
+                    model, cropped, prep, cfg.image_size, cfg.batch_size, runtime.channels_last, desc, head
+                )
+            )
         np.save(out / f"{split}.npy", torch.cat(views).numpy())
-        counts[split], views_of[split] = len(images), [*VIEWS, *(f"random crop {i + 1}" for i in range(crops))]
-        log.info("%s: %d images, %d views in %.1f s", split, len(images), len(views_of[split]), time.perf_counter() - started)
+        counts[split], views_of[split] = (
+            len(images),
+            [*VIEWS, *(f"random crop {i + 1}" for i in range(crops))],
+        )
+        log.info(
+            "%s: %d images, %d views in %.1f s",
+            split,
+            len(images),
+            len(views_of[split]),
+            time.perf_counter() - started,
+        )
     state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
     save_torch_file(out / "network.pt", {"model": state, "head": head_name, "preprocessing": prep.as_dict()})
     return {
-        "arch": arch, "weights": weights, "image_size": cfg.image_size, "seed": cfg.seed, "views": views_of,
-        "dim": head.in_features, "classes": len(classes), "images": counts, "cache_size": images.shape[1],
+        "arch": arch,
+        "weights": weights,
+        "image_size": cfg.image_size,
+        "seed": cfg.seed,
+        "views": views_of,
+        "dim": head.in_features,
+        "classes": len(classes),
+        "images": counts,
+        "cache_size": images.shape[1],
     }
 
 
@@ -82,7 +129,9 @@ def main() -> None:
     params = load_params()
     log.info(
         "features of %s (weights %s) at %d px: the train, val and test images and their mirror images",
-        params.model.arch, params.model.weights, params.features.image_size,
+        params.model.arch,
+        params.model.weights,
+        params.features.image_size,
     )
     with atomic_dir(FEATURES_DIR) as out:
         info = extract(params, out)

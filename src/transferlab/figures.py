@@ -20,5 +20,7 @@ def save_figure(fig: plt.Figure, path: Path, dpi: int = 110) -> None:
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()) if fig.get_suptitle() else None)
     fmt = path.suffix.lstrip(".").lower()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=fmt, dpi=dpi, **({"pil_kwargs": {"quality": 85}} if fmt in ("jpg", "jpeg") else {}))
+        fig.savefig(
+            tmp, format=fmt, dpi=dpi, **({"pil_kwargs": {"quality": 85}} if fmt in ("jpg", "jpeg") else {})
+        )
     plt.close(fig)

@@ -44,7 +44,13 @@ def onnx_runner(net: nn.Module, example: torch.Tensor):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notices
         torch.onnx.export(
-            net, (example,), buffer, input_names=["images"], output_names=["outputs"], dynamic_axes={"images": {0: "batch"}}, dynamo=False
+            net,
+            (example,),
+            buffer,
+            input_names=["images"],
+            output_names=["outputs"],
+            dynamic_axes={"images": {0: "batch"}},
+            dynamo=False,
         )
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = cores.refresh()
@@ -68,11 +74,19 @@ def choose_runner(net: nn.Module, first: torch.Tensor, images: int, channels_las
         runner = onnx_runner(net, first[:2])
         expected, got = eager(first).float(), runner(first).float()
     except Exception as err:  # an operator the exporter or ONNX Runtime lacks: eager is always there
-        log.warning("ONNX Runtime unavailable for this network (%s: %s); running eager PyTorch", type(err).__name__, str(err)[:200])
+        log.warning(
+            "ONNX Runtime unavailable for this network (%s: %s); running eager PyTorch",
+            type(err).__name__,
+            str(err)[:200],
+        )
         return eager, "eager"
     diff = float((got - expected).abs().max()) / max(1.0, float(expected.abs().max()))
     if diff > ORT_TOLERANCE:
-        log.warning("ONNX Runtime's outputs differ from eager PyTorch's by %.1e (> %.0e); running eager", diff, ORT_TOLERANCE)
+        log.warning(
+            "ONNX Runtime's outputs differ from eager PyTorch's by %.1e (> %.0e); running eager",
+            diff,
+            ORT_TOLERANCE,
+        )
         return eager, "eager"
     return runner, "onnxruntime"
 
@@ -114,17 +128,33 @@ def predict_views(
                     run, path = choose_runner(net, batch, len(images) * views if fast else 0, channels_last)
                     if fast:
                         log.info("%s: %d images on %s", desc, len(images), path)
-                outputs.append(torch.stack([run(view).float().cpu() for view in ((batch, batch.flip(3)) if flip else (batch,))]))
+                outputs.append(
+                    torch.stack(
+                        [run(view).float().cpu() for view in ((batch, batch.flip(3)) if flip else (batch,))]
+                    )
+                )
         finally:
             model.train(was_training)
     return torch.cat(outputs, dim=1)
 
 
-def predict_logits(model: nn.Module, images: np.ndarray, prep: Preprocessing, image_size: int, batch_size: int, channels_last: bool = True,
-                   desc: str = "predict", inputs_of: nn.Module | None = None, flip: bool = False, fast: bool = True) -> torch.Tensor:
+def predict_logits(
+    model: nn.Module,
+    images: np.ndarray,
+    prep: Preprocessing,
+    image_size: int,
+    batch_size: int,
+    channels_last: bool = True,
+    desc: str = "predict",
+    inputs_of: nn.Module | None = None,
+    flip: bool = False,
+    fast: bool = True,
+) -> torch.Tensor:
     """Logits (N x classes) as :func:`predict_views`; with ``flip`` (test-time augmentation) the mean over both views.
 
     For a linear head the mean of the logits is the head applied to the mean features, so a linear probe
     evaluated with flip TTA sees exactly the flip-averaged features it was chosen on.
     """
-    return predict_views(model, images, prep, image_size, batch_size, channels_last, desc, inputs_of, flip, fast).mean(0)
+    return predict_views(
+        model, images, prep, image_size, batch_size, channels_last, desc, inputs_of, flip, fast
+    ).mean(0)

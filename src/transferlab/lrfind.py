@@ -32,7 +32,9 @@ import numpy as np
 log = logging.getLogger("transferlab.lrfind")
 
 MIN_DROP = 0.05  # the smoothed loss must fall at least this fraction below its start for a suggestion
-VALLEY = 0.1  # the valley: where the smoothed loss is within this fraction of its whole fall above its minimum
+VALLEY = (
+    0.1  # the valley: where the smoothed loss is within this fraction of its whole fall above its minimum
+)
 DIVERGE = 4.0  # the loss has diverged when it stays above this multiple of its lowest value ...
 DIVERGE_STEPS = 3  # ... for this many steps in a row (one spike is not divergence)
 
@@ -119,11 +121,15 @@ def range_test(run: str, steps: int, start: float, end: float, seed: int) -> dic
     train_labels = data[0][1]
     model, head_name, prep = initial_model(params.model.arch, weights, classes, cfg, holdout("probe"))
     slices = batch_slices(len(train_labels), cfg.batch_size)
-    trainer = Trainer.create(model, head_name, cfg, params.runtime, len(slices), World(device=device), amp_dtype)
+    trainer = Trainer.create(
+        model, head_name, cfg, params.runtime, len(slices), World(device=device), amp_dtype
+    )
     inputs = training_inputs(trainer, data, prep, params.model.arch, weights, len(classes))
     rates = lr_factors(steps, start, end)
     # every group's lr is its params value times the same factor: the run's lr sweeps from start to end
-    trainer.schedule = lr_scheduler.LambdaLR(trainer.optimizer, lambda step: rates[min(step, steps - 1)] / cfg.lr)
+    trainer.schedule = lr_scheduler.LambdaLR(
+        trainer.optimizer, lambda step: rates[min(step, steps - 1)] / cfg.lr
+    )
     generator = torch.Generator().manual_seed(seed)
     lrs, losses, diverged = [], [], False
     trainer.enter_train_mode()
@@ -141,7 +147,13 @@ def range_test(run: str, steps: int, start: float, end: float, seed: int) -> dic
                 break
     bar.close()
     suggestion = suggest(np.array(lrs), np.array(losses))
-    log.info("lr-find %s seed %d: %s (%s)", run, seed, f"lr {suggestion.lr:.3g}" if suggestion.lr else "no suggestion", suggestion.reason)
+    log.info(
+        "lr-find %s seed %d: %s (%s)",
+        run,
+        seed,
+        f"lr {suggestion.lr:.3g}" if suggestion.lr else "no suggestion",
+        suggestion.reason,
+    )
     return {"seed": seed, "lr": lrs, "loss": losses, "suggestion": dataclasses.asdict(suggestion)}
 
 
@@ -149,7 +161,11 @@ def summarise(tests: list[dict]) -> dict:
     """The median of the seeds' suggestions and their spread."""
     values = [t["suggestion"]["lr"] for t in tests if t["suggestion"]["lr"] is not None]
     if not values:
-        return {"lr": None, "spread": None, "reason": tests[0]["suggestion"]["reason"] if tests else "no test ran"}
+        return {
+            "lr": None,
+            "spread": None,
+            "reason": tests[0]["suggestion"]["reason"] if tests else "no test ran",
+        }
     return {
         "lr": float(np.exp(np.median(np.log(values)))),
         "spread": [min(values), max(values)],
@@ -172,7 +188,9 @@ def plot(path: Path, run: str, key: str, current: float, tests: list[dict], summ
             ax.axvline(test["suggestion"]["lr"], color=color, linestyle="--", linewidth=0.8)
         lowest, highest = min(lowest, smoothed.min()), max(highest, smoothed[0])
     if summary["lr"]:
-        ax.axvline(summary["lr"], color="black", linewidth=1.5, label=f"suggestion (median): {summary['lr']:.2g}")
+        ax.axvline(
+            summary["lr"], color="black", linewidth=1.5, label=f"suggestion (median): {summary['lr']:.2g}"
+        )
     ax.axvline(current, color="grey", linestyle=":", linewidth=1.5, label=f"params.yaml {key}: {current:g}")
     if np.isfinite(lowest):
         span = max(highest - lowest, 0.02 * highest)
@@ -181,7 +199,10 @@ def plot(path: Path, run: str, key: str, current: float, tests: list[dict], summ
     ax.set_xlabel(f"{key} (every parameter group scaled with it)")
     ax.set_ylabel("training loss (per batch)")
     title = f"{run}: learning-rate range test"
-    ax.set_title(title if summary["lr"] else f"{title}: no suggestion\n{textwrap.fill(summary['reason'], 90)}", fontsize=9)
+    ax.set_title(
+        title if summary["lr"] else f"{title}: no suggestion\n{textwrap.fill(summary['reason'], 90)}",
+        fontsize=9,
+    )
     ax.legend(fontsize=8)
     save_figure(fig, path)
 

@@ -34,7 +34,7 @@ class Preprocessing:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Preprocessing":
+    def from_dict(cls, data: dict) -> Preprocessing:
         return cls(tuple(data["mean"]), tuple(data["std"]), data["interpolation"], data["crop_pct"])
 
 
@@ -75,15 +75,21 @@ def check_model(arch: str, weights: str) -> None:
         if not timm.is_model(name):
             raise ModelError(f"model.arch: {arch} is not a timm model (see timm.list_models())")
         pretrained = timm.models.get_pretrained_cfg(name)
-        if weights == "imagenet" and not (pretrained and (pretrained.hf_hub_id or pretrained.url or pretrained.file)):
-            raise ModelError(f"model.weights: timm has no pretrained weights for {arch}; use 'none' or a weights file")
+        if weights == "imagenet" and not (
+            pretrained and (pretrained.hf_hub_id or pretrained.url or pretrained.file)
+        ):
+            raise ModelError(
+                f"model.weights: timm has no pretrained weights for {arch}; use 'none' or a weights file"
+            )
     elif arch not in torchvision_names():
         raise ModelError(
             f"model.arch: {arch!r} is neither a torchvision classification model "
             f"(one of {', '.join(torchvision_names())}) nor timm/<name>"
         )
     if weights not in ("imagenet", "none") and not Path(weights).is_file():
-        raise ModelError(f"model.weights: no such file {weights} (expected 'imagenet', 'none' or a state-dict file)")
+        raise ModelError(
+            f"model.weights: no such file {weights} (expected 'imagenet', 'none' or a state-dict file)"
+        )
 
 
 def _unreachable_weights(arch: str, where: str, err: OSError) -> ModelError:
@@ -98,7 +104,9 @@ def _unreachable_weights(arch: str, where: str, err: OSError) -> ModelError:
 def _timm_model(name: str, weights: str) -> tuple[nn.Module, Preprocessing]:
     try:
         model = timm.create_model(name, pretrained=weights == "imagenet")
-    except OSError as err:  # huggingface_hub's LocalEntryNotFoundError, a URLError: no network and not in the cache
+    except (
+        OSError
+    ) as err:  # huggingface_hub's LocalEntryNotFoundError, a URLError: no network and not in the cache
         from huggingface_hub import constants
 
         hub_id = timm.models.get_pretrained_cfg(name).hf_hub_id
@@ -106,7 +114,9 @@ def _timm_model(name: str, weights: str) -> tuple[nn.Module, Preprocessing]:
         where = f"{hub_id} in the Hugging Face cache {constants.HF_HUB_CACHE} (HF_HOME; HF_HUB_OFFLINE is {offline})"
         raise _unreachable_weights(TIMM_PREFIX + name, where, err) from err
     config = timm.data.resolve_data_config({}, model=model)
-    prep = Preprocessing(tuple(config["mean"]), tuple(config["std"]), config["interpolation"], config["crop_pct"])
+    prep = Preprocessing(
+        tuple(config["mean"]), tuple(config["std"]), config["interpolation"], config["crop_pct"]
+    )
     return model, prep
 
 
@@ -118,7 +128,9 @@ def _torchvision_model(name: str, weights: str) -> tuple[nn.Module, Preprocessin
     default = torchvision.models.get_model_weights(name).DEFAULT
     options = {"aux_logits": False} if name in NO_AUX_LOGITS else {}
     try:
-        model = torchvision.models.get_model(name, weights=default if weights == "imagenet" else None, **options)
+        model = torchvision.models.get_model(
+            name, weights=default if weights == "imagenet" else None, **options
+        )
     except OSError as err:  # a URLError: no network, and not in torchvision's cache
         import torch.hub
 
@@ -126,7 +138,10 @@ def _torchvision_model(name: str, weights: str) -> tuple[nn.Module, Preprocessin
         raise _unreachable_weights(name, where, err) from err
     transform = default.transforms()
     prep = Preprocessing(
-        tuple(transform.mean), tuple(transform.std), transform.interpolation.value, transform.crop_size[0] / transform.resize_size[0]
+        tuple(transform.mean),
+        tuple(transform.std),
+        transform.interpolation.value,
+        transform.crop_size[0] / transform.resize_size[0],
     )
     return model, prep
 
@@ -147,7 +162,9 @@ def build_model(arch: str, weights: str, num_classes: int) -> tuple[nn.Module, s
     """Return the model with a freshly initialised ``num_classes``-way head, the head's module name, and its preprocessing."""
     check_model(arch, weights)
     is_timm = arch.startswith(TIMM_PREFIX)
-    model, prep = _timm_model(arch[len(TIMM_PREFIX) :], weights) if is_timm else _torchvision_model(arch, weights)
+    model, prep = (
+        _timm_model(arch[len(TIMM_PREFIX) :], weights) if is_timm else _torchvision_model(arch, weights)
+    )
     if weights not in ("imagenet", "none"):
         _load_weights_file(model, Path(weights), arch)
     if is_timm:
@@ -231,7 +248,9 @@ def freeze_stages(model: nn.Module, head: str, count: int) -> list[str]:
     """Stop gradients into the first ``count`` backbone stages; return their module names (to keep in eval mode)."""
     stages = backbone_stages(model, head)
     if count > len(stages):
-        raise ModelError(f"train.frozen_stages: {count} is more than the {len(stages)} stages of this model's backbone")
+        raise ModelError(
+            f"train.frozen_stages: {count} is more than the {len(stages)} stages of this model's backbone"
+        )
     frozen = [name for stage in stages[:count] for name in stage]
     for name in frozen:
         model.get_submodule(name).requires_grad_(False)
@@ -239,7 +258,12 @@ def freeze_stages(model: nn.Module, head: str, count: int) -> list[str]:
 
 
 def parameter_groups(
-    model: nn.Module, head: str, lr: float, backbone_lr_scale: float | None, weight_decay: float, decay_norm_and_bias: bool
+    model: nn.Module,
+    head: str,
+    lr: float,
+    backbone_lr_scale: float | None,
+    weight_decay: float,
+    decay_norm_and_bias: bool,
 ) -> list[dict]:
     """Optimizer groups for the trainable parameters.
 

@@ -48,9 +48,13 @@ def _main_schedule(optimizer, cfg: TrainConfig, steps_per_epoch: int, warmup: in
     }.get(cfg.schedule)
     if drop_epochs is not None:
         # drops at the same epoch boundaries with or without a warm-up (none while it lasts)
-        milestones = [epoch * steps_per_epoch - warmup for epoch in drop_epochs if epoch * steps_per_epoch > warmup]
+        milestones = [
+            epoch * steps_per_epoch - warmup for epoch in drop_epochs if epoch * steps_per_epoch > warmup
+        ]
         return lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=cfg.gamma)
-    return lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)  # constant, and plateau between its drops
+    return lr_scheduler.ConstantLR(
+        optimizer, factor=1.0, total_iters=0
+    )  # constant, and plateau between its drops
 
 
 class LrSchedule:
@@ -66,7 +70,9 @@ class LrSchedule:
         self.plateau = None
         if cfg.schedule == "plateau":
             mode = "max" if cfg.monitor == "val_acc" else "min"
-            self.plateau = lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=cfg.gamma, patience=cfg.plateau_patience)
+            self.plateau = lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode=mode, factor=cfg.gamma, patience=cfg.plateau_patience
+            )
 
     def step(self) -> None:
         self.per_step.step()
@@ -76,7 +82,10 @@ class LrSchedule:
             self.plateau.step(monitored)
 
     def state_dict(self) -> dict:
-        return {"per_step": self.per_step.state_dict(), "plateau": self.plateau.state_dict() if self.plateau else None}
+        return {
+            "per_step": self.per_step.state_dict(),
+            "plateau": self.plateau.state_dict() if self.plateau else None,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.per_step.load_state_dict(state["per_step"])

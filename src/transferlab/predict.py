@@ -24,7 +24,9 @@ if TYPE_CHECKING:  # only annotated here: finding and reading images needs no to
 @dataclass
 class Predictions:
     paths: list[str] = field(default_factory=list)
-    top: list[list[tuple[str, float]]] = field(default_factory=list)  # per image: (class, probability), best first
+    top: list[list[tuple[str, float]]] = field(
+        default_factory=list
+    )  # per image: (class, probability), best first
     failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
 
 
@@ -38,7 +40,9 @@ def find_images(targets: list[Path]) -> list[Path]:
         elif target.is_dir():
             images = [p for p in walk_files(target) if p.suffix.lower() in IMAGE_EXTENSIONS]
             if not images:
-                raise DatasetError(f"no image files under {target} (extensions read: {' '.join(IMAGE_EXTENSIONS)})")
+                raise DatasetError(
+                    f"no image files under {target} (extensions read: {' '.join(IMAGE_EXTENSIONS)})"
+                )
             found += images
         else:
             raise DatasetError(f"{target} does not exist: give image files or folders of images")
@@ -52,12 +56,16 @@ def read_images(paths: list[Path], size: int) -> tuple[list[Path], np.ndarray, l
         try:
             images.append(load_image(path, size))
             readable.append(path)
-        except Exception as err:  # PIL raises many types for bad files; each is reported, none stops the others
+        except (
+            Exception
+        ) as err:  # PIL raises many types for bad files; each is reported, none stops the others
             failures.append((str(path), f"{type(err).__name__}: {err}"))
     return readable, np.stack(images) if images else np.empty((0, size, size, 3), np.uint8), failures
 
 
-def predict(trained: TrainedModel, paths: list[Path], topk: int, batch_size: int = 32, tta: str = "flip") -> Predictions:
+def predict(
+    trained: TrainedModel, paths: list[Path], topk: int, batch_size: int = 32, tta: str = "flip"
+) -> Predictions:
     """Top-k classes of each readable image; ``tta`` as ``evaluate.tta`` (flip: mean logits of image and mirror image)."""
     readable, images, failures = read_images(paths, trained.cache_size)
     result = Predictions(failures=failures)
@@ -66,7 +74,9 @@ def predict(trained: TrainedModel, paths: list[Path], topk: int, batch_size: int
     probs = trained.probabilities(images, batch_size, tta=tta)
     best = np.argsort(-probs, axis=1, kind="stable")[:, :topk]
     result.paths = [str(p) for p in readable]
-    result.top = [[(trained.classes[c], float(probs[row, c])) for c in best[row]] for row in range(len(readable))]
+    result.top = [
+        [(trained.classes[c], float(probs[row, c])) for c in best[row]] for row in range(len(readable))
+    ]
     return result
 
 
@@ -80,8 +90,16 @@ def format_predictions(result: Predictions) -> str:
 
 def write_predictions_csv(path: Path, result: Predictions) -> None:
     """One row per (image, rank); an unreadable image gets one row with its error."""
-    rows = [(image, rank, name, f"{prob:.6f}", "") for image, top in zip(result.paths, result.top) for rank, (name, prob) in enumerate(top, start=1)]
-    write_csv(path, ["path", "rank", "class", "probability", "error"], rows + [(image, "", "", "", reason) for image, reason in result.failures])
+    rows = [
+        (image, rank, name, f"{prob:.6f}", "")
+        for image, top in zip(result.paths, result.top)
+        for rank, (name, prob) in enumerate(top, start=1)
+    ]
+    write_csv(
+        path,
+        ["path", "rank", "class", "probability", "error"],
+        rows + [(image, "", "", "", reason) for image, reason in result.failures],
+    )
 
 
 def write_json_report(path: Path, result: Predictions) -> None:
@@ -95,4 +113,3 @@ def write_json_report(path: Path, result: Predictions) -> None:
             "failures": [{"path": image, "error": reason} for image, reason in result.failures],
         },
     )
-

@@ -33,7 +33,9 @@ from .stage import run_stage
 log = logging.getLogger("transferlab.prepare")
 
 
-def decode_all(root: Path, files: list[ImageFile], size: int) -> tuple[dict[int, np.ndarray], list[dict], list[str]]:
+def decode_all(
+    root: Path, files: list[ImageFile], size: int
+) -> tuple[dict[int, np.ndarray], list[dict], list[str]]:
     """Decode every file; return the images by index, the files that could not be read and every file's md5."""
 
     def decode(item: ImageFile):
@@ -46,7 +48,9 @@ def decode_all(root: Path, files: list[ImageFile], size: int) -> tuple[dict[int,
     images, skipped, digests = {}, [], []
     with ThreadPoolExecutor(max_workers=2) as pool:
         results = pool.map(decode, files)
-        for index, (item, (image, error, digest)) in enumerate(tqdm(zip(files, results), total=len(files), desc="decode")):
+        for index, (item, (image, error, digest)) in enumerate(
+            tqdm(zip(files, results), total=len(files), desc="decode")
+        ):
             digests.append(digest)
             if error is None:
                 images[index] = image
@@ -80,7 +84,11 @@ def find_duplicates(files: list[ImageFile], images: dict[int, np.ndarray], exact
         return len({files[i].label for i in group}) > 1
 
     exact_files = {i for group in exact for i in group}
-    alike = [g for g in same_keys({i: difference_hash(image) for i, image in images.items()}) if across(g) and not set(g) <= exact_files]
+    alike = [
+        g
+        for g in same_keys({i: difference_hash(image) for i, image in images.items()})
+        if across(g) and not set(g) <= exact_files
+    ]
 
     def paths(groups) -> list[list[str]]:
         return [[files[i].path for i in group] for group in groups]
@@ -92,7 +100,9 @@ def find_duplicates(files: list[ImageFile], images: dict[int, np.ndarray], exact
     }
 
 
-def drop_duplicates(files: list[ImageFile], images: dict[int, np.ndarray], exact: list[list[int]]) -> list[str]:
+def drop_duplicates(
+    files: list[ImageFile], images: dict[int, np.ndarray], exact: list[list[int]]
+) -> list[str]:
     """``data.duplicates: drop``: remove every copy of a file found in several classes, and all but the first copy of a
     file repeated within a class, from ``images``; return the removed paths."""
     dropped = []
@@ -104,7 +114,9 @@ def drop_duplicates(files: list[ImageFile], images: dict[int, np.ndarray], exact
     return sorted(dropped)
 
 
-def split_indices(files: list[ImageFile], readable: set[int], classes: list[str], cfg: DataConfig) -> dict[str, list[int]]:
+def split_indices(
+    files: list[ImageFile], readable: set[int], classes: list[str], cfg: DataConfig
+) -> dict[str, list[int]]:
     """Per class, shuffle the readable files with a seed of their own and cut train / val / test.
 
     The first ``train_per_class`` files train; fold ``val_fold`` of them (``val_per_class`` files) validates.
@@ -131,12 +143,23 @@ def split_indices(files: list[ImageFile], readable: set[int], classes: list[str]
     return splits
 
 
-def write_split(folder: Path, name: str, indices: list[int], files: list[ImageFile], images: dict[int, np.ndarray], size: int) -> None:
+def write_split(
+    folder: Path,
+    name: str,
+    indices: list[int],
+    files: list[ImageFile],
+    images: dict[int, np.ndarray],
+    size: int,
+) -> None:
     array = np.empty((len(indices), size, size, 3), dtype=np.uint8)
     for row, index in enumerate(indices):
         array[row] = images[index]
     np.save(folder / f"{name}.npy", array)
-    write_csv(folder / f"{name}.csv", ["path", "label", "class"], ((files[i].path, files[i].label, files[i].class_name) for i in indices))
+    write_csv(
+        folder / f"{name}.csv",
+        ["path", "label", "class"],
+        ((files[i].path, files[i].label, files[i].class_name) for i in indices),
+    )
 
 
 def main() -> None:
@@ -153,7 +176,12 @@ def main() -> None:
     duplicates = find_duplicates(files, images, exact)
     for kind, groups in duplicates.items():
         if groups:
-            log.warning("%d group(s) of duplicates %s, such as %s", len(groups), kind.replace("_", " "), ", ".join(groups[0]))
+            log.warning(
+                "%d group(s) of duplicates %s, such as %s",
+                len(groups),
+                kind.replace("_", " "),
+                ", ".join(groups[0]),
+            )
     dropped = drop_duplicates(files, images, exact) if cfg.duplicates == "drop" else []
     splits = split_indices(files, set(images), classes, cfg)
     with atomic_dir(PREPARED_DIR) as folder:  # the seven files appear together or not at all
@@ -170,7 +198,10 @@ def main() -> None:
         "wall_time_s": round(time.perf_counter() - started, 1),
     }
     # the folder actually read (with data.source: download, a checked local copy of the official data, or the download)
-    write_json(PREPARE_REPORT, {**report, "source": str(root), "skipped": skipped, "duplicates": duplicates, "dropped": dropped})
+    write_json(
+        PREPARE_REPORT,
+        {**report, "source": str(root), "skipped": skipped, "duplicates": duplicates, "dropped": dropped},
+    )
     log.info("split: %s; skipped %d unreadable file(s)", counts, len(skipped))
 
 

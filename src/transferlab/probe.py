@@ -47,7 +47,9 @@ class LinearHead:
         return features @ self.weight.T + self.bias
 
 
-def fit_head(features: np.ndarray, labels: np.ndarray, num_classes: int, C: float, max_iter: int) -> LinearHead:
+def fit_head(
+    features: np.ndarray, labels: np.ndarray, num_classes: int, C: float, max_iter: int
+) -> LinearHead:
     """Multinomial logistic regression on standardised features, the standardisation folded into the weights."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
@@ -55,8 +57,13 @@ def fit_head(features: np.ndarray, labels: np.ndarray, num_classes: int, C: floa
     scaler = StandardScaler().fit(features)
     classifier = LogisticRegression(C=C, max_iter=max_iter).fit(scaler.transform(features), labels)
     if not np.array_equal(classifier.classes_, np.arange(num_classes)):
-        raise ModelError(f"the probe's training images cover {len(classifier.classes_)} of the {num_classes} classes")
-    weight, bias = classifier.coef_ / scaler.scale_, classifier.intercept_ - (classifier.coef_ / scaler.scale_) @ scaler.mean_
+        raise ModelError(
+            f"the probe's training images cover {len(classifier.classes_)} of the {num_classes} classes"
+        )
+    weight, bias = (
+        classifier.coef_ / scaler.scale_,
+        classifier.intercept_ - (classifier.coef_ / scaler.scale_) @ scaler.mean_,
+    )
     if num_classes == 2:  # scikit-learn fits one logit (class 1 vs 0): the same softmax as -z/2, +z/2
         weight, bias = np.concatenate([-weight, weight]) / 2, np.concatenate([-bias, bias]) / 2
     return LinearHead(weight.astype(np.float32), bias.astype(np.float32))
@@ -68,7 +75,10 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def choose_c(
-    train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray], num_classes: int, cfg: ProbeConfig
+    train: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray],
+    num_classes: int,
+    cfg: ProbeConfig,
 ) -> tuple[LinearHead, dict, list[dict]]:
     """Fit one head per C; the best validation accuracy wins, ties go to the lower validation loss.
 
@@ -87,7 +97,9 @@ def choose_c(
         log.info("C %g: %s", C, result)
         results.append(result)
         heads.append(head)
-    best = max(range(len(results)), key=lambda i: (results[i].get("val_acc", 0.0), -results[i].get("val_loss", 0.0)))
+    best = max(
+        range(len(results)), key=lambda i: (results[i].get("val_acc", 0.0), -results[i].get("val_loss", 0.0))
+    )
     return heads[best], results[best], results
 
 
@@ -103,7 +115,15 @@ def scored(features: np.ndarray, flip: bool) -> np.ndarray:
     return features[:2].mean(0) if flip else features[0]
 
 
-def save_probe(name: str, head: LinearHead, info: dict, classes: list[str], cfg: ProbeConfig, channels_last: bool, **extra) -> None:
+def save_probe(
+    name: str,
+    head: LinearHead,
+    info: dict,
+    classes: list[str],
+    cfg: ProbeConfig,
+    channels_last: bool,
+    **extra,
+) -> None:
     """The features network with the fitted head: a checkpoint like the trained models' (torch imported here)."""
     import torch
 
@@ -111,11 +131,25 @@ def save_probe(name: str, head: LinearHead, info: dict, classes: list[str], cfg:
 
     network = load_torch_file(FEATURES_DIR / "network.pt")
     state = dict(network["model"])
-    state[f"{network['head']}.weight"], state[f"{network['head']}.bias"] = torch.from_numpy(head.weight), torch.from_numpy(head.bias)
+    state[f"{network['head']}.weight"], state[f"{network['head']}.bias"] = (
+        torch.from_numpy(head.weight),
+        torch.from_numpy(head.bias),
+    )
     save_checkpoint(
-        checkpoint_path(name), state, run=name, mode="linear_probe", arch=info["arch"], weights=info["weights"], classes=classes,
-        head=network["head"], preprocessing=network["preprocessing"], cache_size=info["cache_size"], eval_image_size=info["image_size"],
-        channels_last=channels_last, config={**dataclasses.asdict(cfg), "image_size": info["image_size"]}, **extra,
+        checkpoint_path(name),
+        state,
+        run=name,
+        mode="linear_probe",
+        arch=info["arch"],
+        weights=info["weights"],
+        classes=classes,
+        head=network["head"],
+        preprocessing=network["preprocessing"],
+        cache_size=info["cache_size"],
+        eval_image_size=info["image_size"],
+        channels_last=channels_last,
+        config={**dataclasses.asdict(cfg), "image_size": info["image_size"]},
+        **extra,
     )
 
 
@@ -124,24 +158,59 @@ def main() -> None:
     params = load_params()
     cfg, info = params.probe, features_info()
     if (info["arch"], info["weights"]) != (params.model.arch, params.model.weights):
-        raise ModelError(f"the features in {FEATURES_DIR} are of {info['arch']} (weights {info['weights']}), not model.*: re-run the features stage")
+        raise ModelError(
+            f"the features in {FEATURES_DIR} are of {info['arch']} (weights {info['weights']}), not model.*: re-run the features stage"
+        )
     classes = load_classes()
     (_, train_labels), (_, val_labels) = load_split("train"), load_split("val")
-    log.info("linear probe on %s's %d-dim features: C in %s, chosen on %d validation images", info["arch"], info["dim"], cfg.C, len(val_labels))
+    log.info(
+        "linear probe on %s's %d-dim features: C in %s, chosen on %d validation images",
+        info["arch"],
+        info["dim"],
+        cfg.C,
+        len(val_labels),
+    )
     train_features, val_features = np.asarray(load_features("train")), np.asarray(load_features("val"))
 
     val = (scored(val_features, cfg.flip), val_labels)
-    on_train, chosen, results = choose_c(as_samples(train_features, train_labels, cfg.flip), val, len(classes), cfg)
+    on_train, chosen, results = choose_c(
+        as_samples(train_features, train_labels, cfg.flip), val, len(classes), cfg
+    )
     best_c, fitted = chosen["C"], on_train
     if cfg.train_on_val and len(val_labels):
-        train_features, train_labels = np.concatenate([train_features, val_features], axis=1), np.concatenate([train_labels, val_labels])
-        fitted = fit_head(*as_samples(train_features, train_labels, cfg.flip), len(classes), best_c, cfg.max_iter)
-    for name, head in ((RUN, fitted), (holdout(RUN), on_train)):  # LP-FT's holdout twin starts from the one fitted on train only
-        save_probe(name, head, info, classes, cfg, params.runtime.channels_last, C=best_c, val_acc=chosen.get("val_acc"))
+        train_features, train_labels = (
+            np.concatenate([train_features, val_features], axis=1),
+            np.concatenate([train_labels, val_labels]),
+        )
+        fitted = fit_head(
+            *as_samples(train_features, train_labels, cfg.flip), len(classes), best_c, cfg.max_iter
+        )
+    for name, head in (
+        (RUN, fitted),
+        (holdout(RUN), on_train),
+    ):  # LP-FT's holdout twin starts from the one fitted on train only
+        save_probe(
+            name,
+            head,
+            info,
+            classes,
+            cfg,
+            params.runtime.channels_last,
+            C=best_c,
+            val_acc=chosen.get("val_acc"),
+        )
     with atomic_dir(train_dir(RUN)) as out:
         with Live(str(out), dvcyaml=False, save_dvc_exp=False) as live:
-            live.log_params({"run": RUN, "mode": "linear_probe", "arch": info["arch"], "weights": info["weights"],
-                             "image_size": info["image_size"], **dataclasses.asdict(cfg)})
+            live.log_params(
+                {
+                    "run": RUN,
+                    "mode": "linear_probe",
+                    "arch": info["arch"],
+                    "weights": info["weights"],
+                    "image_size": info["image_size"],
+                    **dataclasses.asdict(cfg),
+                }
+            )
             if "val_acc" in chosen:
                 live.summary["best/val_acc"] = chosen["val_acc"]
             live.summary["best/C"] = best_c
@@ -149,7 +218,12 @@ def main() -> None:
             live.summary["wall_time_s"] = round(time.perf_counter() - started, 1)
         keys = ["C", "val_acc", "val_loss", "fit_time_s"] if len(val_labels) else ["C", "fit_time_s"]
         write_csv(out / "regularization.csv", keys, ([r[k] for k in keys] for r in results))
-    log.info("probe: C %g chosen on validation (%s), refitted on %s", best_c, chosen, "train + val" if cfg.train_on_val else "train")
+    log.info(
+        "probe: C %g chosen on validation (%s), refitted on %s",
+        best_c,
+        chosen,
+        "train + val" if cfg.train_on_val else "train",
+    )
 
 
 if __name__ == "__main__":

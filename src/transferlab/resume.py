@@ -13,9 +13,9 @@ import hashlib
 import json
 import logging
 import signal
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import timm
 import torch
@@ -23,8 +23,8 @@ import torchvision
 
 from .checkpoint import load_torch_file
 from .config import RuntimeConfig, TrainConfig
-from .fileio import atomic_path
 from .errors import ModelError
+from .fileio import atomic_path
 from .paths import PREPARED_DIR
 
 log = logging.getLogger("transferlab.resume")
@@ -57,7 +57,11 @@ class Progress:
         self.seen += seen
 
     def train_metrics(self) -> dict:
-        return {**self.epoch_lrs, "train/loss": float(self.loss_sum) / self.seen, "train/acc": int(self.correct) / self.seen}
+        return {
+            **self.epoch_lrs,
+            "train/loss": float(self.loss_sum) / self.seen,
+            "train/acc": int(self.correct) / self.seen,
+        }
 
     def end_epoch(self, logged: dict, score: float | None, patience: int) -> bool:
         """Close the epoch; True if it is the best so far (always, without a validation score)."""
@@ -73,8 +77,15 @@ class Progress:
 
 
 def fingerprint(
-    run: str, arch: str, weights: str, cfg: TrainConfig, runtime: RuntimeConfig, device: torch.device, start_from: list[Path] = (),
-    processes: int = 1, prepared_dir: Path = PREPARED_DIR,
+    run: str,
+    arch: str,
+    weights: str,
+    cfg: TrainConfig,
+    runtime: RuntimeConfig,
+    device: torch.device,
+    start_from: list[Path] = (),
+    processes: int = 1,
+    prepared_dir: Path = PREPARED_DIR,
 ) -> str:
     """Identifies what a run computes: params, data, code, library versions, device, ``start_from`` (the probe's
     head) and the number of data-parallel processes (all nodes).
@@ -82,12 +93,20 @@ def fingerprint(
     A saved state resumes only under the same fingerprint, so a resumed run never mixes two versions of anything.
     """
     digest = hashlib.sha256()
-    for path in [prepared_dir / name for name in ("classes.json", "train.csv", "val.csv")] + sorted(PACKAGE_DIR.glob("*.py")) + list(start_from):
+    for path in (
+        [prepared_dir / name for name in ("classes.json", "train.csv", "val.csv")]
+        + sorted(PACKAGE_DIR.glob("*.py"))
+        + list(start_from)
+    ):
         digest.update(path.read_bytes())
     for name in ("train.npy", "val.npy"):
         digest.update(str((prepared_dir / name).stat().st_size).encode())
     weights_file = Path(weights)
-    weights_id = [weights, weights_file.stat().st_size, weights_file.stat().st_mtime_ns] if weights_file.is_file() else weights
+    weights_id = (
+        [weights, weights_file.stat().st_size, weights_file.stat().st_mtime_ns]
+        if weights_file.is_file()
+        else weights
+    )
     payload = {
         "run": run,
         "arch": arch,
@@ -125,7 +144,10 @@ def load_state(path: Path, expected_fingerprint: str) -> dict | None:
 
 
 def rng_state(device: torch.device) -> dict:
-    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
+    return {
+        "cpu": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+    }
 
 
 def restore_rng(state: dict) -> None:

@@ -27,7 +27,9 @@ def load_split(name: str, prepared_dir: Path = PREPARED_DIR) -> tuple[np.ndarray
         labels = np.array([int(row["label"]) for row in csv.DictReader(f)], dtype=np.int64)
     images = np.load(prepared_dir / f"{name}.npy", mmap_mode="r")
     if len(images) != len(labels):
-        raise RuntimeError(f"{prepared_dir}/{name}.npy and .csv disagree ({len(images)} vs {len(labels)} rows): re-run prepare")
+        raise RuntimeError(
+            f"{prepared_dir}/{name}.npy and .csv disagree ({len(images)} vs {len(labels)} rows): re-run prepare"
+        )
     return images, labels
 
 

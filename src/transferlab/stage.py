@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from .errors import ConfigError, DatasetError, DivergedError, ModelError, is_out_of_memory
 
 
-def run_stage(name: str, main: Callable[[], object], batch_setting: Callable[[], tuple[str, int]] | None = None) -> None:
+def run_stage(
+    name: str, main: Callable[[], object], batch_setting: Callable[[], tuple[str, int]] | None = None
+) -> None:
     """Run a stage with logging on; a known failure (bad params, data or model) is one clear line and exit code 2.
 
     ``batch_setting`` gives the batch size that sets the stage's memory use (a params key or a command-line
@@ -34,7 +36,11 @@ def run_stage(name: str, main: Callable[[], object], batch_setting: Callable[[],
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
         advice = (
             f"Set a smaller {key} {'on the command line' if option else 'in params.yaml'} ({value // 2}, say) and run again"
-            if value > 1 else "One image at a time is already too much: use smaller images or a device with more memory"
+            if value > 1
+            else "One image at a time is already too much: use smaller images or a device with more memory"
         )
-        print(f"{name}: out of memory with {key}{' ' if option else ': '}{value} ({reason}). {advice}", file=sys.stderr)
+        print(
+            f"{name}: out of memory with {key}{' ' if option else ': '}{value} ({reason}). {advice}",
+            file=sys.stderr,
+        )
         sys.exit(2)

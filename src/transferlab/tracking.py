@@ -26,7 +26,7 @@ class TrainingLog:
         self.live, self.writer = None, None
         self._closing = contextlib.ExitStack()
 
-    def __enter__(self) -> "TrainingLog":
+    def __enter__(self) -> TrainingLog:
         if not self.active:
             return self
         with contextlib.ExitStack() as opening:  # a logger that fails to start closes those already started
@@ -34,7 +34,9 @@ class TrainingLog:
             self.live = Live(str(staging), dvcyaml=False, save_dvc_exp=False)
             opening.callback(self.live.end)
             if self.tensorboard:
-                from torch.utils.tensorboard import SummaryWriter  # imports the tensorboard package: only when asked for
+                from torch.utils.tensorboard import (
+                    SummaryWriter,
+                )  # imports the tensorboard package: only when asked for
 
                 self.writer = SummaryWriter(str(staging / "tensorboard"))
                 opening.callback(self.writer.close)

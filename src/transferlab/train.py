@@ -41,7 +41,9 @@ def start(run: str, holdout: bool) -> None:
     from .distributed import launch, launched_by_torchrun  # torch: imported once the plan is shown
 
     if params.runtime.processes > 1 and not launched_by_torchrun():
-        status = launch(params.runtime.processes, "transferlab.train", [run, *(["--holdout"] if holdout else [])])
+        status = launch(
+            params.runtime.processes, "transferlab.train", [run, *(["--holdout"] if holdout else [])]
+        )
         if status:
             raise SystemExit(f"train {run}: the data-parallel run failed (exit code {status})")
         return
@@ -57,9 +59,15 @@ def batch_setting(run: str) -> tuple[str, int]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("run", choices=RUNS)
-    parser.add_argument("--holdout", action="store_true", help="train the run's holdout twin (train split only, validated every epoch)")
+    parser.add_argument(
+        "--holdout",
+        action="store_true",
+        help="train the run's holdout twin (train split only, validated every epoch)",
+    )
     args = parser.parse_args(argv)
     name = holdout_name(args.run) if args.holdout else args.run
     run_stage(f"train {name}", lambda: start(args.run, args.holdout), lambda: batch_setting(args.run))

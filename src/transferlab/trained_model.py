@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import eval_resize, normalize
 from .checkpoint import read_checkpoint
+from .data import eval_resize, normalize
 from .device import resolve_device
 from .errors import ModelError
 from .inference import predict_logits
@@ -31,15 +31,23 @@ class TrainedModel:
     channels_last: bool
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device | None = None) -> "TrainedModel":
+    def load(cls, path: str | Path, device: str | torch.device | None = None) -> TrainedModel:
         path = Path(path)
         if not path.is_file():
-            raise ModelError(f"no trained model at {path}: give the model.pt that a training stage wrote (data/models/<run>/model.pt)")
+            raise ModelError(
+                f"no trained model at {path}: give the model.pt that a training stage wrote (data/models/<run>/model.pt)"
+            )
         checkpoint = read_checkpoint(path)
         missing = [key for key in REQUIRED_KEYS if key not in checkpoint]
         if missing:
-            raise ModelError(f"{path} lacks {', '.join(missing)}: it was written by an older version; re-run its training stage")
-        broken = [key for key, value in checkpoint["model"].items() if value.is_floating_point() and not value.isfinite().all()]
+            raise ModelError(
+                f"{path} lacks {', '.join(missing)}: it was written by an older version; re-run its training stage"
+            )
+        broken = [
+            key
+            for key, value in checkpoint["model"].items()
+            if value.is_floating_point() and not value.isfinite().all()
+        ]
         if broken:
             raise ModelError(
                 f"{path} holds NaN or infinite weights ({broken[0]}, {len(broken)} tensor(s) in all): it comes from a run that "
@@ -71,9 +79,22 @@ class TrainedModel:
         """Normalised model inputs, on the model's device."""
         return normalize(self.crop(images).to(self.device), self.prep)
 
-    def probabilities(self, images: np.ndarray, batch_size: int = 64, desc: str = "predict", tta: str = "none") -> np.ndarray:
+    def probabilities(
+        self, images: np.ndarray, batch_size: int = 64, desc: str = "predict", tta: str = "none"
+    ) -> np.ndarray:
         """Class probabilities; ``tta`` "flip" averages the logits of each image and its mirror image."""
-        logits = predict_logits(self.model, images, self.prep, self.image_size, batch_size, self.channels_last, desc, flip=tta == "flip")
+        logits = predict_logits(
+            self.model,
+            images,
+            self.prep,
+            self.image_size,
+            batch_size,
+            self.channels_last,
+            desc,
+            flip=tta == "flip",
+        )
         if not logits.isfinite().all():
-            raise ModelError(f"{self.path} gives NaN or infinite outputs: it is not a usable model; train it again with a lower learning rate")
+            raise ModelError(
+                f"{self.path} gives NaN or infinite outputs: it is not a usable model; train it again with a lower learning rate"
+            )
         return logits.softmax(1).numpy()

@@ -19,9 +19,9 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -51,12 +51,16 @@ log = logging.getLogger("transferlab.train")
 class Inputs:
     """Where training batches come from and how they become logits: one of the two kinds below."""
 
-    fetch: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # indices -> inputs, targets, labels
+    fetch: Callable[
+        [torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    ]  # indices -> inputs, targets, labels
     forward: Callable[[torch.Tensor], torch.Tensor]
     validate: Callable[[nn.Module], torch.Tensor]  # a model's logits of the validation split, on the CPU
 
 
-def image_inputs(model, data, cfg: TrainConfig, channels_last: bool, prep, world: World, num_classes: int) -> Inputs:
+def image_inputs(
+    model, data, cfg: TrainConfig, channels_last: bool, prep, world: World, num_classes: int
+) -> Inputs:
     """Cached uint8 images, augmented on the training device, through the model.
 
     With feature_extract the backbone's parameters need no gradient and it runs in eval mode, so autograd
@@ -76,14 +80,19 @@ def image_inputs(model, data, cfg: TrainConfig, channels_last: bool, prep, world
     def validate(net: nn.Module):
         world.share_buffers(net)
         return world.map_rows(
-            lambda rows: predict_logits(net, rows, prep, cfg.eval_image_size, cfg.batch_size * 2, channels_last, "val", fast=False), val_images
+            lambda rows: predict_logits(
+                net, rows, prep, cfg.eval_image_size, cfg.batch_size * 2, channels_last, "val", fast=False
+            ),
+            val_images,
         )
 
     forward = world.wrap(model)
     return Inputs(fetch, torch.compile(forward) if cfg.compile else forward, validate)
 
 
-def frozen_features(cfg: TrainConfig, arch: str, weights: str, counts: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+def frozen_features(
+    cfg: TrainConfig, arch: str, weights: str, counts: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The features stage's (train, validation) features of the centre crops, as this run splits them."""
     info = features_info()
     if (info["arch"], info["weights"], info["image_size"]) != (arch, weights, cfg.image_size):
@@ -91,16 +100,27 @@ def frozen_features(cfg: TrainConfig, arch: str, weights: str, counts: tuple[int
             f"the frozen features are of {info['arch']} (weights {info['weights']}) at {info['image_size']} px, not of this "
             f"run's model at {cfg.image_size} px: re-run the features stage (dvc repro features)"
         )
-    train, val = torch.from_numpy(np.array(load_features("train")[0])), torch.from_numpy(np.array(load_features("val")[0]))
+    train, val = (
+        torch.from_numpy(np.array(load_features("train")[0])),
+        torch.from_numpy(np.array(load_features("val")[0])),
+    )
     val = val.reshape(len(val), train.shape[1])  # an empty split's features are stored as 0 x 0
     if cfg.train_on_val:
         train, val = torch.cat([train, val]), val[:0]
     if (len(train), len(val)) != counts:
-        raise ModelError("the frozen features do not cover the prepared images: re-run the features stage (dvc repro features)")
+        raise ModelError(
+            "the frozen features do not cover the prepared images: re-run the features stage (dvc repro features)"
+        )
     return train, val
 
 
-def feature_inputs(features: tuple[torch.Tensor, torch.Tensor], train_labels: np.ndarray, head_name: str, model: nn.Module, world: World) -> Inputs:
+def feature_inputs(
+    features: tuple[torch.Tensor, torch.Tensor],
+    train_labels: np.ndarray,
+    head_name: str,
+    model: nn.Module,
+    world: World,
+) -> Inputs:
     """feature_extract without augmentation: the head trains on the frozen features."""
     device = world.device
     train_features, val_features = (f.to(device) for f in features)
@@ -149,15 +169,24 @@ class Trainer:
 
     @classmethod
     def create(
-        cls, model: nn.Module, head_name: str, cfg: TrainConfig, runtime: RuntimeConfig, steps_per_epoch: int, world: World, amp_dtype
-    ) -> "Trainer":
+        cls,
+        model: nn.Module,
+        head_name: str,
+        cfg: TrainConfig,
+        runtime: RuntimeConfig,
+        steps_per_epoch: int,
+        world: World,
+        amp_dtype,
+    ) -> Trainer:
         """``world`` from :func:`process_group`, ``amp_dtype`` from :func:`training_device`."""
         device = world.device
         frozen = freeze_stages(model, head_name, cfg.frozen_stages)
         if cfg.mode == "feature_extract":
             model.requires_grad_(False)
             model.get_submodule(head_name).requires_grad_(True)
-        model.to(device, memory_format=torch.channels_last if runtime.channels_last else torch.preserve_format)
+        model.to(
+            device, memory_format=torch.channels_last if runtime.channels_last else torch.preserve_format
+        )
         average = moving_average(model, cfg.ema_decay) if cfg.ema_decay else None
         if average is not None:
             average.update_parameters(model)  # the average starts at the starting weights
@@ -202,7 +231,9 @@ class Trainer:
         self.scaler.scale(loss * share if share != 1 else loss).backward()
         if self.cfg.grad_clip_norm:
             self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], self.cfg.grad_clip_norm)
+            nn.utils.clip_grad_norm_(
+                [p for g in self.optimizer.param_groups for p in g["params"]], self.cfg.grad_clip_norm
+            )
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.schedule.step()
@@ -232,7 +263,9 @@ class Trainer:
 def start_from_probe(model: nn.Module, arch: str, weights: str, classes: list[str], path: Path) -> None:
     """Load the fitted probe (its backbone weights and its head) into ``model``: LP-FT's starting point."""
     if not path.is_file():
-        raise ModelError(f"train.init_head: probe needs the linear probe at {path}: run its stage first (dvc repro train_probe)")
+        raise ModelError(
+            f"train.init_head: probe needs the linear probe at {path}: run its stage first (dvc repro train_probe)"
+        )
     checkpoint = read_checkpoint(path)
     made_for = (checkpoint["arch"], checkpoint.get("weights"), checkpoint["classes"])
     if made_for != (arch, weights, classes):
@@ -243,7 +276,9 @@ def start_from_probe(model: nn.Module, arch: str, weights: str, classes: list[st
     model.load_state_dict(checkpoint["model"])
 
 
-def initial_model(arch: str, weights: str, classes: list[str], cfg: TrainConfig, probe: str = "probe") -> tuple[nn.Module, str, Preprocessing]:
+def initial_model(
+    arch: str, weights: str, classes: list[str], cfg: TrainConfig, probe: str = "probe"
+) -> tuple[nn.Module, str, Preprocessing]:
     """The model before its first step: a fresh head, or with ``init_head: probe`` the fitted linear probe ``probe`` (LP-FT)."""
     torch.manual_seed(cfg.seed)
     model, head_name, prep = build_model(arch, weights, len(classes))
@@ -261,7 +296,9 @@ def training_data(train_on_val: bool) -> tuple[tuple[np.ndarray, np.ndarray], tu
     return merged, (val_images[:0], val_labels[:0])
 
 
-def divergence(run: str, out: str, cfg: TrainConfig, progress: resume.Progress, params: Params) -> DivergedError:
+def divergence(
+    run: str, out: str, cfg: TrainConfig, progress: resume.Progress, params: Params
+) -> DivergedError:
     """What to tell the user when the training loss stops being finite: the likely causes and the params to change."""
     precision = params.runtime.precision
     body = f", the pretrained layers at {cfg.lr * cfg.backbone_lr_scale:g}" if cfg.mode == "finetune" else ""
@@ -271,7 +308,8 @@ def divergence(run: str, out: str, cfg: TrainConfig, progress: resume.Progress, 
     state = resume_path(out)
     kept = (
         f"the resumable state saved before it is kept ({state}), for a re-run with the same params"
-        if state.is_file() else "no training state was saved before it"
+        if state.is_file()
+        else "no training state was saved before it"
     )
     return DivergedError(
         f"{out} diverged: the training loss became {float(progress.loss_sum) / max(progress.seen, 1)} in epoch "
@@ -294,11 +332,19 @@ def training_inputs(trainer: Trainer, data, prep, arch: str, weights: str, num_c
         (_, train_labels), (_, val_labels) = data
         features = frozen_features(cfg, arch, weights, (len(train_labels), len(val_labels)))
         return feature_inputs(features, train_labels, trainer.head_name, trainer.model, trainer.world)
-    return image_inputs(trainer.model, data, cfg, trainer.runtime.channels_last, prep, trainer.world, num_classes)
+    return image_inputs(
+        trainer.model, data, cfg, trainer.runtime.channels_last, prep, trainer.world, num_classes
+    )
 
 
 def interpolation_curve(
-    trainer: Trainer, inputs: Inputs, start: dict, end: dict, end_scores: dict, val_labels: np.ndarray, chosen: float
+    trainer: Trainer,
+    inputs: Inputs,
+    start: dict,
+    end: dict,
+    end_scores: dict,
+    val_labels: np.ndarray,
+    chosen: float,
 ) -> list[tuple[float, float, float]]:
     """(mixing weight, validation accuracy, loss) of the weights ``start + weight * (end - start)`` (WiSE-FT), at
     :data:`CURVE_POINTS` and the run's ``interpolation``: which mix of start and end validates best.
@@ -327,25 +373,39 @@ def run(name: str, world: World | None = None, holdout: bool = False) -> dict:
     out = paths.holdout(name) if holdout else name  # where the run writes
     probe = paths.holdout("probe") if holdout else "probe"
     weights = params.weights_for(name)
-    device, amp_dtype = training_device(runtime.device, runtime.precision)  # an unavailable one fails here, before any work
+    device, amp_dtype = training_device(
+        runtime.device, runtime.precision
+    )  # an unavailable one fails here, before any work
     world = world or World(device=device)
     classes = load_classes()
     data = training_data(cfg.train_on_val)
     (train_images, train_labels), (_, val_labels) = data
     if len(train_labels) < world.size:
-        raise ConfigError(f"runtime.processes: {world.size} processes but {len(train_labels)} training images; every process needs a share")
+        raise ConfigError(
+            f"runtime.processes: {world.size} processes but {len(train_labels)} training images; every process needs a share"
+        )
     model, head_name, prep = initial_model(params.model.arch, weights, classes, cfg, probe)
     if world.rank:  # every process starts from the same weights (DDP checks) but draws its own augmentations
         torch.manual_seed(cfg.seed + world.rank)
     slices = batch_slices(len(train_labels), cfg.batch_size)
     trainer = Trainer.create(model, head_name, cfg, runtime, len(slices), world, amp_dtype)
-    inputs = training_inputs(trainer, data, prep, params.model.arch, weights, len(classes))  # frozen features that are not there fail here
-    start = cpu_copy(model) if cfg.mode != "scratch" else None  # where fine-tuning starts: one end of the interpolation
-    generator = torch.Generator().manual_seed(cfg.seed)  # the same on every process: one order, sharded per batch
+    inputs = training_inputs(
+        trainer, data, prep, params.model.arch, weights, len(classes)
+    )  # frozen features that are not there fail here
+    start = (
+        cpu_copy(model) if cfg.mode != "scratch" else None
+    )  # where fine-tuning starts: one end of the interpolation
+    generator = torch.Generator().manual_seed(
+        cfg.seed
+    )  # the same on every process: one order, sharded per batch
     # the files the run starts from: the probe's head (LP-FT), the frozen features (feature_extract without augmentation)
     start_from = [checkpoint_path(probe)] if cfg.init_head == "probe" else []
-    start_from += [FEATURES_DIR / "features.json"] if cfg.mode == "feature_extract" and not cfg.augment else []
-    fingerprint = resume.fingerprint(out, params.model.arch, weights, cfg, runtime, trainer.device, start_from, world.size)
+    start_from += (
+        [FEATURES_DIR / "features.json"] if cfg.mode == "feature_extract" and not cfg.augment else []
+    )
+    fingerprint = resume.fingerprint(
+        out, params.model.arch, weights, cfg, runtime, trainer.device, start_from, world.size
+    )
     state = world.from_main(resume.load_state(resume_path(out), fingerprint) if world.main else None)
     progress, best_model = resume.Progress(), None
     if state is not None:
@@ -353,10 +413,18 @@ def run(name: str, world: World | None = None, holdout: bool = False) -> dict:
         generator.set_state(state["generator"])
         resume.restore_rng(state["rng"][world.rank])
         progress, best_model = resume.Progress(**state["progress"]), state["best_model"]
-        log.info("resuming %s from epoch %d, step %d (%s)", out, progress.epoch + 1, progress.step, resume_path(out))
+        log.info(
+            "resuming %s from epoch %d, step %d (%s)",
+            out,
+            progress.epoch + 1,
+            progress.step,
+            resume_path(out),
+        )
 
     def save_state(epoch_start_generator: torch.Tensor) -> None:
-        rng = world.gather(resume.rng_state(trainer.device))  # every process's random state, for an exact resume
+        rng = world.gather(
+            resume.rng_state(trainer.device)
+        )  # every process's random state, for an exact resume
         if not world.main:
             return
         resume.save_state(
@@ -368,7 +436,13 @@ def run(name: str, world: World | None = None, holdout: bool = False) -> dict:
                 "generator": epoch_start_generator,
                 "rng": rng,
                 "best_model": best_model,
-                "params": {"run": out, "arch": params.model.arch, "weights": weights, "train": dataclasses.asdict(cfg), "runtime": dataclasses.asdict(runtime)},
+                "params": {
+                    "run": out,
+                    "arch": params.model.arch,
+                    "weights": weights,
+                    "train": dataclasses.asdict(cfg),
+                    "runtime": dataclasses.asdict(runtime),
+                },
             },
         )
 
@@ -376,9 +450,19 @@ def run(name: str, world: World | None = None, holdout: bool = False) -> dict:
     # the CPU cores shared with other processes computing at once; a compiled model keeps its first thread count
     # (a change would make torch.compile compile again)
     with training_log as live, resume.stop_requests() as stop_requested, cores.shared(pin=cfg.compile):
-        live.log_params({"run": out, "arch": params.model.arch, "weights": weights, **dataclasses.asdict(cfg), **dataclasses.asdict(runtime)})
+        live.log_params(
+            {
+                "run": out,
+                "arch": params.model.arch,
+                "weights": weights,
+                **dataclasses.asdict(cfg),
+                **dataclasses.asdict(runtime),
+            }
+        )
         live.log_images("train images (cached, before augmentation)", train_images[:16])
-        for logged in progress.history:  # curves of the epochs done before an interruption, at their own steps
+        for (
+            logged
+        ) in progress.history:  # curves of the epochs done before an interruption, at their own steps
             live.log_epoch(logged)
         while progress.epoch < cfg.epochs and not progress.stopped_early:
             epoch_start_generator = generator.get_state()
@@ -386,20 +470,32 @@ def run(name: str, world: World | None = None, holdout: bool = False) -> dict:
             if progress.step == 0:
                 progress.start_epoch({f"lr/{g['name']}": g["lr"] for g in trainer.optimizer.param_groups})
             trainer.enter_train_mode()
-            bar = tqdm(slices, initial=progress.step, desc=f"{out} epoch {progress.epoch + 1}/{cfg.epochs}", leave=False, disable=not world.main)
+            bar = tqdm(
+                slices,
+                initial=progress.step,
+                desc=f"{out} epoch {progress.epoch + 1}/{cfg.epochs}",
+                leave=False,
+                disable=not world.main,
+            )
             for batch in slices[progress.step :]:
                 cores.refresh()  # this process's share of the CPU cores, counted again every few seconds
                 progress.add_batch(*trainer.step(inputs, order[batch]))
                 bar.update()
-                if progress.step % 10 == 0 or progress.step == len(slices):  # reading the sum waits for a GPU: not every step
-                    if not math.isfinite(float(progress.loss_sum)):  # NaN and inf stay in the epoch's sum once there
+                if progress.step % 10 == 0 or progress.step == len(
+                    slices
+                ):  # reading the sum waits for a GPU: not every step
+                    if not math.isfinite(
+                        float(progress.loss_sum)
+                    ):  # NaN and inf stay in the epoch's sum once there
                         bar.close()
                         raise divergence(name, out, cfg, progress, params)
                     bar.set_postfix(loss=f"{float(progress.loss_sum) / progress.seen:.3f}")
                 if world.stop_now(stop_requested(), progress.step, len(slices)):
                     save_state(epoch_start_generator)
                     bar.close()
-                    raise SystemExit(f"stopped: {out} saved at epoch {progress.epoch + 1}, step {progress.step}; run again to resume")
+                    raise SystemExit(
+                        f"stopped: {out} saved at epoch {progress.epoch + 1}, step {progress.step}; run again to resume"
+                    )
             bar.close()
             logged = progress.train_metrics()
             score = None
@@ -409,24 +505,47 @@ def run(name: str, world: World | None = None, holdout: bool = False) -> dict:
             if progress.end_epoch(logged, score, cfg.early_stopping_patience):
                 best_model = cpu_copy(trainer.kept)
             trainer.schedule.end_epoch(logged.get(cfg.monitor.replace("_", "/")))
-            log.info("%s epoch %d: %s", out, progress.epoch, ", ".join(f"{k} {v:.4g}" for k, v in logged.items()))
+            log.info(
+                "%s epoch %d: %s", out, progress.epoch, ", ".join(f"{k} {v:.4g}" for k, v in logged.items())
+            )
             live.log_epoch(logged)
             save_state(generator.get_state())
-        best = {"val_acc": progress.history[progress.best_epoch - 1].get("val/acc"), "epoch": progress.best_epoch}
-        if start is not None:  # WiSE-FT: the line from the starting weights to the last epoch's, those a final fit keeps
+        best = {
+            "val_acc": progress.history[progress.best_epoch - 1].get("val/acc"),
+            "epoch": progress.best_epoch,
+        }
+        if (
+            start is not None
+        ):  # WiSE-FT: the line from the starting weights to the last epoch's, those a final fit keeps
             end, curve = cpu_copy(trainer.kept), None
             if len(val_labels):
-                curve = interpolation_curve(trainer, inputs, start, end, progress.history[-1], val_labels, cfg.interpolation)
+                curve = interpolation_curve(
+                    trainer, inputs, start, end, progress.history[-1], val_labels, cfg.interpolation
+                )
                 live.write_csv("interpolation.csv", ["interpolation", "val_acc", "val_loss"], curve)
             if cfg.interpolation < 1:  # the mix replaces the best-epoch choice
                 best_model = interpolate(start, end, cfg.interpolation)
-                best = {"val_acc": next((acc for w, acc, _ in curve or [] if w == cfg.interpolation), None), "epoch": progress.epoch}
+                best = {
+                    "val_acc": next((acc for w, acc, _ in curve or [] if w == cfg.interpolation), None),
+                    "epoch": progress.epoch,
+                }
         if not world.main:
             return best
         save_checkpoint(
-            checkpoint_path(out), best_model, run=out, mode=cfg.mode, arch=params.model.arch, weights=weights, classes=classes,
-            head=head_name, preprocessing=prep.as_dict(), cache_size=train_images.shape[1], eval_image_size=cfg.eval_image_size,
-            channels_last=runtime.channels_last, config=dataclasses.asdict(cfg), **best
+            checkpoint_path(out),
+            best_model,
+            run=out,
+            mode=cfg.mode,
+            arch=params.model.arch,
+            weights=weights,
+            classes=classes,
+            head=head_name,
+            preprocessing=prep.as_dict(),
+            cache_size=train_images.shape[1],
+            eval_image_size=cfg.eval_image_size,
+            channels_last=runtime.channels_last,
+            config=dataclasses.asdict(cfg),
+            **best,
         )
         if best["val_acc"] is not None:
             live.summary["best/val_acc"] = best["val_acc"]
@@ -442,5 +561,7 @@ def train(name: str, holdout: bool = False) -> dict:
     params = load_params()
     runtime = params.runtime
     device, _ = training_device(runtime.device, runtime.precision)
-    with process_group(device, runtime.processes, params.train_config(name).batch_size, params.key(name, "batch_size")) as world:
+    with process_group(
+        device, runtime.processes, params.train_config(name).batch_size, params.key(name, "batch_size")
+    ) as world:
         return run(name, world, holdout)

@@ -11,11 +11,15 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 CURVE_POINTS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 
 
-def interpolate(start: dict[str, torch.Tensor], end: dict[str, torch.Tensor], weight: float) -> dict[str, torch.Tensor]:
+def interpolate(
+    start: dict[str, torch.Tensor], end: dict[str, torch.Tensor], weight: float
+) -> dict[str, torch.Tensor]:
     """``start + weight * (end - start)`` for every floating-point tensor (exactly ``start`` at 0 and ``end`` at 1,
     as :func:`torch.lerp` computes it); other tensors (batch-norm step counters) are taken from ``end``."""
     return {
-        key: torch.lerp(start[key].to(value.device, value.dtype), value, weight) if value.is_floating_point() else value
+        key: torch.lerp(start[key].to(value.device, value.dtype), value, weight)
+        if value.is_floating_point()
+        else value
         for key, value in end.items()
     }
 
@@ -30,7 +34,9 @@ def moving_average(model: nn.Module, decay: float) -> AveragedModel:
     ema = get_ema_multi_avg_fn(decay)
 
     def update(averaged: list[torch.Tensor], current: list[torch.Tensor], steps: torch.Tensor) -> None:
-        if averaged[0].is_floating_point():  # torch groups the tensors by dtype: one group is all float or all integer
+        if averaged[
+            0
+        ].is_floating_point():  # torch groups the tensors by dtype: one group is all float or all integer
             ema(averaged, current, steps)
         else:
             torch._foreach_copy_(averaged, current)
