@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -23,6 +24,7 @@ if HF_HOME.is_dir():
 sys.path.insert(0, str(Path(__file__).parent))
 from imagegen import make_image_folder  # noqa: E402
 from transferlab import prepare  # noqa: E402
+from transferlab.config import TrainConfig, parse_params  # noqa: E402
 
 # Small enough to train in seconds on 2 CPU cores. A training run here needs no probe and validates every
 # epoch; test_pipeline puts the project's defaults back (LP-FT from the probe, train + val).
@@ -57,6 +59,12 @@ def tiny_params() -> dict:
     return params
 
 
+def recipe(**changes) -> TrainConfig:
+    """The tiny params' ``train:`` recipe with ``changes``:
+    a complete TrainConfig (the code has no defaults)."""
+    return dataclasses.replace(parse_params(tiny_params()).train, **changes)
+
+
 @pytest.fixture(autouse=True)
 def _quiet_env(monkeypatch):
     monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
@@ -77,7 +85,8 @@ def run(cmd: list[str], cwd: Path, env: dict | None = None) -> subprocess.Comple
 
 
 def make_project_repo(repo: Path, images: Path) -> Path:
-    """A fresh git + DVC repo at ``repo`` holding the project's pipeline, src and tiny params, first commit made."""
+    """A fresh git + DVC repo at ``repo`` holding the project's pipeline, src and tiny params,
+    first commit made."""
     repo.mkdir()
     shutil.copytree(PROJECT / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".gitignore"):
@@ -101,7 +110,8 @@ def project_repo(tmp_path, tiny_folder) -> Path:
 
 @pytest.fixture
 def project(tmp_path, tiny_folder, monkeypatch):
-    """A prepared tiny project whose model.weights is a (random) resnet18 state dict standing in for ImageNet's."""
+    """A prepared tiny project whose model.weights is a (random)
+    resnet18 state dict standing in for ImageNet's."""
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(1)
     weights = tmp_path / "resnet18_imagenet.pth"

@@ -1,4 +1,5 @@
-"""The benchmark's smoke runs on tiny data: every figure is measured and reported (values are never judged)."""
+"""The benchmark's smoke runs on tiny data: every figure
+is measured and reported (values are never judged)."""
 
 from __future__ import annotations
 

@@ -25,7 +25,8 @@ from transferlab.trained_model import TrainedModel
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    """A tiny dataset, prepared, with a fine-tuned model (random resnet18 weights standing in for ImageNet's)."""
+    """A tiny dataset, prepared, with a fine-tuned model
+    (random resnet18 weights standing in for ImageNet's)."""
     from imagegen import make_image_folder
 
     root = tmp_path_factory.mktemp("cli")
@@ -92,7 +93,7 @@ def test_predict_a_folder_with_bad_files_csv_json_and_the_pipelines_numbers(proj
         "TTA must make a difference here"
     )
     by_name = {Path(p["path"]).name: p["top"][0] for p in report["predictions"]}
-    for row, probs in zip(test_rows, expected):
+    for row, probs in zip(test_rows, expected, strict=True):
         top = by_name[Path(row["path"]).name.replace("image", row["class"])]
         assert top["class"] == trained.classes[probs.argmax()] and top["probability"] == pytest.approx(
             probs.max(), abs=1e-5
@@ -192,9 +193,12 @@ def test_export_check_fails_when_the_export_differs(project, monkeypatch, tmp_pa
     monkeypatch.chdir(project)
     trained = TrainedModel.load(checkpoint_path("finetune"), device="cpu")
     real = export._export_torchscript
-    monkeypatch.setattr(
-        export, "_export_torchscript", lambda *args: lambda x, run=real(*args): run(x) + np.eye(3)[[2]] * 5
-    )
+
+    def shifted_export(*args):
+        run = real(*args)
+        return lambda x: run(x) + np.eye(3)[[2]] * 5
+
+    monkeypatch.setattr(export, "_export_torchscript", shifted_export)
     sample = np.random.default_rng(0).integers(0, 256, (3, 40, 40, 3), dtype=np.uint8)
     with pytest.raises(export.ExportError, match="differs from the model"):
         export.export(trained, "torchscript", tmp_path / "bad.pt", sample)
@@ -208,8 +212,9 @@ def readme_onnx_snippet() -> str:
 
 
 def test_the_readme_onnx_snippet_reproduces_predict(project, tmp_path):
-    """The export's metadata is enough: the docs' ONNX Runtime snippet (Pillow and numpy, no torch, no transferlab) on a
-    sideways phone photo of another size gives the class and probability `transferlab predict` gives."""
+    """The export's metadata is enough: the docs' ONNX Runtime snippet (Pillow
+    and numpy, no torch, no transferlab) on a sideways phone photo of another
+    size gives the class and probability `transferlab predict` gives."""
     source = Image.open(project / "images/class_1/image_0003.jpg").resize((150, 110), Image.BICUBIC)
     exif = Image.Exif()
     exif[0x0112] = 6

@@ -7,12 +7,22 @@ import dataclasses
 import re
 import subprocess
 import sys
+import typing
 
 import pytest
 import yaml
 
 from conftest import PROJECT, tiny_params
-from transferlab.config import FINETUNE_ONLY, TrainConfig, load_params, parse_params
+from transferlab.config import (
+    FINETUNE_ONLY,
+    REFERENCE_MARK,
+    SCRATCH_FIXED,
+    Optimizer,
+    TrainConfig,
+    load_params,
+    parse_params,
+    reference,
+)
 from transferlab.errors import ConfigError, ModelError
 from transferlab.models import check_model
 
@@ -133,7 +143,10 @@ def test_bad_values_name_the_key(section, key, value, message):
                 "train": {"mode": "feature_extract", "augment": False, "image_size": 64},
                 "model": {"weights": "imagenet"},
             },
-            "train.augment: false with feature_extract trains on the features stage's output, computed at features.image_size (32)",
+            (
+                "train.augment: false with feature_extract trains on the features stage's output, "
+                "computed at features.image_size (32)"
+            ),
         ),
         ({"train": {"random_erasing": 1.5}}, "train.random_erasing must be <= 1"),
         (
@@ -191,7 +204,8 @@ def test_frozen_stages_with_pretrained_weights_and_scratch_ignoring_them(tmp_pat
     assert params.train_config("finetune").frozen_stages == 3
     scratch = params.train_config("scratch")
     assert (scratch.mode, scratch.frozen_stages, params.weights_for("scratch")) == ("scratch", 0, "none")
-    # feature_extract keeps the whole backbone fixed: the fine-tune's frozen_stages (the default is 4) is moot, not an error
+    # feature_extract keeps the whole backbone fixed: the fine-tune's frozen_stages (the default is 4)
+    # is moot, not an error
     raw["train"].update(mode="feature_extract")
     assert parse_params(raw).train_config("finetune").frozen_stages == 0
 
@@ -239,9 +253,11 @@ def test_stage_refuses_bad_params_before_any_work(tmp_path):
 
 
 def test_each_training_stage_reads_whole_sections():
-    """train_finetune reads train:, train_scratch reads scratch: (every key but the fine-tuning's five), both runtime:.
+    """train_finetune reads train:, train_scratch reads scratch:
+    (every key but the fine-tuning's five), both runtime:.
 
-    Whole sections, so `-S train.lr=...` re-runs the fine-tuned model only and `-S scratch.x=...` needs no `++`.
+    Whole sections, so `-S train.lr=...` re-runs the fine-tuned
+    model only and `-S scratch.x=...` needs no `++`.
     """
     stages = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
     raw = yaml.safe_load((PROJECT / "params.yaml").read_text())
@@ -284,7 +300,8 @@ def stage_commands() -> dict[str, tuple[str, list[str]]]:
 
 
 def test_every_stage_depends_on_the_code_it_runs():
-    """A change to any module a stage imports re-runs that stage (dvc.yaml deps), and nothing listed is missing."""
+    """A change to any module a stage imports re-runs that stage (dvc.yaml deps),
+    and nothing listed is missing."""
     for name, (module, deps) in stage_commands().items():
         code = {dep for dep in deps if dep.startswith("src/")}
         assert code == {f"src/transferlab/{m}.py" for m in package_imports(module)}, name
@@ -300,7 +317,8 @@ def test_the_scratch_stage_does_not_depend_on_the_probe():
 
 
 def test_the_package_has_no_import_cycle():
-    """Imports anywhere in a module (function-level ones included) form no cycle: none is hidden in a function body."""
+    """Imports anywhere in a module (function-level ones included) form no cycle:
+    none is hidden in a function body."""
     modules = [path.stem for path in (PROJECT / "src/transferlab").glob("*.py") if path.stem != "__init__"]
 
     def direct(module: str) -> set[str]:
@@ -319,11 +337,13 @@ def test_the_package_has_no_import_cycle():
 
 
 def test_entry_points_start_without_the_heavy_libraries():
-    """`transferlab --help`, a CLI error and a stage's first line come before torch, timm, sklearn or captum load."""
+    """`transferlab --help`, a CLI error and a stage's first line come before torch, timm,
+    sklearn or captum load."""
     entry_points = ["cli", *(module for module, _ in stage_commands().values())]
     code = (
         f"import sys, transferlab.{', transferlab.'.join(entry_points)}\n"
-        "heavy = [m for m in ('torch', 'timm', 'torchvision', 'sklearn', 'captum', 'onnxruntime', 'matplotlib') if m in sys.modules]\n"
+        "heavy = [m for m in ('torch', 'timm', 'torchvision', 'sklearn', 'captum', 'onnxruntime',"
+        " 'matplotlib') if m in sys.modules]\n"
         "print(','.join(heavy))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -350,3 +370,43 @@ def test_numbers_are_read_as_users_and_dvc_write_them(tmp_path):
         parse_params({**tiny_params(), "train": {**tiny_params()["train"], "epochs": 2.5}})
     with pytest.raises(ConfigError, match="train.lr must be of type float, got 'fast'"):
         parse_params({**tiny_params(), "train": {**tiny_params()["train"], "lr": "fast"}})
+
+
+def test_every_key_is_set_in_params_yaml_the_code_has_no_defaults():
+    raw = tiny_params()
+    del raw["train"]["lr"], raw["scratch"]["epochs"]
+    message = re.escape("params.yaml does not set train.lr: every setting is written")
+    with pytest.raises(ConfigError, match=message):
+        parse_params(raw)
+    raw = tiny_params()
+    del raw["logging"]
+    with pytest.raises(ConfigError, match=re.escape("params.yaml does not set logging.tensorboard")):
+        parse_params(raw)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    defaulted = [f.name for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING]
+    assert not defaulted, fields
+
+
+def test_the_scratch_run_has_fixed_values_for_the_fine_tunings_keys():
+    scratch = parse_params(tiny_params()).train_config("scratch")
+    assert {key: getattr(scratch, key) for key in SCRATCH_FIXED} == SCRATCH_FIXED
+    unset = set(SCRATCH_FIXED) - set(tiny_params()["scratch"])
+    assert set(SCRATCH_FIXED) == set(FINETUNE_ONLY) and unset == set(SCRATCH_FIXED), (
+        "params.yaml's scratch: section sets none of them"
+    )
+
+
+def test_the_params_reference_in_the_docs_is_generated_from_the_declarations():
+    """docs/params.md's table equals what config.reference makes of the declared types and params.yaml."""
+    doc = (PROJECT / "docs/params.md").read_text()
+    generated = doc[doc.index(REFERENCE_MARK) + len(REFERENCE_MARK) :].strip()
+    expected = reference(yaml.safe_load((PROJECT / "params.yaml").read_text())).strip()
+    assert generated == expected, "docs/params.md is out of date: run `uv run python -m transferlab.config`"
+    raw = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    for section, values in raw.items():
+        for key in values:
+            assert f"| `{section}.{key}` |" in generated, f"{section}.{key} is missing from the reference"
+    row = next(line for line in generated.splitlines() if line.startswith("| `train.optimizer`"))
+    assert all(f"`{name}`" in row for name in typing.get_args(Optimizer)), row
+    assert "| `train.lr` | number, 0 < x |" in generated
+    assert "| `data.test_per_class` | integer, 1 ≤ x, or null |" in generated

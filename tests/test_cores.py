@@ -50,7 +50,10 @@ def test_each_process_takes_its_share_and_takes_cores_back_when_a_neighbour_ends
 
 def test_another_process_sees_this_ones_slot(slots):
     cores.claim(slots)
-    code = "from transferlab import cores; cores.available_cores = lambda: 2; cores.queue_workers = lambda: 0\nwith cores.shared() as n: print(n)"
+    code = (
+        "from transferlab import cores; cores.available_cores = lambda: 2; cores.queue_workers = lambda: 0\n"
+        "with cores.shared() as n: print(n)"
+    )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=os.environ
     )
@@ -92,7 +95,8 @@ def test_dvc_queue_workers_are_counted_from_the_process_table():
 
 
 def test_a_pinned_block_keeps_its_thread_count_through_inner_blocks(slots, monkeypatch):
-    """A compiled training run: validation inside it must not change the count (torch.compile would compile again)."""
+    """A compiled training run: validation inside it must not
+    change the count (torch.compile would compile again)."""
     monkeypatch.setattr(cores, "available_cores", lambda: 4)
     with cores.shared(pin=True) as threads:
         neighbour = cores.claim(slots)

@@ -113,7 +113,8 @@ def training_processes(project_dir: Path) -> list[psutil.Process]:
 
 
 def test_ctrl_c_stops_every_process_which_save_and_the_rerun_resumes_exactly(project):
-    """Ctrl-C to the stage command reaches torchrun once; all processes stop at one step, rank 0 saves, none is left."""
+    """Ctrl-C to the stage command reaches torchrun once;
+    all processes stop at one step, rank 0 saves, none is left."""
     project(mode="finetune", runtime={"processes": 2}, batch_size=2, epochs=4)
     state = Path("data/resume/finetune.pt")
     stage = subprocess.Popen(

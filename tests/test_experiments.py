@@ -1,5 +1,5 @@
-"""The experiments summary: each model's best setting chosen on validation alone, plots of what each param does,
-and the final fit's command; never a test score of a setting that was not chosen, nor a stale one."""
+"""The experiments summary: each model's best setting chosen on validation alone, plots of what each param
+does, and the final fit's command; never a test score of a setting that was not chosen, nor a stale one."""
 
 from __future__ import annotations
 
@@ -43,9 +43,10 @@ def entry(
     base: dict | None = None,
     copied: dict | None = None,
 ) -> dict:
-    """One experiment as `dvc exp show --json` lists it: params.yaml (``base``, tiny params by default) with dotted
-    overrides, and the metric files: ``val`` model -> validation score (NO_VALIDATION: trained on train + val),
-    ``test`` model -> test score, ``copied`` path -> a metric file copied as is (a stage that did not run)."""
+    """One experiment as `dvc exp show --json` lists it: params.yaml (``base``, tiny
+    params by default) with dotted overrides, and the metric files: ``val`` model ->
+    validation score (NO_VALIDATION: trained on train + val), ``test`` model -> test
+    score, ``copied`` path -> a metric file copied as is (a stage that did not run)."""
     params = set_dotted(tiny_params() if base is None else base, overrides)
     metrics = {}
     for model, acc in val.items():
@@ -95,7 +96,8 @@ def assert_no_test_score(text: str, scores: list[float]) -> None:
 
 
 def applied_command(command: str, workspace: dict, tmp_path: Path) -> dict:
-    """params.yaml after `command`'s -S overrides, applied the way `dvc exp run` applies them, read the way the stages read it."""
+    """params.yaml after `command`'s -S overrides, applied the way `dvc exp run` applies them,
+    read the way the stages read it."""
     args = shlex.split(command)
     assert args[:3] == ["dvc", "exp", "run"] and all(a == "-S" for a in args[3::2]), command
     path = tmp_path / "final" / "params.yaml"
@@ -187,14 +189,15 @@ def test_summary_chooses_on_validation_and_plots_the_grid(tmp_path, capsys):
     assert not (out / "heatmap_scratch.png").exists()
 
 
-def test_validation_only_grids_never_show_the_baselines_stale_test_metrics_and_the_final_fit_carries_the_choice(
+def test_validation_only_grids_never_show_the_baselines_stale_test_metrics_and_the_final_fit_carries_the_choice(  # noqa: E501
     tmp_path, capsys
 ):
     """The README's recipes on the project's own params: grids queued up to a training stage, validation only.
 
-    Their commits hold the baseline's test metrics (the evaluate stages did not run) and, for the models their
-    target does not train, the baseline's training summaries. The summary shows no test score at all, and each
-    model's final-fit command, applied the way dvc applies it, gives exactly the chosen setting, trained on train + val.
+    Their commits hold the baseline's test metrics (the evaluate stages did not run)
+    and, for the models their target does not train, the baseline's training summaries.
+    The summary shows no test score at all, and each model's final-fit command, applied
+    the way dvc applies it, gives exactly the chosen setting, trained on train + val.
     """
     defaults = yaml.safe_load((PROJECT / "params.yaml").read_text())
     assert (
@@ -217,8 +220,9 @@ def test_validation_only_grids_never_show_the_baselines_stale_test_metrics_and_t
         *(f"metrics/test_{model}/metrics.json" for model in ("probe", "finetune", "scratch"))
     )
     runs = []
-    # dvc exp run --queue train_finetune -S train.train_on_val=false -S probe.train_on_val=false -S train.schedule=step
-    #   -S 'train.lr=0.001,0.01' -S 'train.weight_decay=0,0.0005'   (the probe re-runs: it held the validation images out)
+    # dvc exp run --queue train_finetune -S train.train_on_val=false -S probe.train_on_val=false
+    #   -S train.schedule=step -S 'train.lr=0.001,0.01' -S 'train.weight_decay=0,0.0005'
+    #   (the probe re-runs: it held the validation images out)
     finetune_val = {(0.001, 0.0): 0.84, (0.001, 0.0005): 0.86, (0.01, 0.0): 0.91, (0.01, 0.0005): 0.89}
     for i, ((lr, decay), val) in enumerate(finetune_val.items()):
         overrides = {
@@ -260,15 +264,16 @@ def test_validation_only_grids_never_show_the_baselines_stale_test_metrics_and_t
         "weight_decay": 0.0,
     }
     assert finetune["chosen"]["runs"] == ["ft-2"] and finetune["chosen"]["val_acc"] == 0.91
-    # the varied keys, and the grid's constant train.schedule (not the workspace's); train_on_val is the workspace's: true
+    # the varied keys, and the grid's constant train.schedule (not the workspace's);
+    # train_on_val is the workspace's: true
     assert (
         finetune["chosen"]["final_fit"]["command"]
         == "dvc exp run -S train.lr=0.01 -S train.weight_decay=0.0 -S train.schedule=step"
     )
     assert scratch["varied"] == ["lr"] and scratch["chosen"]["runs"] == ["sc-1"]
     assert scratch["chosen"]["final_fit"]["command"] == "dvc exp run -S scratch.lr=0.1"
-    # the probe re-ran in the fine-tuning grid with the same settings (train_on_val is the protocol, not a setting);
-    # in the scratch grid its summary is the baseline's: not a run of its own
+    # the probe re-ran in the fine-tuning grid with the same settings (train_on_val is the protocol,
+    # not a setting); in the scratch grid its summary is the baseline's: not a run of its own
     assert probe["varied"] == [] and probe["chosen"]["runs"] == ["ft-0", "ft-1", "ft-2", "ft-3", "main"]
     assert probe["chosen"]["final_fit"]["command"] == "dvc exp run"
     saved = json.loads((tmp_path / "out/summary.json").read_text())
@@ -299,8 +304,9 @@ def test_validation_only_grids_never_show_the_baselines_stale_test_metrics_and_t
 
 
 def test_final_fit_turns_train_on_val_on_adds_missing_keys_and_what_dvc_writes_reads_back(tmp_path):
-    """From a validating workspace that does not name every key: the command turns the final fit on (the probe's
-    too, for a run that starts from it), adds a key params.yaml lacks with ++, and what dvc writes reads back."""
+    """From a validating workspace that does not name every key: the command
+    turns the final fit on (the probe's too, for a run that starts from it),
+    adds a key params.yaml lacks with ++, and what dvc writes reads back."""
     workspace = tiny_params()
     workspace["train"].update(init_head="probe")
     workspace["probe"]["train_on_val"] = False
@@ -313,15 +319,16 @@ def test_final_fit_turns_train_on_val_on_adds_missing_keys_and_what_dvc_writes_r
     (tmp_path / "shown.json").write_text(json.dumps(shown(entry("main", {}, {}, base=workspace), runs)))
     summary = run(tmp_path / "shown.json", tmp_path / "out")
     fit = summary["finetune"]["chosen"]["final_fit"]
-    assert (
-        fit["command"]
-        == "dvc exp run -S train.lr=0.003 -S ++train.nesterov=false -S train.train_on_val=true -S probe.train_on_val=true"
+    assert fit["command"] == (
+        "dvc exp run -S train.lr=0.003 -S ++train.nesterov=false"
+        " -S train.train_on_val=true -S probe.train_on_val=true"
     )
     assert fit["problem"] is None
     params = applied_command(fit["command"], workspace, tmp_path)
     assert model_settings(params)["finetune"] == summary["finetune"]["settings"][0].values
 
-    # had c won, dvc would write train.lr: 3e-05 (YAML 1.1 would take it for a string; the stages read it as a float)
+    # had c won, dvc would write train.lr: 3e-05
+    # (YAML 1.1 would take it for a string; the stages read it as a float)
     runs[2]["data"]["metrics"]["metrics/train_finetune/metrics.json"]["data"]["val"]["acc"] = 0.9
     (tmp_path / "shown.json").write_text(json.dumps(shown(entry("main", {}, {}, base=workspace), runs)))
     fit = run(tmp_path / "shown.json", tmp_path / "out")["finetune"]["chosen"]["final_fit"]
@@ -332,8 +339,9 @@ def test_final_fit_turns_train_on_val_on_adds_missing_keys_and_what_dvc_writes_r
 
 
 def test_a_training_summary_copied_from_the_baseline_is_not_a_new_run(tmp_path):
-    """A train_probe grid on a validating LP-FT baseline: train_finetune did not run, so its summary (and score) is the
-    baseline's. Counted as a run of the experiment's own probe settings, it would win the tie and be chosen."""
+    """A train_probe grid on a validating LP-FT baseline: train_finetune did
+    not run, so its summary (and score) is the baseline's. Counted as a run of
+    the experiment's own probe settings, it would win the tie and be chosen."""
     workspace = set_dotted(tiny_params(), {"train.init_head": "probe", "probe.train_on_val": False})
     baseline = entry("main", {}, {"probe": 0.5, "finetune": 0.6}, base=workspace)
     kept = {
@@ -381,7 +389,8 @@ def test_skips_workspace_queued_and_failed_and_breaks_ties_by_name(tmp_path):
 
 
 def test_names_repeated_across_commits_and_invalid_params(tmp_path):
-    """With --all-commits an experiment name can repeat under two commits; params this code rejects are listed, not fatal."""
+    """With --all-commits an experiment name can repeat under two commits;
+    params this code rejects are listed, not fatal."""
     first = shown(
         entry("main", {}, {}), [entry("same", {"scratch.lr": 0.1}, {"scratch": 0.4}, {"scratch": 0.11})]
     )
@@ -447,7 +456,8 @@ def md5_of_files(folder: Path) -> dict[str, str]:
 
 
 def assert_cache_intact(repo: Path) -> int:
-    """Every object in the DVC cache holds the bytes its name (their md5) promises; returns how many there are."""
+    """Every object in the DVC cache holds the bytes its name (their md5) promises;
+    returns how many there are."""
     objects = md5_of_files(repo / ".dvc/cache/files/md5")
     for name, md5 in objects.items():
         assert name.replace("/", "").removesuffix(".dir") == md5, f"cache object {name} is corrupt"
@@ -455,8 +465,8 @@ def assert_cache_intact(repo: Path) -> int:
 
 
 def test_queued_validation_only_grid_with_two_workers_then_the_summary_and_its_final_fit(project_repo):
-    """A 2x2 fine-tuning grid (lr x epochs) queued up to holdout_finetune, as the README's recipes do, and run by two
-    workers, with the real dvc commands; then the summary's final-fit command, run as given."""
+    """A 2x2 fine-tuning grid (lr x epochs) queued up to holdout_finetune, as the README's recipes do,
+    and run by two workers, with the real dvc commands; then the summary's final-fit command, run as given."""
     repo = project_repo
     run_command(["dvc", "repro"], repo)
     run_command(["git", "add", "-A"], repo)
@@ -498,8 +508,9 @@ def test_queued_validation_only_grid_with_two_workers_then_the_summary_and_its_f
             assert r["data"]["metrics"][path] == baseline["data"]["metrics"][path], (
                 f"{path}: validation-only, evaluate did not run"
             )
-    # the best fine-tuning run by validation accuracy, ties to the first name: the (validating) baseline commit competes
-    # too, and the grid point with the baseline's own values is the baseline (dvc found its stage unchanged, it did not run)
+    # the best fine-tuning run by validation accuracy, ties to the first name: the (validating) baseline
+    # commit competes too, and the grid point with the baseline's own values is the baseline
+    # (dvc found its stage unchanged, it did not run)
     holdout = "metrics/train_finetune_holdout/metrics.json"
     copies = [r["name"] for r in ran if r["data"]["metrics"][holdout] == baseline["data"]["metrics"][holdout]]
     assert len(copies) == 1, "the grid point (0.001, 2) is params.yaml's own: a copy of the baseline"
@@ -516,7 +527,8 @@ def test_queued_validation_only_grid_with_two_workers_then_the_summary_and_its_f
         "the grid's two params, as the fine-tuning ran them"
     )
     assert summary["scratch"]["varied"] == [] and summary["scratch"]["runs"] == [baseline["name"]], (
-        "the scratch stages did not run in the experiments: their scratch summaries are the baseline's, counted once"
+        "the scratch stages did not run in the experiments: "
+        "their scratch summaries are the baseline's, counted once"
     )
     assert "test" not in summary["finetune"] and not re.search(
         r"mean_per_class_acc|top1", summary_run.stdout + (out / "experiments.md").read_text()
@@ -524,12 +536,13 @@ def test_queued_validation_only_grid_with_two_workers_then_the_summary_and_its_f
     assert (out / "heatmap_finetune.png").read_bytes()[:4] == b"\x89PNG"
     assert "metrics/experiments/summary.json" in summary_run.stdout
 
-    # the final fit, as the summary gives it: the chosen values, trained on train + val, then the test split scored once
+    # the final fit, as the summary gives it: the chosen values, trained on train + val,
+    # then the test split scored once
     chosen = summary["finetune"]["values"]
     command = summary["finetune"]["final_fit"]["command"]
-    assert (
-        command
-        == f"dvc exp run -S train.epochs={chosen['epochs']} -S train.lr={chosen['lr']!r} -S train.train_on_val=true"
+    assert command == (
+        f"dvc exp run -S train.epochs={chosen['epochs']} -S train.lr={chosen['lr']!r}"
+        " -S train.train_on_val=true"
     )
     run_command(shlex.split(command), repo)
     params = yaml.safe_load((repo / "params.yaml").read_text())["train"]
@@ -572,7 +585,8 @@ def readme_points(args: list[str], tmp_path: Path):
 
 
 def test_every_readme_experiment_command_gives_valid_params(tmp_path):
-    """Each README recipe, every point of its grid, applied to params.yaml the way dvc does, passes the config checks."""
+    """Each README recipe, every point of its grid, applied to params.yaml the way dvc does,
+    passes the config checks."""
     commands = readme_experiment_commands()
     assert len(commands) >= 10
     for args in commands:
@@ -580,10 +594,12 @@ def test_every_readme_experiment_command_gives_valid_params(tmp_path):
             parse_params(params)
 
 
-# a queued grid's target, and the train_on_val keys it must turn off to get a validation score and stop before evaluation
+# a queued grid's target, and the train_on_val keys it must turn off to get a validation score
+# and stop before evaluation
 VALIDATION_ONLY = {
     "train_probe": ("probe",),
-    "holdout_finetune": (),  # the holdout twins train on the train split and validate whatever train_on_val says
+    # the holdout twins train on the train split and validate whatever train_on_val says
+    "holdout_finetune": (),
     "holdout_scratch": (),
     "train_finetune": ("train", "probe"),
     "train_scratch": ("scratch",),
@@ -591,7 +607,8 @@ VALIDATION_ONLY = {
 
 
 def test_every_readme_grid_is_validation_only(tmp_path):
-    """Each queued README recipe targets a training or holdout stage (it never scores the test split) and validates that model."""
+    """Each queued README recipe targets a training or holdout stage (it never scores the test split)
+    and validates that model."""
     queued = [args for args in readme_experiment_commands() if "--queue" in args]
     assert queued, "the docs queue no grid"
     for args in queued:
@@ -601,7 +618,8 @@ def test_every_readme_grid_is_validation_only(tmp_path):
             if not a.startswith("-") and args[i - 1] not in ("-S", "--set-param", "-n", "--name")
         ]
         assert len(targets) == 1 and targets[0] in VALIDATION_ONLY, (
-            f"dvc exp run {shlex.join(args)}: no training stage as its target, one of {', '.join(VALIDATION_ONLY)}"
+            f"dvc exp run {shlex.join(args)}: no training stage as its target, "
+            f"one of {', '.join(VALIDATION_ONLY)}"
         )
         for params in readme_points(args, tmp_path):
             for section in VALIDATION_ONLY[targets[0]]:
@@ -611,9 +629,10 @@ def test_every_readme_grid_is_validation_only(tmp_path):
 
 
 def test_holdout_twins_score_whole_experiments_and_holdout_grids(tmp_path):
-    """Today's pipeline validates in the holdout twins: a `holdout_finetune` grid point (its final fit is the baseline's)
-    and a whole `dvc exp run -S train.lr=…` (its final fit has no score, its holdout twin has one) are both scored by
-    their holdout runs, and the baseline by its own; the scratch twin, not re-run, counts once, for the baseline."""
+    """Today's pipeline validates in the holdout twins: a `holdout_finetune` grid point (its
+    final fit is the baseline's) and a whole `dvc exp run -S train.lr=…` (its final fit has
+    no score, its holdout twin has one) are both scored by their holdout runs, and the
+    baseline by its own; the scratch twin, not re-run, counts once, for the baseline."""
     defaults = yaml.safe_load((PROJECT / "params.yaml").read_text())
     holdouts = {model: f"metrics/train_{model}_holdout/metrics.json" for model in ("finetune", "scratch")}
 
@@ -658,7 +677,8 @@ def test_holdout_twins_score_whole_experiments_and_holdout_grids(tmp_path):
 
 
 def test_runs_on_other_images_are_left_out_and_named(tmp_path):
-    """Validation scores on two datasets are not comparable: only runs on the final fit's data.source are ranked."""
+    """Validation scores on two datasets are not comparable:
+    only runs on the final fit's data.source are ranked."""
     workspace = tiny_params()
     mine = entry("mine", {"scratch.lr": 0.1}, {"scratch": 0.5}, base=workspace)
     theirs = entry(
@@ -676,8 +696,8 @@ def test_runs_on_other_images_are_left_out_and_named(tmp_path):
 
 
 def test_a_run_is_scored_by_the_epoch_its_final_fit_keeps(tmp_path):
-    """A final fit trains a fixed number of epochs and keeps the last: a 5-epoch run whose best epoch was the 2nd (92.7 %)
-    but whose last was 91.5 % loses to a 2-epoch run ending at 91.9 %."""
+    """A final fit trains a fixed number of epochs and keeps the last: a 5-epoch run whose best
+    epoch was the 2nd (92.7 %) but whose last was 91.5 % loses to a 2-epoch run ending at 91.9 %."""
     workspace = tiny_params()
     long = entry("long", {"train.epochs": 5}, {"finetune": 0.927}, base=workspace)
     long["data"]["metrics"]["metrics/train_finetune/metrics.json"]["data"]["val"]["acc"] = 0.915
@@ -703,8 +723,8 @@ def test_only_summarises_the_named_experiments(tmp_path):
 
 
 def test_a_head_grid_varies_the_head_not_the_probe_settings_only_lp_ft_runs_have(tmp_path):
-    """LP-FT runs depend on the features' and probe's settings, random-head runs do not: those keys, present in only
-    some settings, do not vary, so the grid is init_head x lr (a heatmap) whichever head wins."""
+    """LP-FT runs depend on the features' and probe's settings, random-head runs do not: those keys, present
+    in only some settings, do not vary, so the grid is init_head x lr (a heatmap) whichever head wins."""
     workspace = set_dotted(tiny_params(), {"probe.train_on_val": False})
     for winner, command in (
         ("probe", "-S train.init_head=probe -S train.lr=0.001"),

@@ -85,7 +85,8 @@ def snapshot(folder: Path) -> dict[str, object]:
 
 
 def assert_whole_or_absent(folder: Path, expected: dict, names: set[str]) -> bool:
-    """An output folder is either absent or complete and the same as the uninterrupted run's; True if present."""
+    """An output folder is either absent or complete and the same as the uninterrupted run's;
+    True if present."""
     if not folder.exists():
         return False
     got = snapshot(folder)
@@ -113,7 +114,8 @@ def finished(finished_once, tmp_path) -> tuple[Path, dict]:
 
 
 def assert_pipeline_matches(repo: Path, reference: dict) -> None:
-    """After the re-run of the killed stage, the rest of the pipeline (dvc repro) and the outputs are as before."""
+    """After the re-run of the killed stage, the rest of the pipeline (dvc repro)
+    and the outputs are as before."""
     run(["dvc", "repro"], repo)
     assert snapshot(repo / "data/prepared") == reference["prepared"]
     for run_ in EVALUATED:
@@ -190,8 +192,8 @@ def stage_process(dvc: subprocess.Popen, module: str) -> psutil.Process | None:
 
 
 def start_evaluate(repo: Path) -> tuple[subprocess.Popen, float]:
-    """``dvc repro -f -s evaluate@finetune`` started in the background, once the evaluate process has written the
-    first file into its output folder (in the staging folder); and the time that happened."""
+    """``dvc repro -f -s evaluate@finetune`` started in the background, once the evaluate process has
+    written the first file into its output folder (in the staging folder); and the time that happened."""
     for stale in staging_folders(
         repo
     ):  # a kill's leftovers, which the stage clears itself: not the sign looked for

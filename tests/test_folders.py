@@ -1,4 +1,5 @@
-"""A user's own folder of photos: upright images, one folder walk for prepare and predict, classes and duplicates."""
+"""A user's own folder of photos: upright images, one folder walk for prepare and predict,
+classes and duplicates."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ def two_tone(height: int = 48, width: int = 32) -> np.ndarray:
 
 
 def test_a_photo_stored_sideways_is_read_upright_everywhere(tmp_path):
-    """EXIF Orientation 6: the camera stored the pixels rotated and says "rotate 90 degrees clockwise to view"."""
+    """EXIF Orientation 6: the camera stored the pixels
+    rotated and says "rotate 90 degrees clockwise to view"."""
     upright = two_tone()
     Image.fromarray(upright).save(tmp_path / "upright.jpg", quality=95)
     stored = np.rot90(upright, k=1)  # what a phone held upright writes, turned 90 degrees anticlockwise
@@ -103,14 +105,18 @@ def test_fewer_than_two_classes_is_refused_before_any_work(tmp_path, tiny_folder
         shutil.rmtree(tiny_folder / name)
     with pytest.raises(
         DatasetError,
-        match=r"1 class subfolder\(s\) left after excluding \[.*\] \(only 'class_0'\): a classifier needs at least 2",
+        match=(
+            r"1 class subfolder\(s\) left after excluding \[.*\] \(only 'class_0'\): "
+            r"a classifier needs at least 2"
+        ),
     ):
         prepare_in(tmp_path, monkeypatch, tiny_folder)
     assert not (tmp_path / "data").exists()
 
 
 def test_duplicates_are_listed_and_can_be_dropped(tmp_path, tiny_folder, monkeypatch):
-    """The same file in two classes (an ambiguous label), a copy within a class, and a look-alike re-encoded elsewhere."""
+    """The same file in two classes (an ambiguous label), a copy within a class,
+    and a look-alike re-encoded elsewhere."""
     source = sorted((tiny_folder / "class_0").glob("*.jpg"))[0]
     rng = np.random.default_rng(0)
     for extra in range(3):  # keep every class large enough once duplicates are dropped
@@ -126,7 +132,8 @@ def test_duplicates_are_listed_and_can_be_dropped(tmp_path, tiny_folder, monkeyp
     first = f"class_0/{source.name}"
     assert saved["duplicates"]["across_classes"] == [["class_0/copy.jpg", first, "class_1/same_bytes.jpg"]]
     assert saved["duplicates"]["within_class"] == []
-    # the re-encoded picture decodes to the same pixels: its perceptual hash finds it with the byte-identical ones
+    # the re-encoded picture decodes to the same pixels:
+    # its perceptual hash finds it with the byte-identical ones
     assert saved["duplicates"]["alike_across_classes"] == [
         ["class_0/copy.jpg", first, "class_1/same_bytes.jpg", "class_2/re_encoded.png"]
     ]

@@ -127,7 +127,10 @@ def test_a_dataset_folder_one_level_too_high_says_where_to_point(tmp_path, tiny_
     work.mkdir()
     with pytest.raises(
         DatasetError,
-        match=r"hold only folders \(such as .*my_dataset/images/class_0\), so the data source points one level too high",
+        match=(
+            r"hold only folders \(such as .*my_dataset/images/class_0\), "
+            r"so the data source points one level too high"
+        ),
     ):
         prepare_in(work, monkeypatch, parent)
     # one level too low (a class folder of images) says what layout it expects
@@ -349,7 +352,8 @@ def test_a_training_state_is_kept_when_reading_it_fails_for_want_of_memory(tmp_p
 
     def out_of_memory(*args, **kwargs):
         raise RuntimeError(
-            "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 GB"
+            "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
+            "you tried to allocate 8 GB"
         )
 
     monkeypatch.setattr(torch, "load", out_of_memory)
@@ -385,7 +389,8 @@ def test_evaluate_refuses_a_model_trained_on_other_classes(project, probe_checkp
 # then fails to allocate in torch's real CPU allocator, as on a machine without the memory.
 CAPPED = """
 import resource, runpy, sys
-import transferlab.{module}, transferlab.{work}  # the stage module and the one that does its work (torch, timm)
+# the stage module and the one that does its work (torch, timm)
+import transferlab.{module}, transferlab.{work}
 mapped = int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmSize"))) * 1024
 resource.setrlimit(resource.RLIMIT_AS, (mapped + {headroom}, resource.RLIM_INFINITY))
 sys.argv = ["transferlab.{module}", *sys.argv[1:]]
@@ -446,7 +451,8 @@ def test_out_of_memory_in_transferlab_predict_names_its_batch_option(
 
     def out_of_memory(*args, **kwargs):
         raise RuntimeError(
-            "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 8589934592 bytes"
+            "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
+            "you tried to allocate 8589934592 bytes"
         )
 
     monkeypatch.setattr(predict, "predict", out_of_memory)
@@ -456,15 +462,17 @@ def test_out_of_memory_in_transferlab_predict_names_its_batch_option(
         )
     assert exit_info.value.code == 2
     message = capsys.readouterr().err
-    assert (
-        "transferlab predict: out of memory with --batch-size 64 ([enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator"
-        in message
+    expected = (
+        "transferlab predict: out of memory with --batch-size 64 "
+        "([enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator"
     )
+    assert expected in message
     assert "Set a smaller --batch-size on the command line (32, say)" in message
 
 
 def test_a_diverging_run_stops_with_advice_and_writes_no_model(project, capsys):
-    """A learning rate of 1e9: the loss becomes NaN; the stage exits 2 naming the lr and the precision, no model.pt."""
+    """A learning rate of 1e9: the loss becomes NaN;
+    the stage exits 2 naming the lr and the precision, no model.pt."""
     from transferlab import train
 
     project(lr=1e9, epochs=2)
@@ -482,7 +490,8 @@ def test_a_diverging_run_stops_with_advice_and_writes_no_model(project, capsys):
 
 
 def test_divergence_keeps_the_state_saved_before_it(project, monkeypatch):
-    """NaN from the second epoch on: the state saved at the end of the first is kept, unchanged, and no model is written."""
+    """NaN from the second epoch on: the state saved at the end of the first is kept, unchanged,
+    and no model is written."""
     project(epochs=2)
     real_step = training.Trainer.step
 
@@ -531,7 +540,8 @@ def test_a_model_with_nan_weights_is_refused_where_it_is_used(probe_checkpoint, 
 
 
 def test_weights_out_of_reach_offline_are_one_line_saying_where_they_were_looked_for(tmp_path, monkeypatch):
-    """No network (HF_HUB_OFFLINE is on in the tests; torchvision's download is made to fail) and not in the caches."""
+    """No network (HF_HUB_OFFLINE is on in the tests;
+    torchvision's download is made to fail) and not in the caches."""
     import urllib.error
 
     from transferlab.models import build_model
@@ -553,6 +563,9 @@ def test_weights_out_of_reach_offline_are_one_line_saying_where_they_were_looked
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     with pytest.raises(
         ModelError,
-        match=r"weights of resnet18 are not on .*URLError.*resnet18-\w+\.pth in torchvision's cache .*torch/hub/checkpoints",
+        match=(
+            r"weights of resnet18 are not on .*URLError.*resnet18-\w+\.pth "
+            r"in torchvision's cache .*torch/hub/checkpoints"
+        ),
     ):
         build_model("resnet18", "imagenet", 3)

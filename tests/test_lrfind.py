@@ -17,15 +17,17 @@ LRS = np.logspace(-5, 0, 100)
 
 
 def valley(noise: float = 0.0, seed: int = 0) -> np.ndarray:
-    """A loss that falls from 4.6 to about 1.6 between lr 1e-4 and 3e-2, bottoms out near 0.1, then explodes."""
+    """A loss that falls from 4.6 to about 1.6 between lr 1e-4 and 3e-2, bottoms out near 0.1,
+    then explodes."""
     x = np.log10(LRS)
     loss = 4.6 - 3 / (1 + np.exp(-3 * (x + 2.5))) + 40 * np.clip(x + 1, 0, None) ** 2
     return loss + np.random.default_rng(seed).normal(0, noise, len(x))
 
 
 def test_a_clean_valley_suggests_its_middle():
-    """The valley of `valley()`: within 10 % of the fall (3.0) above the minimum (1.6), from where the descent is 90 %
-    done (log10 lr = -2.5 + ln(9)/3 = -1.77) to where the rise reaches 0.3 (log10 lr = -1 + sqrt(0.3/40) = -0.91)."""
+    """The valley of `valley()`: within 10 % of the fall (3.0) above the minimum
+    (1.6), from where the descent is 90 % done (log10 lr = -2.5 + ln(9)/3 = -1.77)
+    to where the rise reaches 0.3 (log10 lr = -1 + sqrt(0.3/40) = -0.91)."""
     suggestion = lrfind.suggest(LRS, valley())
     low, high = 10 ** (-2.5 + np.log(9) / 3), 10 ** (-1 + np.sqrt(0.3 / 40))
     assert suggestion.valley == pytest.approx(

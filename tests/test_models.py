@@ -145,9 +145,7 @@ def test_learning_rate_and_weight_decay_groups():
         ("head", 0.01, 1e-4),
         ("head", 0.01, 0.0),
     ]
-    assert [p for p in finetune[2]["params"]] == [model.fc.weight] and [p for p in finetune[3]["params"]] == [
-        model.fc.bias
-    ]
+    assert list(finetune[2]["params"]) == [model.fc.weight] and list(finetune[3]["params"]) == [model.fc.bias]
     undecayed = {id(p) for p in finetune[1]["params"]}
     assert (
         id(model.bn1.weight) in undecayed

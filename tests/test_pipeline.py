@@ -42,7 +42,8 @@ def check_report(repo):
 
 
 def test_repro_then_experiment_then_plots(project_repo):
-    """The project's default recipe (probe, LP-FT from it, train + val) on tiny data, with the real dvc commands."""
+    """The project's default recipe (probe, LP-FT from it, train + val) on tiny data,
+    with the real dvc commands."""
     repo = project_repo
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["train"].update(init_head="probe", train_on_val=True)
@@ -98,7 +99,8 @@ def test_repro_then_experiment_then_plots(project_repo):
     run(["git", "remote", "add", "origin", str(origin)], repo)
     run(["git", "push", "-q", "origin", "HEAD"], repo)
 
-    # an experiment on one model's params re-runs that model's stages only (and the panel where the three meet)
+    # an experiment on one model's params re-runs that model's stages only
+    # (and the panel where the three meet)
     exp = run(["dvc", "exp", "run", "-S", "train.lr=0.0005"], repo)
     ran = {stage for stage in STAGES if f"Running stage '{stage}'" in exp.stdout}
     assert ran == {"train_finetune", "holdout_finetune", "evaluate@finetune", "gradcam", "compare"}, ran
@@ -138,7 +140,8 @@ def test_repro_then_experiment_then_plots(project_repo):
     ]
     assert {p["actual"] for p in confusion} == {"class_0", "class_1", "class_2"}
 
-    # a teammate clones, pulls the baseline's data and models instead of re-running, then the pushed experiment
+    # a teammate clones, pulls the baseline's data and models instead of re-running,
+    # then the pushed experiment
     run(["dvc", "exp", "push", "origin", experiment], repo)
     clone = repo.parent / "clone"
     run(["git", "clone", "-q", str(origin), str(clone)], repo.parent)
@@ -153,7 +156,8 @@ def test_repro_then_experiment_then_plots(project_repo):
 
 
 def test_a_probe_experiment_reuses_the_frozen_features_and_stops_at_validation(project_repo):
-    """`dvc exp run train_probe -S probe.C=...`: the features stage's output is reused, nothing is scored on test."""
+    """`dvc exp run train_probe -S probe.C=...`: the features stage's output is reused,
+    nothing is scored on test."""
     repo = project_repo
     run(["dvc", "repro", "train_probe"], repo)
     features = (repo / "data/features/train.npy").read_bytes()
@@ -172,7 +176,8 @@ def test_a_probe_experiment_reuses_the_frozen_features_and_stops_at_validation(p
 
 
 def test_pointing_data_source_at_other_images_re_runs_prepare(project_repo, tmp_path):
-    """data.source is a param DVC sees: another folder of images makes prepare (and what follows) out of date."""
+    """data.source is a param DVC sees: another folder of images makes prepare (and what follows)
+    out of date."""
     repo = project_repo
     run(["dvc", "repro", "prepare"], repo)
     assert "Data and pipelines are up to date" in run(["dvc", "status", "prepare"], repo).stdout

@@ -81,7 +81,8 @@ def test_split_is_deterministic_and_depends_on_seed(tmp_path, tiny_folder, monke
 def test_validation_folds_partition_the_training_images_and_keep_the_test_split(
     tmp_path, tiny_folder, monkeypatch
 ):
-    """data.val_fold: train_per_class 6 with val_per_class 2 holds three disjoint folds; train + val and test never change."""
+    """data.val_fold: train_per_class 6 with val_per_class 2 holds three disjoint folds;
+    train + val and test never change."""
     folds = []
     for fold in range(3):
         workdir = tmp_path / f"fold{fold}"
@@ -227,14 +228,18 @@ def test_archive_escaping_the_target_is_refused(tmp_path):
 
 
 def test_the_env_var_is_only_a_checked_copy_of_the_official_data(tmp_path, tiny_folder, monkeypatch):
-    """TRANSFERLAB_DATA, which DVC does not see, may only say where the official data's bytes are: other images are
-    refused (a re-run would look up to date on the old ones); data.source, a param DVC sees, names them instead."""
+    """TRANSFERLAB_DATA, which DVC does not see, may only say where the official
+    data's bytes are: other images are refused (a re-run would look up to date
+    on the old ones); data.source, a param DVC sees, names them instead."""
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.setenv("TRANSFERLAB_DATA", str(tiny_folder))
     with pytest.raises(
         DatasetError,
-        match=rf"TRANSFERLAB_DATA={tiny_folder} is not the official Caltech-101 .*set data.source: {tiny_folder}",
+        match=(
+            rf"TRANSFERLAB_DATA={tiny_folder} is not the official Caltech-101 "
+            rf".*set data.source: {tiny_folder}"
+        ),
     ):
         prepare_in(work, monkeypatch, "download")
     assert not (work / "data/prepared").exists()

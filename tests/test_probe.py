@@ -30,7 +30,8 @@ def noisy_blobs(seed: int, count: int, classes: int = 3, dims: int = 20) -> tupl
 
 @pytest.mark.parametrize("winner", [0, 1])
 def test_the_regularisation_is_chosen_on_validation(winner):
-    """Validation labels are what one of two C values predicts: that C must be chosen, whatever the training fit says."""
+    """Validation labels are what one of two C values predicts:
+    that C must be chosen, whatever the training fit says."""
     train_set, (val_features, _) = noisy_blobs(1, 60), noisy_blobs(2, 200)
     grid = [1e-4, 10.0]
     heads = [probe.fit_head(*train_set, 3, C, 1000) for C in grid]
@@ -46,7 +47,8 @@ def test_the_regularisation_is_chosen_on_validation(winner):
 
 
 def test_the_fitted_head_is_the_logistic_regression_on_raw_features():
-    """The standardisation is folded into the weights: the head takes raw features; two classes give a proper softmax."""
+    """The standardisation is folded into the weights: the head takes raw features;
+    two classes give a proper softmax."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
@@ -109,8 +111,9 @@ def test_probe_stage_then_lp_ft_starts_from_exactly_the_probe(project):
 
 
 def test_random_crops_are_more_training_views_for_the_probe_only(project):
-    """features.train_crops: the train and validation images get that many more views (drawn the same each run), the
-    test images keep two; the probe trains on every view and scores validation and test images on the first two."""
+    """features.train_crops: the train and validation images get that many more
+    views (drawn the same each run), the test images keep two; the probe trains
+    on every view and scores validation and test images on the first two."""
     project(probe={"C": [1.0]}, features={"train_crops": 2})
     features.main()
     train, val, test = (np.array(load_features(split)) for split in ("train", "val", "test"))
@@ -141,8 +144,8 @@ def test_lp_ft_refuses_a_probe_of_another_model(project):
 
 
 def test_train_and_test_resolutions_reach_the_model(project, monkeypatch):
-    """Training batches at train.image_size, validation and evaluation at eval_image_size, the probe at features.image_size,
-    all cut from the one cached array decoded by prepare at data.cache_size."""
+    """Training batches at train.image_size, validation and evaluation at eval_image_size, the probe at
+    features.image_size, all cut from the one cached array decoded by prepare at data.cache_size."""
     from transferlab import models
 
     seen: list[int] = []
@@ -157,7 +160,8 @@ def test_train_and_test_resolutions_reach_the_model(project, monkeypatch):
     monkeypatch.setattr(models, "build_model", recording_build)  # the features stage imports it where it runs
     monkeypatch.setattr(trained_model, "build_model", recording_build)
     assert load_split("train")[0].shape[1:] == (40, 40, 3)
-    # tested above the training size and above the cached crop (35 px of the 40): Touvron et al.'s train-test resolution
+    # tested above the training size and above the cached crop (35 px of the 40):
+    # Touvron et al.'s train-test resolution
     project(image_size=24, eval_image_size=48, probe={"C": [1.0]}, features={"image_size": 28})
     training.run("finetune")
     assert set(seen) == {24, 48}
@@ -186,7 +190,8 @@ def test_flip_tta_in_evaluate_is_the_mean_of_both_views(project, monkeypatch):
     expected = ((plain + mirrored) / 2).softmax(1).numpy()
     np.testing.assert_allclose(trained.probabilities(images, tta="flip"), expected, atol=1e-6)
 
-    # evaluate@probe scores from the frozen test features: the same mean of both views, without a backbone pass
+    # evaluate@probe scores from the frozen test features:
+    # the same mean of both views, without a backbone pass
     np.testing.assert_allclose(
         evaluate.probe_probabilities(checkpoint_path("probe"), labels, trained.classes, "flip"),
         expected,
@@ -214,7 +219,8 @@ def test_no_validation_images_the_probe_and_cached_feature_training_still_run(pr
 
 
 def test_a_head_on_frozen_features_without_a_validation_split(project):
-    """data.val_per_class: 0 stores the validation features as an empty array; training on train + val still runs."""
+    """data.val_per_class: 0 stores the validation features as an empty array;
+    training on train + val still runs."""
     import yaml
 
     params = yaml.safe_load(Path("params.yaml").read_text())
@@ -231,8 +237,9 @@ def test_a_head_on_frozen_features_without_a_validation_split(project):
 
 
 def test_the_holdout_twin_of_lp_ft_starts_from_the_probe_fitted_on_train_only_and_validates(project):
-    """With train + val for the final fits, the holdout twins still validate: the probe's twin is the chosen C fitted on
-    the train split, and LP-FT's twin starts from exactly it, trains on the train split and logs validation curves."""
+    """With train + val for the final fits, the holdout twins still validate: the
+    probe's twin is the chosen C fitted on the train split, and LP-FT's twin starts
+    from exactly it, trains on the train split and logs validation curves."""
     project(probe={"C": [0.01, 1.0]}, init_head="probe", train_on_val=True, epochs=2)
     features.main()
     probe.main()

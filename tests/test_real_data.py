@@ -120,7 +120,8 @@ def test_pretrained_weights_beat_random_init_by_a_wide_margin(tmp_path, monkeypa
 
 
 def test_onnx_runtime_gives_eager_pytorchs_logits_on_the_real_network(tmp_path, monkeypatch):
-    """The fast CPU path is used only because it gives the same outputs: checked here on real weights and images."""
+    """The fast CPU path is used only because it gives the same outputs:
+    checked here on real weights and images."""
     import numpy as np
     import torch
 

@@ -9,7 +9,8 @@ def test_the_browser_check_sees_broken_images_and_script_errors(tmp_path):
     page = tmp_path / "page.html"
     page.write_text(
         "<!DOCTYPE html><html><head><title>t</title></head><body><p>hello</p>"
-        '<img alt="fine" src="data:image/gif;base64,R0lGODlhAQABAIAAAP///wAAACH5BAEAAAAALAAAAAABAAEAAAICRAEAOw==">'
+        '<img alt="fine" src="data:image/gif;base64,'
+        'R0lGODlhAQABAIAAAP///wAAACH5BAEAAAAALAAAAAABAAEAAAICRAEAOw==">'
         '<img alt="broken" src="missing.png"><script>undefinedFunction()</script></body></html>'
     )
     seen = open_page(page, tmp_path / "shot.png")

@@ -50,7 +50,8 @@ def saved_epoch(repo: Path) -> int:
 
 
 def is_trainer(process: psutil.Process) -> bool:
-    """The Python training process itself: DVC's shell wrapper around it may or may not exec it, depending on the system."""
+    """The Python training process itself: DVC's shell wrapper around it may or may not exec it,
+    depending on the system."""
     try:
         return process.cmdline()[1:3] == ["-m", "transferlab.train"]
     except psutil.Error:

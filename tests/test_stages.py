@@ -1,4 +1,5 @@
-"""Stage logic with known answers: test metrics, the comparison, atomic writes and folders, training without validation."""
+"""Stage logic with known answers: test metrics, the comparison, atomic writes and folders,
+training without validation."""
 
 from __future__ import annotations
 
@@ -66,7 +67,8 @@ def test_atomic_dir_replaces_a_folder_whole_or_not_at_all(tmp_path):
 
 
 def test_atomic_dir_renames_the_old_folder_aside_before_the_new_one_in(tmp_path, monkeypatch):
-    """Killed between its two renames, atomic_dir leaves the old folder whole beside an absent one; the next run clears it."""
+    """Killed between its two renames, atomic_dir leaves the old folder whole beside an absent one;
+    the next run clears it."""
     target = tmp_path / "prepared"
     with atomic_dir(target) as staging:
         (staging / "a.txt").write_text("old")

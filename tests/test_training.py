@@ -10,8 +10,8 @@ import torch
 import torchvision
 import yaml
 
+from conftest import recipe
 from transferlab import features, training
-from transferlab.config import TrainConfig
 from transferlab.data import BatchAugmenter, epoch_order
 from transferlab.device import cpu_supports_bf16
 from transferlab.errors import ConfigError, ModelError
@@ -84,7 +84,8 @@ def test_feature_extract_without_augmentation_trains_the_head_on_cached_features
 
 def test_feature_extract_cache_needs_a_final_linear_head(project, tiny_folder):
     project(mode="feature_extract", augment=False)
-    params = yaml.safe_load(open("params.yaml"))
+    with open("params.yaml") as file:
+        params = yaml.safe_load(file)
     params["model"] = {"arch": "squeezenet1_1", "weights": project.weights_path}
     squeezenet = torchvision.models.squeezenet1_1().state_dict()
     torch.save(squeezenet, project.weights_path)
@@ -193,7 +194,7 @@ def test_bf16_autocast_path_where_the_cpu_has_native_bf16(project, monkeypatch):
 
 
 def test_augmentation_draws_per_image_on_whole_batches():
-    cfg = TrainConfig(image_size=24, crop_scale_min=0.2, auto_augment="trivialaugment", mixup_alpha=0.4)
+    cfg = recipe(image_size=24, crop_scale_min=0.2, auto_augment="trivialaugment", mixup_alpha=0.4)
     image = torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8)
     batch, labels = image.expand(4, 3, 40, 40).clone(), torch.tensor([0, 1, 2, 0])
     inputs, targets = BatchAugmenter(cfg, PREP, num_classes=3, cache_size=40, channels_last=False)(
@@ -204,7 +205,7 @@ def test_augmentation_draws_per_image_on_whole_batches():
     assert targets.shape == (4, 3) and torch.allclose(
         targets.sum(1), torch.ones(4)
     )  # MixUp: class probabilities
-    plain = BatchAugmenter(TrainConfig(image_size=24, augment=False), PREP, 3, 40, channels_last=False)
+    plain = BatchAugmenter(recipe(image_size=24, augment=False), PREP, 3, 40, channels_last=False)
     fixed, same_labels = plain(batch, labels)
     assert torch.equal(fixed[0], fixed[3]) and torch.equal(same_labels, labels)
 
@@ -232,7 +233,7 @@ def test_balanced_sampling_draws_classes_equally():
 def test_optimizers(name, options):
     weight = torch.nn.Parameter(torch.ones(3))
     optimizer = build_optimizer(
-        [{"params": [weight], "lr": 0.1, "weight_decay": 0.01}], TrainConfig(optimizer=name, lr=0.1)
+        [{"params": [weight], "lr": 0.1, "weight_decay": 0.01}], recipe(optimizer=name, lr=0.1)
     )
     assert type(optimizer).__name__.lower() == name
     for key, value in options.items():
@@ -244,7 +245,7 @@ def test_optimizers(name, options):
 
 def lr_per_epoch(steps_per_epoch: int = 4, monitored: list[float] | None = None, **cfg) -> list[float]:
     """The learning rate at the start of each epoch under the schedule of ``cfg``."""
-    cfg = TrainConfig(lr=1.0, **cfg)
+    cfg = recipe(lr=1.0, **cfg)
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
     schedule = LrSchedule(optimizer, cfg, steps_per_epoch)
     rates = []

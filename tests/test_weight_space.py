@@ -32,7 +32,8 @@ def curve(run: str) -> dict[float, float]:
 
 
 def test_interpolation_at_0_is_the_start_at_1_the_end_and_between_the_mix(project):
-    """LP-FT's holdout twin: at 0 the kept weights are exactly the probe it started from, at 1 the fine-tuned ones."""
+    """LP-FT's holdout twin: at 0 the kept weights are exactly the probe it started from,
+    at 1 the fine-tuned ones."""
     project(probe={"C": [1.0]}, init_head="probe", train_on_val=True, epochs=1)
     features.main()
     probe.main()
@@ -56,7 +57,8 @@ def test_interpolation_at_0_is_the_start_at_1_the_end_and_between_the_mix(projec
     )
     for key in ("fc.weight", "layer1.0.conv1.weight"):
         torch.testing.assert_close(runs[0.3]["state"][key], start[key] + 0.3 * (end[key] - start[key]))
-    # one curve, the same whichever weight is kept, drawn at every point and the kept one; its ends are the runs' scores
+    # one curve, the same whichever weight is kept, drawn at every point and the kept one;
+    # its ends are the runs' scores
     assert set(runs[1.0]["curve"]) == set(CURVE_POINTS) and set(runs[0.3]["curve"]) == {*CURVE_POINTS, 0.3}
     assert runs[0.0]["curve"] == runs[1.0]["curve"]
     assert runs[1.0]["curve"][1.0] == runs[1.0]["best"]["val_acc"]
@@ -110,7 +112,8 @@ def test_the_moving_average_is_the_exponential_average_of_the_weights_it_saw():
 
 
 def test_the_moving_average_copies_integer_buffers():
-    """Index tables and step counters are integers: an average would truncate them (torch's EMA function does)."""
+    """Index tables and step counters are integers:
+    an average would truncate them (torch's EMA function does)."""
     layer = nn.Linear(2, 2)
     layer.register_buffer("index", torch.arange(20000))
     average = moving_average(layer, 0.9999)
@@ -121,7 +124,8 @@ def test_the_moving_average_copies_integer_buffers():
 
 
 def test_the_moving_average_is_what_training_validates_and_keeps(project):
-    """A decay near 1 keeps nearly the starting weights; near 0 nearly the last ones (the run without an average)."""
+    """A decay near 1 keeps nearly the starting weights;
+    near 0 nearly the last ones (the run without an average)."""
     project(epochs=2)
     without = training.run("finetune")
     last = kept_state("finetune")

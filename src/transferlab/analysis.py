@@ -1,4 +1,5 @@
-"""What a model gets wrong and how sure it is: top-k accuracy, confused pairs, calibration, and their pictures.
+"""What a model gets wrong and how sure it is: top-k accuracy, confused pairs, calibration, and their
+pictures.
 
 Everything here works on the test labels and the model's class probabilities (N x classes); the
 pictures come from scikit-learn's display helpers and matplotlib.
@@ -17,7 +18,8 @@ from .figures import plt, save_figure
 
 
 def topk_accuracies(labels: np.ndarray, probs: np.ndarray, ks: list[int]) -> dict[str, float]:
-    """``top<k>``: the share of images whose true class is among the k most probable (ties count in its favour)."""
+    """``top<k>``: the share of images whose true class is among the k most probable
+    (ties count in its favour)."""
     rank = (probs > probs[np.arange(len(labels)), labels][:, None]).sum(
         1
     )  # classes ranked strictly above the true one
@@ -46,7 +48,7 @@ def confused_pairs(labels: np.ndarray, predictions: np.ndarray, classes: list[st
     rows, cols = np.nonzero(matrix)
     pairs = [
         ConfusedPair(classes[r], classes[c], int(matrix[r, c]), matrix[r, c] / support[r])
-        for r, c in zip(rows, cols)
+        for r, c in zip(rows, cols, strict=True)
     ]
     return sorted(pairs, key=lambda p: (-p.count, -p.share, p.true_class, p.predicted_class))
 
@@ -54,7 +56,8 @@ def confused_pairs(labels: np.ndarray, predictions: np.ndarray, classes: list[st
 def most_confused_classes(
     labels: np.ndarray, predictions: np.ndarray, num_classes: int, count: int
 ) -> np.ndarray:
-    """The ``count`` classes involved in most mistakes (as the true or the predicted class), in label order."""
+    """The ``count`` classes involved in most mistakes (as the true or the predicted class),
+    in label order."""
     matrix = mistake_counts(labels, predictions, num_classes)
     involvement = matrix.sum(0) + matrix.sum(1)
     chosen = np.argsort(-involvement, kind="stable")[:count]
@@ -95,7 +98,8 @@ def plot_confusion_matrix(
 def calibration_bins(
     confidence: np.ndarray, correct: np.ndarray, bins: int
 ) -> list[tuple[float, float, int]]:
-    """(mean confidence, accuracy, count) of each non-empty equal-width confidence bin (scikit-learn's binning)."""
+    """(mean confidence, accuracy, count) of each non-empty equal-width confidence bin
+    (scikit-learn's binning)."""
     edges = np.linspace(0.0, 1.0, bins + 1)
     which = np.searchsorted(
         edges[1:-1], confidence
@@ -108,7 +112,8 @@ def calibration_bins(
 
 
 def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int) -> float:
-    """ECE (Guo et al. 2017): the bins' |accuracy - confidence|, weighted by the share of images in each bin."""
+    """ECE (Guo et al. 2017): the bins' |accuracy - confidence|, weighted by the share of images in
+    each bin."""
     return float(
         sum(count * abs(acc - conf) for conf, acc, count in calibration_bins(confidence, correct, bins))
         / len(correct)
@@ -118,7 +123,8 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins
 def plot_calibration(
     path: Path, confidence: np.ndarray, correct: np.ndarray, bins: int, ece: float, title: str
 ) -> None:
-    """Reliability diagram (accuracy against confidence of the top class) and confidence of right vs wrong predictions."""
+    """Reliability diagram (accuracy against confidence of the top class) and confidence of right vs wrong
+    predictions."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
     CalibrationDisplay.from_predictions(correct.astype(int), confidence, n_bins=bins, ax=left, name=title)
     left.set(
@@ -164,7 +170,8 @@ def plot_misclassified(
     count: int,
     title: str,
 ) -> int:
-    """A gallery of confident mistakes (true class, predicted class, confidence); returns how many it shows."""
+    """A gallery of confident mistakes (true class, predicted class, confidence); returns how many it
+    shows."""
     predictions = probs.argmax(1)
     shown = gallery_indices(labels, probs, count)
     columns = 6
@@ -172,10 +179,11 @@ def plot_misclassified(
     fig, axes = plt.subplots(rows, columns, figsize=(2.0 * columns, 2.3 * rows + 0.4), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, index in zip(axes.flat, shown):
+    for ax, index in zip(axes.flat, shown, strict=False):
         ax.imshow(images[index])
         ax.set_title(
-            f"{classes[labels[index]]}\n→ {classes[predictions[index]]} ({probs[index, predictions[index]]:.0%})",
+            f"{classes[labels[index]]}\n→ {classes[predictions[index]]} "
+            f"({probs[index, predictions[index]]:.0%})",
             fontsize=7,
             color="tab:red",
         )

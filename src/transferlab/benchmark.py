@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +49,7 @@ from torchvision import datasets
 from torchvision.transforms import InterpolationMode, v2
 
 from . import cores
-from .config import RuntimeConfig, TrainConfig, read_yaml
+from .config import RuntimeConfig, TrainConfig, load_params, read_yaml
 from .data import batch_slices, epoch_order, eval_batches, eval_resize, normalize
 from .device import training_device
 from .distributed import World
@@ -55,7 +57,7 @@ from .fileio import write_json
 from .inference import onnx_runner, predict_logits, predict_views
 from .models import Preprocessing, build_model
 from .splits import SPLITS, load_classes, load_split
-from .training import Inputs, Trainer, image_inputs
+from .training import Batches, ImageBatches, Trainer
 
 log = logging.getLogger("transferlab.benchmark")
 WARMUP_STEPS = 2  # untimed first steps: one-off allocations and, with torch.compile, the compilation
@@ -98,16 +100,28 @@ class Setup:
         return model, model.get_submodule(head), prep
 
 
-def timed_steps(trainer: Trainer, inputs: Inputs, batches: list[torch.Tensor]) -> tuple[float, float]:
+class StreamedBatches:
+    """Training batches taken in turn from ``stream`` (pairs of inputs and labels on the training device),
+    whatever indices a step asks for: to time steps on data that does not come from the cached arrays."""
+
+    def __init__(self, network: torch.nn.Module, stream: Iterator[tuple[torch.Tensor, torch.Tensor]]):
+        self.network, self.stream = network, stream
+
+    def fetch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        inputs, labels = next(self.stream)
+        return inputs, labels, labels
+
+
+def timed_steps(trainer: Trainer, batches: Batches, indices: list[torch.Tensor]) -> tuple[float, float]:
     """(seconds of the first WARMUP_STEPS steps, images per second over the other ``batches``)."""
     trainer.enter_train_mode()
     started = time.perf_counter()
-    for indices in batches[:WARMUP_STEPS]:
-        trainer.step(inputs, indices)
+    for batch in indices[:WARMUP_STEPS]:
+        trainer.step(batches, batch)
     synchronize(trainer.device)
     warm, images = time.perf_counter(), 0
-    for indices in batches[WARMUP_STEPS:]:
-        images += trainer.step(inputs, indices)[2]
+    for batch in indices[WARMUP_STEPS:]:
+        images += trainer.step(batches, batch)[2]
     synchronize(trainer.device)
     return warm - started, images / (time.perf_counter() - warm)
 
@@ -129,7 +143,7 @@ def compute_bound(setup: Setup, steps: int) -> dict:
     if setup.runtime.channels_last:
         batch = batch.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, setup.num_classes, (cfg.batch_size,), device=trainer.device)
-    same_batch = Inputs(lambda indices: (batch, labels, labels), trainer.model, lambda: None)
+    same_batch = StreamedBatches(trainer.model, itertools.repeat((batch, labels)))
     _, img_s = timed_steps(trainer, same_batch, [torch.arange(cfg.batch_size)] * (steps + WARMUP_STEPS))
     return {"compute_only_img_s": round(img_s, 2)}
 
@@ -139,9 +153,8 @@ def cached_pipeline(setup: Setup, data, steps: int, cfg: TrainConfig | None = No
     cfg = cfg or setup.cfg
     (_, labels), _ = data
     trainer, prep = setup.trainer(len(batch_slices(len(labels), cfg.batch_size)), cfg)
-    channels_last = setup.runtime.channels_last
-    inputs = image_inputs(trainer.model, data, cfg, channels_last, prep, trainer.world, setup.num_classes)
-    return timed_steps(trainer, inputs, step_indices(labels, cfg.batch_size, steps + WARMUP_STEPS))
+    batches = ImageBatches(trainer, data, prep, setup.num_classes)
+    return timed_steps(trainer, batches, step_indices(labels, cfg.batch_size, steps + WARMUP_STEPS))
 
 
 def compile_speed(setup: Setup, data, steps: int) -> dict:
@@ -193,19 +206,14 @@ def jpeg_baseline(setup: Setup, folder: Path, steps: int, workers: int) -> dict:
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=workers, drop_last=True
     )
-    batches = iter(loader)
-    device = trainer.device
-
-    def fetch(_):
-        images, labels = next(batches)
-        images, labels = images.to(device), labels.to(device)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return images, labels, labels
-
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    on_device = (
+        (images.to(trainer.device).contiguous(memory_format=memory_format), labels.to(trainer.device))
+        for images, labels in loader
+    )
     count = min(len(loader), steps + WARMUP_STEPS)
-    batch = torch.arange(cfg.batch_size)  # the batch size is all fetch needs to know
-    _, img_s = timed_steps(trainer, Inputs(fetch, trainer.model, lambda: None), [batch] * count)
+    batch = torch.arange(cfg.batch_size)  # the batch size is all the steps need to know
+    _, img_s = timed_steps(trainer, StreamedBatches(trainer.model, on_device), [batch] * count)
     return {"jpeg_dataloader_img_s": round(img_s, 2)}
 
 
@@ -271,10 +279,15 @@ def inference_paths(setup: Setup, images: np.ndarray, image_size: int, batch_siz
 
 
 def throughput(args: argparse.Namespace) -> dict:
-    runtime = RuntimeConfig(device=args.device)
-    cfg = TrainConfig(
-        image_size=args.image_size, eval_image_size=args.eval_image_size, batch_size=args.batch_size
-    )
+    # params.yaml's fine-tuning recipe, every layer trained, eager: the speed of a training step as such
+    params = load_params()
+    runtime = dataclasses.replace(params.runtime, device=args.device)
+    sizes = {
+        "image_size": args.image_size,
+        "eval_image_size": args.eval_image_size,
+        "batch_size": args.batch_size,
+    }
+    cfg = dataclasses.replace(params.train, **sizes, frozen_stages=0, compile=False, ema_decay=0.0)
     setup = Setup(args.arch, args.weights, cfg, runtime, len(load_classes()))
     data = (load_split("train"), load_split("val"))
     device, _ = training_device(runtime.device, runtime.precision)
@@ -284,7 +297,8 @@ def throughput(args: argparse.Namespace) -> dict:
     results = {
         "arch": args.arch,
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(),
-        "threads": torch.get_num_threads(),  # set once for the whole benchmark (main): a change would recompile
+        # set once for the whole benchmark (main): a change would recompile
+        "threads": torch.get_num_threads(),
         "image_size": args.image_size,
         "eval_image_size": eval_size,
         "batch_size": args.batch_size,
@@ -398,9 +412,8 @@ def clone_project(project: Path, path: Path) -> Workspace:
     clone = Workspace(path, env)
     params = read_yaml((path / "params.yaml").read_text())
     source = (params.get("data") or {}).get("source")
-    if (
-        source and source != "download" and not Path(source).is_absolute()
-    ):  # the same data at the same relative path
+    # the same data at the same relative path
+    if source and source != "download" and not Path(source).is_absolute():
         (path / source).parent.mkdir(parents=True, exist_ok=True)
         (path / source).symlink_to((project / source).resolve())
     clone.dvc("cache", "dir", "--local", origin.dvc("cache", "dir").strip())
@@ -536,9 +549,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.grid:
         results = grid(args)
     else:
-        with (
-            cores.shared()
-        ):  # this process's share of the cores, set once: its figures are for that many threads
+        # this process's share of the cores, set once: its figures are for that many threads
+        with cores.shared():
             results = throughput(args)
     print_table(results)
     if args.json:

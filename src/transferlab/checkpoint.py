@@ -16,8 +16,8 @@ from .fileio import atomic_path
 
 
 def _written_by_torch(path: str | Path) -> bool:
-    """A zip archive (torch.save's format; a cut one keeps its leading signature) or a pickle with a protocol header
-    (its legacy format); text is neither."""
+    """A zip archive (torch.save's format; a cut one keeps its leading signature) or a pickle with a protocol
+    header (its legacy format); text is neither."""
     with open(path, "rb") as f:
         if zipfile.is_zipfile(f):
             return True
@@ -27,18 +27,18 @@ def _written_by_torch(path: str | Path) -> bool:
 
 
 def load_torch_file(path: str | Path) -> object:
-    """``torch.load`` of tensors and plain containers only (weights_only): a pickle that would run code is refused."""
+    """``torch.load`` of tensors and plain containers only (weights_only): a pickle that would run code is
+    refused."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        if isinstance(err, OSError) or is_out_of_memory(
-            err
-        ):  # the file may be fine: not a reason to distrust it
+        # the file may be fine: not a reason to distrust it
+        if isinstance(err, OSError) or is_out_of_memory(err):
             raise
-        # torch's message for a refused pickle: a paragraph on the weights_only default, then the refused GLOBAL.
-        # Only a file torch wrote (a zip archive, or the legacy format's pickle header) is reported as refused: the
-        # unpickler reads a text file's leading "c" as a GLOBAL too. Anything else fails with what the unpickler
-        # tripped on (truncated, empty, a text or web page).
+        # torch's message for a refused pickle: a paragraph on the weights_only default, then the refused
+        # GLOBAL. Only a file torch wrote (a zip archive, or the legacy format's pickle header) is reported as
+        # refused: the unpickler reads a text file's leading "c" as a GLOBAL too. Anything else fails with
+        # what the unpickler tripped on (truncated, empty, a text or web page).
         refused = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), None)
         if refused and _written_by_torch(path):
             raise ModelError(
@@ -57,13 +57,15 @@ def load_torch_file(path: str | Path) -> object:
         else:  # text, a web page saved under that name, ...
             what = "is not a model file (torch.save writes a zip archive)"
         raise ModelError(
-            f"{path} {what} ({type(err).__name__}: {reason}). If a pipeline stage wrote it, re-run that stage "
-            f"(dvc repro --force <stage>); if it was downloaded or copied, get it again"
+            f"{path} {what} ({type(err).__name__}: {reason}). "
+            "If a pipeline stage wrote it, re-run that stage (dvc repro --force <stage>); "
+            "if it was downloaded or copied, get it again"
         ) from err
 
 
 def read_checkpoint(path: str | Path) -> dict:
-    """A training stage's checkpoint dict (arch, classes, model weights, ...), or a ``ModelError`` saying why not."""
+    """A training stage's checkpoint dict (arch, classes, model weights, ...), or a ``ModelError`` saying
+    why not."""
     checkpoint = load_torch_file(path)
     if not isinstance(checkpoint, dict) or not {"arch", "classes", "model"} <= set(checkpoint):
         raise ModelError(
@@ -95,7 +97,8 @@ def save_checkpoint(
     config: dict,
     **extra,
 ) -> None:
-    """A trained model with everything needed to use it: architecture, classes, preprocessing, how it was made."""
+    """A trained model with everything needed to use it: architecture, classes, preprocessing, how it was
+    made."""
     checkpoint = {
         "model": state,
         "run": run,

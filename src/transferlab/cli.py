@@ -6,7 +6,8 @@ transferlab features IMAGE --model PATH [--layer NAME] [--count 16] [--out featu
 transferlab export --model PATH --format torchscript|onnx --out FILE [--check IMAGE_OR_FOLDER]
 transferlab experiments [--json SHOWN] [--all-commits] [--out metrics/experiments] [--only NAME ...]
 transferlab lr-find finetune|scratch [--steps 100] [--start 1e-5] [--end 1] [--seeds 3] [--out metrics/experiments/lr_find]
-"""
+transferlab smoke [--source FOLDER_OR_ARCHIVE]
+"""  # noqa: E501 (the usage lines are the --help description, printed as written)
 
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ import difflib
 import logging
 import shlex
 import sys
+import typing
 from pathlib import Path
 
 import numpy as np
 
-from .config import RUNS, TTA_MODES
+from .config import RUNS, TTA
 from .errors import ConfigError, DatasetError, ModelError
 from .stage import run_stage
 
@@ -80,9 +82,8 @@ def cmd_gradcam(args) -> int:
     show_overlay(left, shown, None, args.image.name)
     show_overlay(right, shown, cam, f"Grad-CAM for {trained.classes[target]} ({probs[target]:.1%})")
     save_figure(fig, args.out)
-    print(
-        f"{args.out}: Grad-CAM of {trained.classes[target]} (p={probs[target]:.3f}); predicted {trained.classes[int(probs.argmax())]}"
-    )
+    predicted = trained.classes[int(probs.argmax())]
+    print(f"{args.out}: Grad-CAM of {trained.classes[target]} (p={probs[target]:.3f}); predicted {predicted}")
     return 0
 
 
@@ -138,6 +139,12 @@ def cmd_experiments(args) -> int:
     return 0
 
 
+def cmd_smoke(args) -> int:
+    from .smoke import run
+
+    return run(args.source)
+
+
 def cmd_lr_find(args) -> int:
     from .lrfind import run
 
@@ -161,8 +168,9 @@ def cmd_lr_find(args) -> int:
         return 0
     low, high = summary["spread"]
     print(
-        f"{args.out / args.run}.png: suggested {result['key']} = {summary['lr']:.2g} (median of {args.seeds} seeds, "
-        f"from {low:.2g} to {high:.2g}); params.yaml has {result['params_lr']:g}"
+        f"{args.out / args.run}.png: suggested {result['key']} = {summary['lr']:.2g} "
+        f"(median of {args.seeds} seeds, from {low:.2g} to {high:.2g}); "
+        f"params.yaml has {result['params_lr']:g}"
     )
     return 0
 
@@ -198,7 +206,7 @@ def parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", type=int, default=32)
     predict.add_argument(
         "--tta",
-        choices=TTA_MODES,
+        choices=typing.get_args(TTA),
         default="flip",
         help="test-time augmentation, as evaluate's evaluate.tta (default: flip)",
     )
@@ -235,7 +243,10 @@ def parser() -> argparse.ArgumentParser:
         help="images to compare on (default: 4 random images)",
     )
 
-    summary_help = "summarise DVC experiments: plots against each varied param, each model's best setting chosen on validation"
+    summary_help = (
+        "summarise DVC experiments: plots against each varied param, "
+        "each model's best setting chosen on validation"
+    )
     experiments = commands.add_parser("experiments", help=summary_help, description=summary_help)
     experiments.add_argument(
         "--json", type=Path, dest="shown_json", help="a saved `dvc exp show --json` (default: run it here)"
@@ -257,7 +268,10 @@ def parser() -> argparse.ArgumentParser:
     )
     experiments.set_defaults(handler=cmd_experiments)
 
-    lr_help = "learning-rate range test of a training run: loss against an exponentially rising lr, and a suggested lr"
+    lr_help = (
+        "learning-rate range test of a training run: "
+        "loss against an exponentially rising lr, and a suggested lr"
+    )
     lr_find = commands.add_parser("lr-find", help=lr_help, description=lr_help)
     lr_find.add_argument("run", choices=RUNS, help="finetune (the train: section, any mode) or scratch")
     lr_find.add_argument("--steps", type=int, default=100, help="optimizer steps per test (default: 100)")
@@ -276,6 +290,10 @@ def parser() -> argparse.ArgumentParser:
         help="output folder (default: metrics/experiments/lr_find)",
     )
     lr_find.set_defaults(handler=cmd_lr_find)
+    smoke_help = "the whole pipeline in about 2 minutes (tiny splits, 96 px, 1 epoch): a DVC experiment"
+    smoke = commands.add_parser("smoke", help=smoke_help, description=smoke_help)
+    smoke.add_argument("--source", help="your own images (default: params.yaml's data.source)")
+    smoke.set_defaults(handler=cmd_smoke)
     return main_parser
 
 

@@ -92,7 +92,8 @@ def read_curve(run: str, metric: str) -> tuple[list[int], list[float]]:
 
 
 def read_interpolation() -> tuple[list[float], list[float]]:
-    """The fine-tuned model's holdout twin: validation accuracy against the mixing weight of start and end (WiSE-FT)."""
+    """The fine-tuned model's holdout twin: validation accuracy against the mixing weight of start and end
+    (WiSE-FT)."""
     path = train_dir(holdout("finetune")) / "interpolation.csv"
     if not path.is_file():
         return [], []
@@ -102,7 +103,8 @@ def read_interpolation() -> tuple[list[float], list[float]]:
 
 
 def training_budget(run: str) -> tuple[dict, dict]:
-    """The run's settings (dvclive's params.yaml) and its summary (metrics.json), from the training stage's folder."""
+    """The run's settings (dvclive's params.yaml) and its summary (metrics.json), from the training stage's
+    folder."""
     return yaml.safe_load((train_dir(run) / "params.yaml").read_text()), read_json(
         train_dir(run) / "metrics.json"
     )
@@ -245,7 +247,8 @@ def summary_line(gains: list[tuple[str, float, float, float]], finetune: dict) -
     improved = sum(1 for *_, gain in gains if gain > 0)
     worse = sum(1 for *_, gain in gains if gain < 0)
     return (
-        f"Test images: {finetune['test_images']}. Per class, fine-tuning the pretrained model instead of training from scratch "
+        f"Test images: {finetune['test_images']}. "
+        "Per class, fine-tuning the pretrained model instead of training from scratch "
         f"helps {improved} classes, hurts {worse}, ties {len(gains) - improved - worse}."
     )
 
@@ -287,7 +290,10 @@ def embedded_image(path: Path, alt: str) -> str:
         return f"<p class='missing'>{html.escape(alt)}: not produced ({html.escape(str(path))})</p>"
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     mime = "image/jpeg" if path.suffix.lower() in (".jpg", ".jpeg") else "image/png"
-    return f'<figure><img src="data:{mime};base64,{data}" alt="{html.escape(alt)}"><figcaption>{html.escape(alt)}</figcaption></figure>'
+    return (
+        f'<figure><img src="data:{mime};base64,{data}" alt="{html.escape(alt)}">'
+        f"<figcaption>{html.escape(alt)}</figcaption></figure>"
+    )
 
 
 STYLE = """
@@ -335,7 +341,10 @@ def html_report(comparison: Comparison) -> str:
         *(params_of(name, cfg) for name, cfg in comparison.params.items()),
     ]
     body = "\n".join(parts)
-    return f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>transferlab report</title><style>{STYLE}</style></head>\n<body>\n{body}\n</body></html>\n"
+    return (
+        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>transferlab report</title>"
+        f"<style>{STYLE}</style></head>\n<body>\n{body}\n</body></html>\n"
+    )
 
 
 def plot_curves(path: Path) -> None:
@@ -357,8 +366,8 @@ def plot_curves(path: Path) -> None:
             ylabel="validation accuracy (no TTA)",
         )
         ax.grid(alpha=0.3)
-    for ax, ((metric, title, source), runs) in zip(axes[0], curves.items()):
-        for (run, (epochs, values)), style in zip(runs.items(), ("-o", "-s")):
+    for ax, ((_metric, title, source), runs) in zip(axes[0], curves.items(), strict=False):
+        for (run, (epochs, values)), style in zip(runs.items(), ("-o", "-s"), strict=False):
             ax.plot(epochs, values, style, markersize=3, label=NAMES[run])
         if source and probe_val is not None:  # the probe has no epochs: its validation accuracy, as a level
             ax.axhline(

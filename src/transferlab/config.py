@@ -14,9 +14,9 @@ import dataclasses
 import re
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
 
@@ -27,42 +27,70 @@ RUNS = ("finetune", "scratch")
 RUN_SECTIONS = {"finetune": "train", "scratch": "scratch"}
 # every model evaluate and compare report on: the linear probe (stage train_probe) and the two trained ones
 MODELS = ("probe", *RUNS)
-DUPLICATE_POLICIES = ("keep", "drop")
 DATA_SOURCE_ENV = "TRANSFERLAB_DATA"
 
 
-def _choice(*allowed: str) -> dict:
-    return {"choices": allowed}
+@dataclass(frozen=True)
+class Range:
+    """The values a number may take: ``low <= x`` (``low < x`` if ``low_open``) and ``x <= high``."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+
+    def __str__(self) -> str:
+        low = "" if self.low is None else f"{self.low:g} {'<' if self.low_open else '≤'} "
+        high = "" if self.high is None else f" ≤ {self.high:g}"
+        return f"{low}x{high}"
 
 
-def _range(low: float | None = None, high: float | None = None, *, low_open: bool = False) -> dict:
-    return {"low": low, "high": high, "low_open": low_open}
+# The allowed values of every key, declared here only: a key's type is its Python type, narrowed by a
+# Literal (a fixed set of words) or a Range (numbers). docs/params.md's reference is generated from them.
+Fraction = Annotated[float, Range(0, 1)]
+Share = Annotated[float, Range(0, 1, low_open=True)]  # a fraction above 0 (a crop's scale, a decay factor)
+Count = Annotated[int, Range(0)]
+Positive = Annotated[int, Range(1)]
+NonNegative = Annotated[float, Range(0)]
+Pixels = Annotated[int, Range(16, 1024)]
+Duplicates = Literal["keep", "drop"]
+Device = Literal["auto", "cpu", "cuda", "mps"]
+Precision = Literal["fp32", "bf16", "fp16"]
+Mode = Literal["finetune", "feature_extract", "scratch"]
+HeadInit = Literal["random", "probe"]
+Optimizer = Literal["sgd", "adam", "adamw", "rmsprop", "adagrad", "adadelta"]
+Schedule = Literal["constant", "step", "multistep", "exponential", "cosine", "linear", "plateau"]
+Monitor = Literal["val_acc", "val_loss"]
+AutoAugment = Literal["none", "trivialaugment", "randaugment"]
+TTA = Literal["none", "flip"]
+
+# Every key is set in params.yaml, the one place that holds the settings' values: the classes below declare
+# the keys and what they allow, and have no defaults.
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    # "download": the official Caltech-101, fetched from CaltechDATA, or read from a local copy of it named by the
-    # environment variable TRANSFERLAB_DATA (checked to be the official data); anything else is a path to your own
-    # images (an unpacked folder of class subfolders, or a .zip / .tar.gz archive of one)
-    source: str = "download"
-    exclude_classes: list = field(default_factory=lambda: ["BACKGROUND_Google"])
-    train_per_class: int = field(default=30, metadata=_range(1))
-    val_per_class: int = field(default=5, metadata=_range(0))
+    # "download": the official Caltech-101, fetched from CaltechDATA, or read from a local copy of it named by
+    # the environment variable TRANSFERLAB_DATA (checked to be the official data); anything else is a path to
+    # your own images (an unpacked folder of class subfolders, or a .zip / .tar.gz archive of one)
+    source: str
+    exclude_classes: list
+    train_per_class: Positive
+    val_per_class: Count
     # which val_per_class-sized slice of each class's training images validates: folds 0, 1, ... of them
     # give repeated choices on disjoint validation images (k-fold), the test split unchanged
-    val_fold: int = field(default=0, metadata=_range(0))
-    test_per_class: int | None = field(default=None, metadata=_range(1))
-    cache_size: int = field(default=256, metadata=_range(32, 1024))
-    # byte-identical files: reported in metrics/prepare.json; drop: a file found in several classes is left out
-    # of every split (its label is ambiguous), and of copies within one class only the first is kept
-    duplicates: str = field(default="keep", metadata=_choice(*DUPLICATE_POLICIES))
-    seed: int = 0
+    val_fold: Count
+    test_per_class: Positive | None
+    cache_size: Annotated[int, Range(32, 1024)]
+    # byte-identical files: reported in metrics/prepare.json; drop: a file found in several classes is left
+    # out of every split (its label is ambiguous), and of copies within one class only the first is kept
+    duplicates: Duplicates
+    seed: int
 
     def __post_init__(self):
         if self.val_per_class >= self.train_per_class:
             raise ConfigError(
-                f"data.val_per_class ({self.val_per_class}) must be smaller than "
-                f"data.train_per_class ({self.train_per_class}): validation images are held out of the training ones"
+                f"data.val_per_class ({self.val_per_class}) must be smaller than data.train_per_class "
+                f"({self.train_per_class}): validation images are held out of the training ones"
             )
         if self.val_fold and not self.val_per_class:
             raise ConfigError(
@@ -79,127 +107,114 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     # torchvision classification model name (resnet18, alexnet, ...) or timm/<name>
-    arch: str = "timm/tf_efficientnet_lite0"
+    arch: str
     # "imagenet", "none", or a path to a state-dict file (.pth/.pt/.safetensors)
-    weights: str = "imagenet"
-
-
-TRAINING_MODES = ("finetune", "feature_extract", "scratch")
-OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad", "adadelta")
-SCHEDULES = ("constant", "step", "multistep", "exponential", "cosine", "linear", "plateau")
-AUTO_AUGMENTS = ("none", "trivialaugment", "randaugment")
-PRECISIONS = ("fp32", "bf16", "fp16")
-DEVICES = ("auto", "cpu", "cuda", "mps")
-MONITORS = ("val_acc", "val_loss")
-HEAD_INITS = ("random", "probe")
-TTA_MODES = ("none", "flip")
+    weights: str
 
 
 @dataclass(frozen=True)
 class RuntimeConfig:
     """Where and how networks run, shared by every stage that runs one (results agree up to rounding)."""
 
-    device: str = field(default="auto", metadata=_choice(*DEVICES))  # auto: cuda, else mps, else cpu
+    device: Device  # auto: cuda, else mps, else cpu
     # fp16 needs CUDA (with a gradient scaler); bf16 runs on CUDA or on a CPU with native bf16 support
-    precision: str = field(default="fp32", metadata=_choice(*PRECISIONS))
-    # data-parallel training processes on this machine (DDP, started with torchrun; one per GPU); batch sizes are global
-    processes: int = field(default=1, metadata=_range(1))
-    channels_last: bool = True
+    precision: Precision
+    # data-parallel training processes on this machine (DDP, started with torchrun; one per GPU); batch
+    # sizes are global
+    processes: Positive
+    channels_last: bool
 
 
 @dataclass(frozen=True)
 class FeaturesConfig:
-    """Stage ``features``: the pretrained network's pooled features of every split and of their mirror images."""
+    """Stage ``features``: the pretrained network's pooled features of every split and their mirror images."""
 
-    image_size: int = field(default=224, metadata=_range(16, 1024))
-    batch_size: int = field(default=64, metadata=_range(1))
-    # random resized crops of each train and validation image, each mirrored at random: extra training samples
-    # for the linear probe (0 = only the centre crop and its mirror image); scale (crop_scale_min, 1)
-    train_crops: int = field(default=0, metadata=_range(0, 32))
-    crop_scale_min: float = field(default=0.6, metadata=_range(0, 1, low_open=True))
-    seed: int = 0  # initialises the backbone with model.weights: none (features of a random network), and draws the crops
+    image_size: Pixels
+    batch_size: Positive
+    # random resized crops of each train and validation image, each mirrored at random: extra training
+    # samples for the linear probe (0 = only the centre crop and its mirror image); scale (crop_scale_min, 1)
+    train_crops: Annotated[int, Range(0, 32)]
+    crop_scale_min: Share
+    # initialises the backbone with model.weights: none (features of a random network), and draws the crops
+    seed: int
 
 
-# keys of a run's section that only fine-tuning reads: train_scratch trains every layer from random init
-FINETUNE_ONLY = (
-    "mode",
-    "init_head",
-    "frozen_stages",
-    "backbone_lr_scale",
-    "freeze_bn_stats",
-    "interpolation",
-)
+# keys of a run's section that only fine-tuning reads, with the values the scratch run has for them (it
+# trains every layer from random init, at lr, with batch-norm statistics updated, and keeps its last weights)
+SCRATCH_FIXED = {
+    "mode": "scratch",
+    "init_head": "random",
+    "frozen_stages": 0,
+    "backbone_lr_scale": 1.0,
+    "freeze_bn_stats": False,
+    "interpolation": 1.0,
+}
+FINETUNE_ONLY = tuple(SCRATCH_FIXED)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One training run's recipe: the ``train:`` section (stage train_finetune) or ``scratch:`` (train_scratch)."""
+    """A training run's recipe: the ``train:`` section (stage train_finetune) or ``scratch:``
+    (train_scratch)."""
 
     # finetune: every layer trains, the pretrained ones at lr * backbone_lr_scale (the first
     # frozen_stages stages of the backbone stay fixed: partial unfreezing);
     # feature_extract: only the new head trains on the frozen backbone's features;
     # scratch: random init, every layer at lr (the train_scratch stage always runs this mode)
-    mode: str = field(default="finetune", metadata=_choice(*TRAINING_MODES))
-    # the new head starts from random weights, or from the linear probe's fitted head (LP-FT, Kumar et al. 2022)
-    init_head: str = field(default="random", metadata=_choice(*HEAD_INITS))
-    # train on the train and validation images together, for a fixed number of epochs, keeping the last one:
-    # the final fit once the settings were chosen on validation (no validation curve, no best-epoch choice)
-    train_on_val: bool = False
-    frozen_stages: int = field(default=0, metadata=_range(0))
-    epochs: int = field(default=6, metadata=_range(1))
-    batch_size: int = field(default=32, metadata=_range(1))
-    lr: float = field(default=0.02, metadata=_range(0, low_open=True))
-    backbone_lr_scale: float = field(default=0.1, metadata=_range(0, 1))
-    optimizer: str = field(default="sgd", metadata=_choice(*OPTIMIZERS))
-    momentum: float = field(default=0.9, metadata=_range(0, 1))  # sgd and rmsprop
-    nesterov: bool = True  # sgd with momentum > 0
-    weight_decay: float = field(default=5e-5, metadata=_range(0))
-    decay_norm_and_bias: bool = False  # weight decay on biases and normalisation weights too
+    mode: Mode
+    # the new head starts from random weights, or from the linear probe's fitted head (LP-FT, Kumar et al.)
+    init_head: HeadInit
+    # train on the train and validation images together, for a fixed number of epochs, keeping the last
+    # one: the final fit once the settings were chosen on validation (no validation curve, no best epoch)
+    train_on_val: bool
+    frozen_stages: Count
+    epochs: Positive
+    batch_size: Positive
+    lr: Annotated[float, Range(0, low_open=True)]
+    backbone_lr_scale: Fraction
+    optimizer: Optimizer
+    momentum: Fraction  # sgd and rmsprop
+    nesterov: bool  # sgd with momentum > 0
+    weight_decay: NonNegative
+    decay_norm_and_bias: bool  # weight decay on biases and normalisation weights too
     # learning-rate schedule, stepped every optimizer step (plateau: every epoch, on `monitor`)
-    schedule: str = field(default="cosine", metadata=_choice(*SCHEDULES))
-    warmup_epochs: float = field(default=0.0, metadata=_range(0))  # linear warm-up, in epochs ...
-    warmup_steps: int = field(default=0, metadata=_range(0))  # ... or in optimizer steps (not both)
-    step_epochs: int = field(default=2, metadata=_range(1))  # step: multiply by gamma every step_epochs
-    milestones: list = field(default_factory=list)  # multistep: epochs at which the lr is multiplied by gamma
-    gamma: float = field(
-        default=0.1, metadata=_range(0, 1, low_open=True)
-    )  # step, multistep, exponential (per epoch), plateau
-    plateau_patience: int = field(default=1, metadata=_range(0))
+    schedule: Schedule
+    warmup_epochs: NonNegative  # linear warm-up, in epochs ...
+    warmup_steps: Count  # ... or in optimizer steps (not both)
+    step_epochs: Positive  # step: multiply by gamma every step_epochs
+    milestones: list  # multistep: epochs at which the lr is multiplied by gamma
+    gamma: Share  # step, multistep, exponential (per epoch), plateau
+    plateau_patience: Count
     # validation metric that picks the best epoch, drives plateau and early stopping
-    monitor: str = field(default="val_acc", metadata=_choice(*MONITORS))
-    early_stopping_patience: int = field(default=0, metadata=_range(0))  # epochs without improvement; 0 = off
-    grad_clip_norm: float = field(default=0.0, metadata=_range(0))  # 0 = off
-    label_smoothing: float = field(default=0.1, metadata=_range(0, 1))
+    monitor: Monitor
+    early_stopping_patience: Count  # epochs without improvement; 0 = off
+    grad_clip_norm: NonNegative  # 0 = off
+    label_smoothing: Fraction
     # keep the pretrained batch-norm running statistics fixed while fine-tuning
-    freeze_bn_stats: bool = True
+    freeze_bn_stats: bool
     # exponential moving average of the weights, updated every optimizer step (0 = off): the average is
     # what is validated and kept (torch.optim.swa_utils.AveragedModel)
-    ema_decay: float = field(default=0.0, metadata=_range(0, 1))
+    ema_decay: Fraction
     # weight-space interpolation (WiSE-FT, Wortsman et al. 2022): the kept weights are
     # start + interpolation * (end - start), start being the weights fine-tuning began from; 1 = the end
-    interpolation: float = field(default=1.0, metadata=_range(0, 1))
-    image_size: int = field(default=160, metadata=_range(16, 1024))
-    eval_image_size: int = field(default=224, metadata=_range(16, 1024))
-    # augmentation (torchvision.transforms.v2, on the training device); augment: false turns all of it off
-    # and trains on the evaluation centre crop, which lets feature_extract train on the features stage's output
-    augment: bool = True
-    crop_scale_min: float = field(default=0.25, metadata=_range(0, 1, low_open=True))  # random resized crop
-    hflip: bool = True
-    rotation_degrees: float = field(default=0.0, metadata=_range(0, 180))
-    color_jitter: float = field(
-        default=0.0, metadata=_range(0, 1)
-    )  # brightness, contrast, saturation strength
-    auto_augment: str = field(default="none", metadata=_choice(*AUTO_AUGMENTS))
-    random_erasing: float = field(default=0.0, metadata=_range(0, 1))  # probability per image
-    mixup_alpha: float = field(
-        default=0.0, metadata=_range(0)
-    )  # 0 = off; with cutmix, one of the two per batch
-    cutmix_alpha: float = field(default=0.0, metadata=_range(0))
-    balanced_sampling: bool = (
-        False  # draw every class equally often (Caltech-101 has 31 to 800 images a class)
-    )
-    compile: bool = False  # torch.compile the model: faster steps after a warm-up of about a minute on a CPU
-    seed: int = 0
+    interpolation: Fraction
+    image_size: Pixels
+    eval_image_size: Pixels
+    # augmentation (torchvision.transforms.v2, on the training device); augment: false turns all of it
+    # off and trains on the evaluation centre crop, which lets feature_extract train on the features
+    # stage's output
+    augment: bool
+    crop_scale_min: Share  # random resized crop
+    hflip: bool
+    rotation_degrees: Annotated[float, Range(0, 180)]
+    color_jitter: Fraction  # brightness, contrast, saturation strength
+    auto_augment: AutoAugment
+    random_erasing: Fraction  # probability per image
+    mixup_alpha: NonNegative  # 0 = off; with cutmix, one of the two per batch
+    cutmix_alpha: NonNegative
+    balanced_sampling: bool  # draw every class equally often (Caltech-101 has 31 to 800 images a class)
+    compile: bool  # torch.compile the model: faster steps after a warm-up of about a minute on a CPU
+    seed: int
 
 
 def _check_recipe(cfg: TrainConfig, section: str) -> None:
@@ -224,7 +239,8 @@ def _check_recipe(cfg: TrainConfig, section: str) -> None:
     )
     if not cfg.augment and unused:
         raise ConfigError(
-            f"{section}.{unused[0]} has no effect with {section}.augment: false; set it to its off value or augment: true"
+            f"{section}.{unused[0]} has no effect with {section}.augment: false; "
+            "set it to its off value or augment: true"
         )
     if cfg.schedule == "multistep" and not cfg.milestones:
         raise ConfigError(
@@ -236,34 +252,33 @@ def _check_recipe(cfg: TrainConfig, section: str) -> None:
 class ProbeConfig:
     """The linear probe (stage train_probe): a logistic regression on the features stage's output."""
 
-    # mirror images are extra training samples; a validation image is scored by the mean of both views (as evaluate.tta: flip)
-    flip: bool = True
+    # mirror images are extra training samples; a validation image is scored by the mean of both views (as
+    # evaluate.tta: flip)
+    flip: bool
     # inverse regularisation strengths tried; the one with the best validation accuracy is kept
-    C: list = field(default_factory=lambda: [0.03, 0.1, 0.3, 1.0])
-    max_iter: int = field(default=1000, metadata=_range(1))  # L-BFGS iterations per fit
-    train_on_val: bool = True  # refit on train + validation with the chosen C
+    C: list
+    max_iter: Positive  # L-BFGS iterations per fit
+    train_on_val: bool  # refit on train + validation with the chosen C
 
     def __post_init__(self):
         if not self.C or not all(
-            isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0 for c in self.C
+            isinstance(c, int | float) and not isinstance(c, bool) and c > 0 for c in self.C
         ):
             raise ConfigError(f"probe.C must be a non-empty list of numbers > 0, got {self.C!r}")
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    batch_size: int = field(default=64, metadata=_range(1))
+    batch_size: Positive
     # classes listed in the comparison as gaining / losing most from pretraining
-    top_classes: int = field(default=10, metadata=_range(1))
-    topk: list = field(default_factory=lambda: [1, 5])  # top-k accuracies reported for each k
+    top_classes: Positive
+    topk: list  # top-k accuracies reported for each k
     # the confusion-matrix image shows the N classes most often confused (0: all of them)
-    confusion_classes: int = field(default=25, metadata=_range(0))
-    calibration_bins: int = field(default=15, metadata=_range(2, 100))  # reliability diagram and ECE
-    gallery_size: int = field(default=24, metadata=_range(0, 200))  # misclassified test images shown
-    gradcam_images: int = field(default=6, metadata=_range(0, 50))  # test images in the Grad-CAM panel
-    tta: str = field(
-        default="flip", metadata=_choice(*TTA_MODES)
-    )  # flip: average the logits of image and mirror image
+    confusion_classes: Count
+    calibration_bins: Annotated[int, Range(2, 100)]  # reliability diagram and ECE
+    gallery_size: Annotated[int, Range(0, 200)]  # misclassified test images shown
+    gradcam_images: Annotated[int, Range(0, 50)]  # test images in the Grad-CAM panel
+    tta: TTA  # flip: average the logits of image and mirror image
 
     def __post_init__(self):
         if not self.topk or not all(
@@ -274,8 +289,9 @@ class EvaluateConfig:
 
 @dataclass(frozen=True)
 class LoggingConfig:
-    # also write TensorBoard event files (scalars, learning rates, a few images) to metrics/train_<run>/tensorboard
-    tensorboard: bool = False
+    # also write TensorBoard event files (scalars, learning rates, a few images) to
+    # metrics/train_<run>/tensorboard
+    tensorboard: bool
 
 
 @dataclass(frozen=True)
@@ -319,7 +335,8 @@ class Params:
             )
         if needs_validation and cfg.train_on_val:
             raise ConfigError(
-                f"{key(needs_validation[0])} watches the validation split, but {key('train_on_val')} trains on it; set one of them off"
+                f"{key(needs_validation[0])} watches the validation split, but {key('train_on_val')} "
+                "trains on it; set one of them off"
             )
         if (
             cfg.init_head == "probe"
@@ -329,18 +346,21 @@ class Params:
             and not holdout
         ):
             raise ConfigError(
-                f"{key('train_on_val')}: false validates every epoch, but the probe the run starts from (train.init_head: probe) "
-                f"was fitted on the validation images too (probe.train_on_val: true); set both to false to choose settings"
+                f"{key('train_on_val')}: false validates every epoch, but the probe the run starts from "
+                "(train.init_head: probe) was fitted on the validation images too "
+                "(probe.train_on_val: true); set both to false to choose settings"
             )
         if cfg.batch_size % self.runtime.processes:
             raise ConfigError(
-                f"{key('batch_size')} ({cfg.batch_size}) must be divisible by runtime.processes ({self.runtime.processes}): "
+                f"{key('batch_size')} ({cfg.batch_size}) must be divisible by runtime.processes "
+                f"({self.runtime.processes}): "
                 f"it is the global batch, split evenly between the processes"
             )
         pretrained = cfg.mode != "scratch" and self.model.weights != "none"
         if cfg.mode == "feature_extract" and not pretrained:
             raise ConfigError(
-                f"{key('mode')}: feature_extract trains a head on pretrained features, but model.weights is none; "
+                f"{key('mode')}: feature_extract trains a head on pretrained features, "
+                "but model.weights is none; "
                 f"with random weights use one of: finetune, scratch"
             )
         if (
@@ -349,8 +369,9 @@ class Params:
             and not cfg.image_size == cfg.eval_image_size == self.features.image_size
         ):
             raise ConfigError(
-                f"{key('augment')}: false with feature_extract trains on the features stage's output, computed at "
-                f"features.image_size ({self.features.image_size}): set {key('image_size')} and {key('eval_image_size')} to it"
+                f"{key('augment')}: false with feature_extract trains on the features stage's output, "
+                f"computed at features.image_size ({self.features.image_size}): "
+                f"set {key('image_size')} and {key('eval_image_size')} to it"
             )
         if cfg.mode == "feature_extract":  # the whole backbone stays fixed: frozen_stages says nothing more
             cfg = dataclasses.replace(cfg, frozen_stages=0)
@@ -369,59 +390,68 @@ class Params:
         return "none" if getattr(self, RUN_SECTIONS[run]).mode == "scratch" else self.model.weights
 
 
-def _check_type(key: str, value: Any, annotation: Any) -> Any:
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in typing.get_args(annotation):
-            return None
+def _allowed(annotation: Any) -> tuple[type, Range | tuple | None, bool]:
+    """(Python type, its Range or Literal words or None, whether null is allowed) of a key's annotation."""
+    optional = False
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        optional = type(None) in typing.get_args(annotation)
         (annotation,) = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    expected = typing.get_origin(annotation) or annotation
-    if expected is int and isinstance(value, float):
+    if typing.get_origin(annotation) is Annotated:
+        kind, allowed = typing.get_args(annotation)[:2]
+        return kind, allowed, optional
+    if typing.get_origin(annotation) is Literal:
+        return str, typing.get_args(annotation), optional
+    return typing.get_origin(annotation) or annotation, None, optional
+
+
+def _check(key: str, value: Any, annotation: Any) -> Any:
+    """``value`` if the annotation allows it (an int where a float is declared becomes a float)."""
+    kind, allowed, optional = _allowed(annotation)
+    if value is None and optional:
+        return None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is int and isinstance(value, float):
         whole = f"; write {int(value)}" if value.is_integer() else ""
         raise ConfigError(f"{key} must be a whole number, got {value!r}{whole}")
-    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-        raise ConfigError(
-            f"{key} must be of type {expected.__name__}, got {value!r} ({type(value).__name__})"
-        )
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{key} must be of type {kind.__name__}, got {value!r} ({type(value).__name__})")
+    if isinstance(allowed, tuple) and value not in allowed:
+        raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
+    if isinstance(allowed, Range):
+        low, high = allowed.low, allowed.high
+        if low is not None and (value < low or (allowed.low_open and value == low)):
+            raise ConfigError(f"{key} must be {'>' if allowed.low_open else '>='} {low}, got {value}")
+        if high is not None and value > high:
+            raise ConfigError(f"{key} must be <= {high}, got {value}")
     return value
 
 
-def _check_range(key: str, value: Any, meta: typing.Mapping) -> None:
-    if "choices" in meta:
-        if value not in meta["choices"]:
-            raise ConfigError(f"{key} must be one of {', '.join(meta['choices'])}; got {value!r}")
-        return
-    if value is None or not meta:
-        return
-    low, high = meta["low"], meta["high"]
-    if low is not None and (value < low or (meta["low_open"] and value == low)):
-        relation = ">" if meta["low_open"] else ">="
-        raise ConfigError(f"{key} must be {relation} {low}, got {value}")
-    if high is not None and value > high:
-        raise ConfigError(f"{key} must be <= {high}, got {value}")
+def _build(cls, section: str, raw: Any, fixed: typing.Mapping[str, Any] = types.MappingProxyType({})):
+    """Check a params section against a dataclass and build it: every key set, each allowed.
 
-
-def _build(cls, section: str, raw: Any, exclude: typing.Mapping[str, str] = {}):
-    """Check a params section against a dataclass and build it; ``exclude``: keys the section may not set, and why."""
+    ``fixed``: keys the section may not set, with the values they take (the scratch run's)."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{section} must be a mapping of keys to values, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in exclude}
+    hints = typing.get_type_hints(cls, include_extras=True)
+    keys = [f.name for f in dataclasses.fields(cls) if f.name not in fixed]
     checked = {}
     for key, value in raw.items():
         name = f"{section}.{key}"
-        if key in exclude:
-            raise ConfigError(f"{name}: {exclude[key]}")
-        if key not in fields:
-            raise ConfigError(f"unknown param {name}; allowed keys in {section}: {', '.join(fields)}")
-        value = _check_type(name, value, hints[key])
-        _check_range(name, value, fields[key].metadata)
-        checked[key] = value
-    return cls(**checked)
+        if key in fixed:
+            raise ConfigError(f"{name}: {SCRATCH_REFUSAL}")
+        if key not in keys:
+            raise ConfigError(f"unknown param {name}; allowed keys in {section}: {', '.join(keys)}")
+        checked[key] = _check(name, value, hints[key])
+    missing = [key for key in keys if key not in raw]
+    if missing:
+        raise ConfigError(
+            f"params.yaml does not set {', '.join(f'{section}.{key}' for key in missing)}: every setting is "
+            "written there (docs/params.md lists them)"
+        )
+    return cls(**checked, **fixed)
 
 
 SECTIONS = {
@@ -434,11 +464,12 @@ SECTIONS = {
     "evaluate": EvaluateConfig,
     "logging": LoggingConfig,
 }
-SCRATCH_EXCLUDES = dict.fromkeys(FINETUNE_ONLY, "train_scratch trains every layer from random init: this key is the fine-tuning's (train.)")
+SCRATCH_REFUSAL = "train_scratch trains every layer from random init: this key is the fine-tuning's (train.)"
 
 
 def parse_params(raw: dict) -> Params:
-    """Every section checked (the architecture and weights are checked where a model is built: models.check_model)."""
+    """Every section checked (the architecture and weights are checked where a model is built:
+    models.check_model)."""
     if not isinstance(raw, dict):
         raise ConfigError("params.yaml must be a mapping of sections")
     allowed = {*SECTIONS, "scratch"}
@@ -448,8 +479,7 @@ def parse_params(raw: dict) -> Params:
             f"unknown section(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(allowed))}"
         )
     built = {name: _build(cls, name, raw.get(name)) for name, cls in SECTIONS.items()}
-    scratch = _build(TrainConfig, "scratch", raw.get("scratch"), SCRATCH_EXCLUDES)
-    built["scratch"] = dataclasses.replace(scratch, mode="scratch", init_head="random", frozen_stages=0)
+    built["scratch"] = _build(TrainConfig, "scratch", raw.get("scratch"), SCRATCH_FIXED)
     for section in RUN_SECTIONS.values():
         _check_recipe(built[section], section)
     params = Params(**built)
@@ -494,3 +524,46 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{path} is not valid YAML{where}: {getattr(err, 'problem', None) or err}") from err
     return parse_params(raw or {})
+
+
+def _shown(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=1000).removesuffix("\n...\n").strip()
+
+
+def _allowed_text(annotation: Any) -> str:
+    kind, allowed, optional = _allowed(annotation)
+    names = {int: "integer", float: "number", bool: "true or false", str: "text", list: "list"}
+    if isinstance(allowed, tuple):
+        text = "one of " + ", ".join(f"`{word}`" for word in allowed)
+    else:
+        text = names[kind] + (f", {allowed}" if allowed else "")
+    return text + (", or null" if optional else "")
+
+
+def reference(raw: dict) -> str:
+    """The params reference of docs/params.md: every key, the values it allows (from the declarations above)
+    and its value in ``raw`` (the project's params.yaml)."""
+    lines = ["| Key | Allowed | In params.yaml |", "|---|---|---|"]
+    sections = [*SECTIONS.items(), ("scratch", TrainConfig)]
+    for section, cls in sections:
+        hints = typing.get_type_hints(cls, include_extras=True)
+        for f in dataclasses.fields(cls):
+            if section == "scratch" and f.name in SCRATCH_FIXED:
+                continue
+            value = (raw.get(section) or {}).get(f.name)
+            lines.append(f"| `{section}.{f.name}` | {_allowed_text(hints[f.name])} | `{_shown(value)}` |")
+    return "\n".join(lines) + "\n"
+
+
+REFERENCE_MARK = "<!-- generated from src/transferlab/config.py: python -m transferlab.config -->"
+
+
+def write_reference(doc: Path = Path("docs/params.md"), params: Path = Path("params.yaml")) -> None:
+    """Replace what follows :data:`REFERENCE_MARK` in ``doc`` with the reference of ``params``."""
+    text = doc.read_text()
+    head = text[: text.index(REFERENCE_MARK) + len(REFERENCE_MARK)]
+    doc.write_text(f"{head}\n\n{reference(read_yaml(params.read_text()))}")
+
+
+if __name__ == "__main__":
+    write_reference()

@@ -69,7 +69,8 @@ def holders(folder: Path) -> int:
 
 
 def claim(folder: Path) -> int:
-    """Lock a free slot of ``folder``; the descriptor stays open (and the slot held) until the process ends."""
+    """Lock a free slot of ``folder``; the descriptor stays open (and the slot held) until the process
+    ends."""
     folder.mkdir(parents=True, exist_ok=True)
     for number in range(MAX_SLOTS):
         fd = _try_lock(folder / f"slot-{number}")
@@ -105,9 +106,11 @@ def queue_workers() -> int:
 
 @contextlib.contextmanager
 def shared(pin: bool = False) -> Iterator[int]:
-    """Hold a slot while the block computes, with this process's share of the cores (the thread count it yields).
+    """Hold a slot while the block computes, with this process's share of the cores (the thread count it
+    yields).
 
-    ``pin``: keep the count this block starts with, inner blocks included (``torch.compile`` would compile again).
+    ``pin``: keep the count this block starts with, inner blocks included (``torch.compile`` would compile
+    again).
     """
     global _slot, _depth, _pinned
     outermost = _depth == 0

@@ -1,4 +1,5 @@
-"""Turn the prepared uint8 images into model inputs: augmentation, the evaluation crop, normalisation, batches."""
+"""Turn the prepared uint8 images into model inputs: augmentation, the evaluation crop, normalisation,
+batches."""
 
 from __future__ import annotations
 
@@ -61,7 +62,8 @@ class BatchAugmenter:
         self.prep, self.channels_last = prep, channels_last
         self.per_image = _per_image_augmentation(cfg, prep) if cfg.augment else None
         self.whole_batch = None if cfg.augment else eval_resize(cfg.image_size, prep, cache_size)
-        # erasing comes after normalisation, so an erased patch is the dataset mean (0), as in timm and torchvision
+        # erasing comes after normalisation, so an erased patch is the dataset mean (0),
+        # as in timm and torchvision
         self.erasing = v2.RandomErasing(p=cfg.random_erasing) if cfg.augment and cfg.random_erasing else None
         self.mixing = _batch_mixing(cfg, num_classes) if cfg.augment else None
 
@@ -113,7 +115,8 @@ def epoch_order(labels: np.ndarray, generator: torch.Generator, balanced: bool) 
 
 
 def batch_slices(count: int, batch_size: int) -> list[slice]:
-    """Batches of an epoch; a ragged last batch is dropped (noisy batch-norm statistics) unless it is the only one."""
+    """Batches of an epoch; a ragged last batch is dropped (noisy batch-norm statistics) unless it is the
+    only one."""
     full = count // batch_size if count > batch_size else 1
     return [slice(i * batch_size, min((i + 1) * batch_size, count)) for i in range(full)]
 

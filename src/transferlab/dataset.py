@@ -28,14 +28,16 @@ CALTECH101_ZIP_MD5 = "3138e1922a9193bfa496528edbbc45d0"
 CALTECH101_TAR_MEMBER = "caltech-101/101_ObjectCategories.tar.gz"
 CALTECH101_TAR_MD5 = "b224c7392d521a49829488ab0f1120d9"
 CALTECH101_FOLDER = "101_ObjectCategories"
-# the unpacked official folder, every file: the md5 of its "relative path <tab> md5 of the file" lines (manifest_md5)
+# the unpacked official folder, every file: the md5 of its "relative path <tab> md5 of the file" lines
+# (manifest_md5)
 CALTECH101_MANIFEST_MD5 = "50324aa1e7d9c9f30ad2f952352f0b19"
 # as torchvision's ImageFolder: other files (the real archive's stray BACKGROUND_Google/tmp) are skipped
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 # Decompression-bomb guard: a larger image (Pillow's own warning threshold, about 0.27 GB as RGB) is skipped
 # before it is decoded (Caltech-101: at most 0.34 MP in its 101 classes, 11 MP in BACKGROUND_Google)
 MAX_IMAGE_PIXELS = 89_478_485
-# 16-bit and 32-bit integer greyscale (PNG, TIFF): Pillow's convert("RGB") would clip these at 255, not scale them
+# 16-bit and 32-bit integer greyscale (PNG, TIFF): Pillow's convert("RGB") would clip these at 255,
+# not scale them
 WIDE_GREYSCALE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
@@ -92,8 +94,9 @@ def _extract_zip(archive: Path, target: Path) -> None:
 
 
 def _refuse_absolute_paths(member: tarfile.TarInfo, destination: str) -> tarfile.TarInfo:
-    """tarfile's "data" filter (no "../" escapes, no links outside the target, no devices), and no absolute names:
-    that filter would quietly strip the leading "/", but an archive holding one was not made for this."""
+    """tarfile's "data" filter (no "../" escapes, no links outside the target, no devices), and no absolute
+    names: that filter would quietly strip the leading "/", but an archive holding one was not made for
+    this."""
     if member.name.startswith("/"):
         raise tarfile.AbsolutePathError(member)
     return tarfile.data_filter(member, destination)
@@ -103,16 +106,16 @@ def _extract_tar(archive: Path, target: Path) -> None:
     try:
         with tarfile.open(archive) as tf:
             tf.extractall(target, filter=_refuse_absolute_paths)
-            while tf.fileobj.read(
-                1 << 20
-            ):  # to the end: a gzip stream's checksum and length are checked there
+            # to the end: a gzip stream's checksum and length are checked there
+            while tf.fileobj.read(1 << 20):
                 pass
     except tarfile.FilterError as err:
         raise DatasetError(f"refusing to extract {archive}: {err}") from err
 
 
 def extract(archive: Path, target: Path) -> Path:
-    """Extract a .zip or .tar(.gz) archive into ``target`` atomically: a refused or failed archive leaves nothing."""
+    """Extract a .zip or .tar(.gz) archive into ``target`` atomically: a refused or failed archive
+    leaves nothing."""
     with atomic_dir(target) as staging:
         try:
             if zipfile.is_zipfile(archive):
@@ -121,7 +124,8 @@ def extract(archive: Path, target: Path) -> Path:
                 _extract_tar(archive, staging)
             else:
                 raise DatasetError(
-                    f"{archive} is neither a zip nor a tar archive (a web page saved under that name, or a zip cut short?)"
+                    f"{archive} is neither a zip nor a tar archive "
+                    "(a web page saved under that name, or a zip cut short?)"
                 )
         except (
             tarfile.TarError,
@@ -143,13 +147,15 @@ def find_image_root(folder: Path) -> Path:
         if candidate.is_dir() and any(p.is_dir() for p in candidate.iterdir()):
             return candidate
     raise DatasetError(
-        f"{folder} holds no class subfolders: expected an ImageFolder layout (one subfolder of images per class), "
+        f"{folder} holds no class subfolders: "
+        "expected an ImageFolder layout (one subfolder of images per class), "
         f"such as the {CALTECH101_FOLDER} folder of Caltech-101"
     )
 
 
 def manifest_md5(root: Path) -> str:
-    """One checksum of a folder's contents: every file (:func:`walk_files`) with its path relative to ``root``."""
+    """One checksum of a folder's contents: every file (:func:`walk_files`) with its path relative
+    to ``root``."""
     digest = hashlib.md5()
     for path in walk_files(root):
         digest.update(f"{path.relative_to(root).as_posix()}\t{md5sum(path)}\n".encode())
@@ -157,15 +163,18 @@ def manifest_md5(root: Path) -> str:
 
 
 def official_copy(copy: Path, raw_dir: Path) -> Path:
-    """The folder of class subfolders of ``TRANSFERLAB_DATA``: a local copy of the official Caltech-101, checked to be it.
+    """The folder of class subfolders of ``TRANSFERLAB_DATA``: a local copy of the official Caltech-101,
+    checked to be it.
 
     ``data.source: download`` names the data; the environment variable only says where its bytes already are.
-    DVC does not see environment variables, so other images given that way would leave ``dvc repro`` up to date
-    on the old ones: they are refused.
+    DVC does not see environment variables, so other images given that way would leave ``dvc repro`` up to
+    date on the old ones: they are refused.
     """
     own_images = (
-        f"DVC does not see environment variables, so a run on other images would look up to date on the old ones. "
-        f"To use your own images, set data.source: {copy} in params.yaml (or dvc exp run -S data.source={copy}) "
+        "DVC does not see environment variables, "
+        "so a run on other images would look up to date on the old ones. "
+        f"To use your own images, set data.source: {copy} in params.yaml "
+        f"(or dvc exp run -S data.source={copy}) "
         f"and unset {DATA_SOURCE_ENV}"
     )
     if copy.is_dir():
@@ -178,7 +187,8 @@ def official_copy(copy: Path, raw_dir: Path) -> Path:
     if copy.is_file():
         if md5sum(copy) not in (CALTECH101_ZIP_MD5, CALTECH101_TAR_MD5):
             raise DatasetError(
-                f"{DATA_SOURCE_ENV}={copy} is not the official caltech-101.zip or its tar.gz (md5 differs). {own_images}"
+                f"{DATA_SOURCE_ENV}={copy} is not the official caltech-101.zip or its tar.gz "
+                f"(md5 differs). {own_images}"
             )
         return acquire_archive(copy, raw_dir)
     raise DatasetError(
@@ -189,7 +199,8 @@ def official_copy(copy: Path, raw_dir: Path) -> Path:
 def acquire(source: str, raw_dir: Path, official: str | None = None) -> Path:
     """Return the folder of class subfolders named by ``source`` (``download`` or a local path).
 
-    ``official``: with ``download``, where a local copy of the official Caltech-101 already is (``TRANSFERLAB_DATA``).
+    ``official``: with ``download``, where a local copy of the official Caltech-101 already is
+    (``TRANSFERLAB_DATA``).
     """
     if source == "download":
         if official:
@@ -248,7 +259,8 @@ def walk_files(folder: Path) -> list[Path]:
 
 
 def scan(root: Path, exclude: list[str]) -> tuple[list[str], list[ImageFile]]:
-    """List classes (sorted subfolder names, minus ``exclude``) and their files (see :func:`walk_files`), in a deterministic order."""
+    """List classes (sorted subfolder names, minus ``exclude``) and their files (see :func:`walk_files`),
+    in a deterministic order."""
     classes = sorted(
         p.name for p in root.iterdir() if p.is_dir() and p.name not in exclude and not p.name.startswith(".")
     )
@@ -260,14 +272,15 @@ def scan(root: Path, exclude: list[str]) -> tuple[list[str], list[ImageFile]]:
     entries = [p for name in classes for p in (root / name).iterdir() if not p.name.startswith(".")]
     if files and all(p.is_dir() for p in entries):
         raise DatasetError(
-            f"the class folders of {root} hold only folders (such as {entries[0]}), so the data source points one level "
-            f"too high: point data.source at the folder whose subfolders hold the images"
+            f"the class folders of {root} hold only folders (such as {entries[0]}), "
+            "so the data source points one level too high: "
+            "point data.source at the folder whose subfolders hold the images"
         )
     if len(classes) < 2:
         found = f"only {classes[0]!r}" if classes else "none"
         raise DatasetError(
-            f"{root} has {len(classes)} class subfolder(s) left after excluding {exclude} ({found}): a classifier needs "
-            f"at least 2 classes, one subfolder of images each"
+            f"{root} has {len(classes)} class subfolder(s) left after excluding {exclude} ({found}): "
+            "a classifier needs at least 2 classes, one subfolder of images each"
         )
     if not files:
         raise DatasetError(f"the class folders of {root} hold no files")
@@ -275,7 +288,8 @@ def scan(root: Path, exclude: list[str]) -> tuple[list[str], list[ImageFile]]:
 
 
 def to_8_bits(values: np.ndarray) -> np.ndarray:
-    """16-bit greyscale to 8 bits, scaled and rounded; 32-bit integer values beyond 0..65535 over their own range."""
+    """16-bit greyscale to 8 bits, scaled and rounded; 32-bit integer values beyond 0..65535 over their
+    own range."""
     lo, hi = (
         (0, 65535) if values.min() >= 0 and values.max() <= 65535 else (int(values.min()), int(values.max()))
     )
@@ -295,7 +309,8 @@ def load_image(path: Path, size: int) -> np.ndarray:
     with Image.open(path) as image:
         if image.width * image.height > MAX_IMAGE_PIXELS:
             raise DatasetError(
-                f"{image.width} x {image.height} pixels is over the {MAX_IMAGE_PIXELS:,}-pixel limit (decompression-bomb guard)"
+                f"{image.width} x {image.height} pixels is over the {MAX_IMAGE_PIXELS:,}-pixel limit "
+                "(decompression-bomb guard)"
             )
         image.draft("RGB", (size, size))  # lets JPEG decode at a reduced scale when the image is large
         image = ImageOps.exif_transpose(

@@ -25,13 +25,15 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device(available[0])
     if name not in available:
         raise ConfigError(
-            f"runtime.device: {name} is not available on this machine; available: auto, {', '.join(available)}"
+            f"runtime.device: {name} is not available on this machine; "
+            f"available: auto, {', '.join(available)}"
         )
     return torch.device(name)
 
 
 def cpu_supports_bf16() -> bool:
-    """Native bf16 arithmetic (AVX512-BF16 or AMX); without it, bf16 on the CPU is emulated and slower than fp32."""
+    """Native bf16 arithmetic (AVX512-BF16 or AMX); without it, bf16 on the CPU is emulated and slower
+    than fp32."""
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
@@ -42,7 +44,8 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "fp16":
         if device.type != "cuda":
             raise ConfigError(
-                f"runtime.precision: fp16 needs a CUDA device (training runs on {device.type}); allowed here: fp32, bf16"
+                f"runtime.precision: fp16 needs a CUDA device (training runs on {device.type}); "
+                "allowed here: fp32, bf16"
             )
         return torch.float16
     supported = (
@@ -62,6 +65,7 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def training_device(device: str, precision: str) -> tuple[torch.device, torch.dtype | None]:
-    """The device and autocast dtype for ``runtime.device`` and ``runtime.precision``; unavailable ones are a ConfigError."""
+    """The device and autocast dtype for ``runtime.device`` and ``runtime.precision``; unavailable ones are
+    a ConfigError."""
     resolved = resolve_device(device)
     return resolved, autocast_dtype(precision, resolved)

@@ -1,8 +1,8 @@
-"""Data-parallel training with PyTorch's DistributedDataParallel, started by torchrun: one stage command for one
-CPU, one GPU or N GPUs.
+"""Data-parallel training with PyTorch's DistributedDataParallel, started by torchrun: one stage command
+for one CPU, one GPU or N GPUs.
 
-``runtime.processes: N`` (> 1) makes ``python -m transferlab.train <run>`` start itself N times on this machine
-with ``torchrun --standalone``. Across machines, start that same command under ``torchrun`` on each
+``runtime.processes: N`` (> 1) makes ``python -m transferlab.train <run>`` start itself N times on this
+machine with ``torchrun --standalone``. Across machines, start that same command under ``torchrun`` on each
 (``--nnodes``, ``--nproc-per-node`` equal to ``runtime.processes``, a rendezvous endpoint): a process that
 torchrun started joins its process group instead of launching more.
 
@@ -38,7 +38,8 @@ STOP_CHECK_STEPS = 10  # processes agree on a stop request every this many steps
 
 @dataclass(frozen=True)
 class World:
-    """This process's place among the training processes (one process: rank 0 of 1, and every method is a no-op)."""
+    """This process's place among the training processes
+    (one process: rank 0 of 1, and every method is a no-op)."""
 
     rank: int = 0
     size: int = 1
@@ -50,7 +51,8 @@ class World:
         return self.rank == 0
 
     def wrap(self, module: nn.Module) -> nn.Module:
-        """The module whose backward pass averages gradients across processes (DDP), for training steps only."""
+        """The module whose backward pass averages gradients across processes (DDP), for training
+        steps only."""
         if self.size == 1:
             return module
         return DistributedDataParallel(
@@ -58,8 +60,9 @@ class World:
         )
 
     def share_buffers(self, module: nn.Module) -> None:
-        """Rank 0's buffers on every process. DDP sends them before each training forward, which then updates each
-        process's batch-norm statistics from its own shard: without this, processes would validate different models."""
+        """Rank 0's buffers on every process. DDP sends them before each training forward, which then
+        updates each process's batch-norm statistics from its own shard: without this, processes would
+        validate different models."""
         if self.size > 1:
             for buffer in module.buffers():
                 dist.broadcast(buffer, src=0)
@@ -76,9 +79,9 @@ class World:
         return value
 
     def stop_now(self, requested: bool, step: int, steps: int) -> bool:
-        """Whether to stop after ``step`` of an epoch of ``steps``: at once with one process; with several, every
-        STOP_CHECK_STEPS steps and at the epoch's last, True on all if any was asked to (torchrun signals each
-        one, not at the same step)."""
+        """Whether to stop after ``step`` of an epoch of ``steps``: at once with one process; with several,
+        every STOP_CHECK_STEPS steps and at the epoch's last, True on all if any was asked to (torchrun
+        signals each one, not at the same step)."""
         if self.size == 1:
             return requested
         if step % STOP_CHECK_STEPS and step != steps:
@@ -102,7 +105,8 @@ class World:
         return box[0]
 
     def map_rows(self, compute: Callable[[np.ndarray], torch.Tensor], rows: np.ndarray) -> torch.Tensor:
-        """``compute(rows)`` (a CPU tensor, one row per input row), each process computing every size-th row."""
+        """``compute(rows)`` (a CPU tensor, one row per input row), each process computing every
+        size-th row."""
         if self.size == 1:
             return compute(rows)
         parts = self.gather(compute(rows[self.rank :: self.size]))
@@ -119,7 +123,8 @@ def launched_by_torchrun() -> bool:
 
 
 def launch(processes: int, module: str, args: list[str]) -> int:
-    """Run ``python -m module args`` as ``processes`` processes on this machine with torchrun; their exit code.
+    """Run ``python -m module args`` as ``processes`` processes on this machine with torchrun; their exit
+    code.
 
     On the CPU each process gets its share of the cores (torchrun alone would give each one thread). torchrun
     runs in its own session and this process passes Ctrl-C and SIGTERM on to it, once: torchrun then stops its
@@ -163,17 +168,20 @@ def process_group(
     local_size, size = int(os.environ["LOCAL_WORLD_SIZE"]), int(os.environ["WORLD_SIZE"])
     if local_size != processes:
         raise ConfigError(
-            f"runtime.processes is {processes} but torchrun started {local_size} processes per node; make them equal"
+            f"runtime.processes is {processes} but torchrun started {local_size} processes per node; "
+            "make them equal"
         )
     if batch_size % size:
         raise ConfigError(
-            f"{batch_key} ({batch_size}) must be divisible by the {size} processes: it is the global batch, split evenly"
+            f"{batch_key} ({batch_size}) must be divisible by the {size} processes: "
+            "it is the global batch, split evenly"
         )
     local_rank = int(os.environ["LOCAL_RANK"])
     if device.type == "cuda":
         if torch.cuda.device_count() < local_size:
             raise ConfigError(
-                f"runtime.processes: {local_size} processes per node, but this machine has {torch.cuda.device_count()} GPU(s)"
+                f"runtime.processes: {local_size} processes per node, "
+                f"but this machine has {torch.cuda.device_count()} GPU(s)"
             )
         torch.cuda.set_device(local_rank)
         device, backend = torch.device("cuda", local_rank), "nccl"
@@ -181,7 +189,8 @@ def process_group(
         backend = "gloo"
     else:
         raise ConfigError(
-            f"runtime.processes: distributed training runs on cuda or cpu, not {device.type}; set runtime.processes: 1"
+            f"runtime.processes: distributed training runs on cuda or cpu, not {device.type}; "
+            "set runtime.processes: 1"
         )
     dist.init_process_group(backend)
     world = World(dist.get_rank(), size, local_rank, device)

@@ -16,14 +16,16 @@ class DatasetError(RuntimeError):
 
 
 class ModelError(ValueError):
-    """An unknown architecture, a weights file that does not fit it, or a file that is not a usable checkpoint."""
+    """An unknown architecture, a weights file that does not fit it, or a file that is not a usable
+    checkpoint."""
 
 
 class DivergedError(RuntimeError):
     """Training diverged: the loss became infinite or NaN."""
 
 
-# what torch's CPU allocator and CUDA / MPS say when an allocation fails (torch.OutOfMemoryError is a RuntimeError)
+# what torch's CPU allocator and CUDA / MPS say when an allocation fails
+# (torch.OutOfMemoryError is a RuntimeError)
 OUT_OF_MEMORY_MESSAGES = ("can't allocate memory", "out of memory", "std::bad_alloc")
 
 

@@ -58,7 +58,7 @@ def write_per_class(path: Path, labels: np.ndarray, predictions: np.ndarray, cla
     )
     rows = (
         [name, *(f"{v:.4f}" for v in values), int(n)]
-        for name, *values, n in zip(classes, precision, recall, f1, support)
+        for name, *values, n in zip(classes, precision, recall, f1, support, strict=True)
     )
     write_csv(path, ["class", "precision", "recall", "f1", "support"], rows)
 
@@ -83,7 +83,8 @@ def check_classes(path: Path, trained_on: list[str], classes: list[str]) -> None
 
 
 def probe_probabilities(path: Path, labels: np.ndarray, classes: list[str], tta: str) -> np.ndarray:
-    """The linear probe's test probabilities from the frozen test features: its head applied to them (torch to read it)."""
+    """The linear probe's test probabilities from the frozen test features: its head applied to them
+    (torch to read it)."""
     from .checkpoint import read_checkpoint
 
     checkpoint, info = read_checkpoint(path), features_info()
@@ -93,7 +94,8 @@ def probe_probabilities(path: Path, labels: np.ndarray, classes: list[str], tta:
         labels
     ):
         raise ModelError(
-            f"{path} and the frozen features do not belong together: re-run the features and train_probe stages (dvc repro)"
+            f"{path} and the frozen features do not belong together: "
+            "re-run the features and train_probe stages (dvc repro)"
         )
     weight = checkpoint["model"][f"{checkpoint['head']}.weight"].numpy().astype(np.float64)
     bias = checkpoint["model"][f"{checkpoint['head']}.bias"].numpy().astype(np.float64)
@@ -112,7 +114,8 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 def model_probabilities(
     path: Path, images: np.ndarray, classes: list[str], cfg: EvaluateConfig, device: str
 ) -> np.ndarray:
-    """A trained model's test probabilities: the network over the test images (torch and the model libraries imported here)."""
+    """A trained model's test probabilities: the network over the test images
+    (torch and the model libraries imported here)."""
     from .device import resolve_device
     from .trained_model import TrainedModel
 
@@ -130,7 +133,8 @@ def write_results(
     cfg: EvaluateConfig,
     extra: dict,
 ) -> dict:
-    """metrics.json, the CSV files and the pictures of one model, in its folder (written whole, or not at all)."""
+    """metrics.json, the CSV files and the pictures of one model, in its folder
+    (written whole, or not at all)."""
     from dvclive import Live
 
     from .analysis import plot_calibration, plot_confusion_matrix, plot_misclassified

@@ -8,8 +8,9 @@ Not a pipeline stage: it reads what ``dvc exp show --json`` lists (the experimen
 of more with ``--all-commits``) and, for each model, works out the settings it really ran with and which of
 them vary:
 
-- the linear probe: ``data:`` (but its source: experiments on other images than the workspace's ``data.source``
-  are left out and named, never ranked with the others), ``model:``, ``features:`` and ``probe:``;
+- the linear probe: ``data:`` (but its source: experiments on other images than the workspace's
+  ``data.source`` are left out and named, never ranked with the others), ``model:``, ``features:`` and
+  ``probe:``;
 - a trained model: ``data:``, ``model:`` (``model.arch`` only for a run from random init, which loads no
   weights), ``runtime:`` and its own section, ``train:`` for the fine-tuned model and ``scratch:`` for the
   scratch one (keys named without the section, ``lr``, as on the plots); plus ``features:`` and ``probe:``
@@ -23,17 +24,18 @@ Grid points are validation-only: queued with a holdout stage as the target (``dv
 holdout_finetune -S 'train.lr=...'``: the recipe trained on the train split, validated every epoch), or the
 training stage with ``train_on_val: false``, they stop before evaluation, and the test metrics their commits
 hold are the baseline's. So no test metric is read here. Each model's setting is chosen on the validation
-accuracy alone (the last epoch's ``val/acc`` of its holdout twin, else of its training stage: the epoch a final
-fit keeps; the probe's ``best/val_acc``), and for the
-choice the summary gives the command that makes the final fit and scores the test split once, e.g.
+accuracy alone (the last epoch's ``val/acc`` of its holdout twin, else of its training stage: the epoch a
+final fit keeps; the probe's ``best/val_acc``), and for the choice the summary gives the command that makes
+the final fit and scores the test split once, e.g.
 ``dvc exp run -S train.lr=0.01 -S train.epochs=5``: the chosen values of the varied keys, any other key where
 the choice differs from the workspace's params.yaml, and ``train_on_val: true`` where the workspace does not
 have it already. It trains on train + val and evaluates once.
 
 A model's training summaries identical to its baseline commit's are the baseline's run (its stages did not run
 in that experiment: train_scratch in a train_finetune grid): it counts once, for the baseline. Runs without a
-validation score (``train_on_val: true`` and no holdout twin: a final fit) are left out and named. Settings a commit's params.yaml
-does not name are read as today's defaults (with ``--all-commits``, an old commit may have run with other ones).
+validation score (``train_on_val: true`` and no holdout twin: a final fit) are left out and named. Settings a
+commit's params.yaml does not name are read as today's defaults (with ``--all-commits``, an old commit may
+have run with other ones).
 Writes to ``--out``:
 
 - ``experiments.md`` / ``experiments.csv``: each model's distinct settings, ranked by validation accuracy;
@@ -69,7 +71,8 @@ from .paths import holdout
 log = logging.getLogger("transferlab.experiments")
 VALIDATION_METRIC = "the last epoch's val/acc (the probe's: best/val_acc, at its chosen C)"
 PROTOCOL = "train_on_val"  # the key that turns a run into a final fit on train + val (no validation score)
-# how to get validation scores: each model's grid, queued validation-only (up to its holdout stage, never the test split)
+# how to get validation scores: each model's grid, queued validation-only
+# (up to its holdout stage, never the test split)
 VALIDATION_RECIPES = {
     "probe": "dvc exp run --queue train_probe -S 'probe.C=[0.1],[0.3]'",
     "finetune": "dvc exp run --queue holdout_finetune -S 'train.lr=...'",
@@ -85,7 +88,8 @@ class ExperimentsError(RuntimeError):
 
 @dataclass(frozen=True)
 class Experiment:
-    """One experiment (or a commit) as ``dvc exp show --json`` lists it; names can repeat across commits, revs do not."""
+    """One experiment (or a commit) as ``dvc exp show --json`` lists it; names can repeat across commits,
+    revs do not."""
 
     name: str
     rev: str
@@ -96,7 +100,8 @@ class Experiment:
 
 @dataclass
 class Setting:
-    """One distinct setting of one model, with the experiments that ran it (several when it did not change)."""
+    """One distinct setting of one model, with the experiments that ran it
+    (several when it did not change)."""
 
     values: dict  # the settings the model ran with
     experiments: list[Experiment]
@@ -149,7 +154,8 @@ def _section(prefix: str, config, skip: tuple = ()) -> dict:
 
 
 def _run_section(run: str, cfg) -> dict:
-    """The run's own section, keys without the section name; scratch: without the fine-tuning's keys, which it cannot set."""
+    """The run's own section, keys without the section name; scratch: without the fine-tuning's keys,
+    which it cannot set."""
     return _section("", cfg, (PROTOCOL, *(FINETUNE_ONLY if run == "scratch" else ())))
 
 
@@ -181,7 +187,8 @@ def params_key(model: str, key: str) -> str:
 
 
 def protocol_keys(model: str, values: dict) -> list[str]:
-    """The ``train_on_val`` keys the model's final fit sets true: its own, and the probe's when it starts from the probe."""
+    """The ``train_on_val`` keys the model's final fit sets true: its own, and the probe's when it starts
+    from the probe."""
     own = "probe" if model == "probe" else RUN_SECTIONS[model]
     return [
         f"{own}.{PROTOCOL}",
@@ -190,15 +197,16 @@ def protocol_keys(model: str, values: dict) -> list[str]:
 
 
 def summary_paths(model: str) -> list[str]:
-    """Where a model's training summaries are: its holdout twin's first (the validation run of today's pipeline),
-    then its training stage's own (a validation run too with ``train_on_val: false``)."""
+    """Where a model's training summaries are: its holdout twin's first (the validation run of today's
+    pipeline), then its training stage's own (a validation run too with ``train_on_val: false``)."""
     own = f"metrics/train_{model}/metrics.json"
     return [f"metrics/train_{holdout(model)}/metrics.json", own] if model in RUNS else [own]
 
 
 def trained_summary(experiment: Experiment, model: str) -> dict | None:
-    """The first of the model's training summaries this experiment wrote with a validation score (else the first it
-    wrote); None when each is its baseline commit's (the stages did not run in this experiment) or missing."""
+    """The first of the model's training summaries this experiment wrote with a validation score (else the
+    first it wrote); None when each is its baseline commit's (the stages did not run in this experiment) or
+    missing."""
     baseline = experiment.baseline.metrics if experiment.baseline is not None else {}
     fresh = [
         experiment.metrics[p]
@@ -209,9 +217,10 @@ def trained_summary(experiment: Experiment, model: str) -> dict | None:
 
 
 def score_in(summary: dict, model: str) -> float | None:
-    """The validation accuracy that a final fit of the run's setting stands for. A final fit trains a fixed number of
-    epochs and keeps the last, so a trained model's score is its last epoch's (dvclive's latest ``val/acc``), not its
-    best epoch's, which can come early in a long cosine schedule and overstate what the final fit gets."""
+    """The validation accuracy that a final fit of the run's setting stands for. A final fit trains a fixed
+    number of epochs and keeps the last, so a trained model's score is its last epoch's (dvclive's latest
+    ``val/acc``), not its best epoch's, which can come early in a long cosine schedule and overstate what the
+    final fit gets."""
     if model == "probe":
         value = summary.get("best/val_acc")
     else:
@@ -235,7 +244,8 @@ def _key(value) -> str:
 
 
 def distinct_settings(experiments: list[Experiment], model: str) -> tuple[list[Setting], list[str]]:
-    """The model's distinct settings, best validation accuracy first (ties: the first run name), and the varied keys.
+    """The model's distinct settings, best validation accuracy first (ties: the first run name), and the
+    varied keys.
 
     ``experiments`` have valid params (see :func:`valid_experiments`).
     """
@@ -250,14 +260,16 @@ def distinct_settings(experiments: list[Experiment], model: str) -> tuple[list[S
         if score > setting.val_acc:
             setting.val_acc, setting.scored_by = score, experiment
     settings = sorted(by_values.values(), key=lambda s: (-s.val_acc, s.scored_by.name))
-    # a key only some settings have (the probe's, for LP-FT runs among random-head ones) varies only if its values do
+    # a key only some settings have (the probe's, for LP-FT runs among random-head ones) varies only if its
+    # values do
     keys = dict.fromkeys(key for setting in settings for key in setting.values)
     varied = [key for key in keys if len({_key(s.values[key]) for s in settings if key in s.values}) > 1]
     return settings, varied
 
 
 def without_validation(experiments: list[Experiment]) -> dict[str, list[str]]:
-    """For each model, the experiments that trained it without a validation score (on train + val: a final fit)."""
+    """For each model, the experiments that trained it without a validation score
+    (on train + val: a final fit)."""
     found = {}
     for model in MODELS:
         names = [
@@ -316,7 +328,8 @@ def _applied(base: dict, overrides: dict) -> dict:
 
 
 def _command(overrides: dict, base: dict) -> str:
-    """``dvc exp run`` with one ``-S`` per override; ``++`` (add or override) for a key base's params.yaml does not name."""
+    """``dvc exp run`` with one ``-S`` per override; ``++`` (add or override) for a key base's params.yaml
+    does not name."""
     parts = ["dvc", "exp", "run"]
     for key, value in overrides.items():
         section, name = key.split(".", 1)
@@ -326,7 +339,8 @@ def _command(overrides: dict, base: dict) -> str:
 
 
 def _problem(overrides: dict, base: dict, chosen: dict[str, dict]) -> str | None:
-    """Why ``overrides`` on ``base`` would not make the final fit of each model's ``chosen`` setting, or None."""
+    """Why ``overrides`` on ``base`` would not make the final fit of each model's ``chosen`` setting,
+    or None."""
     try:
         settings = model_settings(_applied(base, overrides))
     except ConfigError as err:
@@ -339,10 +353,12 @@ def _problem(overrides: dict, base: dict, chosen: dict[str, dict]) -> str | None
 
 
 def final_fit(model: str, chosen: Setting, varied: list[str], base: dict) -> dict:
-    """The command that makes the chosen setting's final fit from ``base`` (the params ``dvc exp run`` starts from).
+    """The command that makes the chosen setting's final fit from ``base`` (the params ``dvc exp run``
+    starts from).
 
     It sets the varied keys to the chosen values, every other key where the choice differs from ``base``, and
-    ``train_on_val: true`` (see :func:`protocol_keys`): the fit on train + val, whose evaluation scores the test split once.
+    ``train_on_val: true`` (see :func:`protocol_keys`): the fit on train + val, whose evaluation scores the
+    test split once.
     """
     target = {params_key(model, key): value for key, value in chosen.values.items()}
     target.update(dict.fromkeys(protocol_keys(model, chosen.values), True))
@@ -386,7 +402,8 @@ def final_fit_all(summary: dict, base: dict) -> dict:
 
 
 def choose_base(shown: list, experiments: list[Experiment]) -> tuple[str, dict]:
-    """The params the final-fit commands start from: the workspace's, else the first commit's listed, else an experiment's."""
+    """The params the final-fit commands start from: the workspace's, else the first commit's listed,
+    else an experiment's."""
     workspace = workspace_params(shown)
     candidates = [("the workspace", workspace)] if workspace else []
     candidates += [(f"commit {e.name}", e.params) for e in experiments if e.baseline is None]
@@ -405,12 +422,13 @@ def data_source(params: dict) -> str:
 
 
 def on_the_same_data(experiments: list[Experiment], base: dict) -> tuple[list[Experiment], list[str]]:
-    """The experiments on ``base``'s images (``data.source``), and a note for the others: validation scores on other
-    images are not comparable, so they are never ranked together."""
+    """The experiments on ``base``'s images (``data.source``), and a note for the others: validation scores
+    on other images are not comparable, so they are never ranked together."""
     source = data_source(base)
     kept = [e for e in experiments if data_source(e.params) == source]
     notes = [
-        f"{e.name}: it ran on other images (data.source: {data_source(e.params)}), not those of the final fit's params ({source})"
+        f"{e.name}: it ran on other images (data.source: {data_source(e.params)}), "
+        f"not those of the final fit's params ({source})"
         for e in experiments
         if data_source(e.params) != source
     ]
@@ -418,7 +436,8 @@ def on_the_same_data(experiments: list[Experiment], base: dict) -> tuple[list[Ex
 
 
 def summarise(experiments: list[Experiment], base: dict) -> dict:
-    """For each model with a validation score: its settings ranked, the varied keys, the choice and its final-fit command."""
+    """For each model with a validation score: its settings ranked, the varied keys, the choice and its
+    final-fit command."""
     summary = {}
     for model in MODELS:
         settings, varied = distinct_settings(experiments, model)
@@ -464,7 +483,8 @@ def markdown(
         "# Experiments: each model's best setting, chosen on the validation split",
         "",
         "No test metric is shown: the grid's experiments are validation-only (what their commits hold under "
-        "metrics/test_* is the baseline's), and the test split is scored once, by the final fit of the chosen setting. "
+        "metrics/test_* is the baseline's), and the test split is scored once, "
+        "by the final fit of the chosen setting. "
         f"The final-fit commands start from the params.yaml of {base_name}.",
         "",
     ]
@@ -496,14 +516,16 @@ def markdown(
         lines += [f"## {NAMES[model]}", ""]
         if not varied:
             lines += [
-                f"No setting of this model varies across these experiments (validation accuracy {chosen['val_acc']:.2%}).",
+                "No setting of this model varies across these experiments "
+                f"(validation accuracy {chosen['val_acc']:.2%}).",
                 *_final_fit_line(chosen["final_fit"]),
                 "",
             ]
             continue
         described = ", ".join(f"{key}={_shown(value)}" for key, value in chosen["values"].items())
         lines += [
-            f"Chosen on validation: **{described}** ({chosen['scored_by']}), validation accuracy {chosen['val_acc']:.2%}.",
+            f"Chosen on validation: **{described}** ({chosen['scored_by']}), "
+            f"validation accuracy {chosen['val_acc']:.2%}.",
             *_final_fit_line(chosen["final_fit"]),
             "",
             "| " + " | ".join(["validation accuracy", *varied, "experiments"]) + " |",
@@ -525,7 +547,8 @@ def _numeric(values: list) -> bool:
 
 
 def _positions(values: list) -> tuple[list, list, bool]:
-    """x positions, the distinct values in order, and whether to use a log axis (positive values spanning 10x or more)."""
+    """x positions, the distinct values in order, and whether to use a log axis
+    (positive values spanning 10x or more)."""
     distinct = sorted(
         {_key(v): v for v in values}.values(),
         key=lambda v: (not _numeric([v]), v if _numeric([v]) else str(v)),
@@ -642,7 +665,10 @@ def summary_json(
     summary: dict, unscored: dict[str, list[str]], notes: list[str], base_name: str, together: dict
 ) -> dict:
     return {
-        "metric": f"validation accuracy ({VALIDATION_METRIC}) alone; no test metric is read: each final-fit command scores the test split once",
+        "metric": (
+            f"validation accuracy ({VALIDATION_METRIC}) alone; "
+            "no test metric is read: each final-fit command scores the test split once"
+        ),
         "final_fit_from": base_name,
         "final_fit_all": together if len(summary) > 1 else None,
         "without_validation": unscored,
@@ -654,7 +680,8 @@ def summary_json(
 def write_outputs(
     summary: dict, unscored: dict[str, list[str]], notes: list[str], base_name: str, together: dict, out: Path
 ) -> list[Path]:
-    """Every output file, written atomically; pictures of an earlier summary that no longer apply are removed."""
+    """Every output file, written atomically; pictures of an earlier summary that no longer apply
+    are removed."""
     for stale in [*out.glob("heatmap_*.png"), out / "validation_vs_params.png"]:
         stale.unlink(missing_ok=True)
     write_text(out / "experiments.md", markdown(summary, unscored, notes, base_name, together))
@@ -721,6 +748,7 @@ def run(shown_json: Path | None, out: Path, all_commits: bool = False, only: lis
     for model, part in summary.items():
         chosen = part["chosen"]
         print(
-            f"{NAMES[model]}: chosen {chosen['values'] or '(nothing varied)'} val {chosen['val_acc']:.2%}; final fit: {chosen['final_fit']['command']}"
+            f"{NAMES[model]}: chosen {chosen['values'] or '(nothing varied)'} val {chosen['val_acc']:.2%}; "
+            f"final fit: {chosen['final_fit']['command']}"
         )
     return summary

@@ -1,4 +1,5 @@
-"""Where a model looks: Grad-CAM (Captum's ``LayerGradCam``) and feature maps (``LayerActivation``) of a layer.
+"""Where a model looks: Grad-CAM (Captum's ``LayerGradCam``) and feature maps (``LayerActivation``) of a
+layer.
 
 Works for torchvision and timm models alike: the default layer is the last one whose output still has a
 spatial grid (ResNet ``layer4``, EfficientNet ``bn2`` / ``features``), found by running the model once.
@@ -19,7 +20,8 @@ from .trained_model import TrainedModel
 
 
 def last_spatial_layer(model: nn.Module, image_size: int) -> str:
-    """Name of the last module (in the order forward passes finish) whose output is an N x C x H x W map with H, W > 1."""
+    """Name of the last module (in the order forward passes finish) whose output is an N x C x H x W map
+    with H, W > 1."""
     finished: list[tuple[str, tuple]] = []  # (module name, output shape), in the order the modules finish
     hooks = [
         module.register_forward_hook(
@@ -51,7 +53,8 @@ def find_layer(trained: TrainedModel, name: str | None) -> tuple[str, nn.Module]
     except AttributeError:
         top = ", ".join(n for n, _ in trained.model.named_children())
         raise ModelError(
-            f"layer {name!r} is not a module of {trained.arch} (a dotted module path; top-level modules: {top})"
+            f"layer {name!r} is not a module of {trained.arch} "
+            f"(a dotted module path; top-level modules: {top})"
         ) from None
 
 
@@ -70,7 +73,8 @@ def gradcam(
     layer: str | None = None,
     size: int | None = None,
 ) -> np.ndarray:
-    """Grad-CAM maps (N x size x size, each scaled to [0, 1]) for ``targets`` (default: the predicted classes)."""
+    """Grad-CAM maps (N x size x size, each scaled to [0, 1]) for ``targets``
+    (default: the predicted classes)."""
     name, module = find_layer(trained, layer)
     inputs = trained.inputs(images)
     model = trained.model.eval()
@@ -114,7 +118,8 @@ def display_images(trained: TrainedModel, images: np.ndarray, size: int) -> np.n
 def plot_gradcam_panel(
     path: Path, images: np.ndarray, labels: np.ndarray, models: dict[str, TrainedModel], size: int = 224
 ) -> None:
-    """One row per image: the image, then each model's Grad-CAM for its own prediction (green right, red wrong).
+    """One row per image: the image, then each model's Grad-CAM for its own prediction
+    (green right, red wrong).
 
     The maps are drawn on the first model's evaluation crop: the runs share the architecture, so the crop too.
     """
@@ -135,7 +140,7 @@ def plot_gradcam_panel(
         probs = trained.probabilities(images, desc=f"grad-cam {run}")
         predictions = probs.argmax(1)
         cams = gradcam(trained, images, predictions.tolist(), size=size)
-        for row, (label, predicted) in enumerate(zip(labels, predictions)):
+        for row, (label, predicted) in enumerate(zip(labels, predictions, strict=True)):
             title = f"{run}: {trained.classes[predicted]} ({probs[row, predicted]:.0%})"
             show_overlay(
                 axes[row, column],
@@ -158,11 +163,12 @@ def plot_feature_maps(path: Path, image: np.ndarray, maps: torch.Tensor, layer: 
         ax.axis("off")
     axes[0, 0].imshow(image)
     axes[0, 0].set_title("input", fontsize=8)
-    for ax, channel in zip(axes.flat[columns:], strongest.tolist()):
+    for ax, channel in zip(axes.flat[columns:], strongest.tolist(), strict=False):
         ax.imshow(maps[channel].numpy(), cmap="viridis")
         ax.set_title(f"channel {channel}", fontsize=8)
     fig.suptitle(
-        f"feature maps of {layer} ({maps.shape[0]} channels, {maps.shape[1]}x{maps.shape[2]}): strongest {len(strongest)}",
+        f"feature maps of {layer} ({maps.shape[0]} channels, {maps.shape[1]}x{maps.shape[2]}): "
+        f"strongest {len(strongest)}",
         fontsize=9,
     )
     save_figure(fig, path, dpi=90)

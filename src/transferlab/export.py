@@ -34,8 +34,9 @@ class ExportCheck:
 
 
 def metadata(trained: TrainedModel) -> str:
-    """What travels with the export: the classes, and every step from an image file to the probabilities that
-    ``transferlab predict`` prints, so that another runtime reproduces them (the README shows it for ONNX Runtime)."""
+    """What travels with the export: the classes, and every step from an image file to the probabilities
+    that ``transferlab predict`` prints, so that another runtime reproduces them (the README shows it for
+    ONNX Runtime)."""
     prep, cache, size = trained.prep, trained.cache_size, trained.image_size
     crop = round(cache * prep.crop_pct)
     return json.dumps(
@@ -48,14 +49,19 @@ def metadata(trained: TrainedModel) -> str:
             "image_size": size,
             "tta": "flip",
             "steps": [
-                f"decode with Pillow: Image.open, then image.draft('RGB', ({cache}, {cache})) (JPEG decodes at a reduced "
-                f"scale), ImageOps.exif_transpose (upright), convert('RGB')",
-                f"resize the shorter side to {cache} px (the longer to round(side * {cache} / shorter side), at least {cache}), "
-                f"Image.BICUBIC; crop the centre {cache} x {cache} square (offsets (width - {cache}) // 2, (height - {cache}) // 2)",
-                f"crop its centre {crop} x {crop} square (crop_pct {prep.crop_pct}; offsets round(({cache} - {crop}) / 2)) and "
+                f"decode with Pillow: Image.open, then image.draft('RGB', ({cache}, {cache})) "
+                "(JPEG decodes at a reduced scale), ImageOps.exif_transpose (upright), convert('RGB')",
+                f"resize the shorter side to {cache} px "
+                f"(the longer to round(side * {cache} / shorter side), at least {cache}), "
+                f"Image.BICUBIC; crop the centre {cache} x {cache} square "
+                f"(offsets (width - {cache}) // 2, (height - {cache}) // 2)",
+                f"crop its centre {crop} x {crop} square "
+                f"(crop_pct {prep.crop_pct}; offsets round(({cache} - {crop}) / 2)) and "
                 f"resize it to {size} x {size}, {prep.interpolation}, antialiased",
-                "scale to [0, 1], subtract preprocessing.mean and divide by preprocessing.std per RGB channel; float32 N x 3 x H x W",
-                "tta flip: the logits of the image and of its left-right mirror image, averaged; then softmax",
+                "scale to [0, 1], subtract preprocessing.mean and divide by preprocessing.std "
+                "per RGB channel; float32 N x 3 x H x W",
+                "tta flip: the logits of the image and of its left-right mirror image, averaged; "
+                "then softmax",
             ],
             "input": f"float32 N x 3 x {size} x {size}: the output of the steps before the model",
             "output": "logits, one per class",
@@ -92,9 +98,11 @@ def _export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, meta
 def export(
     trained: TrainedModel, fmt: str, path: Path, sample: np.ndarray, tolerance: float = 1e-3
 ) -> ExportCheck:
-    """Write the export to ``path`` if its logits match the model's on ``sample`` (uint8 N x H x W x 3 images).
+    """Write the export to ``path`` if its logits match the model's on ``sample``
+    (uint8 N x H x W x 3 images).
 
-    The export is written and checked under a temporary name: one that fails the check is never left at ``path``.
+    The export is written and checked under a temporary name: one that fails the check is never left at
+    ``path``.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; allowed: {', '.join(FORMATS)}")

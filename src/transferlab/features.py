@@ -5,9 +5,10 @@
 What the classifier head receives (the pooled backbone features) for the train, validation and test
 images at ``features.image_size``, and for their mirror images: ``data/features/<split>.npy`` (float32,
 views x N x D: the evaluation crop, then its mirror image, then for the train and validation images
-``features.train_crops`` random resized crops, each mirrored at random: more training samples for the probe). ``network.pt`` keeps the network they came
-from (its weights with a fresh head, the head's name, its preprocessing), so that ``train_probe`` makes a
-full checkpoint without building the model again, and ``features.json`` says what they are. The linear
+``features.train_crops`` random resized crops, each mirrored at random: more training samples for the
+probe). ``network.pt`` keeps the network they came from (its weights with a fresh head, the head's name,
+its preprocessing), so that ``train_probe`` makes a full checkpoint without building the model again, and
+``features.json`` says what they are. The linear
 probe fits on the train and validation features and is scored on the test features (no second pass of the
 backbone); ``feature_extract`` training without augmentation trains its head on them too.
 """
@@ -29,8 +30,9 @@ VIEWS = ("centre crop", "mirror image")
 
 
 def random_crops(images, count: int, scale_min: float, seed: int):
-    """``count`` random resized crops of each cached image (uint8 N x S x S x 3, each crop at the cache's size S, so that
-    the evaluation crop of it is taken as of any cached image), mirrored at random; yields one array per crop."""
+    """``count`` random resized crops of each cached image (uint8 N x S x S x 3, each crop at the cache's
+    size S, so that the evaluation crop of it is taken as of any cached image), mirrored at random; yields
+    one array per crop."""
     import numpy as np
     import torch
     from torchvision.transforms import v2

@@ -15,7 +15,8 @@ __all__ = ["plt", "save_figure"]
 
 
 def save_figure(fig: plt.Figure, path: Path, dpi: int = 110) -> None:
-    """Write a figure atomically, in the format its suffix names, and free it (JPEG for photo panels: 5x smaller)."""
+    """Write a figure atomically, in the format its suffix names, and free it
+    (JPEG for photo panels: 5x smaller)."""
     # leave room for a figure title above the panels' own titles
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()) if fig.get_suptitle() else None)
     fmt = path.suffix.lstrip(".").lower()

@@ -35,7 +35,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a fresh staging folder beside ``path`` (``<name>.partial``); it replaces ``path`` only if the block succeeds.
+    """Yield a fresh staging folder beside ``path`` (``<name>.partial``); it replaces ``path`` only if the
+    block succeeds.
 
     The old folder is renamed aside (``<name>.old.partial``) before the new one is renamed in and only then
     deleted, so a kill at any moment leaves at ``path`` the complete old folder, the complete new one, or

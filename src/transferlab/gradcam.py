@@ -22,7 +22,8 @@ log = logging.getLogger("transferlab.gradcam")
 
 
 def gradcam_sample(labels: np.ndarray, count: int) -> np.ndarray:
-    """A fixed, evenly spread set of test images (the split is ordered by class, so these cover many classes)."""
+    """A fixed, evenly spread set of test images (the split is ordered by class, so these cover many
+    classes)."""
     return (
         np.unique(np.linspace(0, len(labels) - 1, count).round().astype(int))
         if count

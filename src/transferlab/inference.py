@@ -61,7 +61,8 @@ def onnx_runner(net: nn.Module, example: torch.Tensor):
 
 
 def choose_runner(net: nn.Module, first: torch.Tensor, images: int, channels_last: bool):
-    """The fastest way to run ``net`` on this device whose outputs match eager PyTorch on the ``first`` batch."""
+    """The fastest way to run ``net`` on this device whose outputs match eager PyTorch on the ``first``
+    batch."""
 
     def eager(batch: torch.Tensor) -> torch.Tensor:
         cores.refresh()
@@ -104,7 +105,8 @@ def predict_views(
     flip: bool = False,
     fast: bool = True,
 ) -> torch.Tensor:
-    """Logits (views x N x classes, on the CPU) of the centre-cropped images at ``image_size``, computed where the model is.
+    """Logits (views x N x classes, on the CPU) of the centre-cropped images at ``image_size``, computed where
+    the model is.
 
     The views are the evaluation crop and, with ``flip``, its mirror image. With ``inputs_of`` (the classifier
     head), return what that module receives instead: the backbone's features. ``fast``: the fastest path that
@@ -150,7 +152,8 @@ def predict_logits(
     flip: bool = False,
     fast: bool = True,
 ) -> torch.Tensor:
-    """Logits (N x classes) as :func:`predict_views`; with ``flip`` (test-time augmentation) the mean over both views.
+    """Logits (N x classes) as :func:`predict_views`; with ``flip`` (test-time augmentation) the mean over
+    both views.
 
     For a linear head the mean of the logits is the head applied to the mean features, so a linear probe
     evaluated with flip TTA sees exactly the flip-averaged features it was chosen on.

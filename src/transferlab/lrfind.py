@@ -54,7 +54,8 @@ def smooth(losses: np.ndarray, window: int) -> np.ndarray:
 
 
 def diverged_at(losses: np.ndarray) -> int | None:
-    """The first step of the divergence (a non-finite loss, or ``DIVERGE_STEPS`` steps above ``DIVERGE`` x the lowest)."""
+    """The first step of the divergence (a non-finite loss, or ``DIVERGE_STEPS`` steps above ``DIVERGE`` x
+    the lowest)."""
     lowest, above = np.inf, 0
     for step, loss in enumerate(losses):
         if not np.isfinite(loss):
@@ -81,8 +82,9 @@ def suggest(lrs: np.ndarray, losses: np.ndarray) -> Suggestion:
     if drop < MIN_DROP:
         return Suggestion(
             None,
-            f"no clear valley: the smoothed loss fell only {drop:.0%} below its start (needs {MIN_DROP:.0%}); a network far "
-            f"from trained (from scratch) needs more steps (--steps) before its loss moves",
+            f"no clear valley: the smoothed loss fell only {drop:.0%} "
+            f"below its start (needs {MIN_DROP:.0%}); a network far from trained (from scratch) "
+            "needs more steps (--steps) before its loss moves",
         )
     inside = np.flatnonzero(smoothed <= floor + VALLEY * (start - floor))
     first, last = int(inside[0]), int(inside[-1])
@@ -109,7 +111,7 @@ def range_test(run: str, steps: int, start: float, end: float, seed: int) -> dic
     from .distributed import World
     from .paths import holdout
     from .splits import load_classes
-    from .training import Trainer, initial_model, training_data, training_inputs
+    from .training import Trainer, initial_model, training_batches, training_data
 
     params = load_params()
     # as the holdout twin trains: on the train split, from the probe that never saw the validation images
@@ -124,7 +126,7 @@ def range_test(run: str, steps: int, start: float, end: float, seed: int) -> dic
     trainer = Trainer.create(
         model, head_name, cfg, params.runtime, len(slices), World(device=device), amp_dtype
     )
-    inputs = training_inputs(trainer, data, prep, params.model.arch, weights, len(classes))
+    batches = training_batches(trainer, data, prep, params.model.arch, weights, len(classes))
     rates = lr_factors(steps, start, end)
     # every group's lr is its params value times the same factor: the run's lr sweeps from start to end
     trainer.schedule = lr_scheduler.LambdaLR(
@@ -138,7 +140,7 @@ def range_test(run: str, steps: int, start: float, end: float, seed: int) -> dic
         order = epoch_order(train_labels, generator, cfg.balanced_sampling)
         for batch in slices[: steps - len(losses)]:
             lrs.append(trainer.optimizer.param_groups[-1]["lr"] * cfg.lr / trainer.schedule.base_lrs[-1])
-            loss_sum, _, seen = trainer.step(inputs, order[batch])
+            loss_sum, _, seen = trainer.step(batches, order[batch])
             losses.append(float(loss_sum) / seen)
             bar.update()
             bar.set_postfix(lr=f"{lrs[-1]:.2g}", loss=f"{losses[-1]:.3f}")
@@ -178,7 +180,7 @@ def plot(path: Path, run: str, key: str, current: float, tests: list[dict], summ
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     lowest, highest = np.inf, -np.inf
-    for test, color in zip(tests, plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+    for test, color in zip(tests, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False):
         lrs, losses = np.array(test["lr"]), np.array(test["loss"])
         end = diverged_at(losses) or len(losses)
         smoothed = smooth(losses[:end], max(3, end // 10))
@@ -208,7 +210,8 @@ def plot(path: Path, run: str, key: str, current: float, tests: list[dict], summ
 
 
 def run(run_name: str, steps: int, start: float, end: float, seeds: int, out: Path, command: str) -> dict:
-    """Range tests with ``seeds`` seeds; writes ``<out>/<run>.json`` (``command`` made it) and ``<out>/<run>.png``."""
+    """Range tests with ``seeds`` seeds; writes ``<out>/<run>.json`` (``command`` made it) and
+    ``<out>/<run>.png``."""
     from . import cores
     from .config import load_params
     from .fileio import write_json

@@ -95,23 +95,26 @@ def check_model(arch: str, weights: str) -> None:
 def _unreachable_weights(arch: str, where: str, err: OSError) -> ModelError:
     reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
     return ModelError(
-        f"model.weights: imagenet: the ImageNet weights of {arch} are not on this machine and could not be downloaded "
-        f"({type(err).__name__}: {reason}). Looked for {where}. With network, run again (they are downloaded once, into "
-        f"that cache); offline, copy them there, or set model.weights to a state-dict file (.pth or .safetensors)"
+        f"model.weights: imagenet: the ImageNet weights of {arch} are not on this machine "
+        f"and could not be downloaded ({type(err).__name__}: {reason}). Looked for {where}. "
+        "With network, run again (they are downloaded once, into that cache); offline, copy them there, "
+        "or set model.weights to a state-dict file (.pth or .safetensors)"
     )
 
 
 def _timm_model(name: str, weights: str) -> tuple[nn.Module, Preprocessing]:
     try:
         model = timm.create_model(name, pretrained=weights == "imagenet")
-    except (
-        OSError
-    ) as err:  # huggingface_hub's LocalEntryNotFoundError, a URLError: no network and not in the cache
+    # huggingface_hub's LocalEntryNotFoundError, a URLError: no network and not in the cache
+    except OSError as err:
         from huggingface_hub import constants
 
         hub_id = timm.models.get_pretrained_cfg(name).hf_hub_id
         offline = "on" if constants.HF_HUB_OFFLINE else "off"
-        where = f"{hub_id} in the Hugging Face cache {constants.HF_HUB_CACHE} (HF_HOME; HF_HUB_OFFLINE is {offline})"
+        where = (
+            f"{hub_id} in the Hugging Face cache {constants.HF_HUB_CACHE} "
+            f"(HF_HOME; HF_HUB_OFFLINE is {offline})"
+        )
         raise _unreachable_weights(TIMM_PREFIX + name, where, err) from err
     config = timm.data.resolve_data_config({}, model=model)
     prep = Preprocessing(
@@ -134,7 +137,10 @@ def _torchvision_model(name: str, weights: str) -> tuple[nn.Module, Preprocessin
     except OSError as err:  # a URLError: no network, and not in torchvision's cache
         import torch.hub
 
-        where = f"{Path(default.url).name} in torchvision's cache {Path(torch.hub.get_dir()) / 'checkpoints'} (TORCH_HOME)"
+        where = (
+            f"{Path(default.url).name} in torchvision's cache "
+            f"{Path(torch.hub.get_dir()) / 'checkpoints'} (TORCH_HOME)"
+        )
         raise _unreachable_weights(name, where, err) from err
     transform = default.transforms()
     prep = Preprocessing(
@@ -159,7 +165,8 @@ def _replace_torchvision_head(model: nn.Module, num_classes: int) -> str:
 
 
 def build_model(arch: str, weights: str, num_classes: int) -> tuple[nn.Module, str, Preprocessing]:
-    """Return the model with a freshly initialised ``num_classes``-way head, the head's module name, and its preprocessing."""
+    """Return the model with a freshly initialised ``num_classes``-way head, the head's module name, and its
+    preprocessing."""
     check_model(arch, weights)
     is_timm = arch.startswith(TIMM_PREFIX)
     model, prep = (
@@ -180,7 +187,8 @@ def linear_head(model: nn.Module, head_name: str) -> nn.Linear:
     head = model.get_submodule(head_name)
     if not isinstance(head, nn.Linear):
         raise ModelError(
-            f"frozen features are what the final Linear layer receives, but this model's classifier is a {type(head).__name__}"
+            "frozen features are what the final Linear layer receives, "
+            f"but this model's classifier is a {type(head).__name__}"
         )
     return head
 
@@ -230,7 +238,8 @@ def backbone_stages(model: nn.Module, head: str) -> list[list[str]]:
 
 
 def _outermost(model: nn.Module, names: list[str]) -> list[str]:
-    """The largest modules made only of the named parameter-holding modules (``layer1`` for ``layer1.0.conv1``, ...)."""
+    """The largest modules made only of the named parameter-holding modules
+    (``layer1`` for ``layer1.0.conv1``, ...)."""
     owners = {n for n, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))}
     members, outer = set(names), []
     for name in names:
@@ -245,7 +254,8 @@ def _outermost(model: nn.Module, names: list[str]) -> list[str]:
 
 
 def freeze_stages(model: nn.Module, head: str, count: int) -> list[str]:
-    """Stop gradients into the first ``count`` backbone stages; return their module names (to keep in eval mode)."""
+    """Stop gradients into the first ``count`` backbone stages; return their module names
+    (to keep in eval mode)."""
     stages = backbone_stages(model, head)
     if count > len(stages):
         raise ModelError(
@@ -291,7 +301,8 @@ def parameter_groups(
 
 
 def set_train_mode(model: nn.Module, frozen_modules: list[str], freeze_bn: bool) -> None:
-    """Training mode, except frozen stages (no dropout, fixed batch-norm statistics) and, if asked, every batch norm."""
+    """Training mode, except frozen stages (no dropout, fixed batch-norm statistics) and, if asked,
+    every batch norm."""
     model.train()
     for name in frozen_modules:
         model.get_submodule(name).eval()

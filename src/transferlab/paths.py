@@ -20,10 +20,12 @@ REPORT_HTML = Path("metrics/report.html")
 
 
 def holdout(run: str) -> str:
-    """The name of the run's holdout twin: the same recipe trained on the train split only, validated every epoch.
+    """The name of the run's holdout twin: the same recipe trained on the train split only, validated every
+    epoch.
 
     The training stages make the final fit (on train + val); the holdout stages show how the same settings do
-    on images they never trained on: the held-out learning curves, and the validation score settings are chosen on.
+    on images they never trained on: the held-out learning curves, and the validation score settings are
+    chosen on.
     """
     return f"{run}_holdout"
 

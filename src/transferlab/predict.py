@@ -31,8 +31,9 @@ class Predictions:
 
 
 def find_images(targets: list[Path]) -> list[Path]:
-    """Each target that is a file, and every image file (by extension) under each target that is a folder, walked as
-    ``prepare`` walks a class folder (see :func:`dataset.walk_files`); in the order given, each path once."""
+    """Each target that is a file, and every image file (by extension) under each target that is a folder,
+    walked as ``prepare`` walks a class folder (see :func:`dataset.walk_files`); in the order given, each path
+    once."""
     found: list[Path] = []
     for target in targets:
         if target.is_file():
@@ -50,15 +51,15 @@ def find_images(targets: list[Path]) -> list[Path]:
 
 
 def read_images(paths: list[Path], size: int) -> tuple[list[Path], np.ndarray, list[tuple[str, str]]]:
-    """Decode every file to a size x size x 3 uint8 image; return the readable ones, their pixels and the failures."""
+    """Decode every file to a size x size x 3 uint8 image; return the readable ones, their pixels and the
+    failures."""
     readable, images, failures = [], [], []
     for path in paths:
         try:
             images.append(load_image(path, size))
             readable.append(path)
-        except (
-            Exception
-        ) as err:  # PIL raises many types for bad files; each is reported, none stops the others
+        # PIL raises many types for bad files; each is reported, none stops the others
+        except Exception as err:
             failures.append((str(path), f"{type(err).__name__}: {err}"))
     return readable, np.stack(images) if images else np.empty((0, size, size, 3), np.uint8), failures
 
@@ -66,7 +67,8 @@ def read_images(paths: list[Path], size: int) -> tuple[list[Path], np.ndarray, l
 def predict(
     trained: TrainedModel, paths: list[Path], topk: int, batch_size: int = 32, tta: str = "flip"
 ) -> Predictions:
-    """Top-k classes of each readable image; ``tta`` as ``evaluate.tta`` (flip: mean logits of image and mirror image)."""
+    """Top-k classes of each readable image; ``tta`` as ``evaluate.tta``
+    (flip: mean logits of image and mirror image)."""
     readable, images, failures = read_images(paths, trained.cache_size)
     result = Predictions(failures=failures)
     if not len(images):
@@ -82,7 +84,7 @@ def predict(
 
 def format_predictions(result: Predictions) -> str:
     lines = []
-    for path, top in zip(result.paths, result.top):
+    for path, top in zip(result.paths, result.top, strict=True):
         lines.append(path)
         lines += [f"  {rank}. {name:<30} {prob:7.2%}" for rank, (name, prob) in enumerate(top, start=1)]
     return "\n".join(lines)
@@ -92,7 +94,7 @@ def write_predictions_csv(path: Path, result: Predictions) -> None:
     """One row per (image, rank); an unreadable image gets one row with its error."""
     rows = [
         (image, rank, name, f"{prob:.6f}", "")
-        for image, top in zip(result.paths, result.top)
+        for image, top in zip(result.paths, result.top, strict=True)
         for rank, (name, prob) in enumerate(top, start=1)
     ]
     write_csv(
@@ -108,7 +110,7 @@ def write_json_report(path: Path, result: Predictions) -> None:
         {
             "predictions": [
                 {"path": image, "top": [{"class": name, "probability": prob} for name, prob in top]}
-                for image, top in zip(result.paths, result.top)
+                for image, top in zip(result.paths, result.top, strict=True)
             ],
             "failures": [{"path": image, "error": reason} for image, reason in result.failures],
         },

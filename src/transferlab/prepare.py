@@ -36,7 +36,8 @@ log = logging.getLogger("transferlab.prepare")
 def decode_all(
     root: Path, files: list[ImageFile], size: int
 ) -> tuple[dict[int, np.ndarray], list[dict], list[str]]:
-    """Decode every file; return the images by index, the files that could not be read and every file's md5."""
+    """Decode every file; return the images by index, the files that could not be read and every file's
+    md5."""
 
     def decode(item: ImageFile):
         path = root / item.path
@@ -49,7 +50,7 @@ def decode_all(
     with ThreadPoolExecutor(max_workers=2) as pool:
         results = pool.map(decode, files)
         for index, (item, (image, error, digest)) in enumerate(
-            tqdm(zip(files, results), total=len(files), desc="decode")
+            tqdm(zip(files, results, strict=True), total=len(files), desc="decode")
         ):
             digests.append(digest)
             if error is None:
@@ -62,7 +63,8 @@ def decode_all(
 
 
 def difference_hash(image: np.ndarray) -> int:
-    """A perceptual hash (dHash): which of two neighbouring pixels is brighter, on a 9 x 8 greyscale thumbnail."""
+    """A perceptual hash (dHash): which of two neighbouring pixels is brighter, on a 9 x 8 greyscale
+    thumbnail."""
     small = np.asarray(Image.fromarray(image).convert("L").resize((9, 8), Image.BILINEAR), dtype=np.int16)
     bits = (small[:, 1:] > small[:, :-1]).ravel()
     return int(np.packbits(bits).view(">u8")[0])
@@ -77,8 +79,8 @@ def same_keys(keys: dict[int, object]) -> list[list[int]]:
 
 
 def find_duplicates(files: list[ImageFile], images: dict[int, np.ndarray], exact: list[list[int]]) -> dict:
-    """Byte-identical files (``exact``: groups of indices) across classes and within one, and images alike by their
-    difference hash across classes."""
+    """Byte-identical files (``exact``: groups of indices) across classes and within one, and images alike
+    by their difference hash across classes."""
 
     def across(group: list[int]) -> bool:
         return len({files[i].label for i in group}) > 1
@@ -103,8 +105,8 @@ def find_duplicates(files: list[ImageFile], images: dict[int, np.ndarray], exact
 def drop_duplicates(
     files: list[ImageFile], images: dict[int, np.ndarray], exact: list[list[int]]
 ) -> list[str]:
-    """``data.duplicates: drop``: remove every copy of a file found in several classes, and all but the first copy of a
-    file repeated within a class, from ``images``; return the removed paths."""
+    """``data.duplicates: drop``: remove every copy of a file found in several classes, and all but the first
+    copy of a file repeated within a class, from ``images``; return the removed paths."""
     dropped = []
     for group in exact:
         ambiguous = len({files[i].label for i in group}) > 1
@@ -130,7 +132,8 @@ def split_indices(
         name = classes[label]
         if len(indices) <= cfg.train_per_class:
             raise DatasetError(
-                f"class {name!r} has {len(indices)} readable images; data.train_per_class={cfg.train_per_class} "
+                f"class {name!r} has {len(indices)} readable images; "
+                f"data.train_per_class={cfg.train_per_class} "
                 f"needs at least {cfg.train_per_class + 1} (the training images plus one for test)"
             )
         rng = np.random.default_rng([cfg.seed, zlib.crc32(name.encode())])
@@ -197,7 +200,8 @@ def main() -> None:
         "dropped_duplicates": len(dropped),
         "wall_time_s": round(time.perf_counter() - started, 1),
     }
-    # the folder actually read (with data.source: download, a checked local copy of the official data, or the download)
+    # the folder actually read (with data.source: download, a checked local copy of the official data,
+    # or the download)
     write_json(
         PREPARE_REPORT,
         {**report, "source": str(root), "skipped": skipped, "duplicates": duplicates, "dropped": dropped},

@@ -11,8 +11,8 @@ accuracy is kept and, with ``probe.train_on_val``, refitted on train + validatio
 become the features network's new head, so ``data/models/probe/model.pt`` is a checkpoint like the
 trained ones (evaluate, predict and export use it) and ``train.init_head: probe`` starts fine-tuning from
 it (LP-FT). ``data/models/probe_holdout/model.pt``, the head with the chosen C fitted on the train split
-only, is where the fine-tuned model's holdout twin starts. ``metrics/train_probe/`` holds the validation accuracy of every C (regularization.csv), the
-settings and a summary.
+only, is where the fine-tuned model's holdout twin starts. ``metrics/train_probe/`` holds the validation
+accuracy of every C (regularization.csv), the settings and a summary.
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ class LinearHead:
 def fit_head(
     features: np.ndarray, labels: np.ndarray, num_classes: int, C: float, max_iter: int
 ) -> LinearHead:
-    """Multinomial logistic regression on standardised features, the standardisation folded into the weights."""
+    """Multinomial logistic regression on standardised features, the standardisation folded into the
+    weights."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
@@ -82,7 +83,8 @@ def choose_c(
 ) -> tuple[LinearHead, dict, list[dict]]:
     """Fit one head per C; the best validation accuracy wins, ties go to the lower validation loss.
 
-    ``val`` features are those the head scores (flip TTA: the mean of both views: the same logits, the head being linear).
+    ``val`` features are those the head scores (flip TTA: the mean of both views: the same logits, the head
+    being linear).
     Returns the winning head (fitted on ``train`` only), its result and every C's result.
     """
     results, heads = [], []
@@ -104,14 +106,15 @@ def choose_c(
 
 
 def as_samples(features: np.ndarray, labels: np.ndarray, flip: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Training samples, every view a sample of its own: the centre crops, with ``flip`` the mirror images too, and the
-    random crops the features stage drew (``features.train_crops``)."""
+    """Training samples, every view a sample of its own: the centre crops, with ``flip`` the mirror images
+    too, and the random crops the features stage drew (``features.train_crops``)."""
     views = np.concatenate([features[:2] if flip else features[:1], features[2:]])
     return views.reshape(-1, views.shape[-1]), np.tile(labels, len(views))
 
 
 def scored(features: np.ndarray, flip: bool) -> np.ndarray:
-    """What the head scores for each image: the mean of both views' features with ``flip`` (flip TTA), else the centre crop."""
+    """What the head scores for each image: the mean of both views' features with ``flip`` (flip TTA),
+    else the centre crop."""
     return features[:2].mean(0) if flip else features[0]
 
 
@@ -124,7 +127,8 @@ def save_probe(
     channels_last: bool,
     **extra,
 ) -> None:
-    """The features network with the fitted head: a checkpoint like the trained models' (torch imported here)."""
+    """The features network with the fitted head: a checkpoint like the trained models'
+    (torch imported here)."""
     import torch
 
     from .checkpoint import load_torch_file, save_checkpoint
@@ -159,7 +163,8 @@ def main() -> None:
     cfg, info = params.probe, features_info()
     if (info["arch"], info["weights"]) != (params.model.arch, params.model.weights):
         raise ModelError(
-            f"the features in {FEATURES_DIR} are of {info['arch']} (weights {info['weights']}), not model.*: re-run the features stage"
+            f"the features in {FEATURES_DIR} are of {info['arch']} (weights {info['weights']}), "
+            "not model.*: re-run the features stage"
         )
     classes = load_classes()
     (_, train_labels), (_, val_labels) = load_split("train"), load_split("val")
@@ -185,10 +190,8 @@ def main() -> None:
         fitted = fit_head(
             *as_samples(train_features, train_labels, cfg.flip), len(classes), best_c, cfg.max_iter
         )
-    for name, head in (
-        (RUN, fitted),
-        (holdout(RUN), on_train),
-    ):  # LP-FT's holdout twin starts from the one fitted on train only
+    # LP-FT's holdout twin starts from the one fitted on train only
+    for name, head in ((RUN, fitted), (holdout(RUN), on_train)):
         save_probe(
             name,
             head,

@@ -42,10 +42,6 @@ class Progress:
     seen: int = 0
     epoch_lrs: dict = field(default_factory=dict)  # each group's learning rate when the current epoch began
     history: list = field(default_factory=list)  # the metrics logged for each completed epoch
-    best_score: float | None = None
-    best_epoch: int = 0
-    epochs_since_best: int = 0
-    stopped_early: bool = False
 
     def start_epoch(self, lrs: dict) -> None:
         self.step, self.loss_sum, self.correct, self.seen, self.epoch_lrs = 0, 0.0, 0, 0, lrs
@@ -63,17 +59,9 @@ class Progress:
             "train/acc": int(self.correct) / self.seen,
         }
 
-    def end_epoch(self, logged: dict, score: float | None, patience: int) -> bool:
-        """Close the epoch; True if it is the best so far (always, without a validation score)."""
+    def end_epoch(self, logged: dict) -> None:
         self.epoch, self.step = self.epoch + 1, 0
         self.history.append(logged)
-        improved = score is None or self.best_score is None or score > self.best_score
-        if improved:
-            self.best_score, self.best_epoch, self.epochs_since_best = score, self.epoch, 0
-        else:
-            self.epochs_since_best += 1
-            self.stopped_early = 0 < patience <= self.epochs_since_best
-        return improved
 
 
 def fingerprint(
@@ -87,10 +75,11 @@ def fingerprint(
     processes: int = 1,
     prepared_dir: Path = PREPARED_DIR,
 ) -> str:
-    """Identifies what a run computes: params, data, code, library versions, device, ``start_from`` (the probe's
-    head) and the number of data-parallel processes (all nodes).
+    """Identifies what a run computes: params, data, code, library versions, device, ``start_from`` (the
+    probe's head) and the number of data-parallel processes (all nodes).
 
-    A saved state resumes only under the same fingerprint, so a resumed run never mixes two versions of anything.
+    A saved state resumes only under the same fingerprint, so a resumed run never mixes two versions of
+    anything.
     """
     digest = hashlib.sha256()
     for path in (
@@ -127,7 +116,7 @@ def save_state(path: Path, state: dict) -> None:
 
 
 def load_state(path: Path, expected_fingerprint: str) -> dict | None:
-    """The saved state of an interrupted run with the same fingerprint, else None (and a stale one is removed)."""
+    """The saved state of an interrupted run with the same fingerprint, else None (a stale one is removed)."""
     if not path.is_file():
         return None
     try:

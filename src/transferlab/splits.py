@@ -1,4 +1,5 @@
-"""Reading what ``prepare`` and ``features`` wrote: the splits' uint8 images and labels, and their frozen features.
+"""Reading what ``prepare`` and ``features`` wrote: the splits' uint8 images and labels, and their frozen
+features.
 
 numpy only: a stage that reads them starts in a fraction of a second.
 """
@@ -28,7 +29,8 @@ def load_split(name: str, prepared_dir: Path = PREPARED_DIR) -> tuple[np.ndarray
     images = np.load(prepared_dir / f"{name}.npy", mmap_mode="r")
     if len(images) != len(labels):
         raise RuntimeError(
-            f"{prepared_dir}/{name}.npy and .csv disagree ({len(images)} vs {len(labels)} rows): re-run prepare"
+            f"{prepared_dir}/{name}.npy and .csv disagree ({len(images)} vs {len(labels)} rows): "
+            "re-run prepare"
         )
     return images, labels
 
@@ -42,5 +44,6 @@ def features_info(folder: Path = FEATURES_DIR) -> dict:
 
 
 def load_features(split: str, folder: Path = FEATURES_DIR):
-    """The split's features, views x N x D float32 (memory-mapped): centre crop, mirror image, then any random crops."""
+    """The split's features, views x N x D float32 (memory-mapped): centre crop, mirror image, then any
+    random crops."""
     return np.load(folder / f"{split}.npy", mmap_mode="r")

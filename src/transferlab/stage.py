@@ -17,7 +17,8 @@ from .errors import ConfigError, DatasetError, DivergedError, ModelError, is_out
 def run_stage(
     name: str, main: Callable[[], object], batch_setting: Callable[[], tuple[str, int]] | None = None
 ) -> None:
-    """Run a stage with logging on; a known failure (bad params, data or model) is one clear line and exit code 2.
+    """Run a stage with logging on; a known failure (bad params, data or model) is one clear line and exit
+    code 2.
 
     ``batch_setting`` gives the batch size that sets the stage's memory use (a params key or a command-line
     option, and its value): running out of memory is then a message that suggests a smaller one.
@@ -35,7 +36,8 @@ def run_stage(
         option = key.startswith("--")
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
         advice = (
-            f"Set a smaller {key} {'on the command line' if option else 'in params.yaml'} ({value // 2}, say) and run again"
+            f"Set a smaller {key} {'on the command line' if option else 'in params.yaml'} "
+            f"({value // 2}, say) and run again"
             if value > 1
             else "One image at a time is already too much: use smaller images or a device with more memory"
         )

@@ -1,4 +1,5 @@
-"""Where a training run's curves go: dvclive always; TensorBoard event files too with ``logging.tensorboard``."""
+"""Where a training run's curves go: dvclive always; TensorBoard event files too with
+``logging.tensorboard``."""
 
 from __future__ import annotations
 

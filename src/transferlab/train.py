@@ -2,7 +2,8 @@
 
     python -m transferlab.train finetune   # the train: section (mode finetune or feature_extract)
     python -m transferlab.train scratch    # the same architecture from random init: the scratch: section
-    python -m transferlab.train finetune --holdout   # its holdout twin: trained on the train split, validated every epoch
+    python -m transferlab.train finetune --holdout   # its holdout twin: trained on the train split,
+                                                     # validated every epoch
 
 This entry point checks the params and says what it will train within a second; torch and the model
 libraries (several seconds to import on a small CPU) load after that. With ``runtime.processes: N`` it
@@ -27,14 +28,15 @@ def plan(run: str, params: Params, holdout: bool = False) -> str:
     body = f", body at {cfg.lr * cfg.backbone_lr_scale:g}" if cfg.mode == "finetune" else ""
     start = " from the linear probe's head" if cfg.init_head == "probe" else ""
     data = "train + val images" if cfg.train_on_val else "train images, validating every epoch"
-    return (
-        f"{holdout_name(run) if holdout else run}: {cfg.mode} {params.model.arch}{start} (weights {params.weights_for(run)}), {cfg.epochs} epochs at "
-        f"{cfg.image_size} px, lr {cfg.lr:g}{body}, on the {data}"
-    )
+    name = holdout_name(run) if holdout else run
+    model = f"{params.model.arch}{start} (weights {params.weights_for(run)})"
+    recipe = f"{cfg.epochs} epochs at {cfg.image_size} px, lr {cfg.lr:g}{body}"
+    return f"{name}: {cfg.mode} {model}, {recipe}, on the {data}"
 
 
 def start(run: str, holdout: bool) -> None:
-    """Train in this process, or with ``runtime.processes`` > 1 start the data-parallel processes that will."""
+    """Train in this process, or with ``runtime.processes`` > 1 start the data-parallel processes that
+    will."""
     params = load_params()  # bad params fail here, before anything is imported or started
     if os.environ.get("RANK", "0") == "0":  # one of the data-parallel processes says it
         log.info("%s", plan(run, params, holdout))

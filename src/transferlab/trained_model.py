@@ -1,4 +1,5 @@
-"""A trained model as ``evaluate``, ``predict``, Grad-CAM and export use it: built from its checkpoint alone."""
+"""A trained model as ``evaluate``, ``predict``, Grad-CAM and export use it: built from its checkpoint
+alone."""
 
 from __future__ import annotations
 
@@ -35,13 +36,15 @@ class TrainedModel:
         path = Path(path)
         if not path.is_file():
             raise ModelError(
-                f"no trained model at {path}: give the model.pt that a training stage wrote (data/models/<run>/model.pt)"
+                f"no trained model at {path}: "
+                "give the model.pt that a training stage wrote (data/models/<run>/model.pt)"
             )
         checkpoint = read_checkpoint(path)
         missing = [key for key in REQUIRED_KEYS if key not in checkpoint]
         if missing:
             raise ModelError(
-                f"{path} lacks {', '.join(missing)}: it was written by an older version; re-run its training stage"
+                f"{path} lacks {', '.join(missing)}: "
+                "it was written by an older version; re-run its training stage"
             )
         broken = [
             key
@@ -50,8 +53,8 @@ class TrainedModel:
         ]
         if broken:
             raise ModelError(
-                f"{path} holds NaN or infinite weights ({broken[0]}, {len(broken)} tensor(s) in all): it comes from a run that "
-                f"diverged; train it again with a lower learning rate"
+                f"{path} holds NaN or infinite weights ({broken[0]}, {len(broken)} tensor(s) in all): "
+                "it comes from a run that diverged; train it again with a lower learning rate"
             )
         model, _, _ = build_model(checkpoint["arch"], "none", len(checkpoint["classes"]))
         model.load_state_dict(checkpoint["model"])
@@ -71,7 +74,8 @@ class TrainedModel:
         return next(self.model.parameters()).device
 
     def crop(self, images: np.ndarray, size: int | None = None) -> torch.Tensor:
-        """The evaluation crop (uint8 N x 3 x S x S) of cached images (uint8 N x H x W x 3), at ``size`` or the model's."""
+        """The evaluation crop (uint8 N x 3 x S x S) of cached images (uint8 N x H x W x 3), at ``size`` or
+        the model's."""
         batch = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
         return eval_resize(size or self.image_size, self.prep, images.shape[1])(batch)
 
@@ -95,6 +99,7 @@ class TrainedModel:
         )
         if not logits.isfinite().all():
             raise ModelError(
-                f"{self.path} gives NaN or infinite outputs: it is not a usable model; train it again with a lower learning rate"
+                f"{self.path} gives NaN or infinite outputs: it is not a usable model; "
+                "train it again with a lower learning rate"
             )
         return logits.softmax(1).numpy()
