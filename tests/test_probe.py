@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_params
 from transferlab import evaluate, features, probe, trained_model, training
-from transferlab.config import ProbeConfig, load_params
+from transferlab.config import load_params, parse_params
 from transferlab.data import normalize
 from transferlab.errors import ConfigError, ModelError
 from transferlab.inference import predict_logits
@@ -39,7 +40,7 @@ def test_the_regularisation_is_chosen_on_validation(winner):
     assert (predictions[0] != predictions[1]).mean() > 0.1, (
         "the two C values must disagree for the test to mean anything"
     )
-    cfg = ProbeConfig(C=grid)
+    cfg = dataclasses.replace(parse_params(tiny_params()).probe, C=grid)
     head, chosen, results = probe.choose_c(train_set, (val_features, predictions[winner]), 3, cfg)
     assert chosen["C"] == grid[winner]
     np.testing.assert_array_equal(head.weight, heads[winner].weight)  # the winner, fitted on train only

@@ -327,14 +327,11 @@ def _applied(base: dict, overrides: dict) -> dict:
     return raw
 
 
-def _command(overrides: dict, base: dict) -> str:
-    """``dvc exp run`` with one ``-S`` per override; ``++`` (add or override) for a key base's params.yaml
-    does not name."""
+def _command(overrides: dict) -> str:
+    """``dvc exp run`` with one ``-S`` per override (params.yaml names every key: no ``++`` needed)."""
     parts = ["dvc", "exp", "run"]
     for key, value in overrides.items():
-        section, name = key.split(".", 1)
-        named = isinstance(base.get(section), dict) and name in base[section]
-        parts += ["-S", shlex.quote(f"{'' if named else '++'}{key}={_hydra(value)}")]
+        parts += ["-S", shlex.quote(f"{key}={_hydra(value)}")]
     return " ".join(parts)
 
 
@@ -373,7 +370,7 @@ def final_fit(model: str, chosen: Setting, varied: list[str], base: dict) -> dic
         }
     )
     return {
-        "command": _command(overrides, base),
+        "command": _command(overrides),
         "overrides": overrides,
         "problem": _problem(overrides, base, {model: chosen.values}),
     }
@@ -395,7 +392,7 @@ def final_fit_all(summary: dict, base: dict) -> dict:
         overrides.update(part["chosen"]["final_fit"]["overrides"])
     chosen = {model: part["settings"][0].values for model, part in summary.items()}
     return {
-        "command": _command(overrides, base),
+        "command": _command(overrides),
         "overrides": overrides,
         "problem": _problem(overrides, base, chosen),
     }
