@@ -45,7 +45,7 @@ TINY_PARAMS = {
         "init_head": "random",
         "train_on_val": False,
         "compile": False,
-        "frozen_stages": 0,
+        "frozen_layers": 0,
     },
     "scratch": {"epochs": 2, "batch_size": 8, "image_size": 32, "eval_image_size": 32, "train_on_val": False},
 }
@@ -76,7 +76,7 @@ def tiny_folder(tmp_path) -> Path:
     return make_image_folder(tmp_path / "images", classes=3, per_class=12)
 
 
-def run(cmd: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_command(cmd: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     result = subprocess.run(cmd, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True)
     assert result.returncode == 0, (
         f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
@@ -94,12 +94,12 @@ def make_project_repo(repo: Path, images: Path) -> Path:
     params = tiny_params()
     params["data"]["source"] = str(images)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["git", "init", "-q"], repo)
-    run(["git", "config", "user.email", "test@example.com"], repo)
-    run(["git", "config", "user.name", "test"], repo)
-    run(["dvc", "init", "-q"], repo)
-    run(["git", "add", "-A"], repo)
-    run(["git", "commit", "-qm", "init"], repo)
+    run_command(["git", "init", "-q"], repo)
+    run_command(["git", "config", "user.email", "test@example.com"], repo)
+    run_command(["git", "config", "user.name", "test"], repo)
+    run_command(["dvc", "init", "-q"], repo)
+    run_command(["git", "add", "-A"], repo)
+    run_command(["git", "commit", "-qm", "init"], repo)
     return repo
 
 

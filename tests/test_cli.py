@@ -42,7 +42,7 @@ def project(tmp_path_factory):
     os.chdir(root)
     try:
         prepare.main()
-        training.run("finetune")
+        training.fit("finetune")
     finally:
         os.chdir(cwd)
     return root

@@ -99,16 +99,16 @@ def test_bad_values_name_the_key(section, key, value, message):
             "train.mode: feature_extract trains a head on pretrained features, but model.weights is none",
         ),
         (
-            {"train": {"frozen_stages": 2}},
-            "train.frozen_stages: freezing stages needs mode finetune with pretrained weights",
+            {"train": {"frozen_layers": 2}},
+            "train.frozen_layers: freezing layers needs mode finetune with pretrained weights",
         ),
         (
             {"scratch": {"mode": "finetune"}},
             "scratch.mode: train_scratch trains every layer from random init",
         ),
         (
-            {"scratch": {"frozen_stages": 1}},
-            "scratch.frozen_stages: train_scratch trains every layer from random init",
+            {"scratch": {"frozen_layers": 1}},
+            "scratch.frozen_layers: train_scratch trains every layer from random init",
         ),
         (
             {"scratch": {"warmup_epochs": 1.0, "warmup_steps": 10}},
@@ -194,20 +194,20 @@ def test_invalid_training_options_and_combinations_name_the_param(values, messag
         parse_params(raw)
 
 
-def test_frozen_stages_with_pretrained_weights_and_scratch_ignoring_them(tmp_path):
+def test_frozen_layers_with_pretrained_weights_and_scratch_ignoring_them(tmp_path):
     raw = tiny_params()
     weights = tmp_path / "w.pth"
     weights.write_bytes(b"")
     raw["model"]["weights"] = str(weights)
-    raw["train"].update(frozen_stages=3, mode="finetune", warmup_steps=5)
+    raw["train"].update(frozen_layers=3, mode="finetune", warmup_steps=5)
     params = parse_params(raw)
-    assert params.train_config("finetune").frozen_stages == 3
+    assert params.train_config("finetune").frozen_layers == 3
     scratch = params.train_config("scratch")
-    assert (scratch.mode, scratch.frozen_stages, params.weights_for("scratch")) == ("scratch", 0, "none")
-    # feature_extract keeps the whole backbone fixed: the fine-tune's frozen_stages (the default is 4)
+    assert (scratch.mode, scratch.frozen_layers, params.weights_for("scratch")) == ("scratch", 0, "none")
+    # feature_extract keeps the whole backbone fixed: the fine-tune's frozen_layers (the default is 4)
     # is moot, not an error
     raw["train"].update(mode="feature_extract")
-    assert parse_params(raw).train_config("finetune").frozen_stages == 0
+    assert parse_params(raw).train_config("finetune").frozen_layers == 0
 
 
 @pytest.mark.parametrize(

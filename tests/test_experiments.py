@@ -18,11 +18,10 @@ import pytest
 import yaml
 from dvc.utils.hydra import apply_overrides, get_hydra_sweeps
 
-from conftest import PROJECT, tiny_params
-from conftest import run as run_command
+from conftest import PROJECT, run_command, tiny_params
 from transferlab import cli
 from transferlab.config import load_params, parse_params
-from transferlab.experiments import ExperimentsError, experiments_from_show, model_settings, run
+from transferlab.experiments import ExperimentsError, experiments_from_show, model_settings, summarize
 
 NO_VALIDATION = None  # a run trained on train + val: its training summary has no validation score
 
@@ -143,7 +142,7 @@ GRID_TEST_SCORES = [0.71, 0.77, 0.93, 0.61, 0.23, 0.99]
 
 def test_summary_chooses_on_validation_and_plots_the_grid(tmp_path, capsys):
     (tmp_path / "shown.json").write_text(json.dumps(grid()))
-    summary = run(tmp_path / "shown.json", tmp_path / "out")
+    summary = summarize(tmp_path / "shown.json", tmp_path / "out")
 
     finetune = summary["finetune"]
     assert finetune["varied"] == ["epochs", "lr"]
@@ -255,7 +254,7 @@ def test_validation_only_grids_never_show_the_baselines_stale_test_metrics_and_t
         )
     listing = shown(baseline, runs)
     (tmp_path / "shown.json").write_text(json.dumps(listing))
-    summary = run(tmp_path / "shown.json", tmp_path / "out")
+    summary = summarize(tmp_path / "shown.json", tmp_path / "out")
 
     assert_no_test_score(outputs_text(tmp_path / "out") + capsys.readouterr().out, [0.9137, 0.9251, 0.9911])
     finetune, scratch, probe = summary["finetune"], summary["scratch"], summary["probe"]
@@ -315,7 +314,7 @@ def test_final_fit_turns_train_on_val_on_and_what_dvc_writes_reads_back(tmp_path
         entry("c", {"train.nesterov": False, "train.lr": 0.00003}, {"finetune": 0.4}, base=workspace),
     ]
     (tmp_path / "shown.json").write_text(json.dumps(shown(entry("main", {}, {}, base=workspace), runs)))
-    summary = run(tmp_path / "shown.json", tmp_path / "out")
+    summary = summarize(tmp_path / "shown.json", tmp_path / "out")
     fit = summary["finetune"]["chosen"]["final_fit"]
     assert fit["command"].startswith("dvc exp run -S train.lr=0.003 -S ")
     assert set(fit["command"].split(" -S ")[1:]) == {
@@ -332,7 +331,7 @@ def test_final_fit_turns_train_on_val_on_and_what_dvc_writes_reads_back(tmp_path
     # (YAML 1.1 would take it for a string; the stages read it as a float)
     runs[2]["data"]["metrics"]["metrics/train_finetune/metrics.json"]["data"]["val"]["acc"] = 0.9
     (tmp_path / "shown.json").write_text(json.dumps(shown(entry("main", {}, {}, base=workspace), runs)))
-    fit = run(tmp_path / "shown.json", tmp_path / "out")["finetune"]["chosen"]["final_fit"]
+    fit = summarize(tmp_path / "shown.json", tmp_path / "out")["finetune"]["chosen"]["final_fit"]
     assert "-S train.lr=3e-05" in fit["command"] and fit["problem"] is None
     applied_command(fit["command"], workspace, tmp_path)
     assert "lr: 3e-05" in (tmp_path / "final" / "params.yaml").read_text()
@@ -352,7 +351,7 @@ def test_a_training_summary_copied_from_the_baseline_is_not_a_new_run(tmp_path):
     }
     probe_grid = entry("a-probe-grid", {"probe.C": [0.01]}, {"probe": 0.7}, base=workspace, copied=kept)
     (tmp_path / "shown.json").write_text(json.dumps(shown(baseline, [probe_grid])))
-    summary = run(tmp_path / "shown.json", tmp_path / "out")
+    summary = summarize(tmp_path / "shown.json", tmp_path / "out")
     assert summary["probe"]["varied"] == ["probe.C"] and summary["probe"]["chosen"]["values"] == {
         "probe.C": [0.01]
     }
@@ -380,7 +379,7 @@ def test_skips_workspace_queued_and_failed_and_breaks_ties_by_name(tmp_path):
     )
     assert [e.name for e in experiments_from_show(listing)] == ["main", "b-run", "a-run"]
     (tmp_path / "shown.json").write_text(json.dumps(listing))
-    summary = run(tmp_path / "shown.json", tmp_path / "out")
+    summary = summarize(tmp_path / "shown.json", tmp_path / "out")
     assert summary["scratch"]["varied"] == ["lr"] and summary["scratch"]["chosen"]["runs"] == ["a-run"]
     assert (
         summary["scratch"]["chosen"]["final_fit"]["command"]
@@ -403,7 +402,7 @@ def test_names_repeated_across_commits_and_invalid_params(tmp_path):
     broken = entry("broken", {"train.lr": -1.0}, {"scratch": 0.9})
     first[1]["experiments"].append({"revs": [broken], "executor": None, "name": "broken"})
     (tmp_path / "shown.json").write_text(json.dumps(first + second[1:]))
-    summary = run(tmp_path / "shown.json", tmp_path / "out")
+    summary = summarize(tmp_path / "shown.json", tmp_path / "out")
     assert (
         summary["scratch"]["chosen"]["values"] == {"lr": 0.2}
         and summary["scratch"]["chosen"]["val_acc"] == 0.6
@@ -426,7 +425,7 @@ def test_no_validation_score_is_an_error_that_says_what_to_run(tmp_path, capsys)
     listing = shown(entry("main", {}, {}), [final])
     (tmp_path / "shown.json").write_text(json.dumps(listing))
     with pytest.raises(ExperimentsError, match=r"--queue holdout_finetune -S"):
-        run(tmp_path / "shown.json", tmp_path / "out")
+        summarize(tmp_path / "shown.json", tmp_path / "out")
     with pytest.raises(SystemExit) as exit_code:
         cli.main(["experiments", "--json", str(tmp_path / "shown.json"), "--out", str(tmp_path / "out")])
     error = capsys.readouterr().err
@@ -662,7 +661,7 @@ def test_holdout_twins_score_whole_experiments_and_holdout_grids(tmp_path):
         copied={**rerun, holdouts["finetune"]: summary(0.91)},
     )
     (tmp_path / "shown.json").write_text(json.dumps(shown(baseline, [grid_point, whole])))
-    summary_ = run(tmp_path / "shown.json", tmp_path / "out")
+    summary_ = summarize(tmp_path / "shown.json", tmp_path / "out")
     finetune = summary_["finetune"]
     assert [(s.runs, s.val_acc) for s in finetune["settings"]] == [
         (["grid-1"], 0.93),
@@ -688,7 +687,7 @@ def test_runs_on_other_images_are_left_out_and_named(tmp_path):
     (tmp_path / "shown.json").write_text(
         json.dumps(shown(entry("main", {}, {}, base=workspace), [mine, theirs]))
     )
-    summary = run(tmp_path / "shown.json", tmp_path / "out")
+    summary = summarize(tmp_path / "shown.json", tmp_path / "out")
     assert summary["scratch"]["chosen"]["runs"] == ["mine"] and summary["scratch"]["chosen"]["val_acc"] == 0.5
     saved = json.loads((tmp_path / "out/summary.json").read_text())
     (note,) = saved["left_out"]
@@ -706,7 +705,7 @@ def test_a_run_is_scored_by_the_epoch_its_final_fit_keeps(tmp_path):
     (tmp_path / "shown.json").write_text(
         json.dumps(shown(entry("main", {}, {}, base=workspace), [long, short]))
     )
-    summary = run(tmp_path / "shown.json", tmp_path / "out")
+    summary = summarize(tmp_path / "shown.json", tmp_path / "out")
     assert [(s.runs, s.val_acc) for s in summary["finetune"]["settings"]] == [
         (["short"], 0.919),
         (["long"], 0.915),
@@ -716,11 +715,11 @@ def test_a_run_is_scored_by_the_epoch_its_final_fit_keeps(tmp_path):
 def test_only_summarises_the_named_experiments(tmp_path):
     """Several grids queued together: --only keeps one grid's runs; a name not in the listing is an error."""
     (tmp_path / "shown.json").write_text(json.dumps(grid()))
-    summary = run(tmp_path / "shown.json", tmp_path / "out", only=["exp-0", "exp-3"])
+    summary = summarize(tmp_path / "shown.json", tmp_path / "out", only=["exp-0", "exp-3"])
     assert [s.runs for s in summary["finetune"]["settings"]] == [["exp-0"], ["exp-3"]]
     assert summary["finetune"]["chosen"]["runs"] == ["exp-0"], "exp-1 scored higher but is not in this grid"
     with pytest.raises(ExperimentsError, match="no completed experiment named exp-queued, nope"):
-        run(tmp_path / "shown.json", tmp_path / "out", only=["exp-0", "nope", "exp-queued"])
+        summarize(tmp_path / "shown.json", tmp_path / "out", only=["exp-0", "nope", "exp-queued"])
 
 
 def test_a_head_grid_varies_the_head_not_the_probe_settings_only_lp_ft_runs_have(tmp_path):
@@ -744,7 +743,7 @@ def test_a_head_grid_varies_the_head_not_the_probe_settings_only_lp_ft_runs_have
             for (head, lr), acc in scores.items()
         ]
         (tmp_path / "shown.json").write_text(json.dumps(shown(entry("main", {}, {}, base=workspace), runs)))
-        finetune = run(tmp_path / "shown.json", tmp_path / winner)["finetune"]
+        finetune = summarize(tmp_path / "shown.json", tmp_path / winner)["finetune"]
         assert finetune["varied"] == ["init_head", "lr"], winner
         assert finetune["chosen"]["runs"] == [f"{winner}-{0.001 if winner == 'probe' else 0.004}"]
         assert finetune["chosen"]["final_fit"]["command"].startswith(f"dvc exp run {command} ")

@@ -18,7 +18,7 @@ import psutil
 import pytest
 from PIL import Image
 
-from conftest import make_project_repo, run
+from conftest import make_project_repo, run_command
 from imagegen import make_image_folder
 from test_resume import assert_same_results, results, set_train, uninterrupted, wait_for
 
@@ -100,7 +100,7 @@ def finished_once(tmp_path_factory) -> tuple[Path, dict]:
     """The tiny project after an uninterrupted ``dvc repro`` of the whole pipeline, and its outputs."""
     root = tmp_path_factory.mktemp("faults")
     repo = make_project_repo(root / "repo", make_image_folder(root / "images", classes=3, per_class=12))
-    run(["dvc", "repro"], repo)
+    run_command(["dvc", "repro"], repo)
     reference = {"prepared": snapshot(repo / "data/prepared")}
     reference.update({run_: snapshot(repo / f"metrics/test_{run_}") for run_ in EVALUATED})
     return repo, reference
@@ -116,11 +116,11 @@ def finished(finished_once, tmp_path) -> tuple[Path, dict]:
 def assert_pipeline_matches(repo: Path, reference: dict) -> None:
     """After the re-run of the killed stage, the rest of the pipeline (dvc repro)
     and the outputs are as before."""
-    run(["dvc", "repro"], repo)
+    run_command(["dvc", "repro"], repo)
     assert snapshot(repo / "data/prepared") == reference["prepared"]
     for run_ in EVALUATED:
         assert snapshot(repo / f"metrics/test_{run_}") == reference[run_]
-    assert "up to date" in run(["dvc", "status"], repo).stdout
+    assert "up to date" in run_command(["dvc", "status"], repo).stdout
     assert not list(repo.rglob("*.partial")), "the re-run clears the staging folders"
 
 
@@ -155,7 +155,7 @@ def test_prepare_killed_while_writing_its_outputs(finished, target, match, stage
     die_after(repo, "transferlab.prepare", target, match)
     assert not (repo / "data/prepared").exists(), "no half-written data/prepared"
     assert {p.name for p in (repo / "data/prepared.partial").iterdir()} == staged
-    run(
+    run_command(
         ["dvc", "repro", "-f", "-s", "prepare"], repo
     )  # -f: else DVC restores the missing output from its cache
     assert_pipeline_matches(repo, reference)
@@ -177,7 +177,7 @@ def test_one_models_evaluation_killed_while_writing_leaves_the_others_alone(fini
         assert assert_whole_or_absent(repo / f"metrics/test_{run_}", reference[run_], EVALUATION_FILES), (
             "the other models' results stay"
         )
-    assert "evaluate@finetune" in run(["dvc", "status"], repo).stdout
+    assert "evaluate@finetune" in run_command(["dvc", "status"], repo).stdout
     assert_pipeline_matches(repo, reference)
 
 
@@ -230,18 +230,18 @@ def test_evaluate_killed_at_moments_spread_over_its_writes(finished):
     assert landed > len(fractions) // 2, (
         f"only {landed} of {len(fractions)} kills landed while an output folder was being written"
     )
-    run(["dvc", "repro", "-f", "-s", "evaluate@finetune"], repo)
+    run_command(["dvc", "repro", "-f", "-s", "evaluate@finetune"], repo)
     assert_pipeline_matches(repo, reference)
 
 
 def test_training_killed_while_writing_its_checkpoint(project_repo, monkeypatch):
     set_train(project_repo, epochs=3)
-    run(["dvc", "repro", "prepare"], project_repo)
+    run_command(["dvc", "repro", "prepare"], project_repo)
     die_after(project_repo, "transferlab.train", "torch.save", "data/models/finetune", "finetune")
     assert not (project_repo / "data/models/finetune/model.pt").exists(), "no half-written checkpoint"
     assert not (project_repo / "metrics/train_finetune").exists(), "no training log of an unfinished run"
     assert (project_repo / "data/resume/finetune.pt").exists(), "the run's state, saved after its last epoch"
-    again = run([sys.executable, "-m", "transferlab.train", "finetune"], project_repo)
+    again = run_command([sys.executable, "-m", "transferlab.train", "finetune"], project_repo)
     assert "resuming finetune from epoch 4" in again.stderr, (
         "every epoch was done: only the checkpoint is written again"
     )

@@ -513,7 +513,7 @@ def test_divergence_keeps_the_state_saved_before_it(project, monkeypatch):
         DivergedError,
         match=r"finetune diverged: .* in epoch 2, .*the resumable state saved before it is kept",
     ):
-        training.run("finetune")
+        training.fit("finetune")
     assert resume_path("finetune").read_bytes() == saved["bytes"], (
         "the state of the end of epoch 1, untouched"
     )

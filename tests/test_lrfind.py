@@ -116,7 +116,7 @@ def test_the_backbone_keeps_its_share_of_the_swept_lr(project, monkeypatch):
         return original(*args)
 
     monkeypatch.setattr(lrfind, "range_test", spy)
-    lrfind.run("finetune", 4, 1e-3, 1e-1, 1, Path("lr"), "test")
+    lrfind.find("finetune", 4, 1e-3, 1e-1, 1, Path("lr"), "test")
     assert [s["head"] for s in seen] == pytest.approx(list(lrfind.lr_factors(4, 1e-3, 1e-1)))
     assert all(s["backbone"] == pytest.approx(0.1 * s["head"]) for s in seen)
     assert Path("lr/finetune.json").is_file()

@@ -12,7 +12,7 @@ from torch import nn
 
 from conftest import HF_HOME
 from transferlab.errors import ModelError
-from transferlab.models import backbone_stages, build_model, freeze_stages, parameter_groups, set_train_mode
+from transferlab.models import backbone_layers, build_model, freeze_layers, parameter_groups, set_train_mode
 
 RESNET18_FILE = (
     "resnet18-f37072fd.pth"  # the file name torchvision's ResNet18_Weights.IMAGENET1K_V1 downloads to
@@ -161,7 +161,7 @@ def test_learning_rate_and_weight_decay_groups():
 
 
 @pytest.mark.parametrize(
-    ("arch", "stages", "first", "last"),
+    ("arch", "layers", "first", "last"),
     [
         ("resnet18", 5, ["conv1", "bn1"], ["layer4"]),
         ("timm/resnet18", 5, ["conv1", "bn1"], ["layer4"]),
@@ -170,24 +170,24 @@ def test_learning_rate_and_weight_decay_groups():
         ("timm/tf_efficientnet_lite0", 8, ["conv_stem", "bn1"], ["blocks.6", "conv_head", "bn2"]),
     ],
 )
-def test_backbone_stages_of_torchvision_and_timm_models(arch, stages, first, last):
+def test_backbone_layers_of_torchvision_and_timm_models(arch, layers, first, last):
     model, head, _ = build_model(arch, "none", 101)
-    found = backbone_stages(model, head)
-    assert len(found) == stages and found[0] == first
+    found = backbone_layers(model, head)
+    assert len(found) == layers and found[0] == first
     assert found[-1] == last
-    assert all(not name.startswith(head) for stage in found for name in stage)
+    assert all(not name.startswith(head) for layer in found for name in layer)
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "timm/resnet18"])
-def test_freezing_the_first_stages_trains_only_layer3_layer4_and_the_head(arch):
+def test_freezing_the_first_layers_trains_only_layer3_layer4_and_the_head(arch):
     model, head, _ = build_model(arch, "none", 101)
-    frozen = freeze_stages(model, head, 3)  # stem, layer1, layer2
+    frozen = freeze_layers(model, head, 3)  # stem, layer1, layer2
     trainable = {name.split(".")[0] for name, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"layer3", "layer4", "fc"}
     set_train_mode(model, frozen, freeze_bn=False)
     assert not model.layer1.training and not model.bn1.training and model.layer3.training
-    with pytest.raises(ModelError, match="train.frozen_stages: 6 is more than the 5 stages"):
-        freeze_stages(model, head, 6)
+    with pytest.raises(ModelError, match="train.frozen_layers: 6 is more than the 5 layers"):
+        freeze_layers(model, head, 6)
 
 
 def test_frozen_bn_statistics_do_not_move():

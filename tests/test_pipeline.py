@@ -8,7 +8,7 @@ import yaml
 from PIL import Image
 
 from browser import open_page
-from conftest import run
+from conftest import run_command
 from imagegen import make_image_folder
 
 MODELS = ("probe", "finetune", "scratch")
@@ -49,7 +49,7 @@ def test_repro_then_experiment_then_plots(project_repo):
     params["train"].update(init_head="probe", train_on_val=True)
     params["scratch"]["train_on_val"] = True
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    result = run(["dvc", "repro"], repo)
+    result = run_command(["dvc", "repro"], repo)
     for stage in STAGES:
         assert f"Running stage '{stage}'" in result.stdout
 
@@ -87,21 +87,21 @@ def test_repro_then_experiment_then_plots(project_repo):
     check_report(repo)
 
     # a complete run leaves nothing to do
-    assert "Data and pipelines are up to date" in run(["dvc", "repro"], repo).stdout
+    assert "Data and pipelines are up to date" in run_command(["dvc", "repro"], repo).stdout
 
     # the team's shared storage: a DVC remote for data and models, a git remote for code, params and dvc.lock
     remote, origin = repo.parent / "dvc-remote", repo.parent / "origin.git"
-    run(["dvc", "remote", "add", "-d", "shared", str(remote)], repo)
-    run(["git", "add", "-A"], repo)
-    run(["git", "commit", "-qm", "baseline run"], repo)
-    run(["dvc", "push"], repo)
-    run(["git", "init", "-q", "--bare", str(origin)], repo)
-    run(["git", "remote", "add", "origin", str(origin)], repo)
-    run(["git", "push", "-q", "origin", "HEAD"], repo)
+    run_command(["dvc", "remote", "add", "-d", "shared", str(remote)], repo)
+    run_command(["git", "add", "-A"], repo)
+    run_command(["git", "commit", "-qm", "baseline run"], repo)
+    run_command(["dvc", "push"], repo)
+    run_command(["git", "init", "-q", "--bare", str(origin)], repo)
+    run_command(["git", "remote", "add", "origin", str(origin)], repo)
+    run_command(["git", "push", "-q", "origin", "HEAD"], repo)
 
     # an experiment on one model's params re-runs that model's stages only
     # (and the panel where the three meet)
-    exp = run(["dvc", "exp", "run", "-S", "train.lr=0.0005"], repo)
+    exp = run_command(["dvc", "exp", "run", "-S", "train.lr=0.0005"], repo)
     ran = {stage for stage in STAGES if f"Running stage '{stage}'" in exp.stdout}
     assert ran == {"train_finetune", "holdout_finetune", "evaluate@finetune", "gradcam", "compare"}, ran
     for stage in (
@@ -114,7 +114,7 @@ def test_repro_then_experiment_then_plots(project_repo):
         "evaluate@scratch",
     ):
         assert f"Stage '{stage}' didn't change" in exp.stdout, stage
-    shown = json.loads(run(["dvc", "exp", "show", "--json"], repo).stdout)
+    shown = json.loads(run_command(["dvc", "exp", "show", "--json"], repo).stdout)
     runs = [e for commit in shown for e in (commit.get("experiments") or [])]
     lrs = {
         r["revs"][0]["name"]: r["revs"][0]["data"]["params"]["params.yaml"]["data"]["train"]["lr"]
@@ -124,7 +124,7 @@ def test_repro_then_experiment_then_plots(project_repo):
 
     # the experiment against the baseline commit: both revisions of the learning curves
     # (`dvc exp run` leaves the experiment in the workspace)
-    diff = json.loads(run(["dvc", "plots", "diff", "HEAD", "--json"], repo).stdout)["data"]
+    diff = json.loads(run_command(["dvc", "plots", "diff", "HEAD", "--json"], repo).stdout)["data"]
     points = diff["training_accuracy"][0]["content"]["data"]["values"]
     assert {(p["rev"], p["filename"].split("/")[0]) for p in points} == {
         (rev, stage) for rev in ("workspace", "HEAD") for stage in ("train_finetune", "train_scratch")
@@ -142,15 +142,15 @@ def test_repro_then_experiment_then_plots(project_repo):
 
     # a teammate clones, pulls the baseline's data and models instead of re-running,
     # then the pushed experiment
-    run(["dvc", "exp", "push", "origin", experiment], repo)
+    run_command(["dvc", "exp", "push", "origin", experiment], repo)
     clone = repo.parent / "clone"
-    run(["git", "clone", "-q", str(origin), str(clone)], repo.parent)
-    run(["dvc", "pull"], clone)
-    assert "Data and pipelines are up to date" in run(["dvc", "repro", "--dry"], clone).stdout, (
+    run_command(["git", "clone", "-q", str(origin), str(clone)], repo.parent)
+    run_command(["dvc", "pull"], clone)
+    assert "Data and pipelines are up to date" in run_command(["dvc", "repro", "--dry"], clone).stdout, (
         "pulled outputs need no re-run"
     )
-    run(["dvc", "exp", "pull", "origin", experiment], clone)
-    run(["dvc", "exp", "apply", experiment], clone)
+    run_command(["dvc", "exp", "pull", "origin", experiment], clone)
+    run_command(["dvc", "exp", "apply", experiment], clone)
     for path in ("data/models/finetune/model.pt", "metrics/test_finetune/metrics.json"):
         assert (clone / path).read_bytes() == (repo / path).read_bytes(), path
 
@@ -159,11 +159,11 @@ def test_a_probe_experiment_reuses_the_frozen_features_and_stops_at_validation(p
     """`dvc exp run train_probe -S probe.C=...`: the features stage's output is reused,
     nothing is scored on test."""
     repo = project_repo
-    run(["dvc", "repro", "train_probe"], repo)
+    run_command(["dvc", "repro", "train_probe"], repo)
     features = (repo / "data/features/train.npy").read_bytes()
-    run(["git", "add", "-A"], repo)
-    run(["git", "commit", "-qm", "baseline"], repo)
-    exp = run(
+    run_command(["git", "add", "-A"], repo)
+    run_command(["git", "commit", "-qm", "baseline"], repo)
+    exp = run_command(
         ["dvc", "exp", "run", "train_probe", "-S", "probe.C=[0.5]", "-S", "probe.train_on_val=false"], repo
     )
     assert "Stage 'features' didn't change" in exp.stdout and "Running stage 'train_probe'" in exp.stdout
@@ -179,14 +179,14 @@ def test_pointing_data_source_at_other_images_re_runs_prepare(project_repo, tmp_
     """data.source is a param DVC sees: another folder of images makes prepare (and what follows)
     out of date."""
     repo = project_repo
-    run(["dvc", "repro", "prepare"], repo)
-    assert "Data and pipelines are up to date" in run(["dvc", "status", "prepare"], repo).stdout
+    run_command(["dvc", "repro", "prepare"], repo)
+    assert "Data and pipelines are up to date" in run_command(["dvc", "status", "prepare"], repo).stdout
     other = make_image_folder(tmp_path / "other_images", classes=4, per_class=12, seed=3)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["data"]["source"] = str(other)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert "modified:" in run(["dvc", "status", "prepare"], repo).stdout
-    result = run(["dvc", "repro", "prepare"], repo)
+    assert "modified:" in run_command(["dvc", "status", "prepare"], repo).stdout
+    result = run_command(["dvc", "repro", "prepare"], repo)
     assert "Running stage 'prepare'" in result.stdout
     report = json.loads((repo / "metrics/prepare.json").read_text())
     assert report["source"] == str(other) and report["classes"] == 4

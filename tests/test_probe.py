@@ -103,9 +103,9 @@ def test_probe_stage_then_lp_ft_starts_from_exactly_the_probe(project):
     with pytest.raises(
         ConfigError, match="probe.train_on_val: true"
     ):  # its head has seen the validation images
-        project(init_head="probe", train_on_val=False) or training.run("finetune")
+        project(init_head="probe", train_on_val=False) or training.fit("finetune")
     project(init_head="probe", train_on_val=True, epochs=1)
-    best = training.run("finetune")
+    best = training.fit("finetune")
     assert best == {"val_acc": None, "epoch": 1}, "trained on train + val: no validation, the last epoch kept"
     assert not (train_dir("finetune") / "plots" / "metrics" / "val").exists()
     assert not (train_dir("finetune") / "interpolation.csv").exists(), "no validation, no curve"
@@ -164,7 +164,7 @@ def test_train_and_test_resolutions_reach_the_model(project, monkeypatch):
     # tested above the training size and above the cached crop (35 px of the 40):
     # Touvron et al.'s train-test resolution
     project(image_size=24, eval_image_size=48, probe={"C": [1.0]}, features={"image_size": 28})
-    training.run("finetune")
+    training.fit("finetune")
     assert set(seen) == {24, 48}
     assert TrainedModel.load(checkpoint_path("finetune"), device="cpu").image_size == 48
     seen.clear()
@@ -214,9 +214,9 @@ def test_no_validation_images_the_probe_and_cached_feature_training_still_run(pr
     """An empty validation split (train_on_val, or data.val_per_class: 0) is no work, not a crash."""
     project(mode="feature_extract", augment=False, train_on_val=True, init_head="random")
     with pytest.raises(ModelError, match="no frozen features"):
-        training.run("finetune")
+        training.fit("finetune")
     features.main()
-    assert training.run("finetune") == {"val_acc": None, "epoch": 2}
+    assert training.fit("finetune") == {"val_acc": None, "epoch": 2}
 
 
 def test_a_head_on_frozen_features_without_a_validation_split(project):
@@ -234,7 +234,7 @@ def test_a_head_on_frozen_features_without_a_validation_split(project):
     prepare.main()
     features.main()
     assert load_features("val").shape[1] == 0
-    assert training.run("finetune") == {"val_acc": None, "epoch": 2}
+    assert training.fit("finetune") == {"val_acc": None, "epoch": 2}
 
 
 def test_the_holdout_twin_of_lp_ft_starts_from_the_probe_fitted_on_train_only_and_validates(project):
@@ -267,7 +267,7 @@ def test_the_holdout_twin_of_lp_ft_starts_from_the_probe_fitted_on_train_only_an
         holdout("probe"),
     )
     assert torch.equal(start.fc.weight, twin.model.fc.weight)
-    best = training.run("finetune", holdout=True)
+    best = training.fit("finetune", holdout=True)
     assert best["val_acc"] is not None and best["epoch"] in (1, 2)
     assert (
         json.loads((train_dir(holdout("finetune")) / "metrics.json").read_text())["best/val_acc"]

@@ -84,8 +84,8 @@ def test_pretrained_weights_beat_random_init_by_a_wide_margin(tmp_path, monkeypa
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
     prepare.main()
-    finetuned = training.run("finetune")["val_acc"]
-    scratch = training.run("scratch")["val_acc"]
+    finetuned = training.fit("finetune")["val_acc"]
+    scratch = training.fit("scratch")["val_acc"]
     assert finetuned >= 0.8, (
         f"fine-tuned ImageNet weights reach only {finetuned:.2f} on 10 easy classes: were they loaded?"
     )
@@ -98,7 +98,7 @@ def test_pretrained_weights_beat_random_init_by_a_wide_margin(tmp_path, monkeypa
     )
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     features.main()
-    head_only = training.run("finetune")["val_acc"]
+    head_only = training.fit("finetune")["val_acc"]
     assert head_only >= 0.8, f"a head on frozen ImageNet features reaches only {head_only:.2f}"
 
     # the linear probe stage (logistic regression on the real features), and LP-FT starting from exactly it
@@ -116,7 +116,7 @@ def test_pretrained_weights_beat_random_init_by_a_wide_margin(tmp_path, monkeypa
     probe.main()
     fitted = json.loads((train_dir("probe") / "metrics.json").read_text())["best/val_acc"]
     assert fitted >= 0.8, f"the linear probe on real ImageNet features reaches only {fitted:.2f}"
-    assert training.run("finetune")["val_acc"] >= 0.8
+    assert training.fit("finetune")["val_acc"] >= 0.8
 
 
 def test_onnx_runtime_gives_eager_pytorchs_logits_on_the_real_network(tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import run
+from conftest import run_command
 from transferlab import training
 
 TRAIN = [sys.executable, "-m", "transferlab.train", "finetune"]
@@ -31,7 +31,7 @@ def set_train(repo: Path, **values) -> None:
 def repo(project_repo):
     # 6 batches an epoch, 8 epochs: long enough to be stopped in the middle
     set_train(project_repo, epochs=8, batch_size=2)
-    run(["dvc", "repro", "prepare"], project_repo)
+    run_command(["dvc", "repro", "prepare"], project_repo)
     return project_repo
 
 
@@ -84,7 +84,7 @@ def assert_same_results(got: dict, expected: dict) -> None:
 def uninterrupted(repo: Path, monkeypatch) -> dict:
     """The same run from the start, without interruption (in this process: no second start-up)."""
     monkeypatch.chdir(repo)
-    training.run("finetune")
+    training.fit("finetune")
     return results(repo)
 
 
@@ -105,13 +105,13 @@ def test_sigkill_mid_run_then_dvc_repro_resumes_and_matches_an_uninterrupted_run
     killed_at = saved_epoch(repo)
     assert 2 <= killed_at < 8
 
-    again = run(["dvc", "repro", "train_finetune"], repo)
+    again = run_command(["dvc", "repro", "train_finetune"], repo)
     assert f"resuming finetune from epoch {killed_at + 1}" in again.stderr
     resumed = results(repo)
     steps = [int(step) for step, _ in resumed["curves"]["train/loss.tsv"][1:]]
     assert steps == list(range(8)), "dvclive curves continue without gaps or duplicates"
     assert not (repo / "data/resume/finetune.pt").exists(), "a finished run leaves no state to resume"
-    assert "up to date" in run(["dvc", "status", "train_finetune"], repo).stdout
+    assert "up to date" in run_command(["dvc", "status", "train_finetune"], repo).stdout
     assert_same_results(resumed, uninterrupted(repo, monkeypatch))
 
 
@@ -124,7 +124,7 @@ def test_ctrl_c_saves_mid_epoch_and_the_next_run_finishes_exactly(repo, monkeypa
     progress = torch.load(repo / "data/resume/finetune.pt", weights_only=True)["progress"]
     assert progress["step"] >= 1, "saved in the middle of an epoch"
 
-    resumed = run(TRAIN, repo)
+    resumed = run_command(TRAIN, repo)
     assert f"resuming finetune from epoch {progress['epoch'] + 1}, step {progress['step']}" in resumed.stderr
     assert_same_results(results(repo), uninterrupted(repo, monkeypatch))
 
@@ -139,7 +139,7 @@ def test_a_changed_param_starts_fresh_instead_of_resuming(repo, monkeypatch, cap
     set_train(repo, lr=0.03, epochs=2)
     monkeypatch.chdir(repo)
     with caplog.at_level("INFO"):
-        training.run("finetune")
+        training.fit("finetune")
     assert "params, data or code changed" in caplog.text and "resuming" not in caplog.text
     lrs = results(repo)["curves"]["lr/head.tsv"]
     assert [float(lr) for _, lr in lrs[1:2]] == [0.03] and len(lrs) == 1 + 2

@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import PROJECT, run
+from conftest import PROJECT, run_command
 from transferlab import smoke
 from transferlab.config import parse_params
 from transferlab.errors import ConfigError
@@ -35,11 +35,11 @@ def test_a_source_that_is_not_there_is_refused_before_anything_runs(tmp_path):
 def test_the_smoke_run_goes_through_every_stage_and_leaves_the_workspace_alone(project_repo, tiny_folder):
     params_before = (project_repo / "params.yaml").read_text()
     command = [sys.executable, "-m", "transferlab.cli", "smoke", "--source", str(tiny_folder)]
-    result = run(command, project_repo)
+    result = run_command(command, project_repo)
     assert "the whole pipeline ran in" in result.stdout
     assert (project_repo / "params.yaml").read_text() == params_before
     assert not (project_repo / "metrics").exists()
-    listing = json.loads(run(["dvc", "exp", "show", "--json"], project_repo).stdout)
+    listing = json.loads(run_command(["dvc", "exp", "show", "--json"], project_repo).stdout)
     (experiment,) = [e["revs"][0] for commit in listing for e in commit.get("experiments") or []]
     assert experiment["name"].startswith("smoke-")
     metrics = experiment["data"]["metrics"]

@@ -171,7 +171,7 @@ def test_training_without_a_validation_split_keeps_the_last_epoch(tmp_path, tiny
     probe.main()  # one C: nothing to choose, fitted on the training images
     assert json.loads((train_dir("probe") / "metrics.json").read_text())["best/C"] == 1.0
     assert (train_dir("probe") / "regularization.csv").read_text().startswith("C,fit_time_s")
-    best = training.run("scratch")
+    best = training.fit("scratch")
     assert best == {"val_acc": None, "epoch": 2}
     checkpoint = torch.load(checkpoint_path("scratch"), weights_only=True)
     assert (

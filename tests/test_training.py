@@ -40,7 +40,7 @@ def same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def test_finetune_trains_every_layer_and_keeps_batch_norm_statistics(project):
     project(mode="finetune")
-    training.run("finetune")
+    training.fit("finetune")
     state, pretrained = trained_state(), project.weights
     assert not same(state["conv1.weight"], pretrained["conv1.weight"])
     assert not same(state["layer4.1.conv2.weight"], pretrained["layer4.1.conv2.weight"])
@@ -50,8 +50,8 @@ def test_finetune_trains_every_layer_and_keeps_batch_norm_statistics(project):
 
 
 def test_partial_unfreezing_trains_only_layer3_layer4_and_the_head(project):
-    project(mode="finetune", frozen_stages=3, freeze_bn_stats=False)
-    training.run("finetune")
+    project(mode="finetune", frozen_layers=3, freeze_bn_stats=False)
+    training.fit("finetune")
     state, pretrained = trained_state(), project.weights
     for key in (
         "conv1.weight",
@@ -60,7 +60,7 @@ def test_partial_unfreezing_trains_only_layer3_layer4_and_the_head(project):
         "layer2.1.bn2.running_var",
         "layer2.1.bn2.weight",
     ):
-        assert same(state[key], pretrained[key]), f"{key} is in a frozen stage"
+        assert same(state[key], pretrained[key]), f"{key} is in a frozen layer"
     for key in ("layer3.0.conv1.weight", "layer4.1.bn2.running_mean"):
         assert not same(state[key], pretrained[key]), f"{key} should train"
 
@@ -68,7 +68,7 @@ def test_partial_unfreezing_trains_only_layer3_layer4_and_the_head(project):
 def test_feature_extract_without_augmentation_trains_the_head_on_cached_features(project):
     project(mode="feature_extract", augment=False, epochs=3)
     features.main()  # the head trains on the features stage's output: one way to compute frozen features
-    best = training.run("finetune")
+    best = training.fit("finetune")
     state, pretrained = trained_state(), project.weights
     assert all(same(state[k], v) for k, v in pretrained.items() if not k.startswith("fc."))
     val_features = torch.from_numpy(np.array(load_features("val")[0]))
@@ -97,7 +97,7 @@ def test_feature_extract_cache_needs_a_final_linear_head(project, tiny_folder):
 
 def test_feature_extract_with_augmentation_keeps_the_whole_backbone_fixed(project):
     project(mode="feature_extract", augment=True)
-    training.run("finetune")
+    training.fit("finetune")
     state, pretrained = trained_state(), project.weights
     assert all(same(state[k], v) for k, v in pretrained.items() if not k.startswith("fc."))
     assert not same(state["fc.weight"], train_head_init())
@@ -112,17 +112,17 @@ def train_head_init() -> torch.Tensor:
 
 
 def test_scratch_ignores_the_fine_tuning_mode_and_pretrained_weights(project):
-    project(mode="feature_extract", frozen_stages=0)
-    training.run("scratch")
+    project(mode="feature_extract", frozen_layers=0)
+    training.fit("scratch")
     checkpoint = torch.load(checkpoint_path("scratch"), weights_only=True)
     assert checkpoint["mode"] == "scratch" and checkpoint["weights"] == "none"
 
 
 def test_same_params_give_the_same_metrics_and_weights(project):
     project(epochs=2, auto_augment="trivialaugment", mixup_alpha=0.2)
-    training.run("finetune")
+    training.fit("finetune")
     first, first_state = logged("finetune", "train/loss") + logged("finetune", "val/loss"), trained_state()
-    training.run("finetune")
+    training.fit("finetune")
     assert logged("finetune", "train/loss") + logged("finetune", "val/loss") == first
     assert all(torch.equal(first_state[k], v) for k, v in trained_state().items())
 
@@ -144,7 +144,7 @@ def test_every_augmentation_and_option_together(project):
         schedule="linear",
         warmup_steps=2,
     )
-    training.run("finetune")
+    training.fit("finetune")
     assert len(logged("finetune", "train/loss")) == 2 and all(np.isfinite(logged("finetune", "train/loss")))
     assert logged("finetune", "lr/head")[0] == pytest.approx(0.001 * 0.01)  # warm-up starts at 1 %
 
@@ -152,13 +152,13 @@ def test_every_augmentation_and_option_together(project):
 @pytest.mark.parametrize("mode", ["finetune", "feature_extract"])
 def test_torch_compile(project, mode):
     project(mode=mode, compile=True, epochs=2)
-    training.run("finetune")
+    training.fit("finetune")
     assert len(logged("finetune", "val/acc")) == 2
 
 
 def test_early_stopping_ends_the_run_when_validation_stops_improving(project):
     project(epochs=6, lr=1e-12, early_stopping_patience=2)
-    best = training.run("finetune")
+    best = training.fit("finetune")
     summary = json.loads((train_dir("finetune") / "metrics.json").read_text())
     assert summary["epochs_run"] == 3 and best["epoch"] == 1
     assert not resume_path("finetune").exists()
@@ -167,17 +167,17 @@ def test_early_stopping_ends_the_run_when_validation_stops_improving(project):
 def test_unavailable_precision_and_device_fail_before_any_work(project):
     project(runtime={"precision": "fp16"})
     with pytest.raises(ConfigError, match="runtime.precision: fp16 needs a CUDA device"):
-        training.run("finetune")
+        training.fit("finetune")
     if not torch.cuda.is_available():
         project(runtime={"precision": "fp32", "device": "cuda"})
         with pytest.raises(
             ConfigError, match="runtime.device: cuda is not available on this machine; available: auto, cpu"
         ):
-            training.run("finetune")
+            training.fit("finetune")
     if not cpu_supports_bf16():
         project(runtime={"precision": "bf16", "device": "cpu"})
         with pytest.raises(ConfigError, match="runtime.precision: this cpu has no native bf16 support"):
-            training.run("finetune")
+            training.fit("finetune")
     assert not train_dir("finetune").exists()
 
 
@@ -185,7 +185,7 @@ def test_bf16_autocast_path_where_the_cpu_has_native_bf16(project, monkeypatch):
     """The bf16 code path, run on this CPU even without native support (emulated: slow but correct)."""
     monkeypatch.setattr("transferlab.device.cpu_supports_bf16", lambda: True)
     project(runtime={"precision": "bf16", "device": "cpu"}, epochs=1)
-    training.run("finetune")
+    training.fit("finetune")
     assert np.isfinite(logged("finetune", "train/loss")).all()
     assert (
         torch.load(checkpoint_path("finetune"), weights_only=True)["model"]["fc.weight"].dtype
@@ -290,12 +290,12 @@ def test_tensorboard_logs_what_dvclive_logs_and_changes_nothing_else(project, tm
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     project(epochs=2)
-    training.run("finetune")
+    training.fit("finetune")
     without = trained_state()
     params = yaml.safe_load((tmp_path / "params.yaml").read_text())
     params["logging"] = {"tensorboard": True}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    training.run("finetune")
+    training.fit("finetune")
     assert all(torch.equal(without[k], v) for k, v in trained_state().items())
 
     events = EventAccumulator(str(train_dir("finetune") / "tensorboard")).Reload()

@@ -40,7 +40,7 @@ def test_interpolation_at_0_is_the_start_at_1_the_end_and_between_the_mix(projec
     runs = {}
     for weight in (1.0, 0.0, 0.3):
         project(probe={"C": [1.0]}, init_head="probe", train_on_val=True, epochs=1, interpolation=weight)
-        best = training.run("finetune", holdout=True)
+        best = training.fit("finetune", holdout=True)
         runs[weight] = {
             "state": kept_state(TWIN),
             "best": best,
@@ -73,7 +73,7 @@ def test_the_line_ends_at_the_last_epoch_which_a_final_fit_keeps(project):
     project(probe={"C": [1.0]}, init_head="probe", train_on_val=True, epochs=4, lr=0.003)
     features.main()
     probe.main()
-    training.run("finetune", holdout=True)
+    training.fit("finetune", holdout=True)
     accs = [
         float(r.split("\t")[1])
         for r in (train_dir(TWIN) / "plots" / "metrics" / "val" / "acc.tsv").read_text().splitlines()[1:]
@@ -127,13 +127,13 @@ def test_the_moving_average_is_what_training_validates_and_keeps(project):
     """A decay near 1 keeps nearly the starting weights;
     near 0 nearly the last ones (the run without an average)."""
     project(epochs=2)
-    without = training.run("finetune")
+    without = training.fit("finetune")
     last = kept_state("finetune")
     project(epochs=2, ema_decay=1e-9)
-    assert training.run("finetune") == without
+    assert training.fit("finetune") == without
     torch.testing.assert_close(kept_state("finetune")["fc.weight"], last["fc.weight"])
     project(epochs=2, ema_decay=0.999999)
-    best = training.run("finetune")
+    best = training.fit("finetune")
     images, labels = load_split("val")
     kept = TrainedModel.load(checkpoint_path("finetune"), device="cpu")
     assert best["val_acc"] == pytest.approx((kept.probabilities(images, 16).argmax(1) == labels).mean()), (

@@ -287,7 +287,7 @@ def throughput(args: argparse.Namespace) -> dict:
         "eval_image_size": args.eval_image_size,
         "batch_size": args.batch_size,
     }
-    cfg = dataclasses.replace(params.train, **sizes, frozen_stages=0, compile=False, ema_decay=0.0)
+    cfg = dataclasses.replace(params.train, **sizes, frozen_layers=0, compile=False, ema_decay=0.0)
     setup = Setup(args.arch, args.weights, cfg, runtime, len(load_classes()))
     data = (load_split("train"), load_split("val"))
     device, _ = training_device(runtime.device, runtime.precision)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import RUNS, TTA
+from .config import TRAINED_MODELS, TTA
 from .errors import ConfigError, DatasetError, ModelError
 from .stage import run_stage
 
@@ -129,10 +129,10 @@ def cmd_export(args) -> int:
 
 
 def cmd_experiments(args) -> int:
-    from .experiments import ExperimentsError, run
+    from .experiments import ExperimentsError, summarize
 
     try:
-        run(args.shown_json, args.out, args.all_commits, args.only)
+        summarize(args.shown_json, args.out, args.all_commits, args.only)
     except ExperimentsError as err:
         print(f"transferlab experiments: {err}", file=sys.stderr)
         return 2
@@ -140,13 +140,13 @@ def cmd_experiments(args) -> int:
 
 
 def cmd_smoke(args) -> int:
-    from .smoke import run
+    from .smoke import launch
 
-    return run(args.source)
+    return launch(args.source)
 
 
 def cmd_lr_find(args) -> int:
-    from .lrfind import run
+    from .lrfind import find
 
     if not 0 < args.start < args.end:
         raise ConfigError(f"--start ({args.start:g}) and --end ({args.end:g}): need 0 < start < end")
@@ -160,15 +160,15 @@ def cmd_lr_find(args) -> int:
         "--seeds",
         str(args.seeds),
     ]
-    command = shlex.join(["transferlab", "lr-find", args.run, *options])
-    result = run(args.run, args.steps, args.start, args.end, args.seeds, args.out, command)
+    command = shlex.join(["transferlab", "lr-find", args.model, *options])
+    result = find(args.model, args.steps, args.start, args.end, args.seeds, args.out, command)
     summary = result["summary"]
     if summary["lr"] is None:
-        print(f"{args.out / args.run}.png: no suggestion for {result['key']}: {summary['reason']}")
+        print(f"{args.out / args.model}.png: no suggestion for {result['key']}: {summary['reason']}")
         return 0
     low, high = summary["spread"]
     print(
-        f"{args.out / args.run}.png: suggested {result['key']} = {summary['lr']:.2g} "
+        f"{args.out / args.model}.png: suggested {result['key']} = {summary['lr']:.2g} "
         f"(median of {args.seeds} seeds, from {low:.2g} to {high:.2g}); "
         f"params.yaml has {result['params_lr']:g}"
     )
@@ -273,7 +273,9 @@ def parser() -> argparse.ArgumentParser:
         "loss against an exponentially rising lr, and a suggested lr"
     )
     lr_find = commands.add_parser("lr-find", help=lr_help, description=lr_help)
-    lr_find.add_argument("run", choices=RUNS, help="finetune (the train: section, any mode) or scratch")
+    lr_find.add_argument(
+        "model", choices=TRAINED_MODELS, help="finetune (the train: section, any mode) or scratch"
+    )
     lr_find.add_argument("--steps", type=int, default=100, help="optimizer steps per test (default: 100)")
     lr_find.add_argument("--start", type=float, default=1e-5, help="first learning rate (default: 1e-5)")
     lr_find.add_argument("--end", type=float, default=1.0, help="last learning rate (default: 1)")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import MODELS, RUNS, load_params
+from .config import MODELS, TRAINED_MODELS, load_params
 from .figures import plt, save_figure
 from .fileio import read_json, write_json, write_text
 from .paths import (
@@ -349,7 +349,9 @@ def html_report(comparison: Comparison) -> str:
 
 def plot_curves(path: Path) -> None:
     curves = {
-        (metric, title, source): {run: read_curve(holdout(run) if source else run, metric) for run in RUNS}
+        (metric, title, source): {
+            run: read_curve(holdout(run) if source else run, metric) for run in TRAINED_MODELS
+        }
         for metric, title, source in CURVES
     }
     curves = {panel: runs for panel, runs in curves.items() if any(epochs for epochs, _ in runs.values())}

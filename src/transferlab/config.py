@@ -22,11 +22,11 @@ import yaml
 
 from .errors import ConfigError
 
-# the two models the training loop trains, each with its stage (train_<run>) and its own params section
-RUNS = ("finetune", "scratch")
-RUN_SECTIONS = {"finetune": "train", "scratch": "scratch"}
+# the two models the training loop trains, each with its stage (train_<model>) and its own params section
+TRAINED_MODELS = ("finetune", "scratch")
+MODEL_SECTIONS = {"finetune": "train", "scratch": "scratch"}
 # every model evaluate and compare report on: the linear probe (stage train_probe) and the two trained ones
-MODELS = ("probe", *RUNS)
+MODELS = ("probe", *TRAINED_MODELS)
 DATA_SOURCE_ENV = "TRANSFERLAB_DATA"
 
 
@@ -144,7 +144,7 @@ class FeaturesConfig:
 SCRATCH_FIXED = {
     "mode": "scratch",
     "init_head": "random",
-    "frozen_stages": 0,
+    "frozen_layers": 0,
     "backbone_lr_scale": 1.0,
     "freeze_bn_stats": False,
     "interpolation": 1.0,
@@ -158,7 +158,7 @@ class TrainConfig:
     (train_scratch)."""
 
     # finetune: every layer trains, the pretrained ones at lr * backbone_lr_scale (the first
-    # frozen_stages stages of the backbone stay fixed: partial unfreezing);
+    # frozen_layers layers of the backbone stay fixed: partial unfreezing);
     # feature_extract: only the new head trains on the frozen backbone's features;
     # scratch: random init, every layer at lr (the train_scratch stage always runs this mode)
     mode: Mode
@@ -167,7 +167,7 @@ class TrainConfig:
     # train on the train and validation images together, for a fixed number of epochs, keeping the last
     # one: the final fit once the settings were chosen on validation (no validation curve, no best epoch)
     train_on_val: bool
-    frozen_stages: Count
+    frozen_layers: Count
     epochs: Positive
     batch_size: Positive
     lr: Annotated[float, Range(0, low_open=True)]
@@ -306,20 +306,20 @@ class Params:
     evaluate: EvaluateConfig
     logging: LoggingConfig
 
-    def train_config(self, run: str, holdout: bool = False) -> TrainConfig:
+    def train_config(self, model: str, holdout: bool = False) -> TrainConfig:
         """The run's section, checked against the rest of the params.
 
         ``holdout``: for the run's holdout twin, which trains on the train split only (``train_on_val`` off)
         and, starting from the probe, from the probe fitted on the train split only.
         """
-        if run not in RUNS:
-            raise ConfigError(f"unknown training run {run!r}; allowed: {', '.join(RUNS)}")
-        cfg = getattr(self, RUN_SECTIONS[run])
+        if model not in TRAINED_MODELS:
+            raise ConfigError(f"unknown training model {model!r}; allowed: {', '.join(TRAINED_MODELS)}")
+        cfg = getattr(self, MODEL_SECTIONS[model])
         if holdout:
             cfg = dataclasses.replace(cfg, train_on_val=False)
 
         def key(name: str) -> str:
-            return self.key(run, name)
+            return self.key(model, name)
 
         needs_validation = [
             k
@@ -373,21 +373,21 @@ class Params:
                 f"computed at features.image_size ({self.features.image_size}): "
                 f"set {key('image_size')} and {key('eval_image_size')} to it"
             )
-        if cfg.mode == "feature_extract":  # the whole backbone stays fixed: frozen_stages says nothing more
-            cfg = dataclasses.replace(cfg, frozen_stages=0)
-        if cfg.frozen_stages and (cfg.mode != "finetune" or not pretrained):
+        if cfg.mode == "feature_extract":  # the whole backbone stays fixed: frozen_layers says nothing more
+            cfg = dataclasses.replace(cfg, frozen_layers=0)
+        if cfg.frozen_layers and (cfg.mode != "finetune" or not pretrained):
             raise ConfigError(
-                f"{key('frozen_stages')}: freezing stages needs mode finetune with pretrained weights "
+                f"{key('frozen_layers')}: freezing layers needs mode finetune with pretrained weights "
                 f"(mode is {cfg.mode}, model.weights is {self.model.weights}); allowed here: 0"
             )
         return cfg
 
-    def key(self, run: str, name: str) -> str:
-        """The params key of the run's setting ``name`` (``train.lr``, ``scratch.lr``)."""
-        return f"{RUN_SECTIONS[run]}.{name}"
+    def key(self, model: str, name: str) -> str:
+        """The params key of the model's setting ``name`` (``train.lr``, ``scratch.lr``)."""
+        return f"{MODEL_SECTIONS[model]}.{name}"
 
-    def weights_for(self, run: str) -> str:
-        return "none" if getattr(self, RUN_SECTIONS[run]).mode == "scratch" else self.model.weights
+    def weights_for(self, model: str) -> str:
+        return "none" if getattr(self, MODEL_SECTIONS[model]).mode == "scratch" else self.model.weights
 
 
 def _allowed(annotation: Any) -> tuple[type, Range | tuple | None, bool]:
@@ -480,11 +480,11 @@ def parse_params(raw: dict) -> Params:
         )
     built = {name: _build(cls, name, raw.get(name)) for name, cls in SECTIONS.items()}
     built["scratch"] = _build(TrainConfig, "scratch", raw.get("scratch"), SCRATCH_FIXED)
-    for section in RUN_SECTIONS.values():
+    for section in MODEL_SECTIONS.values():
         _check_recipe(built[section], section)
     params = Params(**built)
-    for run in RUNS:
-        params.train_config(run)
+    for model in TRAINED_MODELS:
+        params.train_config(model)
     if len(params.probe.C) > 1 and not params.data.val_per_class:
         raise ConfigError(
             "probe.C lists several values to choose from on the validation split, but data.val_per_class is 0"

@@ -62,7 +62,7 @@ from pathlib import Path
 import numpy as np
 
 from .compare import NAMES
-from .config import FINETUNE_ONLY, MODELS, RUN_SECTIONS, RUNS, Params, parse_params
+from .config import FINETUNE_ONLY, MODEL_SECTIONS, MODELS, TRAINED_MODELS, Params, parse_params
 from .errors import ConfigError
 from .figures import plt, save_figure
 from .fileio import read_json, write_csv, write_json, write_text
@@ -167,7 +167,7 @@ def model_settings(params: dict) -> dict[str, dict]:
     features = _section("features.", checked.features)
     probe = _section("probe.", checked.probe, (PROTOCOL,))
     settings = {"probe": {**data, **model, **features, **probe}}
-    for run in RUNS:
+    for run in TRAINED_MODELS:
         cfg = checked.train_config(run)
         on_features = cfg.mode == "feature_extract" and not cfg.augment
         upstream = {**features, **probe} if cfg.init_head == "probe" else features if on_features else {}
@@ -183,13 +183,13 @@ def model_settings(params: dict) -> dict[str, dict]:
 
 def params_key(model: str, key: str) -> str:
     """The params.yaml key of one of the model's settings: the fine-tuned model's ``lr`` is ``train.lr``."""
-    return key if "." in key else f"{RUN_SECTIONS[model]}.{key}"
+    return key if "." in key else f"{MODEL_SECTIONS[model]}.{key}"
 
 
 def protocol_keys(model: str, values: dict) -> list[str]:
     """The ``train_on_val`` keys the model's final fit sets true: its own, and the probe's when it starts
     from the probe."""
-    own = "probe" if model == "probe" else RUN_SECTIONS[model]
+    own = "probe" if model == "probe" else MODEL_SECTIONS[model]
     return [
         f"{own}.{PROTOCOL}",
         *(["probe." + PROTOCOL] if model != "probe" and values.get("init_head") == "probe" else []),
@@ -200,7 +200,7 @@ def summary_paths(model: str) -> list[str]:
     """Where a model's training summaries are: its holdout twin's first (the validation run of today's
     pipeline), then its training stage's own (a validation run too with ``train_on_val: false``)."""
     own = f"metrics/train_{model}/metrics.json"
-    return [f"metrics/train_{holdout(model)}/metrics.json", own] if model in RUNS else [own]
+    return [f"metrics/train_{holdout(model)}/metrics.json", own] if model in TRAINED_MODELS else [own]
 
 
 def trained_summary(experiment: Experiment, model: str) -> dict | None:
@@ -378,7 +378,7 @@ def final_fit(model: str, chosen: Setting, varied: list[str], base: dict) -> dic
 
 def _flat_params(checked: Params) -> dict:
     flat = {}
-    for section in ("data", "model", "runtime", "features", "probe", *RUN_SECTIONS.values()):
+    for section in ("data", "model", "runtime", "features", "probe", *MODEL_SECTIONS.values()):
         flat.update(
             _section(f"{section}.", getattr(checked, section), FINETUNE_ONLY if section == "scratch" else ())
         )
@@ -722,7 +722,9 @@ def only_named(experiments: list[Experiment], names: list[str]) -> list[Experime
     return [e for e in experiments if e.name in names]
 
 
-def run(shown_json: Path | None, out: Path, all_commits: bool = False, only: list[str] | None = None) -> dict:
+def summarize(
+    shown_json: Path | None, out: Path, all_commits: bool = False, only: list[str] | None = None
+) -> dict:
     shown = read_json(shown_json) if shown_json else dvc_exp_show(all_commits)
     experiments = list(experiments_from_show(shown))
     if only:

@@ -35,8 +35,8 @@ class ExportCheck:
 
 def metadata(trained: TrainedModel) -> str:
     """What travels with the export: the classes, and every step from an image file to the probabilities
-    that ``transferlab predict`` prints, so that another runtime reproduces them (the README shows it for
-    ONNX Runtime)."""
+    that ``transferlab predict`` prints, so that another runtime reproduces them (docs/using-models.md shows
+    it for ONNX Runtime)."""
     prep, cache, size = trained.prep, trained.cache_size, trained.image_size
     crop = round(cache * prep.crop_pct)
     return json.dumps(

@@ -12,11 +12,11 @@ high, and the valley is where the smoothed loss stays within ``VALLEY`` (10 %) o
 minimum; the suggestion is the geometric mean of its first and last learning rates. fastai's older rule
 (the minimum divided by 10) was tried first: on the fine-tune's flat-bottomed valley the minimum lands
 anywhere in a decade of noise, and a tenth of it suggested 3e-5 to 1e-4 where the grid found 1e-3
-best (see the README). The smoothing is centred (it does not lag behind the curve) and divergence must
-last several steps, so a single early spike moves nothing; a curve that never falls by ``MIN_DROP`` of its
-starting level gives no suggestion. The test is repeated with a few seeds (batch order, augmentation, a
-random head's start) and the median of their suggestions is the one to use; their spread shows how far
-one test can be trusted.
+best (docs/hyperparameters.md). The smoothing is centred (it does not lag behind the curve) and
+divergence must last several steps, so a single early spike moves nothing; a curve that never falls by
+``MIN_DROP`` of its starting level gives no suggestion. The test is repeated with a few seeds (batch
+order, augmentation, a random head's start) and the median of their suggestions is the one to use; their
+spread shows how far one test can be trusted.
 """
 
 from __future__ import annotations
@@ -209,7 +209,7 @@ def plot(path: Path, run: str, key: str, current: float, tests: list[dict], summ
     save_figure(fig, path)
 
 
-def run(run_name: str, steps: int, start: float, end: float, seeds: int, out: Path, command: str) -> dict:
+def find(run_name: str, steps: int, start: float, end: float, seeds: int, out: Path, command: str) -> dict:
     """Range tests with ``seeds`` seeds; writes ``<out>/<run>.json`` (``command`` made it) and
     ``<out>/<run>.png``."""
     from . import cores

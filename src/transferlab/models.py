@@ -205,36 +205,37 @@ def _trainable_parts(module: nn.Module, head: nn.Module) -> list[tuple[str, nn.M
     ]
 
 
-def _torchvision_stages(module: nn.Module, head: nn.Module, prefix: str = "") -> list[list[str]]:
+def _torchvision_layers(module: nn.Module, head: nn.Module, prefix: str = "") -> list[list[str]]:
     """A torchvision model's parameterised top-level parts, input side first.
 
     A level that is only a wrapper (at most two parts besides the head, such as AlexNet's
-    ``features`` + ``classifier``) is opened, until the parts are real stages (conv1..conv5, fc6, fc7).
+    ``features`` + ``classifier``) is opened, until the parts are real layers (conv1..conv5, fc6, fc7).
     A normalisation layer joins the layer before it (ResNet's stem is ``conv1`` + ``bn1``).
     """
     parts = _trainable_parts(module, head)
-    stages: list[list[str]] = []
+    layers: list[list[str]] = []
     for name, child in parts:
         if len(parts) <= 2 and any(True for _ in child.children()):
-            stages.extend(_torchvision_stages(child, head, f"{prefix}{name}."))
-        elif isinstance(child, NORM_LAYERS) and stages:
-            stages[-1].append(prefix + name)
+            layers.extend(_torchvision_layers(child, head, f"{prefix}{name}."))
+        elif isinstance(child, NORM_LAYERS) and layers:
+            layers[-1].append(prefix + name)
         else:
-            stages.append([prefix + name])
-    return stages
+            layers.append([prefix + name])
+    return layers
 
 
-def backbone_stages(model: nn.Module, head: str) -> list[list[str]]:
-    """The pretrained body as consecutive stages (lists of module names), input side first; the head excluded.
+def backbone_layers(model: nn.Module, head: str) -> list[list[str]]:
+    """The pretrained body as consecutive layers (lists of module names), input side first; the head
+    excluded. A layer here is a top-level part of the network: what ``train.frozen_layers`` counts.
 
-    timm models define their own stages (``group_matcher(coarse=True)``: stem, then each block stage);
-    torchvision models are split by :func:`_torchvision_stages`. ResNet-18 gives
+    timm models define their own (``group_matcher(coarse=True)``: the stem, then each group of blocks);
+    torchvision models are split by :func:`_torchvision_layers`. ResNet-18 gives
     stem, layer1, layer2, layer3, layer4 in both libraries.
     """
     if hasattr(model, "group_matcher"):
         groups = timm.models.group_modules(model, model.group_matcher(coarse=True))
         return [_outermost(model, names) for names in groups.values() if head not in names]
-    return _torchvision_stages(model, model.get_submodule(head))
+    return _torchvision_layers(model, model.get_submodule(head))
 
 
 def _outermost(model: nn.Module, names: list[str]) -> list[str]:
@@ -253,15 +254,15 @@ def _outermost(model: nn.Module, names: list[str]) -> list[str]:
     return outer
 
 
-def freeze_stages(model: nn.Module, head: str, count: int) -> list[str]:
-    """Stop gradients into the first ``count`` backbone stages; return their module names
+def freeze_layers(model: nn.Module, head: str, count: int) -> list[str]:
+    """Stop gradients into the first ``count`` backbone layers; return their module names
     (to keep in eval mode)."""
-    stages = backbone_stages(model, head)
-    if count > len(stages):
+    layers = backbone_layers(model, head)
+    if count > len(layers):
         raise ModelError(
-            f"train.frozen_stages: {count} is more than the {len(stages)} stages of this model's backbone"
+            f"train.frozen_layers: {count} is more than the {len(layers)} layers of this model's backbone"
         )
-    frozen = [name for stage in stages[:count] for name in stage]
+    frozen = [name for layer in layers[:count] for name in layer]
     for name in frozen:
         model.get_submodule(name).requires_grad_(False)
     return frozen
@@ -301,7 +302,7 @@ def parameter_groups(
 
 
 def set_train_mode(model: nn.Module, frozen_modules: list[str], freeze_bn: bool) -> None:
-    """Training mode, except frozen stages (no dropout, fixed batch-norm statistics) and, if asked,
+    """Training mode, except frozen layers (no dropout, fixed batch-norm statistics) and, if asked,
     every batch norm."""
     model.train()
     for name in frozen_modules:

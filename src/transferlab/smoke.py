@@ -62,7 +62,7 @@ def command(values: dict, name: str) -> list[str]:
     return ["dvc", "exp", "run", "--temp", "--name", name, *(part for arg in args for part in ("-S", arg))]
 
 
-def run(source: str | None = None, params: Path = Path("params.yaml")) -> int:
+def launch(source: str | None = None, params: Path = Path("params.yaml")) -> int:
     """Check the preset against params.yaml, then run it; returns dvc's exit status."""
     values = settings(source)
     parse_params(applied(read_yaml(params.read_text()), values))  # a bad combination fails here, not mid-run

@@ -16,63 +16,63 @@ import argparse
 import logging
 import os
 
-from .config import RUNS, Params, load_params
+from .config import TRAINED_MODELS, Params, load_params
 from .paths import holdout as holdout_name
 from .stage import run_stage
 
 log = logging.getLogger("transferlab.train")
 
 
-def plan(run: str, params: Params, holdout: bool = False) -> str:
-    cfg = params.train_config(run, holdout)
+def plan(model: str, params: Params, holdout: bool = False) -> str:
+    cfg = params.train_config(model, holdout)
     body = f", body at {cfg.lr * cfg.backbone_lr_scale:g}" if cfg.mode == "finetune" else ""
     start = " from the linear probe's head" if cfg.init_head == "probe" else ""
     data = "train + val images" if cfg.train_on_val else "train images, validating every epoch"
-    name = holdout_name(run) if holdout else run
-    model = f"{params.model.arch}{start} (weights {params.weights_for(run)})"
+    name = holdout_name(model) if holdout else model
+    network = f"{params.model.arch}{start} (weights {params.weights_for(model)})"
     recipe = f"{cfg.epochs} epochs at {cfg.image_size} px, lr {cfg.lr:g}{body}"
-    return f"{name}: {cfg.mode} {model}, {recipe}, on the {data}"
+    return f"{name}: {cfg.mode} {network}, {recipe}, on the {data}"
 
 
-def start(run: str, holdout: bool) -> None:
+def start(model: str, holdout: bool) -> None:
     """Train in this process, or with ``runtime.processes`` > 1 start the data-parallel processes that
     will."""
     params = load_params()  # bad params fail here, before anything is imported or started
     if os.environ.get("RANK", "0") == "0":  # one of the data-parallel processes says it
-        log.info("%s", plan(run, params, holdout))
+        log.info("%s", plan(model, params, holdout))
     from .distributed import launch, launched_by_torchrun  # torch: imported once the plan is shown
 
     if params.runtime.processes > 1 and not launched_by_torchrun():
         status = launch(
-            params.runtime.processes, "transferlab.train", [run, *(["--holdout"] if holdout else [])]
+            params.runtime.processes, "transferlab.train", [model, *(["--holdout"] if holdout else [])]
         )
         if status:
-            raise SystemExit(f"train {run}: the data-parallel run failed (exit code {status})")
+            raise SystemExit(f"train {model}: the data-parallel run failed (exit code {status})")
         return
     from .training import train
 
-    train(run, holdout)
+    train(model, holdout)
 
 
-def batch_setting(run: str) -> tuple[str, int]:
+def batch_setting(model: str) -> tuple[str, int]:
     """The run's batch size and its params key (``train.batch_size`` or ``scratch.batch_size``)."""
     params = load_params()
-    return params.key(run, "batch_size"), params.train_config(run).batch_size
+    return params.key(model, "batch_size"), params.train_config(model).batch_size
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("run", choices=RUNS)
+    parser.add_argument("model", choices=TRAINED_MODELS)
     parser.add_argument(
         "--holdout",
         action="store_true",
         help="train the run's holdout twin (train split only, validated every epoch)",
     )
     args = parser.parse_args(argv)
-    name = holdout_name(args.run) if args.holdout else args.run
-    run_stage(f"train {name}", lambda: start(args.run, args.holdout), lambda: batch_setting(args.run))
+    name = holdout_name(args.model) if args.holdout else args.model
+    run_stage(f"train {name}", lambda: start(args.model, args.holdout), lambda: batch_setting(args.model))
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ class TrainedModel:
     def crop(self, images: np.ndarray, size: int | None = None) -> torch.Tensor:
         """The evaluation crop (uint8 N x 3 x S x S) of cached images (uint8 N x H x W x 3), at ``size`` or
         the model's."""
-        batch = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+        batch = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2)  # a copy: the cache is read-only
         return eval_resize(size or self.image_size, self.prep, images.shape[1])(batch)
 
     def inputs(self, images: np.ndarray) -> torch.Tensor:

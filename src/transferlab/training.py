@@ -2,7 +2,7 @@
 is data.
 
 Modes (``train.mode``): ``finetune`` trains every layer, the pretrained ones at ``lr * backbone_lr_scale``,
-except the first ``frozen_stages`` backbone stages (partial unfreezing); ``feature_extract`` trains only the
+except the first ``frozen_layers`` backbone layers (partial unfreezing); ``feature_extract`` trains only the
 new head on the frozen backbone (without augmentation, on the features stage's output); ``scratch`` starts
 from random weights. ``train.init_head: probe`` starts from the linear probe (LP-FT). Per epoch, dvclive
 logs train (and val) loss and accuracy and each parameter group's learning rate to ``metrics/train_<run>/``;
@@ -40,7 +40,7 @@ from .device import autocast, training_device
 from .distributed import World, process_group
 from .errors import ConfigError, DivergedError, ModelError
 from .inference import predict_logits
-from .models import Preprocessing, build_model, freeze_stages, linear_head, parameter_groups, set_train_mode
+from .models import Preprocessing, build_model, freeze_layers, linear_head, parameter_groups, set_train_mode
 from .optim import LrSchedule, build_optimizer
 from .paths import FEATURES_DIR, checkpoint_path, resume_path, train_dir
 from .splits import features_info, load_classes, load_features, load_split
@@ -50,7 +50,7 @@ from .weight_space import CURVE_POINTS, cpu_copy, interpolate, moving_average
 log = logging.getLogger("transferlab.train")
 
 
-def run(name: str, world: World | None = None, holdout: bool = False) -> dict:
+def fit(name: str, world: World | None = None, holdout: bool = False) -> dict:
     """Train the run ``name`` (finetune or scratch); return the kept epoch and its validation accuracy (None
     without validation).
 
@@ -301,7 +301,7 @@ def train(name: str, holdout: bool = False) -> dict:
     device, _ = training_device(runtime.device, runtime.precision)
     batch_size = params.train_config(name).batch_size
     with process_group(device, runtime.processes, batch_size, params.key(name, "batch_size")) as world:
-        return run(name, world, holdout)
+        return fit(name, world, holdout)
 
 
 @dataclass
@@ -312,7 +312,7 @@ class Trainer:
     runtime: RuntimeConfig
     model: nn.Module
     head_name: str
-    frozen: list[str]  # modules of the frozen backbone stages
+    frozen: list[str]  # modules of the frozen backbone layers
     optimizer: torch.optim.Optimizer
     schedule: LrSchedule
     scaler: torch.amp.GradScaler
@@ -347,7 +347,7 @@ class Trainer:
     ) -> Trainer:
         """``world`` from :func:`process_group`, ``amp_dtype`` from :func:`training_device`."""
         device = world.device
-        frozen = freeze_stages(model, head_name, cfg.frozen_stages)
+        frozen = freeze_layers(model, head_name, cfg.frozen_layers)
         if cfg.mode == "feature_extract":
             model.requires_grad_(False)
             model.get_submodule(head_name).requires_grad_(True)
