@@ -108,6 +108,24 @@ def project_repo(tmp_path, tiny_folder) -> Path:
     return make_project_repo(tmp_path / "repo", tiny_folder)
 
 
+@pytest.fixture(scope="session")
+def reproduced_once(tmp_path_factory) -> Path:
+    """The tiny project after one ``dvc repro`` of the whole pipeline, committed: shared, never changed.
+    Tests that change it take a copy (:func:`reproduced`)."""
+    root = tmp_path_factory.mktemp("reproduced")
+    repo = make_project_repo(root / "repo", make_image_folder(root / "images", classes=3, per_class=12))
+    run_command(["dvc", "repro"], repo)
+    run_command(["git", "add", "-A"], repo)
+    run_command(["git", "commit", "-qm", "baseline"], repo)
+    return repo
+
+
+@pytest.fixture
+def reproduced(reproduced_once, tmp_path) -> Path:
+    """A copy of the reproduced tiny project, for one test to change."""
+    return shutil.copytree(reproduced_once, tmp_path / "repo", symlinks=True)
+
+
 @pytest.fixture
 def project(tmp_path, tiny_folder, monkeypatch):
     """A prepared tiny project whose model.weights is a (random)

@@ -18,6 +18,7 @@ def not_positive(results: dict, keys: list[str]) -> list[str]:
     return [key for key in keys if not isinstance(results.get(key), (int, float)) or not results[key] > 0]
 
 
+@pytest.mark.slow
 def test_throughput_smoke_run_reports_every_figure(project, tiny_folder, tmp_path, capsys):
     out = tmp_path / "throughput.json"
     sizes = ["--image-size", "32", "--eval-image-size", "32", "--batch-size", "4", "--eval-batch-size", "8"]

@@ -17,7 +17,7 @@ import yaml
 from PIL import Image
 
 from conftest import tiny_params
-from transferlab import export, prepare, training
+from transferlab import cli, export, prepare, training
 from transferlab.paths import PREPARED_DIR, checkpoint_path
 from transferlab.splits import load_split
 from transferlab.trained_model import TrainedModel
@@ -48,13 +48,25 @@ def project(tmp_path_factory):
     return root
 
 
-def transferlab(project: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "transferlab.cli", *args], cwd=project, capture_output=True, text=True
-    )
+@pytest.fixture
+def transferlab(project, capsys, monkeypatch):
+    """``transferlab ARGS...`` run in this process, in the project (the installed command, in a new
+    process, is tested once: test_the_installed_command_predicts_a_single_grayscale_image)."""
+
+    def command(*args: str) -> subprocess.CompletedProcess:
+        monkeypatch.chdir(project)
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(list(args))
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, exit_.value.code, out.out, out.err)
+
+    return command
 
 
-def test_predict_a_folder_with_bad_files_csv_json_and_the_pipelines_numbers(project, monkeypatch):
+def test_predict_a_folder_with_bad_files_csv_json_and_the_pipelines_numbers(
+    project, monkeypatch, transferlab
+):
     images = project / "to_predict"
     images.mkdir()
     test_rows = list(csv.DictReader((project / PREPARED_DIR / "test.csv").open()))[:4]
@@ -66,9 +78,7 @@ def test_predict_a_folder_with_bad_files_csv_json_and_the_pipelines_numbers(proj
     (images / "empty.png").write_bytes(b"")
     (images / "readme.txt").write_text("not an image file name: ignored")
 
-    result = transferlab(
-        project, "predict", "to_predict", "--topk", "2", "--csv", "out.csv", "--json", "out.json"
-    )
+    result = transferlab("predict", "to_predict", "--topk", "2", "--csv", "out.csv", "--json", "out.json")
     assert result.returncode == 1, "some files could not be read"
     assert (
         "cannot read to_predict/notes.jpg" in result.stderr
@@ -101,6 +111,7 @@ def test_predict_a_folder_with_bad_files_csv_json_and_the_pipelines_numbers(proj
     assert str(report["predictions"][0]["path"]) in result.stdout
 
 
+@pytest.mark.slow
 def test_the_installed_command_predicts_a_single_grayscale_image(project):
     Image.open(project / "images/class_2/image_0001.jpg").convert("L").save(project / "gray.png")
     command = Path(sys.executable).parent / "transferlab"  # the console script of pyproject.toml
@@ -133,30 +144,28 @@ def test_the_installed_command_predicts_a_single_grayscale_image(project):
         ),
     ],
 )
-def test_bad_arguments_are_one_clear_line(project, args, message):
+def test_bad_arguments_are_one_clear_line(project, args, message, transferlab):
     (project / "data" / "empty").mkdir(exist_ok=True)
-    result = transferlab(project, *args)
+    result = transferlab(*args)
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
 
 
-def test_gradcam_and_features_write_pictures(project):
+def test_gradcam_and_features_write_pictures(project, transferlab):
     image = "images/class_1/image_0000.jpg"
     model = str(checkpoint_path("finetune"))
-    result = transferlab(
-        project, "gradcam", image, "--model", model, "--class", "class_2", "--out", "cam.png"
-    )
+    result = transferlab("gradcam", image, "--model", model, "--class", "class_2", "--out", "cam.png")
     assert result.returncode == 0, result.stderr
     assert "Grad-CAM of class_2" in result.stdout
     result = transferlab(
-        project, "features", image, "--model", model, "--layer", "layer3", "--count", "8", "--out", "maps.png"
+        "features", image, "--model", model, "--layer", "layer3", "--count", "8", "--out", "maps.png"
     )
     assert result.returncode == 0, result.stderr
     assert "feature maps of layer3" in result.stdout
     for name in ("cam.png", "maps.png"):
         with Image.open(project / name) as picture:
             assert picture.format == "PNG"
-    wrong_class = transferlab(project, "gradcam", image, "--model", model, "--class", "class_7")
+    wrong_class = transferlab("gradcam", image, "--model", model, "--class", "class_7")
     assert (
         wrong_class.returncode == 2
         and "--class 'class_7' is not one of the model's classes; did you mean" in wrong_class.stderr
@@ -164,10 +173,9 @@ def test_gradcam_and_features_write_pictures(project):
 
 
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
-def test_export_predicts_what_the_model_predicts(project, fmt):
+def test_export_predicts_what_the_model_predicts(project, fmt, transferlab):
     out = f"model.{fmt}"
     result = transferlab(
-        project,
         "export",
         "--model",
         str(checkpoint_path("finetune")),
@@ -211,7 +219,7 @@ def readme_onnx_snippet() -> str:
     return block.split("```python\n", 1)[1].split("```", 1)[0]
 
 
-def test_the_readme_onnx_snippet_reproduces_predict(project, tmp_path):
+def test_the_readme_onnx_snippet_reproduces_predict(project, tmp_path, transferlab):
     """The export's metadata is enough: the docs' ONNX Runtime snippet (Pillow
     and numpy, no torch, no transferlab) on a sideways phone photo of another
     size gives the class and probability `transferlab predict` gives."""
@@ -220,7 +228,6 @@ def test_the_readme_onnx_snippet_reproduces_predict(project, tmp_path):
     exif[0x0112] = 6
     source.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "photo.jpg", quality=92, exif=exif)
     result = transferlab(
-        project,
         "export",
         "--model",
         str(checkpoint_path("finetune")),
@@ -231,7 +238,7 @@ def test_the_readme_onnx_snippet_reproduces_predict(project, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     predicted = transferlab(
-        project, "predict", str(tmp_path / "photo.jpg"), "--topk", "1", "--json", str(tmp_path / "p.json")
+        "predict", str(tmp_path / "photo.jpg"), "--topk", "1", "--json", str(tmp_path / "p.json")
     )
     assert predicted.returncode == 0, predicted.stderr
     top = json.loads((tmp_path / "p.json").read_text())["predictions"][0]["top"][0]
@@ -243,9 +250,8 @@ def test_the_readme_onnx_snippet_reproduces_predict(project, tmp_path):
     assert name == top["class"] and float(probability) == pytest.approx(top["probability"], abs=1e-3)
 
 
-def test_predict_takes_several_files_and_folders(project):
+def test_predict_takes_several_files_and_folders(project, transferlab):
     result = transferlab(
-        project,
         "predict",
         "images/class_0/image_0000.jpg",
         "images/class_1",

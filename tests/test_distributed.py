@@ -52,6 +52,7 @@ def full_validation_loss(run: str) -> float:
     return nn.functional.cross_entropy(logits, torch.from_numpy(labels)).item()
 
 
+@pytest.mark.slow
 def test_two_processes_take_the_same_steps_as_one(project):
     """Same global batch: 2 shards of 4 images, gradients averaged, give the 1-process weights and accuracy.
 
@@ -84,6 +85,7 @@ def test_two_processes_take_the_same_steps_as_one(project):
     ), "the logged validation loss covers the whole validation split, not one process's shard"
 
 
+@pytest.mark.slow
 def test_two_processes_train_from_scratch_and_only_rank_0_writes(project):
     project(mode="finetune", runtime={"processes": 2}, batch_size=8, epochs=2)
     train_stage("scratch")
@@ -112,6 +114,7 @@ def training_processes(project_dir: Path) -> list[psutil.Process]:
     return found
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_every_process_which_save_and_the_rerun_resumes_exactly(project):
     """Ctrl-C to the stage command reaches torchrun once;
     all processes stop at one step, rank 0 saves, none is left."""

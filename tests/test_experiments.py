@@ -464,13 +464,12 @@ def assert_cache_intact(repo: Path) -> int:
     return len(objects)
 
 
-def test_queued_validation_only_grid_with_two_workers_then_the_summary_and_its_final_fit(project_repo):
+@pytest.mark.slow
+def test_queued_validation_only_grid_with_two_workers_then_the_summary_and_its_final_fit(reproduced):
     """A 2x2 fine-tuning grid (lr x epochs) queued up to holdout_finetune, as the README's recipes do,
-    and run by two workers, with the real dvc commands; then the summary's final-fit command, run as given."""
-    repo = project_repo
-    run_command(["dvc", "repro"], repo)
-    run_command(["git", "add", "-A"], repo)
-    run_command(["git", "commit", "-qm", "baseline"], repo)
+    and run by two workers, with the real dvc commands; then the summary's final-fit command, run as given.
+    The baseline is the shared reproduced project, committed."""
+    repo = reproduced
     objects_before = assert_cache_intact(repo)
     grid_args = ["-S", "train.lr=0.001,0.05", "-S", "train.epochs=1,2"]
     run_command(["dvc", "exp", "run", "--queue", "holdout_finetune", *grid_args], repo)

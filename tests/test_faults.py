@@ -18,9 +18,10 @@ import psutil
 import pytest
 from PIL import Image
 
-from conftest import make_project_repo, run_command
-from imagegen import make_image_folder
+from conftest import run_command
 from test_resume import assert_same_results, results, set_train, uninterrupted, wait_for
+
+pytestmark = pytest.mark.slow  # every test here runs dvc or training stages end to end
 
 # Runs ``python -m <module> <args>`` with <owner>.<function> replaced by one that calls the original and then
 # SIGKILLs the process, on the first call with an argument whose text contains <match>.
@@ -96,21 +97,17 @@ def assert_whole_or_absent(folder: Path, expected: dict, names: set[str]) -> boo
 
 
 @pytest.fixture(scope="module")
-def finished_once(tmp_path_factory) -> tuple[Path, dict]:
-    """The tiny project after an uninterrupted ``dvc repro`` of the whole pipeline, and its outputs."""
-    root = tmp_path_factory.mktemp("faults")
-    repo = make_project_repo(root / "repo", make_image_folder(root / "images", classes=3, per_class=12))
-    run_command(["dvc", "repro"], repo)
-    reference = {"prepared": snapshot(repo / "data/prepared")}
-    reference.update({run_: snapshot(repo / f"metrics/test_{run_}") for run_ in EVALUATED})
-    return repo, reference
+def reference(reproduced_once) -> dict:
+    """The outputs of the uninterrupted ``dvc repro`` of the shared tiny project."""
+    found = {"prepared": snapshot(reproduced_once / "data/prepared")}
+    found.update({run_: snapshot(reproduced_once / f"metrics/test_{run_}") for run_ in EVALUATED})
+    return found
 
 
 @pytest.fixture
-def finished(finished_once, tmp_path) -> tuple[Path, dict]:
-    """A copy of that project for one test to break."""
-    template, reference = finished_once
-    return shutil.copytree(template, tmp_path / "repo", symlinks=True), reference
+def finished(reproduced, reference) -> tuple[Path, dict]:
+    """A copy of that project for one test to break, and the outputs it had."""
+    return reproduced, reference
 
 
 def assert_pipeline_matches(repo: Path, reference: dict) -> None:

@@ -398,6 +398,7 @@ runpy.run_module("transferlab.{module}", run_name="__main__")
 """
 
 
+@pytest.mark.slow
 def test_running_out_of_memory_suggests_a_smaller_batch(project):
     project(
         image_size=1024, batch_size=12

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 from PIL import Image
 
 from browser import open_page
 from conftest import run_command
 from imagegen import make_image_folder
+
+pytestmark = pytest.mark.slow  # every test here runs dvc or training stages end to end
 
 MODELS = ("probe", "finetune", "scratch")
 STAGES = [

@@ -61,6 +61,7 @@ def test_the_official_data_is_recognised_as_a_local_copy(tmp_path):
     assert dataset.acquire("download", tmp_path / "raw", str(CALTECH.parent)) == CALTECH
 
 
+@pytest.mark.slow
 def test_pretrained_weights_beat_random_init_by_a_wide_margin(tmp_path, monkeypatch):
     subset = tmp_path / "subset"
     subset.mkdir()
@@ -119,6 +120,7 @@ def test_pretrained_weights_beat_random_init_by_a_wide_margin(tmp_path, monkeypa
     assert training.fit("finetune")["val_acc"] >= 0.8
 
 
+@pytest.mark.slow
 def test_onnx_runtime_gives_eager_pytorchs_logits_on_the_real_network(tmp_path, monkeypatch):
     """The fast CPU path is used only because it gives the same outputs:
     checked here on real weights and images."""

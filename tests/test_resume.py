@@ -18,6 +18,8 @@ import yaml
 from conftest import run_command
 from transferlab import training
 
+pytestmark = pytest.mark.slow  # every test here runs dvc or training stages end to end
+
 TRAIN = [sys.executable, "-m", "transferlab.train", "finetune"]
 
 
