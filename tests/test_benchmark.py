@@ -42,6 +42,7 @@ def test_throughput_smoke_run_reports_every_figure(project, tiny_folder, tmp_pat
     assert all(f"| {key} |" in table for key in results)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     not os.environ.get(GRID_ENV), reason=f"5 minutes of dvc runs on 2 cores: set {GRID_ENV}=1"
 )

@@ -7,28 +7,64 @@ import sys
 
 import pytest
 import yaml
+from dvc.utils.hydra import apply_overrides, get_hydra_sweeps
 
 from conftest import PROJECT, run_command
 from transferlab import smoke
-from transferlab.config import parse_params
+from transferlab.config import parse_params, read_yaml
 from transferlab.errors import ConfigError
 
 
-def test_the_preset_is_valid_with_the_project_params_and_given_as_dvc_set_params(tmp_path):
+def test_the_preset_is_valid_with_the_project_params_and_given_as_dvc_set_params(tmp_path, monkeypatch):
     raw = yaml.safe_load((PROJECT / "params.yaml").read_text())
-    values = smoke.settings(str(tmp_path))
+    odd = tmp_path / "my photos, 2026"  # a comma would make a Hydra sweep unless quoted
+    odd.mkdir()
+    values = smoke.settings(str(odd), raw)
     params = parse_params(smoke.applied(raw, values))
-    assert (params.data.train_per_class, params.train.epochs, params.data.source) == (6, 1, str(tmp_path))
+    assert (params.data.train_per_class, params.train.epochs, params.data.source) == (6, 1, str(odd))
     assert raw["train"]["epochs"] != 1, "applied() leaves the params it was given alone"
-    cmd = smoke.command(values, "smoke-x")
-    assert cmd[:6] == ["dvc", "exp", "run", "--temp", "--name", "smoke-x"]
-    pairs = dict(arg.split("=", 1) for arg in cmd[7::2])
-    assert set(cmd[6::2]) == {"-S"} and pairs["train.compile"] == "false" and pairs["data.cache_size"] == "96"
+    monkeypatch.chdir(tmp_path)  # no data/raw here: nothing to copy along
+    command = smoke.command(values, "smoke-x")
+    assert command[:6] == ["dvc", "exp", "run", "--temp", "--name", "smoke-x"]
+    pairs = dict(arg.split("=", 1) for arg in command[7::2])
+    assert (
+        set(command[6::2]) == {"-S"}
+        and pairs["train.compile"] == "false"
+        and pairs["data.cache_size"] == "96"
+    )
+    (sweep,) = get_hydra_sweeps({"params.yaml": command[7::2]})  # one experiment, not a sweep
+    written = tmp_path / "params.yaml"
+    written.write_text(yaml.safe_dump(raw))
+    apply_overrides(str(written), sweep["params.yaml"])  # as dvc exp run -S writes params.yaml
+    assert parse_params(read_yaml(written.read_text())) == params
 
 
-def test_a_source_that_is_not_there_is_refused_before_anything_runs(tmp_path):
+def test_relative_paths_in_params_are_made_absolute_and_the_download_is_copied_along(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "weights.pth").write_bytes(b"")
+    raw = {"data": {"source": "photos"}, "model": {"weights": "weights.pth"}}
+    values = smoke.settings(None, raw)
+    assert values["data.source"] == str(tmp_path / "photos") and values["model.weights"] == str(
+        tmp_path / "weights.pth"
+    )
+    assert "data.source" not in smoke.settings(
+        None, {"data": {"source": "download"}, "model": {"weights": "imagenet"}}
+    )
+    (tmp_path / "data/raw").mkdir(parents=True)
+    command = smoke.command(values, "smoke-x")
+    assert command[6:8] == ["--copy-paths", "data/raw"]
+
+
+def test_a_source_that_is_not_there_or_no_params_file_is_refused_before_anything_runs(tmp_path):
+    raw = {"data": {"source": "download"}, "model": {"weights": "imagenet"}}
     with pytest.raises(ConfigError, match="--source .*nowhere: no such folder or archive"):
-        smoke.settings(str(tmp_path / "nowhere"))
+        smoke.settings(str(tmp_path / "nowhere"), raw)
+    with pytest.raises(ConfigError, match="not found: run from the project root"):
+        smoke.launch(params=tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("[]")
+    with pytest.raises(ConfigError, match="must be a mapping of sections"):
+        smoke.launch(params=tmp_path / "params.yaml")
 
 
 @pytest.mark.slow

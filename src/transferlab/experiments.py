@@ -33,9 +33,10 @@ have it already. It trains on train + val and evaluates once.
 
 A model's training summaries identical to its baseline commit's are the baseline's run (its stages did not run
 in that experiment: train_scratch in a train_finetune grid): it counts once, for the baseline. Runs without a
-validation score (``train_on_val: true`` and no holdout twin: a final fit) are left out and named. Settings a
-commit's params.yaml does not name are read as today's defaults (with ``--all-commits``, an old commit may
-have run with other ones).
+validation score (``train_on_val: true`` and no holdout twin: a final fit) are left out and named. So is an
+experiment whose params.yaml does not set every key today's code reads (one from an older commit, or from
+before a rename such as ``train.frozen_stages`` to ``train.frozen_layers``): the code has no defaults to
+fill in.
 Writes to ``--out``:
 
 - ``experiments.md`` / ``experiments.csv``: each model's distinct settings, ranked by validation accuracy;
@@ -295,7 +296,7 @@ def valid_experiments(experiments: list[Experiment]) -> tuple[list[Experiment], 
     return valid, notes
 
 
-def _hydra(value) -> str:
+def hydra_value(value) -> str:
     """A value as a Hydra override writes it (``dvc exp run -S``)."""
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -304,7 +305,7 @@ def _hydra(value) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, list):
-        return "[" + ",".join(_hydra(v) for v in value) + "]"
+        return "[" + ",".join(hydra_value(v) for v in value) + "]"
     text = str(value)
     if re.fullmatch(r"[A-Za-z_][\w./-]*", text) and text.lower() not in (
         "true",
@@ -331,7 +332,7 @@ def _command(overrides: dict) -> str:
     """``dvc exp run`` with one ``-S`` per override (params.yaml names every key: no ``++`` needed)."""
     parts = ["dvc", "exp", "run"]
     for key, value in overrides.items():
-        parts += ["-S", shlex.quote(f"{key}={_hydra(value)}")]
+        parts += ["-S", shlex.quote(f"{key}={hydra_value(value)}")]
     return " ".join(parts)
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from .config import parse_params, read_yaml
 from .errors import ConfigError
+from .experiments import hydra_value
+from .paths import RAW_DIR
 
 PRESET = {
     "data.train_per_class": 6,
@@ -34,14 +36,17 @@ PRESET = {
 }
 
 
-def settings(source: str | None) -> dict:
-    """The preset, with ``data.source`` set to ``source`` (made absolute: the run happens in a copy)."""
+def settings(source: str | None, raw: dict) -> dict:
+    """The preset on ``raw`` params, with ``data.source`` set to ``source``. The run happens in a copy of the
+    workspace, so a relative data.source or model.weights path that exists here is made absolute."""
     values = dict(PRESET)
-    if source is not None:
-        path = Path(source).expanduser()
-        if not path.exists():
-            raise ConfigError(f"--source {source}: no such folder or archive")
-        values["data.source"] = str(path.resolve())
+    if source is not None and not Path(source).expanduser().exists():
+        raise ConfigError(f"--source {source}: no such folder or archive")
+    paths = {"data.source": source or raw["data"]["source"], "model.weights": raw["model"]["weights"]}
+    for key, value in paths.items():
+        path = Path(value).expanduser()
+        if path.exists():
+            values[key] = str(path.resolve())
     return values
 
 
@@ -50,22 +55,36 @@ def applied(raw: dict, values: dict) -> dict:
     merged = {section: dict(keys or {}) for section, keys in raw.items()}
     for key, value in values.items():
         section, name = key.split(".")
-        merged[section][name] = value
+        merged.setdefault(section, {})[name] = value
     return merged
 
 
 def command(values: dict, name: str) -> list[str]:
-    """The ``dvc exp run`` that runs the pipeline with ``values``; ``-S`` takes YAML values."""
-    args = [
-        f"{key}={str(value).lower() if isinstance(value, bool) else value}" for key, value in values.items()
-    ]
-    return ["dvc", "exp", "run", "--temp", "--name", name, *(part for arg in args for part in ("-S", arg))]
+    """The ``dvc exp run`` that runs the pipeline with ``values``; the downloaded archive (``data/raw``,
+    ignored by git, so not in the temporary copy otherwise) is copied along when there is one."""
+    copied = ["--copy-paths", str(RAW_DIR)] if RAW_DIR.is_dir() else []
+    overrides = [part for key, value in values.items() for part in ("-S", f"{key}={hydra_value(value)}")]
+    return ["dvc", "exp", "run", "--temp", "--name", name, *copied, *overrides]
+
+
+def read_params(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: run from the project root, where params.yaml lives")
+    raw = read_yaml(path.read_text())
+    if (
+        not isinstance(raw, dict)
+        or not isinstance(raw.get("data"), dict)
+        or not isinstance(raw.get("model"), dict)
+    ):
+        raise ConfigError(f"{path} must be a mapping of sections, with data: and model: among them")
+    return raw
 
 
 def launch(source: str | None = None, params: Path = Path("params.yaml")) -> int:
     """Check the preset against params.yaml, then run it; returns dvc's exit status."""
-    values = settings(source)
-    parse_params(applied(read_yaml(params.read_text()), values))  # a bad combination fails here, not mid-run
+    raw = read_params(params)
+    values = settings(source, raw)
+    parse_params(applied(raw, values))  # a bad combination fails here, not mid-run
     name = time.strftime("smoke-%Y%m%d-%H%M%S")
     print(" ".join(command(values, name)), flush=True)
     started = time.perf_counter()
