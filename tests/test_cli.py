@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +18,8 @@ import yaml
 from PIL import Image
 
 from conftest import tiny_params
-from transferlab import cli, export, prepare, training
-from transferlab.paths import PREPARED_DIR, checkpoint_path
+from transferlab import cli, export, gradcam, prepare, training
+from transferlab.paths import GRADCAM_IMAGE, PREPARED_DIR, checkpoint_path
 from transferlab.splits import load_split
 from transferlab.trained_model import TrainedModel
 
@@ -266,3 +267,22 @@ def test_predict_takes_several_files_and_folders(project, transferlab):
     assert paths[0] == "images/class_0/image_0000.jpg" and len(paths) == 1 + 12, (
         "each image once, in the order given"
     )
+
+
+def test_the_gradcam_stage_draws_every_model_on_the_same_test_images(project, monkeypatch):
+    """The gradcam stage in this process (in the pipeline it runs as its own stage): one row per sampled
+    test image. The probe's and scratch's checkpoints are stand-ins, copies of the fine-tuned model's."""
+    monkeypatch.chdir(project)
+    stand_ins = [checkpoint_path(model) for model in ("probe", "scratch")]
+    for path in stand_ins:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(checkpoint_path("finetune"), path)
+    try:
+        gradcam.main()
+    finally:
+        for path in stand_ins:
+            shutil.rmtree(path.parent)
+    with Image.open(project / GRADCAM_IMAGE) as picture:
+        assert picture.format == "JPEG" and picture.width > picture.height / 6
+    _, labels = load_split("test")
+    assert len(gradcam.gradcam_sample(labels, 6)) == 6 and gradcam.gradcam_sample(labels, 0).size == 0
