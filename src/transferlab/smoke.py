@@ -86,9 +86,10 @@ def launch(source: str | None = None, params: Path = Path("params.yaml")) -> int
     values = settings(source, raw)
     parse_params(applied(raw, values))  # a bad combination fails here, not mid-run
     name = time.strftime("smoke-%Y%m%d-%H%M%S")
-    print(" ".join(command(values, name)), flush=True)
+    dvc = command(values, name)
+    print(" ".join(dvc), flush=True)
     started = time.perf_counter()
-    status = subprocess.run(command(values, name)).returncode
+    status = subprocess.run(dvc).returncode
     if status == 0:
         minutes = (time.perf_counter() - started) / 60
         print(f"smoke run {name}: the whole pipeline ran in {minutes:.1f} min; see it with `dvc exp show`")
