@@ -750,3 +750,63 @@ def test_a_head_grid_varies_the_head_not_the_probe_settings_only_lp_ft_runs_have
         assert (
             "| 47.00% | random | 0.001 | random-0.001 |" in (tmp_path / winner / "experiments.md").read_text()
         )
+
+
+def test_a_setting_on_several_folds_is_scored_by_its_mean_over_the_folds_every_setting_ran(tmp_path):
+    """Candidates closer than one split's noise are decided on several validation folds: one setting per
+    distinct recipe whatever its fold, ranked by the mean over the folds every setting ran (the default's
+    fold 0, which the rival did not run, would otherwise decide), with the standard error across folds; the
+    fold is never a varied key nor in the final-fit command."""
+    workspace = tiny_params()
+    scores = {  # (lr, fold): validation accuracy
+        (0.001, 0): 0.99,
+        (0.001, 1): 0.80,
+        (0.001, 2): 0.84,
+        (0.002, 1): 0.83,
+        (0.002, 2): 0.85,
+    }
+    runs = [
+        entry(
+            f"lr{lr}-fold{fold}", {"train.lr": lr, "data.val_fold": fold}, {"finetune": acc}, base=workspace
+        )
+        for (lr, fold), acc in scores.items()
+    ]
+    (tmp_path / "shown.json").write_text(json.dumps(shown(entry("main", {}, {}, base=workspace), runs)))
+    finetune = summarize(tmp_path / "shown.json", tmp_path / "out")["finetune"]
+
+    assert finetune["varied"] == ["lr"]
+    rival, default = finetune["settings"]
+    assert rival.values["lr"] == 0.002 and rival.scores == {1: 0.83, 2: 0.85} and rival.compared == [1, 2]
+    assert default.compared == [1, 2] and default.val_acc == pytest.approx(0.82)
+    assert rival.val_acc == pytest.approx(0.84) and rival.standard_error == pytest.approx(0.01)
+    chosen = finetune["chosen"]
+    assert chosen["folds"] == [1, 2] and chosen["val_acc_se"] == pytest.approx(0.01)
+    assert chosen["scored_by"] == "lr0.002-fold1, lr0.002-fold2"
+    assert chosen["final_fit"]["command"] == "dvc exp run -S train.lr=0.002 -S train.train_on_val=true"
+    report = (tmp_path / "out/experiments.md").read_text()
+    assert "| 84.00% ± 1.00% | 83.00% / 85.00% | 0.002 | lr0.002-fold1, lr0.002-fold2 |" in report
+    assert "Not in the comparison, as not every setting ran them: fold 0 (lr0.001-fold0)." in report
+    with (tmp_path / "out/experiments.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["val_acc"], r["val_acc_se"], r["folds"]) for r in rows] == [
+        ("0.84", "0.01", "1 2"),
+        ("0.82", "0.02", "1 2"),
+    ]
+    assert (tmp_path / "out/validation_vs_params.png").is_file()
+
+
+def test_a_key_only_some_settings_have_varies_and_the_plots_leave_the_others_out(tmp_path):
+    """probe.C varies among the probe-headed runs, which random-head runs do not have: the plots draw each
+    panel from the settings that have its keys, and the heatmap outlines the choice only where it is."""
+    workspace = set_dotted(tiny_params(), {"probe.train_on_val": False})
+    runs = [
+        entry("probe-c1", {"train.init_head": "probe", "probe.C": [0.1]}, {"finetune": 0.90}, base=workspace),
+        entry("probe-c3", {"train.init_head": "probe", "probe.C": [0.3]}, {"finetune": 0.88}, base=workspace),
+        entry("random", {"train.init_head": "random"}, {"finetune": 0.95}, base=workspace),
+    ]
+    (tmp_path / "shown.json").write_text(json.dumps(shown(entry("main", {}, {}, base=workspace), runs)))
+    finetune = summarize(tmp_path / "shown.json", tmp_path / "out")["finetune"]
+    assert finetune["varied"] == ["init_head", "probe.C"] and finetune["chosen"]["runs"] == ["random"]
+    assert finetune["chosen"]["values"] == {"init_head": "random"}, "a random head has no probe.C"
+    for picture in ("validation_vs_params.png", "heatmap_finetune.png"):
+        assert (tmp_path / "out" / picture).read_bytes()[:4] == b"\x89PNG"

@@ -18,7 +18,10 @@ them vary:
   stage's output (``mode: feature_extract`` with ``augment: false``).
 
 ``train_on_val`` is left out of the settings: it is the protocol (validate, or make the final fit), not a
-setting to choose.
+setting to choose. So is ``data.val_fold``: a setting run on several validation folds (``dvc exp run --queue
+holdout_finetune -S 'data.val_fold=0,1,2,3,4,5' -S 'train.lr=0.001,0.002'``) is one setting, scored by its
+mean validation accuracy over the folds that every setting ran (each comparison on the same images), with the
+standard error of that mean across folds: a choice between candidates closer than one split's noise.
 
 Grid points are validation-only: queued with a holdout stage as the target (``dvc exp run --queue
 holdout_finetune -S 'train.lr=...'``: the recipe trained on the train split, validated every epoch), or the
@@ -80,6 +83,9 @@ VALIDATION_RECIPES = {
     "scratch": "dvc exp run --queue holdout_scratch -S 'scratch.lr=...'",
 }
 NO_VALIDATION_HINT = "queue validation-only runs: " + "; ".join(VALIDATION_RECIPES[model] for model in MODELS)
+# a run's validation fold: the same setting on another fold is the same setting, scored on other images, so
+# it is left out of the settings as data.source is
+FOLD = "data.val_fold"
 FINAL_FIT = "trains on train + val with the chosen setting and evaluates the test split once"
 
 
@@ -101,17 +107,36 @@ class Experiment:
 
 @dataclass
 class Setting:
-    """One distinct setting of one model, with the experiments that ran it
-    (several when it did not change)."""
+    """One distinct setting of one model, with the experiments that ran it: several when it did not change,
+    or when it ran on several validation folds (``data.val_fold``), which is one setting scored on each."""
 
     values: dict  # the settings the model ran with
     experiments: list[Experiment]
-    val_acc: float  # the best of its experiments' scores (equal unless a run was nondeterministic) ...
-    scored_by: Experiment  # ... scored by this one
+    # per validation fold, the best of its runs' scores there (equal unless a run was nondeterministic) ...
+    scores: dict[int, float] = dataclasses.field(default_factory=dict)
+    scorers: dict[int, str] = dataclasses.field(default_factory=dict)  # ... and the run that scored it
+    compared: list[int] = dataclasses.field(default_factory=list)  # the folds it is ranked on (see rank)
 
     @property
     def runs(self) -> list[str]:
         return [e.name for e in self.experiments]
+
+    @property
+    def scored_by(self) -> str:
+        return ", ".join(self.scorers[fold] for fold in self.compared)
+
+    @property
+    def val_acc(self) -> float:
+        """The mean validation accuracy over the compared folds."""
+        return float(np.mean([self.scores[fold] for fold in self.compared]))
+
+    @property
+    def standard_error(self) -> float | None:
+        """Of that mean, across the compared folds; None for one fold."""
+        if len(self.compared) < 2:
+            return None
+        values = [self.scores[fold] for fold in self.compared]
+        return float(np.std(values, ddof=1) / math.sqrt(len(values)))
 
 
 def _experiment(name: str, entry: dict, baseline: Experiment | None = None) -> Experiment | None:
@@ -163,7 +188,7 @@ def _run_section(run: str, cfg) -> dict:
 def model_settings(params: dict) -> dict[str, dict]:
     """The settings each model ran with (see the module's docstring), ``train_on_val`` left out."""
     checked = parse_params(params)
-    data = _section("data.", checked.data, ("source",))
+    data = _section("data.", checked.data, ("source", "val_fold"))
     model = _section("model.", checked.model)
     features = _section("features.", checked.features)
     probe = _section("probe.", checked.probe, (PROTOCOL,))
@@ -245,8 +270,7 @@ def _key(value) -> str:
 
 
 def distinct_settings(experiments: list[Experiment], model: str) -> tuple[list[Setting], list[str]]:
-    """The model's distinct settings, best validation accuracy first (ties: the first run name), and the
-    varied keys.
+    """The model's distinct settings, ranked by :func:`rank`, and the varied keys.
 
     ``experiments`` have valid params (see :func:`valid_experiments`).
     """
@@ -255,17 +279,26 @@ def distinct_settings(experiments: list[Experiment], model: str) -> tuple[list[S
         score = validation_score(experiment, model)
         if score is None or baseline_copy(experiment, model):
             continue
-        values = model_settings(experiment.params)[model]
-        setting = by_values.setdefault(_key(values), Setting(values, [], score, experiment))
+        values, fold = model_settings(experiment.params)[model], experiment.params["data"]["val_fold"]
+        setting = by_values.setdefault(_key(values), Setting(values, []))
         setting.experiments.append(experiment)
-        if score > setting.val_acc:
-            setting.val_acc, setting.scored_by = score, experiment
-    settings = sorted(by_values.values(), key=lambda s: (-s.val_acc, s.scored_by.name))
+        if score > setting.scores.get(fold, -math.inf):
+            setting.scores[fold], setting.scorers[fold] = score, experiment.name
+    settings = rank(list(by_values.values()))
     # a key only some settings have (the probe's, for LP-FT runs among random-head ones) varies only if its
     # values do
     keys = dict.fromkeys(key for setting in settings for key in setting.values)
     varied = [key for key in keys if len({_key(s.values[key]) for s in settings if key in s.values}) > 1]
     return settings, varied
+
+
+def rank(settings: list[Setting]) -> list[Setting]:
+    """Best mean validation accuracy first (ties: the first run's name), over the folds every setting ran,
+    so that each comparison is on the same images; where no fold is common to all, each setting's own."""
+    common = sorted(set.intersection(*(set(s.scores) for s in settings))) if settings else []
+    for setting in settings:
+        setting.compared = common or sorted(setting.scores)
+    return sorted(settings, key=lambda s: (-s.val_acc, s.runs[0]))
 
 
 def without_validation(experiments: list[Experiment]) -> dict[str, list[str]]:
@@ -447,9 +480,11 @@ def summarise(experiments: list[Experiment], base: dict) -> dict:
             "varied": varied,
             "chosen": {
                 "runs": chosen.runs,
-                "scored_by": chosen.scored_by.name,
+                "scored_by": chosen.scored_by,
                 "val_acc": chosen.val_acc,
-                "values": {key: chosen.values.get(key) for key in varied},
+                "folds": chosen.compared,
+                "val_acc_se": chosen.standard_error,
+                "values": {key: chosen.values[key] for key in varied if key in chosen.values},
                 "final_fit": final_fit(model, chosen, varied, base),
             },
         }
@@ -472,6 +507,38 @@ def _final_fit_line(fit: dict) -> list[str]:
     if fit["problem"]:
         lines.append(f"Not runnable as it stands: {fit['problem']}.")
     return lines
+
+
+def _accuracy(setting: Setting) -> str:
+    error = setting.standard_error
+    return f"{setting.val_acc:.2%}" + ("" if error is None else f" ± {error:.2%}")
+
+
+def _folds_lines(settings: list[Setting]) -> list[str]:
+    """What the scores are means of, when the settings ran on several validation folds."""
+    folds = sorted({fold for s in settings for fold in s.scores})
+    if len(folds) == 1:
+        return []
+    common = settings[0].compared if all(s.compared == settings[0].compared for s in settings) else None
+    lines = [
+        f"Validation folds run ({FOLD}): {', '.join(map(str, folds))}. "
+        + (
+            f"Each setting is scored by its mean over folds {', '.join(map(str, common))}, the folds every "
+            "setting ran, so that each comparison is on the same images"
+            if common
+            else "No fold is common to every setting: each is scored by the mean over its own folds, "
+            "which are not the same images"
+        )
+        + "; ± is the standard error of that mean across folds."
+    ]
+    left_out = [
+        f"fold {fold} ({s.scorers[fold]})"
+        for s in settings
+        for fold in sorted(set(s.scores) - set(s.compared))
+    ]
+    if left_out:
+        lines.append(f"Not in the comparison, as not every setting ran them: {', '.join(left_out)}.")
+    return [*lines, ""]
 
 
 def markdown(
@@ -512,26 +579,32 @@ def markdown(
         part = summary[model]
         chosen, varied = part["chosen"], part["varied"]
         lines += [f"## {NAMES[model]}", ""]
+        lines += _folds_lines(part["settings"])
         if not varied:
             lines += [
                 "No setting of this model varies across these experiments "
-                f"(validation accuracy {chosen['val_acc']:.2%}).",
+                f"(validation accuracy {_accuracy(part['settings'][0])}).",
                 *_final_fit_line(chosen["final_fit"]),
                 "",
             ]
             continue
         described = ", ".join(f"{key}={_shown(value)}" for key, value in chosen["values"].items())
+        folds = len(chosen["folds"]) > 1
         lines += [
             f"Chosen on validation: **{described}** ({chosen['scored_by']}), "
-            f"validation accuracy {chosen['val_acc']:.2%}.",
+            f"validation accuracy {_accuracy(part['settings'][0])}.",
             *_final_fit_line(chosen["final_fit"]),
             "",
-            "| " + " | ".join(["validation accuracy", *varied, "experiments"]) + " |",
-            "|" + "---|" * (len(varied) + 2),
+            "| "
+            + " | ".join(["validation accuracy", *(["per fold"] if folds else []), *varied, "experiments"])
+            + " |",
+            "|" + "---|" * (len(varied) + 2 + folds),
         ]
         for setting in part["settings"]:
+            per_fold = [" / ".join(f"{setting.scores[f]:.2%}" for f in setting.compared)] if folds else []
             cells = [
-                f"{setting.val_acc:.2%}",
+                _accuracy(setting),
+                *per_fold,
                 *(_shown(setting.values.get(key, "-")) for key in varied),
                 ", ".join(setting.runs),
             ]
@@ -576,35 +649,43 @@ def plot_against_params(summary: dict, path: Path) -> None:
                 continue
             key = varied[row]
             others = [k for k in varied if k != key]
-            x, distinct, log_axis = _positions([s.values[key] for s in settings])
+            grouped = len(others) == 1
+            # a key only some settings have (the probe's, among random-head runs) leaves the others off
+            on_panel = [s for s in settings if key in s.values and (not grouped or others[0] in s.values)]
+            if not on_panel:
+                ax.axis("off")
+                continue
+            x, distinct, log_axis = _positions([s.values[key] for s in on_panel])
             groups = {"": None}
-            if len(others) == 1:
-                groups = {
-                    _key(value): value for value in _positions([s.values[others[0]] for s in settings])[1]
-                }
+            if grouped:
+                groups = {_key(v): v for v in _positions([s.values[others[0]] for s in on_panel])[1]}
             for group_key, group_value in groups.items():
                 members = [
-                    i
-                    for i, s in enumerate(settings)
-                    if len(others) != 1 or _key(s.values[others[0]]) == group_key
+                    i for i, s in enumerate(on_panel) if not grouped or _key(s.values[others[0]]) == group_key
                 ]
-                points = sorted((x[i], settings[i].val_acc) for i in members)
+                points = sorted((x[i], on_panel[i].val_acc, on_panel[i].standard_error) for i in members)
                 best_at = {}
-                for px, py in points:
+                for px, py, _ in points:
                     best_at[px] = max(best_at.get(px, py), py)
-                label = f"{others[0]}={_shown(group_value)}" if len(others) == 1 else None
+                label = f"{others[0]}={_shown(group_value)}" if grouped else None
                 line = ax.plot(list(best_at), list(best_at.values()), marker="o", label=label)[0]
                 ax.scatter([p[0] for p in points], [p[1] for p in points], color=line.get_color(), s=12)
-            ax.scatter(
-                [x[0]],
-                [chosen.val_acc],
-                marker="*",
-                s=220,
-                color="gold",
-                edgecolor="black",
-                zorder=5,
-                label="chosen",
-            )
+                with_error = [p for p in points if p[2] is not None]
+                if with_error:  # several validation folds: the standard error of each mean
+                    ax.errorbar(
+                        *zip(*with_error, strict=True), fmt="none", ecolor=line.get_color(), capsize=3
+                    )
+            if chosen in on_panel:
+                ax.scatter(
+                    [x[on_panel.index(chosen)]],
+                    [chosen.val_acc],
+                    marker="*",
+                    s=220,
+                    color="gold",
+                    edgecolor="black",
+                    zorder=5,
+                    label="chosen",
+                )
             if log_axis:
                 ax.set_xscale("log")
             ax.set_xticks(
@@ -622,7 +703,9 @@ def plot_against_params(summary: dict, path: Path) -> None:
 
 def plot_heatmap(model: str, part: dict, path: Path) -> None:
     """A two-setting grid as a heatmap of validation accuracy; the chosen cell is outlined."""
-    (row_key, col_key), settings = part["varied"], part["settings"]
+    (row_key, col_key) = part["varied"]
+    # a key only some settings have (the probe's, among random-head runs) leaves the others out
+    settings = [s for s in part["settings"] if row_key in s.values and col_key in s.values]
     rows = _positions([s.values[row_key] for s in settings])[1]
     cols = _positions([s.values[col_key] for s in settings])[1]
     grid = np.full((len(rows), len(cols)), np.nan)
@@ -645,11 +728,13 @@ def plot_heatmap(model: str, part: dict, path: Path) -> None:
                 color="white" if value < np.nanmean(grid) else "black",
                 fontsize=9,
             )
-    best_r = [_key(v) for v in rows].index(_key(settings[0].values[row_key]))
-    best_c = [_key(v) for v in cols].index(_key(settings[0].values[col_key]))
-    ax.add_patch(
-        plt.Rectangle((best_c - 0.5, best_r - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5)
-    )
+    chosen = part["settings"][0]
+    if chosen in settings:
+        best_r = [_key(v) for v in rows].index(_key(chosen.values[row_key]))
+        best_c = [_key(v) for v in cols].index(_key(chosen.values[col_key]))
+        ax.add_patch(
+            plt.Rectangle((best_c - 0.5, best_r - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5)
+        )
     ax.set_xticks(range(len(cols)), [_shown(v) for v in cols])
     ax.set_yticks(range(len(rows)), [_shown(v) for v in rows])
     ax.set_xlabel(col_key)
@@ -686,11 +771,19 @@ def write_outputs(
     write_json(out / "summary.json", summary_json(summary, unscored, notes, base_name, together))
     varied = sorted({key for part in summary.values() for key in part["varied"]})
     rows = [
-        [model, f"{s.val_acc:.6g}", *(_shown(s.values.get(key, "")) for key in varied), " ".join(s.runs)]
+        [
+            model,
+            f"{s.val_acc:.6g}",
+            "" if s.standard_error is None else f"{s.standard_error:.6g}",
+            " ".join(map(str, s.compared)),
+            *(_shown(s.values.get(key, "")) for key in varied),
+            " ".join(s.runs),
+        ]
         for model, part in summary.items()
         for s in part["settings"]
     ]
-    write_csv(out / "experiments.csv", ["model", "val_acc", *varied, "experiments"], rows)
+    header = ["model", "val_acc", "val_acc_se", "folds", *varied, "experiments"]
+    write_csv(out / "experiments.csv", header, rows)
     written = [out / "experiments.md", out / "summary.json", out / "experiments.csv"]
     if any(part["varied"] for part in summary.values()):
         plot_against_params(summary, out / "validation_vs_params.png")
