@@ -752,40 +752,53 @@ def test_a_head_grid_varies_the_head_not_the_probe_settings_only_lp_ft_runs_have
         )
 
 
-def test_a_setting_on_several_folds_is_scored_by_its_mean_over_the_folds_every_setting_ran(tmp_path):
+def test_a_setting_on_several_folds_is_scored_by_its_mean_over_the_folds_compared(tmp_path):
     """Candidates closer than one split's noise are decided on several validation folds: one setting per
-    distinct recipe whatever its fold, ranked by the mean over the folds every setting ran (the default's
-    fold 0, which the rival did not run, would otherwise decide), with the standard error across folds; the
-    fold is never a varied key nor in the final-fit command."""
+    recipe whatever its fold, ranked by the mean over the folds the most settings ran (the baseline commit's
+    fold 0, which the rival did not run, would otherwise decide; a setting run on fold 0 only is not ranked,
+    though its one score is the highest), the best of repeated runs on a fold, the standard error across
+    folds and the paired difference to the chosen one; the fold is never a varied key nor in the final fit."""
     workspace = tiny_params()
-    scores = {  # (lr, fold): validation accuracy
-        (0.001, 0): 0.99,
-        (0.001, 1): 0.80,
-        (0.001, 2): 0.84,
-        (0.002, 1): 0.83,
-        (0.002, 2): 0.85,
+    default, rival, lucky = (
+        workspace["train"]["lr"],
+        2 * workspace["train"]["lr"],
+        4 * workspace["train"]["lr"],
+    )
+    scores = {  # (name, lr, fold): validation accuracy
+        ("default-1", default, 1): 0.80,
+        ("default-2", default, 2): 0.84,
+        ("rival-1", rival, 1): 0.83,
+        ("rival-1-again", rival, 1): 0.81,
+        ("rival-2", rival, 2): 0.85,
+        ("lucky-0", lucky, 0): 0.995,
     }
     runs = [
-        entry(
-            f"lr{lr}-fold{fold}", {"train.lr": lr, "data.val_fold": fold}, {"finetune": acc}, base=workspace
-        )
-        for (lr, fold), acc in scores.items()
+        entry(name, {"train.lr": lr, "data.val_fold": fold}, {"finetune": acc}, base=workspace)
+        for (name, lr, fold), acc in scores.items()
     ]
-    (tmp_path / "shown.json").write_text(json.dumps(shown(entry("main", {}, {}, base=workspace), runs)))
+    baseline = entry("main", {}, {"finetune": 0.99}, base=workspace)  # fold 0
+    (tmp_path / "shown.json").write_text(json.dumps(shown(baseline, runs)))
     finetune = summarize(tmp_path / "shown.json", tmp_path / "out")["finetune"]
 
     assert finetune["varied"] == ["lr"]
-    rival, default = finetune["settings"]
-    assert rival.values["lr"] == 0.002 and rival.scores == {1: 0.83, 2: 0.85} and rival.compared == [1, 2]
-    assert default.compared == [1, 2] and default.val_acc == pytest.approx(0.82)
-    assert rival.val_acc == pytest.approx(0.84) and rival.standard_error == pytest.approx(0.01)
+    best, second = finetune["settings"]
+    assert best.values["lr"] == rival and best.scores == {1: 0.83, 2: 0.85} and best.compared == [1, 2]
+    assert second.scores == {0: 0.99, 1: 0.80, 2: 0.84} and second.val_acc == pytest.approx(0.82)
+    assert best.val_acc == pytest.approx(0.84) and best.standard_error == pytest.approx(0.01)
+    assert [s.runs for s in finetune["unranked"]] == [["lucky-0"]]
     chosen = finetune["chosen"]
     assert chosen["folds"] == [1, 2] and chosen["val_acc_se"] == pytest.approx(0.01)
-    assert chosen["scored_by"] == "lr0.002-fold1, lr0.002-fold2"
-    assert chosen["final_fit"]["command"] == "dvc exp run -S train.lr=0.002 -S train.train_on_val=true"
+    assert chosen["scored_by"] == "rival-1, rival-2"
+    assert chosen["final_fit"]["command"] == f"dvc exp run -S train.lr={rival!r} -S train.train_on_val=true"
     report = (tmp_path / "out/experiments.md").read_text()
-    assert "| 84.00% ± 1.00% | 83.00% / 85.00% | 0.002 | lr0.002-fold1, lr0.002-fold2 |" in report
-    assert "Not in the comparison, as not every setting ran them: fold 0 (lr0.001-fold0)." in report
+    assert "| validation accuracy | per fold (1 / 2) | vs chosen | lr | experiments |" in report
+    assert f"| 84.00% ± 1.00% | 83.00% / 85.00% |  | {rival!r} | rival-1, rival-1-again, rival-2 |" in report
+    assert "| 82.00% ± 2.00% | 80.00% / 84.00% | -2.00 ± 1.00 points |" in report
+    assert "Not in the comparison: fold 0 (main)." in report
+    assert "Not ranked, as they did not run every one of those folds: lucky-0 (fold 0)." in report
+    assert json.loads((tmp_path / "out/summary.json").read_text())["finetune"]["not_ranked"] == [
+        {"runs": ["lucky-0"], "folds": [0]}
+    ]
     with (tmp_path / "out/experiments.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [(r["val_acc"], r["val_acc_se"], r["folds"]) for r in rows] == [
@@ -793,6 +806,24 @@ def test_a_setting_on_several_folds_is_scored_by_its_mean_over_the_folds_every_s
         ("0.82", "0.02", "1 2"),
     ]
     assert (tmp_path / "out/validation_vs_params.png").is_file()
+
+
+def test_equal_scores_go_to_the_first_scoring_run(tmp_path):
+    """A setting run twice (a nondeterministic run) is scored by its best run: a tie with another setting
+    goes to the first name among the runs that scored it, not among all its runs."""
+    workspace = tiny_params()
+    lr = workspace["train"]["lr"]
+    runs = [
+        entry("a-run", {"train.lr": lr}, {"finetune": 0.80}, base=workspace),
+        entry("z-run", {"train.lr": lr}, {"finetune": 0.90}, base=workspace),
+        entry("b-run", {"train.lr": 2 * lr}, {"finetune": 0.90}, base=workspace),
+    ]
+    (tmp_path / "shown.json").write_text(json.dumps(shown(entry("main", {}, {}, base=workspace), runs)))
+    finetune = summarize(tmp_path / "shown.json", tmp_path / "out")["finetune"]
+    assert [(s.runs, s.val_acc) for s in finetune["settings"]] == [
+        (["b-run"], 0.90),
+        (["a-run", "z-run"], 0.90),
+    ]
 
 
 def test_a_key_only_some_settings_have_varies_and_the_plots_leave_the_others_out(tmp_path):

@@ -269,8 +269,11 @@ def _key(value) -> str:
     return json.dumps(value, sort_keys=True)
 
 
-def distinct_settings(experiments: list[Experiment], model: str) -> tuple[list[Setting], list[str]]:
-    """The model's distinct settings, ranked by :func:`rank`, and the varied keys.
+def distinct_settings(
+    experiments: list[Experiment], model: str
+) -> tuple[list[Setting], list[Setting], list[str]]:
+    """The model's distinct settings ranked (see :func:`rank`), those left out of the ranking, and the varied
+    keys.
 
     ``experiments`` have valid params (see :func:`valid_experiments`).
     """
@@ -284,21 +287,50 @@ def distinct_settings(experiments: list[Experiment], model: str) -> tuple[list[S
         setting.experiments.append(experiment)
         if score > setting.scores.get(fold, -math.inf):
             setting.scores[fold], setting.scorers[fold] = score, experiment.name
-    settings = rank(list(by_values.values()))
+    ranked, unranked = rank(list(by_values.values()))
     # a key only some settings have (the probe's, for LP-FT runs among random-head ones) varies only if its
     # values do
-    keys = dict.fromkeys(key for setting in settings for key in setting.values)
-    varied = [key for key in keys if len({_key(s.values[key]) for s in settings if key in s.values}) > 1]
-    return settings, varied
+    keys = dict.fromkeys(key for setting in ranked for key in setting.values)
+    varied = [key for key in keys if len({_key(s.values[key]) for s in ranked if key in s.values}) > 1]
+    return ranked, unranked, varied
 
 
-def rank(settings: list[Setting]) -> list[Setting]:
-    """Best mean validation accuracy first (ties: the first run's name), over the folds every setting ran,
-    so that each comparison is on the same images; where no fold is common to all, each setting's own."""
-    common = sorted(set.intersection(*(set(s.scores) for s in settings))) if settings else []
-    for setting in settings:
-        setting.compared = common or sorted(setting.scores)
-    return sorted(settings, key=lambda s: (-s.val_acc, s.runs[0]))
+def comparison_folds(settings: list[Setting]) -> list[int]:
+    """The validation folds the settings are compared on: of the sets of folds they ran (and the one all of
+    them share), the set the most settings ran every fold of; then the larger, then the lower folds."""
+    candidates = {tuple(sorted(s.scores)) for s in settings}
+    common = set.intersection(*(set(s.scores) for s in settings))
+    if common:
+        candidates.add(tuple(sorted(common)))
+
+    def covered(folds: tuple) -> tuple:
+        return sum(set(folds) <= set(s.scores) for s in settings), len(folds), tuple(-f for f in folds)
+
+    return list(max(candidates, key=covered))
+
+
+def rank(settings: list[Setting]) -> tuple[list[Setting], list[Setting]]:
+    """The settings that ran every comparison fold (see :func:`comparison_folds`), best mean validation
+    accuracy over those folds first (ties: the first scoring run's name), so that each comparison is on the
+    same images; and the others, left out of the ranking."""
+    if not settings:
+        return [], []
+    folds = comparison_folds(settings)
+    ranked = [s for s in settings if set(folds) <= set(s.scores)]
+    for setting in ranked:
+        setting.compared = folds
+    ranked.sort(key=lambda s: (-s.val_acc, min(s.scorers[fold] for fold in folds)))
+    return ranked, [s for s in settings if s not in ranked]
+
+
+def paired_difference(setting: Setting, chosen: Setting) -> tuple[float, float | None]:
+    """The setting's validation accuracy minus the chosen one's, fold by fold: the mean and its standard
+    error (None for one fold). Unlike each mean's own error, it leaves out how hard each fold is, which
+    every setting shares: the measure of whether a candidate is behind by more than the noise."""
+    differences = [setting.scores[fold] - chosen.scores[fold] for fold in chosen.compared]
+    if len(differences) < 2:
+        return float(np.mean(differences)), None
+    return float(np.mean(differences)), float(np.std(differences, ddof=1) / math.sqrt(len(differences)))
 
 
 def without_validation(experiments: list[Experiment]) -> dict[str, list[str]]:
@@ -471,12 +503,13 @@ def summarise(experiments: list[Experiment], base: dict) -> dict:
     final-fit command."""
     summary = {}
     for model in MODELS:
-        settings, varied = distinct_settings(experiments, model)
+        settings, unranked, varied = distinct_settings(experiments, model)
         if not settings:
             continue
         chosen = settings[0]
         summary[model] = {
             "settings": settings,
+            "unranked": unranked,
             "varied": varied,
             "chosen": {
                 "runs": chosen.runs,
@@ -514,30 +547,36 @@ def _accuracy(setting: Setting) -> str:
     return f"{setting.val_acc:.2%}" + ("" if error is None else f" ± {error:.2%}")
 
 
-def _folds_lines(settings: list[Setting]) -> list[str]:
-    """What the scores are means of, when the settings ran on several validation folds."""
-    folds = sorted({fold for s in settings for fold in s.scores})
+def _folds(folds: list[int]) -> str:
+    return f"fold{'s' if len(folds) > 1 else ''} {', '.join(map(str, folds))}"
+
+
+def _folds_lines(part: dict) -> list[str]:
+    """Which validation folds the scores are means of, when the settings ran on several."""
+    settings, unranked = part["settings"], part["unranked"]
+    folds = sorted({fold for s in [*settings, *unranked] for fold in s.scores})
     if len(folds) == 1:
         return []
-    common = settings[0].compared if all(s.compared == settings[0].compared for s in settings) else None
+    compared = settings[0].compared
     lines = [
-        f"Validation folds run ({FOLD}): {', '.join(map(str, folds))}. "
+        f"Validation folds run ({FOLD}): {', '.join(map(str, folds))}. The settings are compared on "
+        f"{_folds(compared)}, the folds the most of them ran, so that each comparison is on the same images"
         + (
-            f"Each setting is scored by its mean over folds {', '.join(map(str, common))}, the folds every "
-            "setting ran, so that each comparison is on the same images"
-            if common
-            else "No fold is common to every setting: each is scored by the mean over its own folds, "
-            "which are not the same images"
+            ": each is scored by its mean over them, ± the standard error of that mean across folds, and "
+            "is measured against the chosen one fold by fold (vs chosen: the mean difference ± its standard "
+            "error, which leaves out how hard each fold is)."
+            if len(compared) > 1
+            else "."
         )
-        + "; ± is the standard error of that mean across folds."
     ]
-    left_out = [
-        f"fold {fold} ({s.scorers[fold]})"
-        for s in settings
-        for fold in sorted(set(s.scores) - set(s.compared))
+    extra = [
+        f"fold {fold} ({s.scorers[fold]})" for s in settings for fold in sorted(set(s.scores) - {*compared})
     ]
-    if left_out:
-        lines.append(f"Not in the comparison, as not every setting ran them: {', '.join(left_out)}.")
+    if extra:
+        lines.append(f"Not in the comparison: {', '.join(extra)}.")
+    if unranked:
+        described = "; ".join(f"{', '.join(s.runs)} ({_folds(sorted(s.scores))})" for s in unranked)
+        lines.append(f"Not ranked, as they did not run every one of those folds: {described}.")
     return [*lines, ""]
 
 
@@ -579,35 +618,36 @@ def markdown(
         part = summary[model]
         chosen, varied = part["chosen"], part["varied"]
         lines += [f"## {NAMES[model]}", ""]
-        lines += _folds_lines(part["settings"])
+        lines += _folds_lines(part)
+        best = part["settings"][0]
         if not varied:
             lines += [
                 "No setting of this model varies across these experiments "
-                f"(validation accuracy {_accuracy(part['settings'][0])}).",
+                f"(validation accuracy {_accuracy(best)}).",
                 *_final_fit_line(chosen["final_fit"]),
                 "",
             ]
             continue
         described = ", ".join(f"{key}={_shown(value)}" for key, value in chosen["values"].items())
-        folds = len(chosen["folds"]) > 1
+        folds = best.compared
+        by_fold = [f"per fold ({' / '.join(map(str, folds))})", "vs chosen"] if len(folds) > 1 else []
         lines += [
             f"Chosen on validation: **{described}** ({chosen['scored_by']}), "
-            f"validation accuracy {_accuracy(part['settings'][0])}.",
+            f"validation accuracy {_accuracy(best)}.",
             *_final_fit_line(chosen["final_fit"]),
             "",
-            "| "
-            + " | ".join(["validation accuracy", *(["per fold"] if folds else []), *varied, "experiments"])
-            + " |",
-            "|" + "---|" * (len(varied) + 2 + folds),
+            "| " + " | ".join(["validation accuracy", *by_fold, *varied, "experiments"]) + " |",
+            "|" + "---|" * (len(varied) + 2 + len(by_fold)),
         ]
         for setting in part["settings"]:
-            per_fold = [" / ".join(f"{setting.scores[f]:.2%}" for f in setting.compared)] if folds else []
-            cells = [
-                _accuracy(setting),
-                *per_fold,
-                *(_shown(setting.values.get(key, "-")) for key in varied),
-                ", ".join(setting.runs),
-            ]
+            cells = [_accuracy(setting)]
+            if by_fold:
+                difference, error = paired_difference(setting, best)
+                cells += [
+                    " / ".join(f"{setting.scores[fold]:.2%}" for fold in folds),
+                    "" if setting is best else f"{100 * difference:+.2f} ± {100 * error:.2f} points",
+                ]
+            cells += [*(_shown(setting.values.get(key, "-")) for key in varied), ", ".join(setting.runs)]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -756,7 +796,14 @@ def summary_json(
         "final_fit_all": together if len(summary) > 1 else None,
         "without_validation": unscored,
         "left_out": notes,
-        **{model: {"varied": part["varied"], **part["chosen"]} for model, part in summary.items()},
+        **{
+            model: {
+                "varied": part["varied"],
+                **part["chosen"],
+                "not_ranked": [{"runs": s.runs, "folds": sorted(s.scores)} for s in part["unranked"]],
+            }
+            for model, part in summary.items()
+        },
     }
 
 
