@@ -20,7 +20,7 @@ them vary:
 ``train_on_val`` is left out of the settings: it is the protocol (validate, or make the final fit), not a
 setting to choose. So is ``data.val_fold``: a setting run on several validation folds (``dvc exp run --queue
 holdout_finetune -S 'data.val_fold=0,1,2,3,4,5' -S 'train.lr=0.001,0.002'``) is one setting, scored by its
-mean validation accuracy over the folds that every setting ran (each comparison on the same images), with the
+mean validation accuracy over the folds the most settings ran (each comparison on the same images), with the
 standard error of that mean across folds: a choice between candidates closer than one split's noise.
 
 Grid points are validation-only: queued with a holdout stage as the target (``dvc exp run --queue
@@ -128,15 +128,18 @@ class Setting:
     @property
     def val_acc(self) -> float:
         """The mean validation accuracy over the compared folds."""
-        return float(np.mean([self.scores[fold] for fold in self.compared]))
+        return mean_and_error([self.scores[fold] for fold in self.compared])[0]
 
     @property
     def standard_error(self) -> float | None:
         """Of that mean, across the compared folds; None for one fold."""
-        if len(self.compared) < 2:
-            return None
-        values = [self.scores[fold] for fold in self.compared]
-        return float(np.std(values, ddof=1) / math.sqrt(len(values)))
+        return mean_and_error([self.scores[fold] for fold in self.compared])[1]
+
+
+def mean_and_error(values: list[float]) -> tuple[float, float | None]:
+    """The mean and its standard error (None for one value)."""
+    error = np.std(values, ddof=1) / math.sqrt(len(values)) if len(values) > 1 else None
+    return float(np.mean(values)), None if error is None else float(error)
 
 
 def _experiment(name: str, entry: dict, baseline: Experiment | None = None) -> Experiment | None:
@@ -327,10 +330,7 @@ def paired_difference(setting: Setting, chosen: Setting) -> tuple[float, float |
     """The setting's validation accuracy minus the chosen one's, fold by fold: the mean and its standard
     error (None for one fold). Unlike each mean's own error, it leaves out how hard each fold is, which
     every setting shares: the measure of whether a candidate is behind by more than the noise."""
-    differences = [setting.scores[fold] - chosen.scores[fold] for fold in chosen.compared]
-    if len(differences) < 2:
-        return float(np.mean(differences)), None
-    return float(np.mean(differences)), float(np.std(differences, ddof=1) / math.sqrt(len(differences)))
+    return mean_and_error([setting.scores[fold] - chosen.scores[fold] for fold in chosen.compared])
 
 
 def without_validation(experiments: list[Experiment]) -> dict[str, list[str]]:
