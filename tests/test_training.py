@@ -210,6 +210,19 @@ def test_augmentation_draws_per_image_on_whole_batches():
     assert torch.equal(fixed[0], fixed[3]) and torch.equal(same_labels, labels)
 
 
+@pytest.mark.parametrize("auto_augment", ["trivialaugment", "randaugment"])
+def test_every_per_image_augmentation_runs_with_bicubic_weights(auto_augment):
+    """timm's EfficientNet weights ask for bicubic, which tensor rotation and auto-augment ops refuse."""
+    bicubic = Preprocessing(PREP.mean, PREP.std, "bicubic", PREP.crop_pct)
+    cfg = recipe(image_size=24, rotation_degrees=15, auto_augment=auto_augment)
+    augment = BatchAugmenter(cfg, bicubic, num_classes=3, cache_size=40, channels_last=False)
+    torch.manual_seed(0)
+    for _ in range(10):  # an auto-augment op is drawn per image: draw many
+        batch = torch.randint(0, 256, (8, 3, 40, 40), dtype=torch.uint8)
+        inputs, _ = augment(batch, torch.zeros(8, dtype=torch.long))
+        assert inputs.shape == (8, 3, 24, 24) and torch.isfinite(inputs).all()
+
+
 def test_balanced_sampling_draws_classes_equally():
     labels = np.array([0] * 90 + [1] * 10)
     generator = torch.Generator().manual_seed(0)

@@ -18,6 +18,7 @@ def _interpolation(prep: Preprocessing) -> InterpolationMode:
 
 def _per_image_augmentation(cfg: TrainConfig, prep: Preprocessing) -> v2.Transform:
     interpolation = _interpolation(prep)
+    warp = InterpolationMode.BILINEAR  # rotation and auto-augment ops on tensors refuse bicubic
     steps = [
         v2.RandomResizedCrop(
             cfg.image_size, scale=(cfg.crop_scale_min, 1.0), interpolation=interpolation, antialias=True
@@ -26,7 +27,7 @@ def _per_image_augmentation(cfg: TrainConfig, prep: Preprocessing) -> v2.Transfo
     if cfg.hflip:
         steps.append(v2.RandomHorizontalFlip())
     if cfg.rotation_degrees:
-        steps.append(v2.RandomRotation(cfg.rotation_degrees, interpolation=interpolation))
+        steps.append(v2.RandomRotation(cfg.rotation_degrees, interpolation=warp))
     if cfg.color_jitter:
         steps.append(
             v2.ColorJitter(
@@ -34,9 +35,9 @@ def _per_image_augmentation(cfg: TrainConfig, prep: Preprocessing) -> v2.Transfo
             )
         )
     if cfg.auto_augment == "trivialaugment":
-        steps.append(v2.TrivialAugmentWide(interpolation=interpolation))
+        steps.append(v2.TrivialAugmentWide(interpolation=warp))
     elif cfg.auto_augment == "randaugment":
-        steps.append(v2.RandAugment(interpolation=interpolation))
+        steps.append(v2.RandAugment(interpolation=warp))
     return v2.Compose(steps)
 
 
