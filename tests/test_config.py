@@ -169,7 +169,7 @@ def test_bad_values_name_the_key(section, key, value, message):
             {"train": {"init_head": "probe", "train_on_val": False}},
             "train.train_on_val: false validates every epoch, but the probe",
         ),
-        ({"train": {"ema_decay": 1.0}}, "train.ema_decay must be < 1"),
+        ({"train": {"ema_decay": 1.0}}, "train.ema_decay must be < 1, got 1.0"),
         ({"train": {"interpolation": 1.5}}, "train.interpolation must be <= 1"),
         (
             {"scratch": {"interpolation": 0.5}},

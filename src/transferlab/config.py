@@ -32,15 +32,16 @@ DATA_SOURCE_ENV = "TRANSFERLAB_DATA"
 
 @dataclass(frozen=True)
 class Range:
-    """The values a number may take: ``low <= x`` (``low < x`` if ``low_open``) and ``x <= high``."""
+    """The values a number may take: ``low <= x <= high``, with ``<`` at an end that is open."""
 
     low: float | None = None
     high: float | None = None
     low_open: bool = False
+    high_open: bool = False
 
     def __str__(self) -> str:
         low = "" if self.low is None else f"{self.low:g} {'<' if self.low_open else '≤'} "
-        high = "" if self.high is None else f" ≤ {self.high:g}"
+        high = "" if self.high is None else f" {'<' if self.high_open else '≤'} {self.high:g}"
         return f"{low}x{high}"
 
 
@@ -193,8 +194,8 @@ class TrainConfig:
     # keep the pretrained batch-norm running statistics fixed while fine-tuning
     freeze_bn_stats: bool
     # exponential moving average of the weights, updated every optimizer step (0 = off): the average is
-    # what is validated and kept (torch.optim.swa_utils.AveragedModel)
-    ema_decay: Fraction
+    # what is validated and kept (torch.optim.swa_utils.AveragedModel); 1 would keep the starting weights
+    ema_decay: Annotated[float, Range(0, 1, high_open=True)]
     # weight-space interpolation (WiSE-FT, Wortsman et al. 2022): the kept weights are
     # start + interpolation * (end - start), start being the weights fine-tuning began from; 1 = the end
     interpolation: Fraction
@@ -219,10 +220,6 @@ class TrainConfig:
 
 def _check_recipe(cfg: TrainConfig, section: str) -> None:
     """The checks that involve several keys of one run's section."""
-    if cfg.ema_decay >= 1:
-        raise ConfigError(
-            f"{section}.ema_decay must be < 1 (1 would keep the starting weights); 0 turns the average off"
-        )
     if cfg.warmup_epochs and cfg.warmup_steps:
         raise ConfigError(
             f"{section}.warmup_epochs and {section}.warmup_steps are both set: give the warm-up in one unit"
@@ -422,8 +419,8 @@ def _check(key: str, value: Any, annotation: Any) -> Any:
         low, high = allowed.low, allowed.high
         if low is not None and (value < low or (allowed.low_open and value == low)):
             raise ConfigError(f"{key} must be {'>' if allowed.low_open else '>='} {low}, got {value}")
-        if high is not None and value > high:
-            raise ConfigError(f"{key} must be <= {high}, got {value}")
+        if high is not None and (value > high or (allowed.high_open and value == high)):
+            raise ConfigError(f"{key} must be {'<' if allowed.high_open else '<='} {high}, got {value}")
     return value
 
 
@@ -512,18 +509,22 @@ def read_yaml(stream) -> Any:
     return yaml.load(stream, Loader=ParamsLoader)
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
+def read_params_file(path: str | Path = "params.yaml") -> Any:
+    """The parsed YAML of a params file, unchecked; a missing file or bad YAML is a :class:`ConfigError`."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path} not found: run from the project root, where params.yaml lives")
     try:
         with path.open() as f:
-            raw = read_yaml(f)
+            return read_yaml(f)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{path} is not valid YAML{where}: {getattr(err, 'problem', None) or err}") from err
-    return parse_params(raw or {})
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    return parse_params(read_params_file(path) or {})
 
 
 def _shown(value: Any) -> str:

@@ -13,7 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from .config import parse_params, read_yaml
+from .config import parse_params, read_params_file
 from .errors import ConfigError
 from .experiments import hydra_value
 from .paths import RAW_DIR
@@ -68,9 +68,7 @@ def command(values: dict, name: str) -> list[str]:
 
 
 def read_params(path: Path) -> dict:
-    if not path.is_file():
-        raise ConfigError(f"{path} not found: run from the project root, where params.yaml lives")
-    raw = read_yaml(path.read_text())
+    raw = read_params_file(path)
     if (
         not isinstance(raw, dict)
         or not isinstance(raw.get("data"), dict)
