@@ -164,6 +164,14 @@ def test_early_stopping_ends_the_run_when_validation_stops_improving(project):
     assert not resume_path("finetune").exists()
 
 
+def test_a_run_that_collapsed_to_chance_is_told_apart_from_a_learning_one(caplog):
+    training.warn_if_not_learning("finetune", 4.62, 101, "train.lr")  # ln 101 = 4.615
+    assert "finetune learnt nothing" in caplog.text and "lower train.lr" in caplog.text
+    caplog.clear()
+    training.warn_if_not_learning("finetune", 4.6, 101, "train.lr")
+    assert not caplog.text
+
+
 def test_unavailable_precision_and_device_fail_before_any_work(project):
     project(runtime={"precision": "fp16"})
     with pytest.raises(ConfigError, match="runtime.precision: fp16 needs a CUDA device"):
