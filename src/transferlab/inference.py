@@ -140,24 +140,11 @@ def predict_views(
     return torch.cat(outputs, dim=1)
 
 
-def predict_logits(
-    model: nn.Module,
-    images: np.ndarray,
-    prep: Preprocessing,
-    image_size: int,
-    batch_size: int,
-    channels_last: bool = True,
-    desc: str = "predict",
-    inputs_of: nn.Module | None = None,
-    flip: bool = False,
-    fast: bool = True,
-) -> torch.Tensor:
-    """Logits (N x classes) as :func:`predict_views`; with ``flip`` (test-time augmentation) the mean over
-    both views.
+def predict_logits(*args, **kwargs) -> torch.Tensor:
+    """Logits (N x classes): :func:`predict_views`, same arguments, with ``flip`` (test-time augmentation) the
+    mean over both views.
 
     For a linear head the mean of the logits is the head applied to the mean features, so a linear probe
     evaluated with flip TTA sees exactly the flip-averaged features it was chosen on.
     """
-    return predict_views(
-        model, images, prep, image_size, batch_size, channels_last, desc, inputs_of, flip, fast
-    ).mean(0)
+    return predict_views(*args, **kwargs).mean(0)
