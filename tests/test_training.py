@@ -165,11 +165,14 @@ def test_early_stopping_ends_the_run_when_validation_stops_improving(project):
 
 
 def test_a_run_that_collapsed_to_chance_is_told_apart_from_a_learning_one(caplog):
-    training.warn_if_not_learning("finetune", 4.62, 101, "train.lr")  # ln 101 = 4.615
-    assert "finetune learnt nothing" in caplog.text and "lower train.lr" in caplog.text
-    caplog.clear()
-    training.warn_if_not_learning("finetune", 4.6, 101, "train.lr")
-    assert not caplog.text
+    collapsed = {"train/loss": 4.62, "train/acc": 0.01}  # ln 101 = 4.615
+    training.warn_if_at_chance("finetune", collapsed, 101, "train.lr")
+    assert "finetune ended at chance" in caplog.text and "lower train.lr" in caplog.text
+    # a lower loss, or a loss above ln 101 early in a run that already beats chance (scratch's 2nd epoch)
+    for learning in ({"train/loss": 4.6, "train/acc": 0.01}, {"train/loss": 4.81, "train/acc": 0.026}):
+        caplog.clear()
+        training.warn_if_at_chance("finetune", learning, 101, "train.lr")
+        assert not caplog.text
 
 
 def test_unavailable_precision_and_device_fail_before_any_work(project):

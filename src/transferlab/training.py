@@ -138,7 +138,8 @@ def fit(name: str, world: World | None = None, holdout: bool = False) -> dict:
             log.info("%s epoch %d: %s", out, progress.epoch, shown)
             live.log_epoch(logged)
             save_resumable(resume_path(out), trainer, progress, best, kept, header, generator.get_state())
-        warn_if_not_learning(out, progress.history[-1]["train/loss"], len(classes), params.key(name, "lr"))
+        if world.main:
+            warn_if_at_chance(out, progress.history[-1], len(classes), params.key(name, "lr"))
         chosen = {"val_acc": progress.history[best.epoch - 1].get("val/acc"), "epoch": best.epoch}
 
         # WiSE-FT: the line from the starting weights to the last epoch's (a final fit's)
@@ -570,18 +571,21 @@ def training_data(train_on_val: bool) -> tuple[tuple[np.ndarray, np.ndarray], tu
     return merged, (val_images[:0], val_labels[:0])
 
 
-def warn_if_not_learning(out: str, loss: float, num_classes: int, lr_key: str) -> None:
-    """A run that collapsed without diverging: its last epoch's training loss is no lower than a uniform
-    guess's, ln(classes), which holds for smoothed and mixed targets too; the accuracy is then at chance."""
-    if loss >= math.log(num_classes):
+def warn_if_at_chance(out: str, last_epoch: dict, num_classes: int, lr_key: str) -> None:
+    """Warn about a run that ended no better than chance without diverging (the divergence guard sees only
+    non-finite losses): its last epoch's training loss no lower than a uniform guess's, ln(classes), which
+    holds for smoothed and mixed targets too, and its training accuracy under twice chance's."""
+    loss, accuracy = last_epoch["train/loss"], last_epoch["train/acc"]
+    if loss >= math.log(num_classes) and accuracy <= 2 / num_classes:
         log.warning(
-            "%s learnt nothing: its last epoch's training loss (%.3f) is no lower than a uniform guess's "
-            "(ln %d = %.3f), so it predicts at chance. Likely the learning rate is too high: lower %s "
-            "(`transferlab lr-find` shows where the loss climbs)",
+            "%s ended at chance: its last epoch's training loss (%.3f) is no lower than a uniform guess's "
+            "(ln %d = %.3f) and its training accuracy is %.1f %%. If it had the epochs to learn, the "
+            "learning rate is likely too high: lower %s (`transferlab lr-find` shows where the loss climbs)",
             out,
             loss,
             num_classes,
             math.log(num_classes),
+            100 * accuracy,
             lr_key,
         )
 
