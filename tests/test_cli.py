@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -286,3 +287,41 @@ def test_the_gradcam_stage_draws_every_model_on_the_same_test_images(project, mo
         assert picture.format == "JPEG" and picture.width > picture.height / 6
     _, labels = load_split("test")
     assert len(gradcam.gradcam_sample(labels, 6)) == 6 and gradcam.gradcam_sample(labels, 0).size == 0
+
+
+@pytest.mark.slow
+def test_ensemble_scores_the_holdout_twins_mixes_on_validation(
+    reproduced_once, tmp_path, monkeypatch, capsys
+):
+    from sklearn.metrics import balanced_accuracy_score
+
+    monkeypatch.chdir(reproduced_once)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["ensemble", "--steps", "3", "--tta", "none", "--out", str(tmp_path)])
+    assert exit_.value.code == 0, capsys.readouterr().err
+    assert "on 6 validation images (holdout twins, tta none)" in capsys.readouterr().out
+    with (tmp_path / "ensemble.csv").open() as f:
+        rows = [(float(row["probe_weight"]), float(row["val_acc"])) for row in csv.DictReader(f)]
+    assert [weight for weight, _ in rows] == [0.0, 0.5, 1.0]
+    images, labels = load_split("val")
+    finetuned, probe = (
+        TrainedModel.load(checkpoint_path(run)).probabilities(images)
+        for run in ("finetune_holdout", "probe_holdout")
+    )
+    expected = [
+        balanced_accuracy_score(labels, p.argmax(1)) for p in (finetuned, (finetuned + probe) / 2, probe)
+    ]
+    assert [acc for _, acc in rows] == pytest.approx(expected)
+    summary = json.loads((tmp_path / "ensemble.json").read_text())
+    assert summary["best_val_acc"] == pytest.approx(max(acc for _, acc in rows))
+    assert (tmp_path / "ensemble.png").stat().st_size > 0
+
+
+def test_distinct_parameters_counts_what_two_networks_share_once():
+    from transferlab.ensemble import distinct_parameters
+
+    first, second = (
+        SimpleNamespace(model=torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))) for _ in "ab"
+    )
+    second.model[1].load_state_dict(first.model[1].state_dict())  # the second layer alike, the first not
+    assert distinct_parameters(first, second) == (2 * (3 * 4 + 4) + (4 * 2 + 2), 4 * 2 + 2)

@@ -6,6 +6,7 @@ transferlab features IMAGE --model PATH [--layer NAME] [--count 16] [--out featu
 transferlab export --model PATH --format torchscript|onnx --out FILE [--check IMAGE_OR_FOLDER]
 transferlab experiments [--json SHOWN] [--all-commits] [--out metrics/experiments] [--only NAME ...]
 transferlab lr-find finetune|scratch [--steps 100] [--start 1e-5] [--end 1] [--seeds 3] [--out metrics/experiments/lr_find]
+transferlab ensemble [--steps 11] [--tta flip] [--out metrics/experiments/ensemble]
 transferlab smoke [--source FOLDER_OR_ARCHIVE]
 """  # noqa: E501 (the usage lines are the --help description, printed as written)
 
@@ -139,6 +140,22 @@ def cmd_experiments(args) -> int:
     return 0
 
 
+def cmd_ensemble(args) -> int:
+    from .ensemble import ensemble
+
+    if args.steps < 2:
+        raise ConfigError(f"--steps {args.steps}: need at least 2 (the probe alone and the fine-tuned alone)")
+    found = ensemble(args.out, args.steps, args.batch_size, args.tta)
+    print(
+        f"{args.out / 'ensemble.png'}: on {found['val_images']} validation images (holdout twins, tta "
+        f"{found['tta']}) the probe scores {100 * found['probe_val_acc']:.2f} %, the fine-tuned model "
+        f"{100 * found['finetune_val_acc']:.2f} %, their best mix {100 * found['best_val_acc']:.2f} % "
+        f"(probe weight {found['best_probe_weight']:g}), with {found['parameters'] / 1e6:.2f} M parameters "
+        f"together ({found['shared_parameters'] / 1e6:.2f} M of them shared) and two networks to run"
+    )
+    return 0
+
+
 def cmd_smoke(args) -> int:
     from .smoke import launch
 
@@ -175,6 +192,15 @@ def cmd_lr_find(args) -> int:
     return 0
 
 
+def add_tta(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument(
+        "--tta",
+        choices=typing.get_args(TTA),
+        default="flip",
+        help="test-time augmentation, as evaluate's evaluate.tta (default: flip)",
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     main_parser = argparse.ArgumentParser(
         prog="transferlab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -204,12 +230,7 @@ def parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("--topk", type=int, default=5)
     predict.add_argument("--batch-size", type=int, default=32)
-    predict.add_argument(
-        "--tta",
-        choices=typing.get_args(TTA),
-        default="flip",
-        help="test-time augmentation, as evaluate's evaluate.tta (default: flip)",
-    )
+    add_tta(predict)
     predict.add_argument("--csv", type=Path, help="also write the predictions (and unreadable files) as CSV")
     predict.add_argument("--json", type=Path, help="also write them as JSON")
 
@@ -292,6 +313,23 @@ def parser() -> argparse.ArgumentParser:
         help="output folder (default: metrics/experiments/lr_find)",
     )
     lr_find.set_defaults(handler=cmd_lr_find)
+    ensemble_help = (
+        "validation accuracy of the linear probe and fine-tuned model's averaged predictions, "
+        "for probe weights from 0 to 1 (the holdout twins)"
+    )
+    ensemble = commands.add_parser("ensemble", help=ensemble_help, description=ensemble_help)
+    ensemble.add_argument(
+        "--steps", type=int, default=11, help="probe weights tried, evenly from 0 to 1 (default: 11)"
+    )
+    ensemble.add_argument("--batch-size", type=int, default=64)
+    add_tta(ensemble)
+    ensemble.add_argument(
+        "--out",
+        type=Path,
+        default=Path("metrics/experiments/ensemble"),
+        help="output folder (default: metrics/experiments/ensemble)",
+    )
+    ensemble.set_defaults(handler=cmd_ensemble)
     smoke_help = "the whole pipeline in about 2 minutes (tiny splits, 96 px, 1 epoch): a DVC experiment"
     smoke = commands.add_parser("smoke", help=smoke_help, description=smoke_help)
     smoke.add_argument("--source", help="your own images (default: params.yaml's data.source)")
