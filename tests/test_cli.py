@@ -144,6 +144,8 @@ def test_the_installed_command_predicts_a_single_grayscale_image(project):
             ["features", "images/class_0/image_0000.jpg", "--layer", "layer9"],
             "layer 'layer9' is not a module of resnet18",
         ),
+        (["ensemble"], "no model at data/models/probe_holdout/model.pt: run its stage first"),
+        (["ensemble", "--steps", "1"], "--steps 1: need at least 2"),
     ],
 )
 def test_bad_arguments_are_one_clear_line(project, args, message, transferlab):
@@ -293,16 +295,25 @@ def test_the_gradcam_stage_draws_every_model_on_the_same_test_images(project, mo
 def test_ensemble_scores_the_holdout_twins_mixes_on_validation(
     reproduced_once, tmp_path, monkeypatch, capsys
 ):
+    """Each end equals what the twin's own stage measured on validation (the probe with flip TTA, the
+    fine-tune without), and the middle the mix of the two models' probabilities."""
     from sklearn.metrics import balanced_accuracy_score
 
     monkeypatch.chdir(reproduced_once)
-    with pytest.raises(SystemExit) as exit_:
-        cli.main(["ensemble", "--steps", "3", "--tta", "none", "--out", str(tmp_path)])
-    assert exit_.value.code == 0, capsys.readouterr().err
-    assert "on 6 validation images (holdout twins, tta none)" in capsys.readouterr().out
-    with (tmp_path / "ensemble.csv").open() as f:
-        rows = [(float(row["probe_weight"]), float(row["val_acc"])) for row in csv.DictReader(f)]
-    assert [weight for weight, _ in rows] == [0.0, 0.5, 1.0]
+    found = {}
+    for tta in ("flip", "none"):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(["ensemble", "--steps", "3", "--tta", tta, "--out", str(tmp_path / tta)])
+        assert exit_.value.code == 0, capsys.readouterr().err
+        assert f"on 6 validation images (holdout twins, tta {tta})" in capsys.readouterr().out
+        with (tmp_path / tta / "ensemble.csv").open() as f:
+            found[tta] = [
+                (float(row["probe_weight"]), float(row["mean_per_class_acc"])) for row in csv.DictReader(f)
+            ]
+    probe_stage = json.loads(Path("metrics/train_probe/metrics.json").read_text())
+    finetune_stage = json.loads(Path("metrics/train_finetune_holdout/metrics.json").read_text())
+    assert found["flip"][-1][1] == pytest.approx(probe_stage["best/val_acc"])
+    assert found["none"][0][1] == pytest.approx(finetune_stage["best/val_acc"])
     images, labels = load_split("val")
     finetuned, probe = (
         TrainedModel.load(checkpoint_path(run)).probabilities(images)
@@ -311,10 +322,41 @@ def test_ensemble_scores_the_holdout_twins_mixes_on_validation(
     expected = [
         balanced_accuracy_score(labels, p.argmax(1)) for p in (finetuned, (finetuned + probe) / 2, probe)
     ]
-    assert [acc for _, acc in rows] == pytest.approx(expected)
-    summary = json.loads((tmp_path / "ensemble.json").read_text())
-    assert summary["best_val_acc"] == pytest.approx(max(acc for _, acc in rows))
-    assert (tmp_path / "ensemble.png").stat().st_size > 0
+    assert [weight for weight, _ in found["none"]] == [0.0, 0.5, 1.0]
+    assert [acc for _, acc in found["none"]] == pytest.approx(expected)
+    summary = json.loads((tmp_path / "none" / "ensemble.json").read_text())
+    assert (summary["probe_acc"], summary["finetune_acc"]) == pytest.approx((expected[2], expected[0]))
+    assert summary["chosen_on_validation"]["finetune"]["epochs"] == 2
+    assert "C" in summary["chosen_on_validation"]["probe"]
+    assert (tmp_path / "none" / "ensemble.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    ("accuracies", "best"),
+    [
+        ([0.5, 0.7, 0.9, 0.7], 2),  # a mix beats both
+        ([0.5, 0.7, 0.7, 0.7], 3),  # a tie with the probe: the probe
+        ([0.8, 0.8, 0.6, 0.7], 0),  # a tie with the fine-tuned model: the fine-tuned model
+        ([0.5, 0.8, 0.8, 0.7], 1),  # a tie between mixes: the lower weight
+        ([0.8, 0.7, 0.7, 0.8], 3),  # the two networks tie: the probe
+    ],
+)
+def test_a_mix_must_beat_both_networks_alone(accuracies, best):
+    from transferlab.ensemble import best_mix
+
+    assert best_mix(np.array(accuracies)) == best
+
+
+def test_mix_accuracies_mixes_probabilities_with_the_probe_weight():
+    from transferlab.ensemble import mix_accuracies
+
+    labels = np.array([0, 1, 2, 2])
+    # the probe gets images 0, 2 and 3 right, the fine-tuned model 1 and 3; an equal mix follows the surer one
+    p_probe = np.array([[0.9, 0.05, 0.05], [0.6, 0.3, 0.1], [0.2, 0.2, 0.6], [0.2, 0.2, 0.6]])
+    p_finetuned = np.array([[0.4, 0.5, 0.1], [0.1, 0.8, 0.1], [0.5, 0.1, 0.4], [0.1, 0.2, 0.7]])
+    accuracies = mix_accuracies(labels, p_probe, p_finetuned, np.array([0.0, 0.5, 1.0]))
+    # per class: w = 0: 0, 1, 1/2; w = 0.5: every image right; w = 1: 1, 0, 1
+    assert accuracies == pytest.approx([0.5, 1.0, 2 / 3])
 
 
 def test_distinct_parameters_counts_what_two_networks_share_once():

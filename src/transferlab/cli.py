@@ -145,13 +145,20 @@ def cmd_ensemble(args) -> int:
 
     if args.steps < 2:
         raise ConfigError(f"--steps {args.steps}: need at least 2 (the probe alone and the fine-tuned alone)")
-    found = ensemble(args.out, args.steps, args.batch_size, args.tta)
+    command = shlex.join(["transferlab", "ensemble", "--steps", str(args.steps), "--tta", args.tta])
+    found = ensemble(args.out, args.steps, args.batch_size, args.tta, command)
+    weight, alone = found["best_probe_weight"], {1: "the probe alone", 0: "the fine-tuned model alone"}
+    verdict = (
+        f"no mix beats {alone[weight]}"
+        if weight in alone
+        else f"the best mix (probe weight {weight:g}) scores {100 * found['best_acc']:.2f} %"
+    )
     print(
         f"{args.out / 'ensemble.png'}: on {found['val_images']} validation images (holdout twins, tta "
-        f"{found['tta']}) the probe scores {100 * found['probe_val_acc']:.2f} %, the fine-tuned model "
-        f"{100 * found['finetune_val_acc']:.2f} %, their best mix {100 * found['best_val_acc']:.2f} % "
-        f"(probe weight {found['best_probe_weight']:g}), with {found['parameters'] / 1e6:.2f} M parameters "
-        f"together ({found['shared_parameters'] / 1e6:.2f} M of them shared) and two networks to run"
+        f"{found['tta']}) the probe scores {100 * found['probe_acc']:.2f} %, the fine-tuned model "
+        f"{100 * found['finetune_acc']:.2f} %; {verdict} (chosen on the same images). Both together: "
+        f"{found['parameters'] / 1e6:.2f} M parameters ({found['shared_parameters'] / 1e6:.2f} M shared), "
+        "two networks to run"
     )
     return 0
 
