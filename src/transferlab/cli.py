@@ -208,6 +208,10 @@ def add_tta(sub: argparse.ArgumentParser) -> None:
     )
 
 
+def add_out(sub: argparse.ArgumentParser, default: str) -> None:
+    sub.add_argument("--out", type=Path, default=Path(default), help=f"output folder (default: {default})")
+
+
 def parser() -> argparse.ArgumentParser:
     main_parser = argparse.ArgumentParser(
         prog="transferlab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -282,12 +286,7 @@ def parser() -> argparse.ArgumentParser:
     experiments.add_argument(
         "--all-commits", action="store_true", help="experiments of every commit, not only the current one"
     )
-    experiments.add_argument(
-        "--out",
-        type=Path,
-        default=Path("metrics/experiments"),
-        help="output folder (default: metrics/experiments)",
-    )
+    add_out(experiments, "metrics/experiments")
     experiments.add_argument(
         "--only",
         nargs="+",
@@ -313,12 +312,7 @@ def parser() -> argparse.ArgumentParser:
         default=3,
         help="tests, each with its own seed; the median suggestion wins (default: 3)",
     )
-    lr_find.add_argument(
-        "--out",
-        type=Path,
-        default=Path("metrics/experiments/lr_find"),
-        help="output folder (default: metrics/experiments/lr_find)",
-    )
+    add_out(lr_find, "metrics/experiments/lr_find")
     lr_find.set_defaults(handler=cmd_lr_find)
     ensemble_help = (
         "validation accuracy of the linear probe and fine-tuned model's averaged predictions, "
@@ -330,12 +324,7 @@ def parser() -> argparse.ArgumentParser:
     )
     ensemble.add_argument("--batch-size", type=int, default=64)
     add_tta(ensemble)
-    ensemble.add_argument(
-        "--out",
-        type=Path,
-        default=Path("metrics/experiments/ensemble"),
-        help="output folder (default: metrics/experiments/ensemble)",
-    )
+    add_out(ensemble, "metrics/experiments/ensemble")
     ensemble.set_defaults(handler=cmd_ensemble)
     smoke_help = "the whole pipeline in about 2 minutes (tiny splits, 96 px, 1 epoch): a DVC experiment"
     smoke = commands.add_parser("smoke", help=smoke_help, description=smoke_help)
