@@ -8,6 +8,7 @@ transferlab experiments [--json SHOWN] [--all-commits] [--out metrics/experiment
 transferlab lr-find finetune|scratch [--steps 100] [--start 1e-5] [--end 1] [--seeds 3] [--out metrics/experiments/lr_find]
 transferlab ensemble [--steps 11] [--tta flip] [--out metrics/experiments/ensemble]
 transferlab smoke [--source FOLDER_OR_ARCHIVE]
+transferlab backbones [--arch NAME ...] [--out metrics/backbones]
 """  # noqa: E501 (the usage lines are the --help description, printed as written)
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .errors import ConfigError, DatasetError, ModelError
 from .stage import run_stage
 
 DEFAULT_MODEL = "data/models/finetune/model.pt"
+BACKBONES = ("timm/tf_efficientnet_lite0", "timm/tf_efficientnet_lite1", "timm/tf_efficientnet_lite2")
 log = logging.getLogger("transferlab")
 
 
@@ -167,6 +169,13 @@ def cmd_smoke(args) -> int:
     from .smoke import launch
 
     return launch(args.source)
+
+
+def cmd_backbones(args) -> int:
+    from .backbones import run
+
+    run(args.arch, args.out)
+    return 0
 
 
 def cmd_lr_find(args) -> int:
@@ -330,6 +339,20 @@ def parser() -> argparse.ArgumentParser:
     smoke = commands.add_parser("smoke", help=smoke_help, description=smoke_help)
     smoke.add_argument("--source", help="your own images (default: params.yaml's data.source)")
     smoke.set_defaults(handler=cmd_smoke)
+    backbones_help = (
+        "the backbone study: linear probes of each ImageNet network at 224 px and its native resolution, "
+        "on its head's features and with its last blocks' beside them, chosen on validation, scored on "
+        "test, with CPU milliseconds per image"
+    )
+    backbones = commands.add_parser("backbones", help=backbones_help, description=backbones_help)
+    backbones.add_argument(
+        "--arch",
+        nargs="+",
+        default=list(BACKBONES),
+        help=f"model.arch names with ImageNet weights (default: {' '.join(BACKBONES)})",
+    )
+    add_out(backbones, "metrics/backbones")
+    backbones.set_defaults(handler=cmd_backbones)
     return main_parser
 
 

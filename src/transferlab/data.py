@@ -3,12 +3,15 @@ batches."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch.utils.data import RandomSampler, WeightedRandomSampler
 from torchvision.transforms import InterpolationMode, v2
 
 from .config import TrainConfig
+from .errors import ConfigError
 from .models import Preprocessing
 
 
@@ -84,8 +87,25 @@ class BatchAugmenter:
         ), labels
 
 
+def needed_cache(size: int, prep: Preprocessing) -> int:
+    """The smallest cached square whose evaluation crop (its centre ``crop_pct``) holds ``size`` pixels."""
+    return math.ceil(size / prep.crop_pct - 1e-9)
+
+
+def check_cache(size: int, prep: Preprocessing, cache_size: int) -> None:
+    """Refuse an evaluation crop that would upsample the cached images (a silent loss of detail)."""
+    if cache_size < needed_cache(size, prep):
+        raise ConfigError(
+            f"data.cache_size: the prepared images are {cache_size} px, but a {size} px evaluation crop "
+            f"(the centre {prep.crop_pct:g} of the image, as the weights expect) needs at least "
+            f"{needed_cache(size, prep)} px: raise data.cache_size to {needed_cache(size, prep)} or more "
+            "(prepare runs again), or use a smaller image size"
+        )
+
+
 def eval_resize(size: int, prep: Preprocessing, cache_size: int) -> v2.Transform:
     """The standard evaluation crop: keep the centre ``crop_pct`` of the image, resize it to ``size``."""
+    check_cache(size, prep, cache_size)
     return v2.Compose(
         [
             v2.CenterCrop(round(cache_size * prep.crop_pct)),

@@ -9,7 +9,6 @@ On a GPU, eager (channels-last, in inference mode) is the fast path.
 
 from __future__ import annotations
 
-import copy
 import io
 import logging
 import warnings
@@ -21,19 +20,11 @@ from tqdm import tqdm
 
 from . import cores
 from .data import eval_batches, eval_resize, normalize
-from .models import Preprocessing
+from .models import Preprocessing, without_head
 
 log = logging.getLogger("transferlab.inference")
 ORT_MIN_IMAGES = 256  # fewer images: the export would cost more than it saves
 ORT_TOLERANCE = 1e-4
-
-
-def without_head(model: nn.Module, head: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose output is what ``head`` receives (the backbone's pooled features)."""
-    name = next(n for n, m in model.named_modules() if m is head)
-    body = copy.deepcopy(model)
-    body.set_submodule(name, nn.Identity())
-    return body
 
 
 def onnx_runner(net: nn.Module, example: torch.Tensor):

@@ -7,11 +7,13 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import timm
 import timm.data
+import torch
 import torchvision
 from torch import nn
 
@@ -180,6 +182,58 @@ def build_model(arch: str, weights: str, num_classes: int) -> tuple[nn.Module, s
     else:
         head = _replace_torchvision_head(model, num_classes)
     return model, head, prep
+
+
+def native_size(arch: str) -> int:
+    """The resolution the ImageNet weights were evaluated at (their pretrained config; 224 if none)."""
+    if arch.startswith(TIMM_PREFIX):
+        pretrained = timm.models.get_pretrained_cfg(arch[len(TIMM_PREFIX) :])
+        return pretrained.input_size[-1] if pretrained else 224
+    return torchvision.models.get_model_weights(arch).DEFAULT.transforms().crop_size[0]
+
+
+def without_head(model: nn.Module, head: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose output is what ``head`` receives (the backbone's pooled features)."""
+    name = next(n for n, m in model.named_modules() if m is head)
+    body = copy.deepcopy(model)
+    body.set_submodule(name, nn.Identity())
+    return body
+
+
+def tap_candidates(model: nn.Module, head: str) -> list[str]:
+    """Modules whose pooled outputs may join the head's features, input side first: the first module of
+    each backbone layer after the stem (EfficientNet: ``blocks.0`` .. ``blocks.6``; ResNet: ``layer1`` ..
+    ``layer3``), leaving out a last layer whose pooled output is the head's input itself."""
+    layers = backbone_layers(model, head)[1:]
+    if layers and len(layers[-1]) == 1:
+        layers = layers[:-1]
+    return [layer[0] for layer in layers]
+
+
+class LayerFeatures(nn.Module):
+    """The network without its head, returning the global-average-pooled outputs of the ``taps`` modules
+    and then what the head receives, concatenated (``dims``: each part's width, in that order)."""
+
+    def __init__(self, model: nn.Module, head: str, taps: list[str]):
+        super().__init__()
+        self.body = without_head(model, model.get_submodule(head))
+        self.taps, self._pooled = taps, []
+        for name in taps:
+            self.body.get_submodule(name).register_forward_hook(self._keep)
+        with torch.no_grad():
+            was_training = self.body.training
+            self.body.eval()
+            probe = self.body(torch.zeros(1, 3, 64, 64)), self._pooled
+            self.body.train(was_training)
+        self.dims = [t.shape[1] for t in probe[1]] + [probe[0].shape[1]]
+
+    def _keep(self, module: nn.Module, inputs, output: torch.Tensor) -> None:
+        self._pooled.append(output.float().mean((2, 3)))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self._pooled = []
+        last = self.body(images)
+        return torch.cat([*self._pooled, last], 1)
 
 
 def linear_head(model: nn.Module, head_name: str) -> nn.Linear:
