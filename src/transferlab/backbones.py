@@ -94,8 +94,7 @@ def pooled_features(arch: str, size: int, channels_last: bool, classes: int) -> 
             net, images, prep, size, BATCH, channels_last, f"{arch} {size} px {split}", flip=True
         ).numpy()
     facts = {
-        "parameters": sum(p.numel() for p in model.parameters())
-        - sum(p.numel() for p in model.get_submodule(head).parameters()),
+        "parameters": sum(p.numel() for p in model.parameters()),  # with the fresh 101-way head
         "features_s": round(time.perf_counter() - started, 1),
         **milliseconds_per_image(model, size, channels_last),
     }
