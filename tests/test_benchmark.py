@@ -59,6 +59,8 @@ def test_grid_smoke_run_reports_every_figure(project_repo, tmp_path, monkeypatch
     for run in models:  # dvc's own time: reported, not judged
         assert isinstance(results[f"{run}_exp_overhead_s"], float)
     assert results["queue_j1_points"] == results["queue_j2_points"] == 4
+    cores = benchmark.cores.available_cores()  # runtime.threads 0: the cores, split when the workers start
+    assert results["queue_j1_threads"] == [cores] and results["queue_j2_threads"] == [max(1, cores // 2)]
     assert results["finetune_exp_stages"].endswith("train_finetune")
     table = capsys.readouterr().out
     assert all(f"| {key} |" in table for key in results)

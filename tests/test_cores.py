@@ -1,76 +1,49 @@
-"""Sharing the CPU cores between processes that compute at once (``dvc queue start -j 2``, DDP on a CPU)."""
+"""The thread count a run computes with: set by ``runtime.threads``, fixed before its first step, the same
+whatever computes beside it (``dvc queue start -j 2`` and DDP on a CPU split the cores when they start)."""
 
 from __future__ import annotations
 
-import os
+import json
+import shutil
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from threadpoolctl import threadpool_info
 
+from conftest import run_command
 from transferlab import cores
-from transferlab.errors import ConfigError
 
 
 @pytest.fixture
-def slots(tmp_path, monkeypatch):
-    """A private slots folder, this process holding no slot yet, torch's thread count put back afterwards."""
-    monkeypatch.setenv(cores.SLOTS_ENV, str(tmp_path / "slots"))
-    monkeypatch.delenv(cores.THREADS_ENV, raising=False)
-    monkeypatch.setattr(cores, "_counted_at", float("-inf"))
-    monkeypatch.setattr(cores, "queue_workers", lambda: 0)
+def restore_threads():
     threads = torch.get_num_threads()
-    yield tmp_path / "slots"
-    torch.set_num_threads(threads)
+    yield
+    cores.use(threads)
 
 
-def test_each_process_takes_its_share_and_takes_cores_back_when_a_neighbour_ends(slots, monkeypatch):
+def test_the_count_is_the_param_or_this_machines_cores_split_between_queue_workers(monkeypatch):
     monkeypatch.setattr(cores, "available_cores", lambda: 4)
-    with cores.shared() as threads:
-        assert threads == 4 and torch.get_num_threads() == 4, "alone: every core"
-        neighbours = [
-            cores.claim(slots),
-            cores.claim(slots),
-        ]  # two other processes' slots (each lock is its own)
-        assert cores.holders(slots) == 3
-        assert cores.refresh() == 4, "counted again only every few seconds"
-        assert cores.refresh(force=True) == 1 and torch.get_num_threads() == 1, (
-            "three processes on four cores: one thread each"
-        )
-        os.close(neighbours.pop())  # a neighbour ends, however it ends: the OS releases its lock
-        assert cores.refresh(force=True) == 2 and torch.get_num_threads() == 2
-        monkeypatch.setattr(
-            cores, "queue_workers", lambda: 4
-        )  # four dvc queue workers, each about to compute
-        assert cores.refresh(force=True) == 1
-    assert cores.holders(slots) == 1, "the slot is released when the block ends"
-    assert cores.share(2, 2) == 1 and cores.share(2, 3) == 1 and cores.share(16, 2) == 8
+    monkeypatch.setattr(cores, "queue_workers", lambda: 0)
+    assert cores.resolve(3) == 3 and cores.resolve(1, processes=2) == 1, "a number is taken as it is"
+    assert cores.resolve(0) == 4, "alone: every core"
+    assert cores.resolve(0, processes=2) == 2, "a data-parallel run: a share per process"
+    monkeypatch.setattr(cores, "queue_workers", lambda: 2)
+    assert cores.resolve(0) == 2 and cores.resolve(0, processes=2) == 1
+    monkeypatch.setattr(cores, "queue_workers", lambda: 8)
+    assert cores.resolve(0) == 1, "never fewer than one"
 
 
-def test_another_process_sees_this_ones_slot(slots):
-    cores.claim(slots)
-    code = (
-        "from transferlab import cores; cores.available_cores = lambda: 2; cores.queue_workers = lambda: 0\n"
-        "with cores.shared() as n: print(n)"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=os.environ
-    )
-    assert result.stdout.strip() == "1", "two processes on two cores: one thread each"
+def test_use_fixes_torch_and_the_blas_pools_that_scikit_learn_computes_in(restore_threads):
+    import sklearn.linear_model  # noqa: F401  (loads the BLAS and OpenMP libraries threadpoolctl limits)
 
-
-def test_a_fixed_thread_count_from_the_environment(slots, monkeypatch):
-    monkeypatch.setenv(cores.THREADS_ENV, "1")
-    with cores.shared() as threads:
-        assert threads == 1 and torch.get_num_threads() == 1
-    assert not slots.exists(), "a fixed count takes no slot"
-    monkeypatch.setenv(cores.THREADS_ENV, "two")
-    with (
-        pytest.raises(ConfigError, match="TRANSFERLAB_THREADS='two': give a whole number of threads >= 1"),
-        cores.shared(),
-    ):
-        pass
+    assert cores.use(1) == 1 and cores.threads() == 1 and torch.get_num_threads() == 1
+    assert {pool["num_threads"] for pool in threadpool_info()} == {1}
+    assert cores.use(2) == 2 and torch.get_num_threads() == 2
 
 
 def test_dvc_queue_workers_are_counted_from_the_process_table():
@@ -94,15 +67,44 @@ def test_dvc_queue_workers_are_counted_from_the_process_table():
         worker.wait()
 
 
-def test_a_pinned_block_keeps_its_thread_count_through_inner_blocks(slots, monkeypatch):
-    """A compiled training run: validation inside it must not
-    change the count (torch.compile would compile again)."""
-    monkeypatch.setattr(cores, "available_cores", lambda: 4)
-    with cores.shared(pin=True) as threads:
-        neighbour = cores.claim(slots)
-        with cores.shared() as inner:  # validation's pass
-            assert threads == inner == 4 and cores.refresh(force=True) == 4 and torch.get_num_threads() == 4
-        assert cores.refresh(force=True) == 4
-    with cores.shared() as threads:
-        assert threads == 2, "a new block counts the neighbour"
-    os.close(neighbour)
+def finished_run(project: Path) -> dict:
+    """What a fine-tuning run leaves, as bytes: its weights file, its curves, its summary less the time."""
+    folder = project / "metrics/train_finetune"
+    summary = json.loads((folder / "metrics.json").read_text())
+    return {
+        "model.pt": (project / "data/models/finetune/model.pt").read_bytes(),
+        "curves": {str(p.relative_to(folder)): p.read_text() for p in sorted(folder.rglob("*.tsv"))},
+        "summary": {key: value for key, value in summary.items() if key != "wall_time_s"},
+    }
+
+
+@pytest.mark.slow
+def test_a_run_beside_another_training_computes_the_same_bytes_as_alone(project, tmp_path):
+    """Item 1, 4 and 5 of "same params, same numbers": the same tiny training alone, then with another
+    transferlab training computing beside it for its whole length: byte-identical model.pt and curves."""
+    project(epochs=3, batch_size=4)
+    train = [sys.executable, "-m", "transferlab.train"]
+    run_command([*train, "finetune"], tmp_path)
+    alone = finished_run(tmp_path)
+
+    neighbour = shutil.copytree(tmp_path, tmp_path.parent / f"{tmp_path.name}-neighbour")
+    params = yaml.safe_load((neighbour / "params.yaml").read_text())
+    params["scratch"].update(epochs=500)  # still computing when the run below ends
+    (neighbour / "params.yaml").write_text(yaml.safe_dump(params))
+    other = subprocess.Popen(
+        [*train, "scratch"], cwd=neighbour, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (neighbour / "data/resume/scratch.pt").exists():  # its first epoch is done
+            assert other.poll() is None and time.monotonic() < deadline, "the neighbour did not start"
+            time.sleep(0.05)
+        run_command([*train, "finetune"], tmp_path)
+        assert other.poll() is None, "the neighbour computed for the whole run"
+    finally:
+        other.kill()
+        other.wait()
+    beside = finished_run(tmp_path)
+    assert beside["curves"] == alone["curves"]
+    assert beside["summary"] == alone["summary"] and alone["summary"]["threads"] == cores.resolve(0)
+    assert beside["model.pt"] == alone["model.pt"], "the same run writes the same bytes"

@@ -304,7 +304,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_everywhere_it_is_read(
     # as the probe LP-FT starts from
     probe_checkpoint.write_bytes(evil.read_bytes())
     with pytest.raises(ModelError, match="refusing to load"):
-        training.start_from_probe(torch.nn.Linear(1, 1), "resnet18", "none", ["a"], probe_checkpoint)
+        training.start_from_probe(torch.nn.Linear(1, 1), "resnet18", "none", ["a"], [], probe_checkpoint)
     # as a training state to resume from: ignored, and the run starts fresh
     state = tmp_path / "state.pt"
     state.write_bytes(evil.read_bytes())
@@ -340,7 +340,7 @@ def test_truncated_or_foreign_checkpoints_are_clear_errors(probe_checkpoint, tmp
         ModelError, match="not a checkpoint written by a training stage"
     ):  # as LP-FT's starting point
         training.start_from_probe(
-            torch.nn.Linear(1, 1), "resnet18", "none", ["a"], tmp_path / "state_dict.pt"
+            torch.nn.Linear(1, 1), "resnet18", "none", ["a"], [], tmp_path / "state_dict.pt"
         )
     for name in ("truncated.pt", "page.pt"):  # as a training state: ignored, the run starts fresh
         assert resume.load_state(tmp_path / name, "any") is None and not (tmp_path / name).exists()

@@ -91,13 +91,17 @@ def test_probe_stage_then_lp_ft_starts_from_exactly_the_probe(project):
     params = load_params()
     cfg = params.train_config("finetune")
     start, _, prep = training.initial_model(
-        params.model.arch, project.weights_path, load_classes(), dataclasses.replace(cfg, init_head="probe")
+        params.model.arch,
+        project.weights_path,
+        load_classes(),
+        dataclasses.replace(cfg, init_head="probe"),
+        [],
     )
     assert torch.equal(
         predict_logits(start, images, prep, 32, 16, False),
         predict_logits(fitted.model, images, fitted.prep, 32, 16, False),
     )
-    fresh, _, _ = training.initial_model(params.model.arch, project.weights_path, load_classes(), cfg)
+    fresh, _, _ = training.initial_model(params.model.arch, project.weights_path, load_classes(), cfg, [])
     assert not torch.equal(fresh.fc.weight, start.fc.weight), "init_head: random keeps a fresh head"
 
     with pytest.raises(
@@ -136,11 +140,13 @@ def test_lp_ft_refuses_a_probe_of_another_model(project):
     probe.main()
     other = TrainedModel.load(checkpoint_path("probe"), device="cpu")
     with pytest.raises(ModelError, match="is for resnet18 .*weights none.*re-run train_probe"):
-        training.start_from_probe(other.model, "resnet18", "none", other.classes, checkpoint_path("probe"))
+        training.start_from_probe(
+            other.model, "resnet18", "none", other.classes, [], checkpoint_path("probe")
+        )
     checkpoint_path("probe").unlink()
     with pytest.raises(ModelError, match="run its stage first"):
         training.start_from_probe(
-            other.model, "resnet18", project.weights_path, other.classes, checkpoint_path("probe")
+            other.model, "resnet18", project.weights_path, other.classes, [], checkpoint_path("probe")
         )
 
 
@@ -161,15 +167,15 @@ def test_train_and_test_resolutions_reach_the_model(project, monkeypatch):
     monkeypatch.setattr(models, "build_model", recording_build)  # the features stage imports it where it runs
     monkeypatch.setattr(trained_model, "build_model", recording_build)
     assert load_split("train")[0].shape[1:] == (40, 40, 3)
-    # tested above the training size and above the cached crop (35 px of the 40):
-    # Touvron et al.'s train-test resolution
-    project(image_size=24, eval_image_size=48, probe={"C": [1.0]}, features={"image_size": 28})
+    # tested above the training size (Touvron et al.'s train-test resolution), at most the cached crop (35 px
+    # of the 40: above it would upsample)
+    project(image_size=24, eval_image_size=35, probe={"C": [1.0]}, features={"image_size": 28})
     training.fit("finetune")
-    assert set(seen) == {24, 48}
-    assert TrainedModel.load(checkpoint_path("finetune"), device="cpu").image_size == 48
+    assert set(seen) == {24, 35}
+    assert TrainedModel.load(checkpoint_path("finetune"), device="cpu").image_size == 35
     seen.clear()
     evaluate.evaluate("finetune")
-    assert set(seen) == {48}
+    assert set(seen) == {35}
     seen.clear()
     features.main()
     probe.main()
@@ -264,6 +270,7 @@ def test_the_holdout_twin_of_lp_ft_starts_from_the_probe_fitted_on_train_only_an
         project.weights_path,
         load_classes(),
         params.train_config("finetune", holdout=True),
+        [],
         holdout("probe"),
     )
     assert torch.equal(start.fc.weight, twin.model.fc.weight)
@@ -277,3 +284,71 @@ def test_the_holdout_twin_of_lp_ft_starts_from_the_probe_fitted_on_train_only_an
     kept = torch.load(checkpoint_path(holdout("finetune")), weights_only=True)
     assert kept["run"] == holdout("finetune") and kept["config"]["train_on_val"] is False
     assert not checkpoint_path("finetune").exists(), "the twin writes under its own name only"
+
+
+def test_features_from_several_layers_reach_the_probe_and_lp_ft_starts_from_its_predictions(project):
+    """features.layers: the pooled outputs of those blocks beside the head's features (shape), the probe's
+    standardisation fitted on its training images only, and LP-FT's network reading the same layers with
+    the probe as its head: the probe's predictions before the first step."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    project(probe={"C": [1.0], "flip": True}, features={"layers": ["layer2", "layer3"]})
+    features.main()
+    train, val = np.array(load_features("train")), np.array(load_features("val"))
+    assert train.shape == (2, 3 * 4, 128 + 256 + 512) and val.shape == (2, 3 * 2, 128 + 256 + 512)
+    probe.main()
+    fitted = TrainedModel.load(checkpoint_path(holdout("probe")), device="cpu")
+    assert fitted.model.layers == ["layer2", "layer3"] and fitted.model.head.in_features == 896
+
+    # the holdout probe (fitted on the train split only) is the regression on train-standardised features
+    samples, labels = probe.as_samples(train, load_split("train")[1], flip=True)
+    scaler = StandardScaler().fit(samples)
+    reference = LogisticRegression(C=1.0, max_iter=1000).fit(scaler.transform(samples), labels)
+    expected = reference.predict_proba(scaler.transform(probe.scored(val, flip=True)))
+    images, _ = load_split("val")
+    got = predict_logits(fitted.model, images, fitted.prep, 32, 16, False, flip=True).softmax(1).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+
+    params = load_params()
+    cfg = dataclasses.replace(params.train_config("finetune", holdout=True), init_head="probe")
+    start, head, prep = training.initial_model(
+        params.model.arch, project.weights_path, load_classes(), cfg, ["layer2", "layer3"], holdout("probe")
+    )
+    assert head == "head" and torch.equal(
+        predict_logits(start, images, prep, 32, 16, False),
+        predict_logits(fitted.model, images, prep, 32, 16, False),
+    )
+    with pytest.raises(
+        ModelError, match=r"reads the layers \['layer2', 'layer3'\].*not features.layers \[\]"
+    ):
+        training.initial_model(
+            params.model.arch, project.weights_path, load_classes(), cfg, [], holdout("probe")
+        )
+    scratch = dataclasses.replace(params.train_config("scratch"), init_head="random")
+    assert not hasattr(
+        training.initial_model("resnet18", "none", load_classes(), scratch, ["layer2"])[0], "layers"
+    )
+
+    project(
+        probe={"C": [1.0]},
+        features={"layers": ["layer2", "layer3"]},
+        init_head="probe",
+        train_on_val=True,
+        epochs=1,
+    )
+    training.fit("finetune", holdout=True)
+    trained = TrainedModel.load(checkpoint_path(holdout("finetune")), device="cpu")
+    assert trained.model.layers == ["layer2", "layer3"] and trained.probabilities(images).shape == (6, 3)
+    with pytest.raises(ModelError, match=r"features.layers: 'layer9' is not a block of resnet18"):
+        project(features={"layers": ["layer9"]}) or features.main()
+
+
+def test_an_evaluation_crop_never_upsamples_the_prepared_images(project):
+    """The tiny cache is 40 px; resnet18's evaluation crop keeps its centre 0.875: 45 px need 52."""
+    project(features={"image_size": 45})
+    with pytest.raises(
+        ConfigError, match=r"data.cache_size: the prepared images are 40 px, but a 45 px .*52"
+    ):
+        features.main()
+    assert not Path("data/features").exists(), "refused before any work"

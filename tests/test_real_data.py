@@ -69,7 +69,7 @@ def test_pretrained_weights_beat_random_init_by_a_wide_margin(tmp_path, monkeypa
         (subset / name).symlink_to(CALTECH / name)
     params = tiny_params()
     params["data"].update(
-        source=str(subset), train_per_class=12, val_per_class=4, test_per_class=5, cache_size=144
+        source=str(subset), train_per_class=12, val_per_class=4, test_per_class=5, cache_size=147
     )
     params["model"] = {"arch": "timm/tf_efficientnet_lite0", "weights": "imagenet"}
     shared = {
@@ -135,7 +135,7 @@ def test_onnx_runtime_gives_eager_pytorchs_logits_on_the_real_network(tmp_path, 
     for name in SUBSET[:4]:
         (subset / name).symlink_to(CALTECH / name)
     params = tiny_params()
-    params["data"].update(source=str(subset), train_per_class=2, val_per_class=1, cache_size=144)
+    params["data"].update(source=str(subset), train_per_class=2, val_per_class=1, cache_size=147)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
     prepare.main()

@@ -30,7 +30,7 @@ def test_the_preset_is_valid_with_the_project_params_and_given_as_dvc_set_params
     assert (
         set(command[6::2]) == {"-S"}
         and pairs["train.compile"] == "false"
-        and pairs["data.cache_size"] == "96"
+        and pairs["data.cache_size"] == "110"
     )
     (sweep,) = get_hydra_sweeps({"params.yaml": command[7::2]})  # one experiment, not a sweep
     written = tmp_path / "params.yaml"

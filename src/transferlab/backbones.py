@@ -37,7 +37,7 @@ from .data import check_cache
 from .errors import ConfigError
 from .fileio import write_csv, write_json, write_text
 from .inference import choose_runner, predict_views
-from .models import LayerFeatures, build_model, native_size, tap_candidates
+from .models import build_model, native_size, tap_candidates, with_layers
 from .probe import as_samples, choose_c, fit_head, scored
 from .splits import SPLITS, load_classes, load_split
 
@@ -65,9 +65,9 @@ def milliseconds_per_image(model: torch.nn.Module, size: int, channels_last: boo
     batched: the median of repeated runs on random inputs."""
     model.eval()
     batch = torch.randn(BATCH, 3, size, size)
-    run, path = choose_runner(model, batch, 10**6, channels_last)
-    figures = {"inference_path": path}
     with torch.inference_mode():
+        run, path = choose_runner(model, batch, 10**6, channels_last)
+        figures = {"inference_path": path}
         for label, inputs, repeats in (("batch1", batch[:1], BATCH1_RUNS), (f"batch{BATCH}", batch, 3)):
             run(inputs)  # warm-up
             times = []
@@ -84,20 +84,18 @@ def pooled_features(arch: str, size: int, channels_last: bool, classes: int) -> 
     the (name, dims) of each part in column order, and the network's facts and timings."""
     torch.manual_seed(0)
     model, head, prep = build_model(arch, "imagenet", classes)
+    parameters = sum(p.numel() for p in model.parameters())  # with the fresh 101-way head
+    timing = milliseconds_per_image(model, size, channels_last)
     taps = tap_candidates(model, head)[-MAX_TAPS:]
-    net = LayerFeatures(model, head, taps)
+    net = with_layers(model, head, taps, classes, arch)
     started, features = time.perf_counter(), {}
     for split in SPLITS:
         images, _ = load_split(split)
         check_cache(size, prep, images.shape[1])
         features[split] = predict_views(
-            net, images, prep, size, BATCH, channels_last, f"{arch} {size} px {split}", flip=True
+            net, images, prep, size, BATCH, channels_last, f"{arch} {size} px {split}", net.head, flip=True
         ).numpy()
-    facts = {
-        "parameters": sum(p.numel() for p in model.parameters()),  # with the fresh 101-way head
-        "features_s": round(time.perf_counter() - started, 1),
-        **milliseconds_per_image(model, size, channels_last),
-    }
+    facts = {"parameters": parameters, "features_s": round(time.perf_counter() - started, 1), **timing}
     return features, [*zip(taps, net.dims[:-1], strict=True), ("head", net.dims[-1])], facts
 
 

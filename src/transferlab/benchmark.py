@@ -430,8 +430,22 @@ def training_seconds(experiment: dict, stage: str) -> float:
     return experiment["data"]["metrics"][f"metrics/{stage}/metrics.json"]["data"]["wall_time_s"]
 
 
-def seed_of(experiment: dict) -> int:
-    return experiment["data"]["params"]["params.yaml"]["data"]["train"]["seed"]
+def summary(experiment: dict | None) -> dict:
+    """The fine-tuning run's summary metrics less its wall time: what a twin must equal."""
+    if experiment is None:
+        return {}
+    metrics = experiment["data"]["metrics"]["metrics/train_finetune/metrics.json"]["data"]
+    return {key: value for key, value in metrics.items() if key != "wall_time_s"}
+
+
+def grid_points(experiments: list[dict], seed: int, tensorboard: bool) -> dict[float, dict]:
+    """The queued grid's experiments of one ``-j`` (told apart by ``logging.tensorboard``), by train.lr."""
+    points = {}
+    for experiment in experiments:
+        params = experiment["data"]["params"]["params.yaml"]["data"]
+        if params["train"]["seed"] == seed and params["logging"]["tensorboard"] == tensorboard:
+            points[params["train"]["lr"]] = experiment
+    return points
 
 
 def grid(args: argparse.Namespace) -> dict:
@@ -442,8 +456,11 @@ def grid(args: argparse.Namespace) -> dict:
     point, ``dvc exp run train_finetune`` with ``train.train_on_val`` and ``probe.train_on_val`` false (its
     train_probe runs too, unless DVC's run cache holds that probe); (c) the same for ``train_scratch``; each
     with its overhead, the wall time less the stage's own ``wall_time_s``. Then (d) four queued LP-FT points
-    run by ``dvc queue start -j 1``, and the same four again with ``-j 2``. Every training run gets a fresh
-    seed, so that the run cache, shared with the project through the cache, never answers for a run.
+    run by ``dvc queue start -j 1``, and their twins with ``-j 2``: the same params but
+    ``logging.tensorboard``, which changes no number but keeps DVC's run cache from answering for them;
+    each twin's thread count and whether its numbers equal its ``-j 1`` twin's are reported. (a) to (c)
+    and the grid get a fresh seed, so that the run cache, shared with the project, never answers for a run.
+    ``--grid-threads N`` sets ``runtime.threads`` for the grid (default: params.yaml's).
     """
     toplevel = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True)
     if toplevel.returncode:
@@ -486,8 +503,10 @@ def grid(args: argparse.Namespace) -> dict:
             results["scratch_exp_wall_s"] = round(clone.timed("exp", "run", *scratch)[0], 1)
             clone.restore_baseline()
 
+            threads = ["-S", f"runtime.threads={args.grid_threads}"] if args.grid_threads is not None else []
             for workers in (1, 2):
-                points = [*lp_ft, "-S", f"train.lr={QUEUE_LRS}", *recipe("train", nonce + workers)]
+                twin = ["-S", f"logging.tensorboard={'true' if workers == 2 else 'false'}"]
+                points = [*lp_ft, "-S", f"train.lr={QUEUE_LRS}", *recipe("train", nonce + 3), *threads, *twin]
                 enqueue_s, _ = clone.timed("exp", "run", "--queue", *points)
                 results[f"queue_j{workers}_enqueue_s"] = round(enqueue_s, 1)
                 results[f"queue_j{workers}_wall_s"] = round(clone.run_queue(workers), 1)
@@ -503,11 +522,15 @@ def grid(args: argparse.Namespace) -> dict:
         seconds = training_seconds(named[f"bench-{run}-{nonce}"], f"train_{run}")
         results[f"{run}_exp_training_s"] = seconds
         results[f"{run}_exp_overhead_s"] = round(results[f"{run}_exp_wall_s"] - seconds, 1)
-    for workers in (1, 2):
-        ran = [e for e in experiments if seed_of(e) == nonce + workers]
+    grid_runs = {workers: grid_points(experiments, nonce + 3, workers == 2) for workers in (1, 2)}
+    for workers, ran in grid_runs.items():
         results[f"queue_j{workers}_points"] = len(ran)
-        mean = sum(training_seconds(e, "train_finetune") for e in ran) / len(ran)
+        mean = sum(training_seconds(e, "train_finetune") for e in ran.values()) / len(ran)
         results[f"queue_j{workers}_mean_training_s"] = round(mean, 1)
+        results[f"queue_j{workers}_threads"] = sorted({summary(e)["threads"] for e in ran.values()})
+    results["queue_j2_equal_to_j1_twin"] = sum(
+        summary(twin) == summary(grid_runs[1].get(lr)) for lr, twin in grid_runs[2].items()
+    )
     results["queue_j2_over_j1_wall"] = round(results["queue_j2_wall_s"] / results["queue_j1_wall_s"], 3)
     return results
 
@@ -544,14 +567,16 @@ def main(argv: list[str] | None = None) -> None:
         "--grid-image-size", type=int, help="their train and eval size (default: params)"
     )
     experiments.add_argument("--probe-c", type=float, default=0.1, help="the C of the probe experiment (a)")
+    experiments.add_argument(
+        "--grid-threads", type=int, help="runtime.threads of the queued grid (default: params.yaml's)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.grid:
         results = grid(args)
     else:
-        # this process's share of the cores, set once: its figures are for that many threads
-        with cores.shared():
-            results = throughput(args)
+        cores.use(load_params().runtime.threads)  # set once: the figures are for that many threads
+        results = throughput(args)
     print_table(results)
     if args.json:
         write_json(args.json, results)

@@ -6,6 +6,7 @@ preprocessing, how it was made), so that evaluate, predict, Grad-CAM and export 
 
 from __future__ import annotations
 
+import io
 import zipfile
 from pathlib import Path
 
@@ -75,9 +76,12 @@ def read_checkpoint(path: str | Path) -> dict:
 
 
 def save_torch_file(path: Path, data: dict) -> None:
-    """``torch.save`` that leaves the old file, or none, if it is interrupted."""
+    """``torch.save`` that leaves the old file, or none, if it is interrupted, and writes the same bytes for
+    the same data: saved to a file, torch names the archive's inner folder after the (temporary) file."""
+    buffer = io.BytesIO()
+    torch.save(data, buffer)
     with atomic_path(path) as tmp:
-        torch.save(data, tmp)
+        tmp.write_bytes(buffer.getvalue())
 
 
 def save_checkpoint(

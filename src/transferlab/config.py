@@ -124,6 +124,9 @@ class RuntimeConfig:
     # sizes are global
     processes: Positive
     channels_last: bool
+    # CPU compute threads, fixed for the whole run (another count is another computation: cores.py); 0: this
+    # machine's cores, shared evenly between the dvc queue workers running when a stage starts
+    threads: Count
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,13 @@ class FeaturesConfig:
     crop_scale_min: Share
     # initialises the backbone with model.weights: none (features of a random network), and draws the crops
     seed: int
+    # modules (blocks) whose global-average-pooled outputs join what the head receives, in this order (the
+    # head's own features last); the probe reads them all, and the fine-tuned network's head reads the same
+    layers: list
+
+    def __post_init__(self):
+        if not all(isinstance(name, str) and name for name in self.layers):
+            raise ConfigError(f"features.layers must be a list of module names, got {self.layers!r}")
 
 
 # keys of a run's section that only fine-tuning reads, with the values the scratch run has for them (it

@@ -103,9 +103,11 @@ def check_cache(size: int, prep: Preprocessing, cache_size: int) -> None:
         )
 
 
-def eval_resize(size: int, prep: Preprocessing, cache_size: int) -> v2.Transform:
-    """The standard evaluation crop: keep the centre ``crop_pct`` of the image, resize it to ``size``."""
-    check_cache(size, prep, cache_size)
+def eval_resize(size: int, prep: Preprocessing, cache_size: int, upsample: bool = False) -> v2.Transform:
+    """The standard evaluation crop: keep the centre ``crop_pct`` of the image, resize it to ``size``
+    (larger than the crop only with ``upsample``: pictures, never a score)."""
+    if not upsample:
+        check_cache(size, prep, cache_size)
     return v2.Compose(
         [
             v2.CenterCrop(round(cache_size * prep.crop_pct)),

@@ -195,12 +195,21 @@ def evaluate(run: str) -> dict:
     log.info(
         "%s: %s on %d test images (%s), scored from %s", run, path, len(labels), f"tta {cfg.tta}", source
     )
+    from . import cores  # torch
+
+    threads = cores.use(params.runtime.threads)
     if run == "probe":
         probs = probe_probabilities(path, labels, classes, cfg.tta)
     else:
         probs = model_probabilities(path, images, classes, cfg, params.runtime.device)
     metrics = write_results(
-        run, probs, images, labels, classes, cfg, {"wall_time_s": round(time.perf_counter() - started, 1)}
+        run,
+        probs,
+        images,
+        labels,
+        classes,
+        cfg,
+        {"threads": threads, "wall_time_s": round(time.perf_counter() - started, 1)},
     )
     log.info("%s on %d test images: %s (%.1f s)", run, len(labels), metrics, time.perf_counter() - started)
     return metrics

@@ -58,15 +58,17 @@ def extract(params: Params, out: Path) -> dict:
     import numpy as np
     import torch
 
+    from . import cores
     from .checkpoint import save_torch_file
     from .device import resolve_device
     from .inference import predict_views
     from .models import build_model, linear_head
 
     cfg, arch, weights, runtime = params.features, params.model.arch, params.model.weights, params.runtime
+    threads = cores.use(runtime.threads)
     classes = load_classes()
     torch.manual_seed(cfg.seed)  # the fresh head and, with model.weights: none, the whole network
-    model, head_name, prep = build_model(arch, weights, len(classes))
+    model, head_name, prep = build_model(arch, weights, len(classes), cfg.layers)
     head = linear_head(model, head_name)
     model.to(
         resolve_device(runtime.device),
@@ -112,7 +114,10 @@ def extract(params: Params, out: Path) -> dict:
             time.perf_counter() - started,
         )
     state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
-    save_torch_file(out / "network.pt", {"model": state, "head": head_name, "preprocessing": prep.as_dict()})
+    save_torch_file(
+        out / "network.pt",
+        {"model": state, "head": head_name, "layers": cfg.layers, "preprocessing": prep.as_dict()},
+    )
     return {
         "arch": arch,
         "weights": weights,
@@ -120,9 +125,11 @@ def extract(params: Params, out: Path) -> dict:
         "seed": cfg.seed,
         "views": views_of,
         "dim": head.in_features,
+        "layers": cfg.layers,
         "classes": len(classes),
         "images": counts,
         "cache_size": images.shape[1],
+        "threads": threads,
     }
 
 
@@ -138,7 +145,14 @@ def main() -> None:
     with atomic_dir(FEATURES_DIR) as out:
         info = extract(params, out)
         write_json(out / "features.json", info)
-    write_json(FEATURES_REPORT, {**info["images"], "wall_time_s": round(time.perf_counter() - started, 1)})
+    write_json(
+        FEATURES_REPORT,
+        {
+            **info["images"],
+            "threads": info["threads"],
+            "wall_time_s": round(time.perf_counter() - started, 1),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -37,10 +37,12 @@ def main() -> None:
     images, labels = load_split("test")
     sample = gradcam_sample(labels, cfg.gradcam_images)
     log.info("Grad-CAM of %s on %d test images", ", ".join(MODELS), len(sample))
+    from . import cores
     from .device import resolve_device
     from .explain import plot_gradcam_panel  # torch, captum and the model libraries
     from .trained_model import TrainedModel
 
+    cores.use(params.runtime.threads)
     device = resolve_device(params.runtime.device)
     models = {run: TrainedModel.load(checkpoint_path(run), device) for run in MODELS}
     plot_gradcam_panel(GRADCAM_IMAGE, images[sample], labels[sample], models)

@@ -44,7 +44,7 @@ def onnx_runner(net: nn.Module, example: torch.Tensor):
             dynamo=False,
         )
     options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = cores.refresh()
+    options.intra_op_num_threads = cores.threads()
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     session = onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
@@ -56,7 +56,6 @@ def choose_runner(net: nn.Module, first: torch.Tensor, images: int, channels_las
     batch."""
 
     def eager(batch: torch.Tensor) -> torch.Tensor:
-        cores.refresh()
         return net(batch.contiguous(memory_format=torch.channels_last) if channels_last else batch)
 
     device = next(net.parameters()).device
@@ -114,20 +113,19 @@ def predict_views(
     transform = eval_resize(image_size, prep, images.shape[1])
     batches = (normalize(batch.to(device), prep) for batch in eval_batches(images, transform, batch_size))
     outputs, run, path = [], None, "eager"
-    with cores.shared():  # this process's share of the CPU cores while the pass runs
-        try:
-            for batch in tqdm(batches, total=-(-len(images) // batch_size), desc=desc, leave=False):
-                if run is None:
-                    run, path = choose_runner(net, batch, len(images) * views if fast else 0, channels_last)
-                    if fast:
-                        log.info("%s: %d images on %s", desc, len(images), path)
-                outputs.append(
-                    torch.stack(
-                        [run(view).float().cpu() for view in ((batch, batch.flip(3)) if flip else (batch,))]
-                    )
+    try:
+        for batch in tqdm(batches, total=-(-len(images) // batch_size), desc=desc, leave=False):
+            if run is None:
+                run, path = choose_runner(net, batch, len(images) * views if fast else 0, channels_last)
+                if fast:
+                    log.info("%s: %d images on %s", desc, len(images), path)
+            outputs.append(
+                torch.stack(
+                    [run(view).float().cpu() for view in ((batch, batch.flip(3)) if flip else (batch,))]
                 )
-        finally:
-            model.train(was_training)
+            )
+    finally:
+        model.train(was_training)
     return torch.cat(outputs, dim=1)
 
 

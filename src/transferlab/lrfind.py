@@ -121,7 +121,9 @@ def range_test(run: str, steps: int, start: float, end: float, seed: int) -> dic
     classes = load_classes()
     data = training_data(train_on_val=False)
     train_labels = data[0][1]
-    model, head_name, prep = initial_model(params.model.arch, weights, classes, cfg, holdout("probe"))
+    model, head_name, prep = initial_model(
+        params.model.arch, weights, classes, cfg, params.features.layers, holdout("probe")
+    )
     slices = batch_slices(len(train_labels), cfg.batch_size)
     trainer = Trainer.create(
         model, head_name, cfg, params.runtime, len(slices), World(device=device), amp_dtype
@@ -219,8 +221,8 @@ def find(run_name: str, steps: int, start: float, end: float, seeds: int, out: P
     params = load_params()
     cfg = params.train_config(run_name)
     key = params.key(run_name, "lr")
-    with cores.shared():
-        tests = [range_test(run_name, steps, start, end, cfg.seed + offset) for offset in range(seeds)]
+    cores.use(params.runtime.threads)
+    tests = [range_test(run_name, steps, start, end, cfg.seed + offset) for offset in range(seeds)]
     summary = summarise(tests)
     result = {
         "run": run_name,

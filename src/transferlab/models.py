@@ -166,9 +166,12 @@ def _replace_torchvision_head(model: nn.Module, num_classes: int) -> str:
     return name
 
 
-def build_model(arch: str, weights: str, num_classes: int) -> tuple[nn.Module, str, Preprocessing]:
+def build_model(
+    arch: str, weights: str, num_classes: int, layers: list[str] = ()
+) -> tuple[nn.Module, str, Preprocessing]:
     """Return the model with a freshly initialised ``num_classes``-way head, the head's module name, and its
-    preprocessing."""
+    preprocessing. With ``layers``, a :class:`LayerClassifier` whose head reads those modules' pooled
+    outputs too."""
     check_model(arch, weights)
     is_timm = arch.startswith(TIMM_PREFIX)
     model, prep = (
@@ -181,6 +184,8 @@ def build_model(arch: str, weights: str, num_classes: int) -> tuple[nn.Module, s
         head = next(n for n, m in model.named_modules() if m is model.get_classifier())
     else:
         head = _replace_torchvision_head(model, num_classes)
+    if layers:
+        return with_layers(model, head, list(layers), num_classes, arch), "head", prep
     return model, head, prep
 
 
@@ -210,30 +215,60 @@ def tap_candidates(model: nn.Module, head: str) -> list[str]:
     return [layer[0] for layer in layers]
 
 
-class LayerFeatures(nn.Module):
-    """The network without its head, returning the global-average-pooled outputs of the ``taps`` modules
-    and then what the head receives, concatenated (``dims``: each part's width, in that order)."""
+class LayerClassifier(nn.Module):
+    """A network whose classifier reads, beside what its own head received, the global-average-pooled
+    outputs of some of its modules (``features.layers``), concatenated in the order given, its own last.
 
-    def __init__(self, model: nn.Module, head: str, taps: list[str]):
+    Earlier blocks keep more of what transfers to a new task than the penultimate layer, which ImageNet's
+    label smoothing and dropout shape for ImageNet (Kornblith et al., CVPR 2019 and NeurIPS 2021). The
+    linear probe fitted on these features becomes ``head`` (its standardisation folded into the weights),
+    so LP-FT fine-tunes the very network whose features the probe read.
+    """
+
+    def __init__(self, model: nn.Module, head: str, layers: list[str], num_classes: int):
         super().__init__()
         self.body = without_head(model, model.get_submodule(head))
-        self.taps, self._pooled = taps, []
-        for name in taps:
+        self.inner_head, self.layers, self._pooled = head, list(layers), []
+        for name in self.layers:
             self.body.get_submodule(name).register_forward_hook(self._keep)
-        with torch.no_grad():
-            was_training = self.body.training
-            self.body.eval()
-            probe = self.body(torch.zeros(1, 3, 64, 64)), self._pooled
-            self.body.train(was_training)
-        self.dims = [t.shape[1] for t in probe[1]] + [probe[0].shape[1]]
+        was_training = self.body.training
+        with torch.no_grad():  # the widths, from one small image (in eval mode: no statistics updated)
+            self.dims = [self.body.eval()(torch.zeros(1, 3, 64, 64)).shape[1]]
+        self.dims = [pooled.shape[1] for pooled in self._pooled] + self.dims
+        self._pooled = []
+        self.body.train(was_training)
+        self.head = nn.Linear(sum(self.dims), num_classes)
 
     def _keep(self, module: nn.Module, inputs, output: torch.Tensor) -> None:
-        self._pooled.append(output.float().mean((2, 3)))
+        self._pooled.append(output.mean((2, 3)))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         self._pooled = []
         last = self.body(images)
-        return torch.cat([*self._pooled, last], 1)
+        pooled, self._pooled = self._pooled, []  # no tensor kept between calls (a copy of the model, ...)
+        return self.head(torch.cat([*pooled, last], 1))
+
+
+def read_layers(model: nn.Module) -> list[str]:
+    """The modules whose pooled outputs the model's head reads besides its own features (none: [])."""
+    return model.layers if isinstance(model, LayerClassifier) else []
+
+
+def with_layers(model: nn.Module, head: str, layers: list[str], num_classes: int, arch: str) -> nn.Module:
+    """``model`` as a :class:`LayerClassifier` reading ``layers`` (none: ``model`` itself)."""
+    if not layers:
+        return model
+    modules = dict(model.named_modules())
+    for name in layers:
+        if name not in modules or name == head or name == "":
+            choices = ", ".join(tap_candidates(model, head))
+            raise ModelError(f"features.layers: {name!r} is not a block of {arch} (its blocks: {choices})")
+    if len(set(layers)) < len(layers):
+        raise ModelError(f"features.layers: {layers} names a block twice")
+    try:
+        return LayerClassifier(model, head, layers, num_classes)
+    except (RuntimeError, IndexError) as err:  # a module whose output is no N x C x H x W grid
+        raise ModelError(f"features.layers: {layers}: each must output feature maps to pool ({err})") from err
 
 
 def linear_head(model: nn.Module, head_name: str) -> nn.Linear:
@@ -286,6 +321,8 @@ def backbone_layers(model: nn.Module, head: str) -> list[list[str]]:
     torchvision models are split by :func:`_torchvision_layers`. ResNet-18 gives
     stem, layer1, layer2, layer3, layer4 in both libraries.
     """
+    if isinstance(model, LayerClassifier):
+        return [[f"body.{name}" for name in layer] for layer in backbone_layers(model.body, model.inner_head)]
     if hasattr(model, "group_matcher"):
         groups = timm.models.group_modules(model, model.group_matcher(coarse=True))
         return [_outermost(model, names) for names in groups.values() if head not in names]

@@ -153,6 +153,7 @@ def save_probe(
         eval_image_size=info["image_size"],
         channels_last=channels_last,
         config={**dataclasses.asdict(cfg), "image_size": info["image_size"]},
+        layers=network["layers"],
         **extra,
     )
 
@@ -175,6 +176,9 @@ def main() -> None:
         cfg.C,
         len(val_labels),
     )
+    from . import cores  # torch, for the BLAS pools scikit-learn computes in
+
+    threads = cores.use(params.runtime.threads)
     train_features, val_features = np.asarray(load_features("train")), np.asarray(load_features("val"))
 
     val = (scored(val_features, cfg.flip), val_labels)
@@ -218,6 +222,7 @@ def main() -> None:
                 live.summary["best/val_acc"] = chosen["val_acc"]
             live.summary["best/C"] = best_c
             live.summary["train_images"] = int(len(train_labels))
+            live.summary["threads"] = threads
             live.summary["wall_time_s"] = round(time.perf_counter() - started, 1)
         keys = ["C", "val_acc", "val_loss", "fit_time_s"] if len(val_labels) else ["C", "fit_time_s"]
         write_csv(out / "regularization.csv", keys, ([r[k] for k in keys] for r in results))

@@ -56,7 +56,9 @@ class TrainedModel:
                 f"{path} holds NaN or infinite weights ({broken[0]}, {len(broken)} tensor(s) in all): "
                 "it comes from a run that diverged; train it again with a lower learning rate"
             )
-        model, _, _ = build_model(checkpoint["arch"], "none", len(checkpoint["classes"]))
+        model, _, _ = build_model(
+            checkpoint["arch"], "none", len(checkpoint["classes"]), checkpoint.get("layers", [])
+        )
         model.load_state_dict(checkpoint["model"])
         return cls(
             model=model.eval().to(device or resolve_device()),
@@ -74,10 +76,12 @@ class TrainedModel:
         return next(self.model.parameters()).device
 
     def crop(self, images: np.ndarray, size: int | None = None) -> torch.Tensor:
-        """The evaluation crop (uint8 N x 3 x S x S) of cached images (uint8 N x H x W x 3), at ``size`` or
-        the model's."""
+        """The evaluation crop (uint8 N x 3 x S x S) of cached images (uint8 N x H x W x 3), at the model's
+        size, or at ``size`` for a picture (Grad-CAM, feature maps: upsampled if need be)."""
         batch = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2)  # a copy: the cache is read-only
-        return eval_resize(size or self.image_size, self.prep, images.shape[1])(batch)
+        return eval_resize(size or self.image_size, self.prep, images.shape[1], upsample=size is not None)(
+            batch
+        )
 
     def inputs(self, images: np.ndarray) -> torch.Tensor:
         """Normalised model inputs, on the model's device."""

@@ -40,7 +40,15 @@ from .device import autocast, training_device
 from .distributed import World, process_group
 from .errors import ConfigError, DivergedError, ModelError
 from .inference import predict_logits
-from .models import Preprocessing, build_model, freeze_layers, linear_head, parameter_groups, set_train_mode
+from .models import (
+    Preprocessing,
+    build_model,
+    freeze_layers,
+    linear_head,
+    parameter_groups,
+    read_layers,
+    set_train_mode,
+)
 from .optim import LrSchedule, build_optimizer
 from .paths import FEATURES_DIR, checkpoint_path, resume_path, train_dir
 from .splits import features_info, load_classes, load_features, load_split
@@ -59,7 +67,11 @@ def fit(name: str, world: World | None = None, holdout: bool = False) -> dict:
     """
     started = time.perf_counter()
     params = load_params()
-    cfg, runtime, arch = params.train_config(name, holdout), params.runtime, params.model.arch
+    cfg, arch = params.train_config(name, holdout), params.model.arch
+    # the thread count it comes to is part of the run: logged with its params, in its resume fingerprint
+    runtime = dataclasses.replace(
+        params.runtime, threads=cores.use(params.runtime.threads, world.size if world else 1)
+    )
     out = paths.holdout(name) if holdout else name  # where the run writes
     probe = paths.holdout("probe") if holdout else "probe"
     weights = params.weights_for(name)
@@ -78,7 +90,7 @@ def fit(name: str, world: World | None = None, holdout: bool = False) -> dict:
     slices = batch_slices(len(train_labels), cfg.batch_size)
 
     # the model, its optimizer and schedule, and where its batches come from
-    model, head_name, prep = initial_model(arch, weights, classes, cfg, probe)
+    model, head_name, prep = initial_model(arch, weights, classes, cfg, params.features.layers, probe)
     if world.rank:  # every process starts from the same weights (DDP checks) but draws its own augmentations
         torch.manual_seed(cfg.seed + world.rank)
     trainer = Trainer.create(model, head_name, cfg, runtime, len(slices), world, amp_dtype)
@@ -105,9 +117,7 @@ def fit(name: str, world: World | None = None, holdout: bool = False) -> dict:
     header = {"fingerprint": fingerprint, "params": described}  # saved with each state
 
     training_log = TrainingLog(train_dir(out), params.logging.tensorboard, active=world.main)
-    # the CPU cores shared with other processes computing at once; a compiled model keeps its first thread
-    # count (a change would make torch.compile compile again)
-    with training_log as live, resume.stop_requests() as stop_requested, cores.shared(pin=cfg.compile):
+    with training_log as live, resume.stop_requests() as stop_requested:
         live.log_params(described)
         live.log_images("train images (cached, before augmentation)", train_images[:16])
         # the curves of the epochs done before an interruption, at their own steps
@@ -169,12 +179,14 @@ def fit(name: str, world: World | None = None, holdout: bool = False) -> dict:
             eval_image_size=cfg.eval_image_size,
             channels_last=runtime.channels_last,
             config=dataclasses.asdict(cfg),
+            layers=read_layers(model),
             **chosen,
         )
         if chosen["val_acc"] is not None:
             live.summary["best/val_acc"] = chosen["val_acc"]
         live.summary["best/epoch"] = chosen["epoch"]
         live.summary["epochs_run"] = progress.epoch
+        live.summary["threads"] = runtime.threads
         live.summary["wall_time_s"] = round(time.perf_counter() - started, 1)
     resume_path(out).unlink(missing_ok=True)
     return chosen
@@ -199,7 +211,6 @@ def train_one_epoch(
         total=len(slices), initial=progress.step, desc=description, leave=False, disable=not world.main
     ) as bar:
         for batch in slices[progress.step :]:
-            cores.refresh()  # this process's share of the CPU cores, counted again every few seconds
             progress.add_batch(*trainer.step(batches, order[batch]))
             bar.update()
             if progress.step % 10 == 0 or progress.step == len(slices):  # reading the sum waits for a GPU
@@ -500,9 +511,14 @@ def training_batches(
     """The run's batches: the frozen features for feature_extract without augmentation, else the images."""
     cfg = trainer.cfg
     if cfg.mode == "feature_extract" and not cfg.augment:
-        linear_head(trainer.model, trainer.head_name)
+        head = linear_head(trainer.model, trainer.head_name)
         (_, train_labels), (_, val_labels) = data
         features = frozen_features(cfg, arch, weights, (len(train_labels), len(val_labels)))
+        if features[0].shape[1] != head.in_features:
+            raise ModelError(
+                f"the frozen features have {features[0].shape[1]} dimensions, the head reads "
+                f"{head.in_features} (features.layers changed?): re-run the features stage"
+            )
         return FeatureBatches(trainer, features, train_labels)
     return ImageBatches(trainer, data, prep, num_classes)
 
@@ -531,7 +547,9 @@ def frozen_features(
     return train, val
 
 
-def start_from_probe(model: nn.Module, arch: str, weights: str, classes: list[str], path: Path) -> None:
+def start_from_probe(
+    model: nn.Module, arch: str, weights: str, classes: list[str], layers: list[str], path: Path
+) -> None:
     """Load the fitted probe (its backbone weights and its head) into ``model``: LP-FT's starting point."""
     if not path.is_file():
         raise ModelError(
@@ -546,18 +564,25 @@ def start_from_probe(model: nn.Module, arch: str, weights: str, classes: list[st
             f"(weights {made_for[1]}, {len(made_for[2])} classes), "
             f"not {arch} (weights {weights}, {len(classes)} classes): re-run train_probe"
         )
+    if checkpoint.get("layers", []) != layers:
+        raise ModelError(
+            f"the linear probe at {path} reads the layers {checkpoint.get('layers', [])} besides the head's "
+            f"features, not features.layers {layers}: re-run the features and train_probe stages"
+        )
     model.load_state_dict(checkpoint["model"])
 
 
 def initial_model(
-    arch: str, weights: str, classes: list[str], cfg: TrainConfig, probe: str = "probe"
+    arch: str, weights: str, classes: list[str], cfg: TrainConfig, layers: list[str], probe: str = "probe"
 ) -> tuple[nn.Module, str, Preprocessing]:
     """The model before its first step: a fresh head, or with ``init_head: probe`` the fitted linear probe
-    ``probe`` (LP-FT)."""
+    ``probe`` (LP-FT). A fine-tuned model's head reads ``layers`` (``features.layers``) too; a scratch
+    model is the plain architecture."""
+    layers = [] if cfg.mode == "scratch" else layers
     torch.manual_seed(cfg.seed)
-    model, head_name, prep = build_model(arch, weights, len(classes))
+    model, head_name, prep = build_model(arch, weights, len(classes), layers)
     if cfg.init_head == "probe":
-        start_from_probe(model, arch, weights, classes, checkpoint_path(probe))
+        start_from_probe(model, arch, weights, classes, layers, checkpoint_path(probe))
     return model, head_name, prep
 
 
