@@ -90,3 +90,11 @@ def test_the_study_on_real_weights_writes_its_table_picture_and_every_validation
     )
     assert (tmp_path / "study/backbones.png").stat().st_size > 0
     assert arch in (tmp_path / "study/backbones.md").read_text()
+
+    with pytest.raises(SystemExit) as done:
+        cli.main(["backbones", "--retime", "--out", "study"])
+    assert done.value.code == 0
+    retimed = json.loads((tmp_path / "study/backbones.json").read_text())
+    assert retimed["timing_command"] == "transferlab backbones --retime --out study"
+    (again,) = retimed["points"]
+    assert again["test_mean_per_class"] == point["test_mean_per_class"] and again["ms_per_image_batch1"] > 0

@@ -172,9 +172,12 @@ def cmd_smoke(args) -> int:
 
 
 def cmd_backbones(args) -> int:
-    from .backbones import run
+    from .backbones import retime, run
 
-    run(args.arch, args.out)
+    if args.retime:
+        retime(args.out)
+    else:
+        run(args.arch, args.out)
     return 0
 
 
@@ -350,6 +353,11 @@ def parser() -> argparse.ArgumentParser:
         nargs="+",
         default=list(BACKBONES),
         help=f"model.arch names with ImageNet weights (default: {' '.join(BACKBONES)})",
+    )
+    backbones.add_argument(
+        "--retime",
+        action="store_true",
+        help="only measure the CPU time per image of the study in --out again (on a quiet machine)",
     )
     add_out(backbones, "metrics/backbones")
     backbones.set_defaults(handler=cmd_backbones)
