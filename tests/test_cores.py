@@ -15,7 +15,7 @@ import torch
 import yaml
 from threadpoolctl import threadpool_info
 
-from conftest import run_command
+from conftest import make_image_folder, run_command, tiny_params
 from transferlab import cores
 
 
@@ -108,3 +108,38 @@ def test_a_run_beside_another_training_computes_the_same_bytes_as_alone(project,
     assert beside["curves"] == alone["curves"]
     assert beside["summary"] == alone["summary"] and alone["summary"]["threads"] == cores.resolve(0)
     assert beside["model.pt"] == alone["model.pt"], "the same run writes the same bytes"
+
+
+@pytest.mark.slow
+def test_features_and_evaluation_give_the_same_bytes_with_one_thread_or_two(tmp_path):
+    """docs/reproducibility.md's table, on tiny data: the features stage (the test split on ONNX Runtime,
+    the others eager) and evaluate do not depend on the thread count; the probe's fit and training do and
+    are not asserted here."""
+    images = make_image_folder(tmp_path / "images", classes=3, per_class=50)  # 132 test images, 264 views
+    params = tiny_params()
+    params["data"]["source"] = str(images)
+    params["probe"]["C"] = [1.0]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    stage = [sys.executable, "-m"]
+    run_command([*stage, "transferlab.prepare"], tmp_path)
+    run_command([*stage, "transferlab.features"], tmp_path)
+    run_command([*stage, "transferlab.probe"], tmp_path)
+    run_command([*stage, "transferlab.train", "finetune"], tmp_path)
+    outputs = {}
+    for threads in (1, 2):
+        params["runtime"]["threads"] = threads
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+        logged = run_command([*stage, "transferlab.features"], tmp_path).stderr
+        logged += run_command([*stage, "transferlab.evaluate", "finetune"], tmp_path).stderr
+        assert "features test: 132 images on onnxruntime" in logged
+        assert "test finetune: 132 images on onnxruntime" in logged
+        evaluated = json.loads((tmp_path / "metrics/test_finetune/metrics.json").read_text())
+        assert evaluated.pop("threads") == threads
+        evaluated.pop("wall_time_s")
+        outputs[threads] = {
+            **{f.name: f.read_bytes() for f in sorted((tmp_path / "data/features").glob("*.npy"))},
+            "network.pt": (tmp_path / "data/features/network.pt").read_bytes(),
+            "per_class.csv": (tmp_path / "metrics/test_finetune/per_class.csv").read_bytes(),
+            "metrics": evaluated,
+        }
+    assert outputs[1] == outputs[2]
