@@ -233,8 +233,8 @@ class LayerClassifier(nn.Module):
             self.body.get_submodule(name).register_forward_hook(self._keep)
         was_training = self.body.training
         with torch.no_grad():  # the widths, from one small image (in eval mode: no statistics updated)
-            self.dims = [self.body.eval()(torch.zeros(1, 3, 64, 64)).shape[1]]
-        self.dims = [pooled.shape[1] for pooled in self._pooled] + self.dims
+            last = self.body.eval()(torch.zeros(1, 3, 64, 64))
+        self.dims = [pooled.shape[1] for pooled in self._pooled] + [last.shape[1]]
         self._pooled = []
         self.body.train(was_training)
         self.head = nn.Linear(sum(self.dims), num_classes)
@@ -255,9 +255,7 @@ def read_layers(model: nn.Module) -> list[str]:
 
 
 def with_layers(model: nn.Module, head: str, layers: list[str], num_classes: int, arch: str) -> nn.Module:
-    """``model`` as a :class:`LayerClassifier` reading ``layers`` (none: ``model`` itself)."""
-    if not layers:
-        return model
+    """``model`` as a :class:`LayerClassifier` reading ``layers``, each checked (the param named)."""
     modules = dict(model.named_modules())
     for name in layers:
         if name not in modules or name == head or name == "":
