@@ -203,7 +203,7 @@ def markdown(results: dict) -> str:
         "validation, test scored once (mean per-class, flip TTA).",
         "",
         "| backbone | px | parameters | ImageNet top-1 | layers | C | validation (head only) | test mean "
-        "per-class | test top-1 | ms/image batch 1 | ms/image batched | features pass | path |",
+        "per-class | test top-1 | ms/image batch 1 | ms/image batched | features pass (study run) | path |",
         "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for p in results["points"]:
