@@ -234,7 +234,8 @@ def test_evaluate_killed_at_moments_spread_over_its_writes(finished):
 def test_training_killed_while_writing_its_checkpoint(project_repo, monkeypatch):
     set_train(project_repo, epochs=3)
     run_command(["dvc", "repro", "prepare"], project_repo)
-    die_after(project_repo, "transferlab.train", "torch.save", "data/models/finetune", "finetune")
+    # killed once the checkpoint's bytes are in their temporary file, before it is renamed into place
+    die_after(project_repo, "transferlab.train", "os.chmod", "data/models/finetune", "finetune")
     assert not (project_repo / "data/models/finetune/model.pt").exists(), "no half-written checkpoint"
     assert not (project_repo / "metrics/train_finetune").exists(), "no training log of an unfinished run"
     assert (project_repo / "data/resume/finetune.pt").exists(), "the run's state, saved after its last epoch"
