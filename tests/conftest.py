@@ -36,7 +36,7 @@ TINY_PARAMS = {
         "exclude_classes": ["BACKGROUND_Google"],
     },
     "model": {"arch": "resnet18", "weights": "none"},
-    "features": {"image_size": 32, "batch_size": 16},
+    "features": {"image_size": 32, "batch_size": 16, "layers": []},
     "train": {
         "epochs": 2,
         "batch_size": 8,

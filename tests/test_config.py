@@ -30,7 +30,8 @@ from transferlab.models import check_model
 def test_project_params_are_valid():
     params = load_params(PROJECT / "params.yaml")
     assert params.data.train_per_class == 30 and "BACKGROUND_Google" in params.data.exclude_classes
-    assert params.model.arch == "timm/tf_efficientnet_lite0" and params.model.weights == "imagenet"
+    assert params.model.arch == "timm/tf_efficientnet_lite1" and params.model.weights == "imagenet"
+    assert params.features.layers == ["blocks.6"] and params.data.cache_size >= 273  # Lite1 240 / 0.882
 
 
 def test_each_run_reads_its_own_section():
