@@ -98,3 +98,52 @@ def test_the_study_on_real_weights_writes_its_table_picture_and_every_validation
     assert retimed["timing_command"] == "transferlab backbones --retime --out study"
     (again,) = retimed["points"]
     assert again["test_mean_per_class"] == point["test_mean_per_class"] and again["ms_per_image_batch1"] > 0
+
+
+@pytest.mark.slow
+def test_a_finished_lp_ft_run_becomes_a_point_of_the_study_and_a_stale_one_is_refused(
+    reproduced, monkeypatch, capsys
+):
+    monkeypatch.chdir(reproduced)
+    probe_point = {
+        "arch": "resnet18",
+        "image_size": 32,
+        "imagenet_top1": None,
+        "parameters": 11_000_000,
+        "features_s": 1.0,
+        "inference_path": "eager",
+        "ms_per_image_batch1": 2.0,
+        "ms_per_image_batch64": 1.5,
+        "layers": "head",
+        "dims": 512,
+        "C": 0.1,
+        "val_acc": 0.5,
+        "val_loss": 1.0,
+        "fit_s": 0.1,
+        "test_mean_per_class": 0.5,
+        "test_top1": 0.5,
+        "head_only_val_acc": 0.5,
+    }
+    (reproduced / "study").mkdir()
+    study = {"command": "transferlab backbones", "cache_size": 40, "threads": 1, "points": [probe_point]}
+    (reproduced / "study/backbones.json").write_text(json.dumps(study))
+
+    with pytest.raises(SystemExit) as done:
+        cli.main(["backbones", "--record-finetune", "--out", "study"])
+    assert done.value.code == 0
+    kept = reproduced / "study/lpft_resnet18_32"
+    run = json.loads((kept / "run.json").read_text())
+    assert run["params"]["model.arch"] == "resnet18" and run["params"]["features.image_size"] == 32
+    finetuned = json.loads((kept / "test_finetune.json").read_text())
+    assert finetuned == json.loads((reproduced / "metrics/test_finetune/metrics.json").read_text())
+    table = (reproduced / "study/backbones.md").read_text()
+    assert f"{100 * finetuned['mean_per_class_acc']:.2f} % |" in table.split("LP-FT:")[1]
+    (point,) = backbones.finetuned_points(reproduced / "study", [probe_point])
+    assert point["ms_per_image_batch64"] == 1.5 and point["layers"] == "head"
+
+    params = yaml.safe_load((reproduced / "params.yaml").read_text())
+    params["train"]["lr"] = 0.5  # the metrics are no longer this run's
+    (reproduced / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    with pytest.raises(SystemExit):
+        cli.main(["backbones", "--record-finetune", "--out", "study"])
+    assert "dvc repro holdout_finetune evaluate@probe evaluate@finetune" in capsys.readouterr().err

@@ -21,13 +21,19 @@ Results: ``backbones.md`` / ``backbones.json`` (the table, the command, the cach
 ``backbones.png`` (test accuracy against milliseconds per image, ResNet-50's published figures as lines).
 Timings mean something only on a quiet machine: ``--retime`` measures them again for the settings
 ``backbones.json`` holds (a minute or two) and rewrites the table and the picture, accuracies untouched.
-Fine-tuning each backbone (LP-FT) is a DVC experiment of the pipeline: docs/results.md gives the grid.
+
+Fine-tuning a backbone (LP-FT) is the pipeline's own run at that backbone's params (docs/results.md gives
+the commands); ``--record-finetune`` keeps the workspace's finished run as a point of the study
+(``lpft_<arch>_<px>/``: each stage's metrics and the params that made them), drawn beside the probes.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import shlex
+import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -35,12 +41,13 @@ import numpy as np
 import torch
 
 from . import cores
-from .config import ProbeConfig, load_params
+from .config import ProbeConfig, load_params, read_params_file
 from .data import check_cache
 from .errors import ConfigError
 from .fileio import read_json, write_csv, write_json, write_text
 from .inference import choose_runner, predict_views
 from .models import build_model, native_size, tap_candidates, with_layers
+from .paths import FEATURES_REPORT, evaluation_dir, holdout, train_dir
 from .probe import as_samples, choose_c, fit_head, scored
 from .splits import SPLITS, load_classes, load_split
 
@@ -57,6 +64,28 @@ RESNET50 = {"fine-tuned": 93.3, "linear probe": 94.5}
 MAX_TAPS = 3
 BATCH = 64
 BATCH1_RUNS = 30
+# An LP-FT point of the study: the pipeline's stages that make it, and the metrics kept of each
+FINETUNE_STAGES = ("holdout_finetune", "evaluate@probe", "evaluate@finetune")
+FINETUNE_METRICS = {
+    "features": FEATURES_REPORT,
+    "train_probe": train_dir("probe") / "metrics.json",
+    "train_finetune": train_dir("finetune") / "metrics.json",
+    "train_finetune_holdout": train_dir(holdout("finetune")) / "metrics.json",
+    "test_probe": evaluation_dir("probe") / "metrics.json",
+    "test_finetune": evaluation_dir("finetune") / "metrics.json",
+}
+# the params an LP-FT point records: what sets its network and its recipe
+FINETUNE_PARAMS = (
+    "data.cache_size",
+    "model.arch",
+    "features.image_size",
+    "features.layers",
+    "train.frozen_layers",
+    "train.epochs",
+    "train.lr",
+    "train.image_size",
+    "train.eval_image_size",
+)
 
 
 def mean_per_class(labels: np.ndarray, predictions: np.ndarray) -> float:
@@ -192,13 +221,80 @@ def study(archs: list[str], out: Path, command: str) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     keys = ["arch", "image_size", "layers", "dims", "C", "val_acc", "val_loss", "fit_s"]
     write_csv(out / "probes.csv", keys, ([row[k] for k in keys] for row in every))
-    write_json(out / "backbones.json", results)
-    write_text(out / "backbones.md", markdown(results))
-    plot(points, out / "backbones.png")
     return results
 
 
-def markdown(results: dict) -> str:
+def report(results: dict, out: Path) -> None:
+    """``backbones.json`` from ``results``; the table and the picture from it and the LP-FT points in ``out``."""
+    write_json(out / "backbones.json", results)
+    finetuned = finetuned_points(out, results["points"])
+    write_text(out / "backbones.md", markdown(results, finetuned))
+    plot(results["points"], finetuned, out / "backbones.png")
+
+
+def record_finetune(out: Path) -> Path:
+    """Keep the workspace's LP-FT run as a point of the study: refused unless DVC finds the run's stages
+    up to date with params.yaml, so that the params recorded are the ones that made the metrics."""
+    if not (out / "backbones.json").is_file():
+        raise ConfigError(f"--record-finetune: no study at {out}: run `transferlab backbones` first")
+    status = subprocess.run(
+        ["dvc", "status", "--json", "--with-deps", *FINETUNE_STAGES], capture_output=True, text=True
+    )
+    if status.returncode or json.loads(status.stdout or "{}"):
+        raise ConfigError(
+            "--record-finetune: the workspace's LP-FT results are not those of params.yaml "
+            f"(dvc status: {(status.stdout or status.stderr).strip()[:300]}): run "
+            f"`dvc repro {' '.join(FINETUNE_STAGES)}` first"
+        )
+    raw = read_params_file()
+    params = {key: _dotted(raw, key) for key in FINETUNE_PARAMS}
+    name = f"lpft_{params['model.arch'].split('/')[-1]}_{params['features.image_size']}"
+    folder = out / name
+    folder.mkdir(parents=True, exist_ok=True)
+    for stage, path in FINETUNE_METRICS.items():
+        shutil.copyfile(path, folder / f"{stage}.json")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    write_json(folder / "run.json", {"commit": commit.stdout.strip(), "params": params})
+    report(read_json(out / "backbones.json"), out)
+    return folder
+
+
+def _dotted(raw: dict, key: str):
+    section, name = key.split(".")
+    return raw[section][name]
+
+
+def finetuned_points(out: Path, probes: list[dict]) -> list[dict]:
+    """The LP-FT points kept in ``out`` (``lpft_*/``), with the CPU time of their probe's setting."""
+    points = []
+    for folder in sorted(out.glob("lpft_*/")):
+        run = read_json(folder / "run.json")
+        params = run["params"]
+        m = {stage: read_json(folder / f"{stage}.json") for stage in FINETUNE_METRICS}
+        arch, size = params["model.arch"], params["features.image_size"]
+        timing = next((p for p in probes if p["arch"] == arch and p["image_size"] == size), {})
+        points.append(
+            {
+                "arch": arch,
+                "image_size": size,
+                "layers": "+".join([*params["features.layers"], "head"]),
+                "recipe": f"{params['train.epochs']} ep, lr {params['train.lr']:g}, "
+                f"{params['train.frozen_layers']} frozen, {params['train.image_size']} px",
+                "probe_val_acc": m["train_probe"]["best/val_acc"],
+                "val_acc": m["train_finetune_holdout"]["best/val_acc"],
+                "probe_test": m["test_probe"]["mean_per_class_acc"],
+                "test_mean_per_class": m["test_finetune"]["mean_per_class_acc"],
+                "test_top1": m["test_finetune"]["top1"],
+                "train_s": m["train_finetune"]["wall_time_s"],
+                "holdout_s": m["train_finetune_holdout"]["wall_time_s"],
+                f"ms_per_image_batch{BATCH}": timing.get(f"ms_per_image_batch{BATCH}"),
+                "commit": run["commit"],
+            }
+        )
+    return points
+
+
+def markdown(results: dict, finetuned: list[dict]) -> str:
     timed = results.get("timing_command", results["command"])
     lines = [
         f"Made by `{results['command']}` on the images prepared at {results['cache_size']} px; CPU times by "
@@ -218,24 +314,47 @@ def markdown(results: dict) -> str:
             f"{p['ms_per_image_batch1']} | {p[f'ms_per_image_batch{BATCH}']} | {p['features_s']} s | "
             f"{p['inference_path']} |"
         )
+    if finetuned:
+        lines += [
+            "",
+            "LP-FT: the pipeline's fine-tune from the probe on the same layers (`transferlab backbones "
+            "--record-finetune` after its run; `lpft_*/run.json` holds the params and the commit). "
+            "Validation: the holdout twins' best epoch and the probe's chosen C.",
+            "",
+            "| backbone | px | layers | recipe | validation: probe / LP-FT | test mean per-class: probe / "
+            "LP-FT | LP-FT test top-1 | fine-tune training s (final fit + holdout twin) | commit |",
+            "|---|---:|---|---|---:|---:|---:|---:|---|",
+        ]
+        for p in finetuned:
+            lines.append(
+                f"| {p['arch']} | {p['image_size']} | {p['layers']} | {p['recipe']} | "
+                f"{100 * p['probe_val_acc']:.2f} % / {100 * p['val_acc']:.2f} % | "
+                f"{100 * p['probe_test']:.2f} % / {100 * p['test_mean_per_class']:.2f} % | "
+                f"{100 * p['test_top1']:.2f} % | {p['train_s']} + {p['holdout_s']} | {p['commit']} |"
+            )
     return "\n".join(lines) + "\n"
 
 
-def plot(points: list[dict], path: Path) -> None:
+def plot(points: list[dict], finetuned: list[dict], path: Path) -> None:
     from .figures import plt, save_figure
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    ms = f"ms_per_image_batch{BATCH}"
     for arch in dict.fromkeys(p["arch"] for p in points):
         mine = [p for p in points if p["arch"] == arch]
-        xs = [p[f"ms_per_image_batch{BATCH}"] for p in mine]
-        ax.plot(xs, [100 * p["test_mean_per_class"] for p in mine], "o-", label=arch.removeprefix("timm/"))
+        xs = [p[ms] for p in mine]
+        (line,) = ax.plot(xs, [100 * p["test_mean_per_class"] for p in mine], "o-", label=arch.removeprefix("timm/"))
         for x, p in zip(xs, mine, strict=True):
             ax.annotate(f"{p['image_size']} px", (x, 100 * p["test_mean_per_class"]), fontsize=8)
+        tuned = [p for p in finetuned if p["arch"] == arch and p[ms] is not None]
+        ax.plot([p[ms] for p in tuned], [100 * p["test_mean_per_class"] for p in tuned], "s", color=line.get_color())
+    if finetuned:
+        ax.plot([], [], "s", color="black", label="LP-FT (squares; circles: the probes)")
     for (name, value), style in zip(RESNET50.items(), ("--", ":"), strict=True):
         ax.axhline(value, color="grey", linestyle=style, label=f"ResNet-50 {name} (published)")
     ax.set_xlabel(f"CPU milliseconds per image (batch {BATCH}, this machine)")
     ax.set_ylabel("test mean per-class accuracy (%)")
-    ax.set_title("Linear probes: layers and C chosen on validation")
+    ax.set_title("Linear probes (layers and C chosen on validation) and LP-FT")
     ax.legend(fontsize=8)
     save_figure(fig, path)
 
@@ -255,9 +374,7 @@ def retime(out: Path) -> dict:
         point.update(milliseconds_per_image(model, point["image_size"], params.runtime.channels_last))
         log.info("%s at %d px: %s", point["arch"], point["image_size"], point)
     results["timing_command"] = f"transferlab backbones --retime --out {out}"
-    write_json(path, results)
-    write_text(out / "backbones.md", markdown(results))
-    plot(results["points"], out / "backbones.png")
+    report(results, out)
     return results
 
 
@@ -273,5 +390,5 @@ def run(archs: list[str], out: Path) -> dict:
         f"{100 * best['test_mean_per_class']:.2f} % test mean per-class"
     )
     results["wall_time_min"] = round(minutes, 1)
-    write_json(out / "backbones.json", results)
+    report(results, out)
     return results

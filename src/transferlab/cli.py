@@ -8,7 +8,7 @@ transferlab experiments [--json SHOWN] [--all-commits] [--out metrics/experiment
 transferlab lr-find finetune|scratch [--steps 100] [--start 1e-5] [--end 1] [--seeds 3] [--out metrics/experiments/lr_find]
 transferlab ensemble [--steps 11] [--tta flip] [--out metrics/experiments/ensemble]
 transferlab smoke [--source FOLDER_OR_ARCHIVE]
-transferlab backbones [--arch NAME ...] [--out metrics/backbones]
+transferlab backbones [--arch NAME ...] [--retime | --record-finetune] [--out metrics/backbones]
 """  # noqa: E501 (the usage lines are the --help description, printed as written)
 
 from __future__ import annotations
@@ -172,10 +172,12 @@ def cmd_smoke(args) -> int:
 
 
 def cmd_backbones(args) -> int:
-    from .backbones import retime, run
+    from .backbones import record_finetune, retime, run
 
     if args.retime:
         retime(args.out)
+    elif args.record_finetune:
+        print(f"{record_finetune(args.out)}: kept; {args.out / 'backbones.md'} and the picture redrawn")
     else:
         run(args.arch, args.out)
     return 0
@@ -358,6 +360,12 @@ def parser() -> argparse.ArgumentParser:
         "--retime",
         action="store_true",
         help="only measure the CPU time per image of the study in --out again (on a quiet machine)",
+    )
+    backbones.add_argument(
+        "--record-finetune",
+        action="store_true",
+        help="keep the workspace's LP-FT run (after `dvc repro holdout_finetune evaluate@probe "
+        "evaluate@finetune` at a backbone's params) as a point of the study in --out",
     )
     add_out(backbones, "metrics/backbones")
     backbones.set_defaults(handler=cmd_backbones)
