@@ -100,7 +100,7 @@ def test_pictures_are_written(tmp_path):
 
 def trained(model: nn.Module, classes: list[str], size: int = 64) -> TrainedModel:
     prep = Preprocessing((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "bilinear", 1.0)
-    return TrainedModel(model.eval(), Path("model.pt"), "test", classes, prep, size, size, False)
+    return TrainedModel(model.eval(), Path("model.pt"), "test", classes, prep, size, size, False, False)
 
 
 def colour_detector() -> nn.Module:

@@ -80,21 +80,25 @@ def test_predict_a_folder_with_bad_files_csv_json_and_the_pipelines_numbers(
     (images / "empty.png").write_bytes(b"")
     (images / "readme.txt").write_text("not an image file name: ignored")
 
-    result = transferlab("predict", "to_predict", "--topk", "2", "--csv", "out.csv", "--json", "out.json")
-    assert result.returncode == 1, "some files could not be read"
+    result = transferlab(
+        "predict", "missing.jpg", "to_predict", "--topk", "2", "--csv", "out.csv", "--json", "out.json"
+    )
+    assert result.returncode == 1, "some paths could not be read"
     assert (
-        "cannot read to_predict/notes.jpg" in result.stderr
+        "cannot read missing.jpg: does not exist" in result.stderr
+        and "cannot read to_predict/notes.jpg" in result.stderr
         and "cannot read to_predict/empty.png" in result.stderr
     )
     assert "readme.txt" not in result.stderr + result.stdout
     report = json.loads((project / "out.json").read_text())
     assert len(report["predictions"]) == 4 and {f["path"] for f in report["failures"]} == {
+        "missing.jpg",
         "to_predict/notes.jpg",
         "to_predict/empty.png",
     }
     assert all(len(p["top"]) == 2 for p in report["predictions"])
     rows = list(csv.DictReader((project / "out.csv").open()))
-    assert len(rows) == 4 * 2 + 2 and rows[0]["rank"] == "1"
+    assert len(rows) == 4 * 2 + 3 and rows[0]["rank"] == "1"
 
     # the same probabilities as the pipeline's own path (prepared cache -> evaluation crop -> model)
     monkeypatch.chdir(project)
@@ -131,7 +135,7 @@ def test_the_installed_command_predicts_a_single_grayscale_image(project):
     [
         (["predict", "images", "--model", "nowhere/model.pt"], "no trained model at nowhere/model.pt"),
         (["predict", "no_such_folder"], "no_such_folder does not exist"),
-        (["predict", "data"], "no image files under data"),
+        (["predict", "data"], "data holds no image files"),
         (
             ["gradcam", "images/class_0/image_0000.jpg", "--layer", "fc"],
             "layer 'fc' does not output a grid of feature maps",
@@ -226,11 +230,14 @@ def readme_onnx_snippet() -> str:
 def test_the_readme_onnx_snippet_reproduces_predict(project, tmp_path, transferlab):
     """The export's metadata is enough: the docs' ONNX Runtime snippet (Pillow
     and numpy, no torch, no transferlab) on a sideways phone photo of another
-    size gives the class and probability `transferlab predict` gives."""
+    size, and on a 16-bit greyscale PNG, gives the class and probability `transferlab predict` gives."""
     source = Image.open(project / "images/class_1/image_0003.jpg").resize((150, 110), Image.BICUBIC)
     exif = Image.Exif()
     exif[0x0112] = 6
     source.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "photo.jpg", quality=92, exif=exif)
+    wide = Image.fromarray(np.asarray(source.convert("L"), np.uint16) * 257)
+    assert wide.mode == "I;16"
+    wide.save(tmp_path / "photo.png")
     result = transferlab(
         "export",
         "--model",
@@ -241,17 +248,21 @@ def test_the_readme_onnx_snippet_reproduces_predict(project, tmp_path, transferl
         str(tmp_path / "model.onnx"),
     )
     assert result.returncode == 0, result.stderr
-    predicted = transferlab(
-        "predict", str(tmp_path / "photo.jpg"), "--topk", "1", "--json", str(tmp_path / "p.json")
-    )
-    assert predicted.returncode == 0, predicted.stderr
-    top = json.loads((tmp_path / "p.json").read_text())["predictions"][0]["top"][0]
     snippet = readme_onnx_snippet()
-    assert len(snippet.strip().splitlines()) <= 14
-    ran = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True)
-    assert ran.returncode == 0, ran.stderr
-    name, probability = ran.stdout.split()
-    assert name == top["class"] and float(probability) == pytest.approx(top["probability"], abs=1e-3)
+    assert len(snippet.strip().splitlines()) <= 17
+    for photo in ("photo.jpg", "photo.png"):
+        predicted = transferlab(
+            "predict", str(tmp_path / photo), "--topk", "1", "--json", str(tmp_path / "p.json")
+        )
+        assert predicted.returncode == 0, predicted.stderr
+        top = json.loads((tmp_path / "p.json").read_text())["predictions"][0]["top"][0]
+        code = snippet.replace('"photo.jpg"', f'"{photo}"')
+        ran = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+        assert ran.returncode == 0, ran.stderr
+        name, probability = ran.stdout.split()
+        assert name == top["class"] and float(probability) == pytest.approx(top["probability"], abs=1e-3), (
+            photo
+        )
 
 
 def test_predict_takes_several_files_and_folders(project, transferlab):

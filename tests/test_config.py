@@ -30,8 +30,7 @@ from transferlab.models import check_model
 def test_project_params_are_valid():
     params = load_params(PROJECT / "params.yaml")
     assert params.data.train_per_class == 30 and "BACKGROUND_Google" in params.data.exclude_classes
-    assert params.model.arch == "timm/tf_efficientnet_lite1" and params.model.weights == "imagenet"
-    assert params.features.layers == ["blocks.6"] and params.data.cache_size >= 273  # Lite1 240 / 0.882
+    assert params.model.arch == "timm/tf_efficientnet_lite0" and params.model.weights == "imagenet"
 
 
 def test_each_run_reads_its_own_section():
@@ -411,3 +410,49 @@ def test_the_params_reference_in_the_docs_is_generated_from_the_declarations():
     assert all(f"`{name}`" in row for name in typing.get_args(Optimizer)), row
     assert "| `train.lr` | number, 0 < x |" in generated
     assert "| `data.test_per_class` | integer, 1 ≤ x, or null |" in generated
+
+
+def test_one_error_names_every_bad_value_params_yaml_holds():
+    """Values piled up by failed tries are all named at once, not the first one met."""
+    raw = tiny_params()
+    raw["train"].update(epochs=2.5, optimizer="sgdd", momentum=2)
+    raw["data"]["train_per_class"] = 0
+    with pytest.raises(ConfigError) as err:
+        parse_params(raw)
+    message = str(err.value)
+    assert message.startswith("4 problems in params.yaml: ")
+    for part in (
+        "data.train_per_class must be >= 1, got 0",
+        "train.epochs must be a whole number, got 2.5",
+        "train.optimizer must be one of",
+        "train.momentum must be <= 1, got 2",
+    ):
+        assert part in message, part
+
+
+def test_a_device_that_is_not_here_is_refused_by_the_first_stage(tmp_path, tiny_folder):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    raw = tiny_params()
+    raw["data"]["source"] = str(tiny_folder)
+    raw["runtime"]["device"] = "cuda"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    result = subprocess.run(
+        [sys.executable, "-m", "transferlab.prepare"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "runtime.device: cuda is not available" in result.stderr
+    assert not (tmp_path / "data").exists(), "refused before any work"
+
+
+def test_every_stage_module_answers_help_with_its_usage_and_runs_nothing(tmp_path):
+    for name, (module, _) in stage_commands().items():
+        result = subprocess.run(
+            [sys.executable, "-m", f"transferlab.{module}", "--help"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode == 0, (name, result.stderr)
+        assert "Stage" in result.stdout or "usage" in result.stdout, name
+    assert list(tmp_path.iterdir()) == [], "nothing ran"

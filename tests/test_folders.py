@@ -14,7 +14,7 @@ from PIL import Image
 from test_prepare import prepare_in, read_split
 from transferlab.dataset import load_image, scan, walk_files
 from transferlab.errors import DatasetError
-from transferlab.predict import find_images, read_images
+from transferlab.predict import every_image, find_images, read_images
 
 ORIENTATION = 0x0112
 
@@ -81,7 +81,9 @@ def test_prepare_and_predict_walk_a_folder_by_the_same_rules(tmp_path, tiny_fold
     )
     # predict walks each class folder to the same files
     for name in classes:
-        walked = [f"{name}/{p.relative_to(folder / name).as_posix()}" for p in find_images([folder / name])]
+        walked = [
+            f"{name}/{p.relative_to(folder / name).as_posix()}" for p in find_images([folder / name])[0]
+        ]
         assert walked == per_class[name]
     report = prepare_in(tmp_path, monkeypatch, folder)
     assert report["classes"] == 3 and report["skipped_files"] == 0
@@ -92,12 +94,18 @@ def test_prepare_and_predict_walk_a_folder_by_the_same_rules(tmp_path, tiny_fold
 
 def test_predict_takes_several_files_and_folders_each_once(tmp_path, tiny_folder):
     first = sorted((tiny_folder / "class_0").glob("*.jpg"))[0]
-    found = find_images([first, tiny_folder / "class_1", first])
-    assert found[0] == first and len(found) == 1 + 12
-    with pytest.raises(
-        DatasetError, match="nowhere.jpg does not exist: give image files or folders of images"
-    ):
-        find_images([first, tmp_path / "nowhere.jpg"])
+    found, skipped = find_images([first, tiny_folder / "class_1", first])
+    assert found[0] == first and len(found) == 1 + 12 and not skipped
+    (tmp_path / "empty").mkdir()
+    found, skipped = find_images([tmp_path / "nowhere.jpg", first, tmp_path / "empty"])
+    assert found == [first]  # a wrong path does not stop the others
+    assert skipped[0] == (
+        str(tmp_path / "nowhere.jpg"),
+        "does not exist (give image files or folders of images)",
+    )
+    assert skipped[1][0] == str(tmp_path / "empty") and skipped[1][1].startswith("holds no image files")
+    with pytest.raises(DatasetError, match="nowhere.jpg does not exist"):
+        every_image([first, tmp_path / "nowhere.jpg"])
 
 
 def test_fewer_than_two_classes_is_refused_before_any_work(tmp_path, tiny_folder, monkeypatch):

@@ -570,3 +570,44 @@ def test_weights_out_of_reach_offline_are_one_line_saying_where_they_were_looked
         ),
     ):
         build_model("resnet18", "imagenet", 3)
+
+
+@pytest.mark.slow
+def test_a_rejected_param_names_the_command_that_restores_the_workspace_and_temp_runs_leave_it_alone(
+    reproduced,
+):
+    """`dvc exp run -S train.epochs=-1` in the workspace: DVC has removed the stage's outputs (git-tracked
+    metrics included) and written the value into params.yaml before the stage refuses it; the error's line
+    names the commands that bring everything back. A --temp run of the same value touches nothing."""
+    from conftest import run_command
+
+    env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    tracked = reproduced / "metrics/train_finetune/metrics.json"
+    before = tracked.read_text()
+    bad = subprocess.run(
+        ["dvc", "exp", "run", "train_finetune", "-S", "train.epochs=-1"],
+        cwd=reproduced,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+    )
+    assert bad.returncode != 0
+    line = next(line for line in bad.stderr.splitlines() if "train.epochs must be >= 1, got -1" in line)
+    assert not tracked.exists(), "DVC removed the stage's outputs before it ran"
+    commands = re.findall(r"`([^`]+)`", line)
+    assert "git checkout -- metrics && dvc checkout" in commands and "git checkout params.yaml" in commands
+    for command in ("git checkout params.yaml", "git checkout -- metrics && dvc checkout"):
+        run_command(["bash", "-c", command], reproduced, env)
+    assert tracked.read_text() == before and (reproduced / checkpoint_path("finetune")).is_file()
+    assert run_command(["dvc", "status", "--json"], reproduced, env).stdout.strip() == "{}"
+
+    temp = subprocess.run(
+        ["dvc", "exp", "run", "--temp", "train_finetune", "-S", "train.epochs=-1"],
+        cwd=reproduced,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+    )
+    assert temp.returncode != 0 and "train.epochs must be >= 1" in temp.stdout + temp.stderr
+    assert "git checkout" not in temp.stdout + temp.stderr, "nothing to restore"
+    assert tracked.read_text() == before and "epochs: -1" not in (reproduced / "params.yaml").read_text()

@@ -199,3 +199,18 @@ def test_frozen_bn_statistics_do_not_move():
     set_train_mode(model, [], freeze_bn=False)
     model(torch.randn(4, 3, 64, 64) * 5 + 3)
     assert not torch.equal(model.bn1.running_mean, before)
+
+
+def test_the_offline_weights_message_ends_on_a_whole_word():
+    from transferlab.models import _unreachable_weights
+
+    reason = (
+        "We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them in the "
+        "cached files. Check your internet connection or see how to run the library in offline mode at "
+        "'https://huggingface.co/docs/huggingface_hub/package_reference/environment_variables'; try again"
+    )
+    message = str(_unreachable_weights("timm/x", "the cache", OSError(reason)))
+    shown = message.split("(OSError: ", 1)[1].split("). Looked for", 1)[0]
+    kept = shown.removesuffix(" …")
+    assert shown.endswith(" …") and reason.startswith(kept), shown
+    assert reason[len(kept)] == " ", "cut between words"

@@ -73,6 +73,11 @@ def test_the_smoke_run_goes_through_every_stage_and_leaves_the_workspace_alone(p
     command = [sys.executable, "-m", "transferlab.cli", "smoke", "--source", str(tiny_folder)]
     result = run_command(command, project_repo)
     assert "the whole pipeline ran in" in result.stdout
+    assert (
+        "6 training images (4 to train on, 2 held out for validation; the final fits use all 6)"
+        in result.stdout
+    )
+    assert "`dvc exp apply smoke-" in result.stdout, "says where its models went"
     assert (project_repo / "params.yaml").read_text() == params_before
     assert not (project_repo / "metrics").exists()
     listing = json.loads(run_command(["dvc", "exp", "show", "--json"], project_repo).stdout)
@@ -83,3 +88,6 @@ def test_the_smoke_run_goes_through_every_stage_and_leaves_the_workspace_alone(p
         test = metrics[f"metrics/test_{model}/metrics.json"]["data"]
         assert test["test_images"] == 3 * 4, "4 test images per class"
     assert metrics["metrics/train_finetune/metrics.json"]["data"]["epochs_run"] == 1
+    assert metrics["metrics/train_probe/metrics.json"]["data"]["train_images"] == 3 * 6, (
+        "the final fit: all 6"
+    )

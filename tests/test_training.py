@@ -164,15 +164,53 @@ def test_early_stopping_ends_the_run_when_validation_stops_improving(project):
     assert not resume_path("finetune").exists()
 
 
-def test_a_run_that_collapsed_to_chance_is_told_apart_from_a_learning_one(caplog):
-    collapsed = {"train/loss": 4.62, "train/acc": 0.01}  # ln 101 = 4.615
-    training.warn_if_at_chance("finetune", collapsed, 101, "train.lr")
-    assert "finetune ended at chance" in caplog.text and "lower train.lr" in caplog.text
-    # a lower loss, or a loss above ln 101 early in a run that already beats chance (scratch's 2nd epoch)
-    for learning in ({"train/loss": 4.6, "train/acc": 0.01}, {"train/loss": 4.81, "train/acc": 0.026}):
-        caplog.clear()
-        training.warn_if_at_chance("finetune", learning, 101, "train.lr")
-        assert not caplog.text
+def test_chance_is_a_margin_over_a_uniform_guess_judged_on_enough_images():
+    assert training.chance_bar(2) == pytest.approx(0.55) and training.chance_bar(3) == pytest.approx(0.4)
+    assert training.chance_bar(101) == pytest.approx(1.5 / 101)
+    assert training.at_chance(7, 505, 101) and not training.at_chance(8, 505, 101)
+    assert not training.at_chance(0, training.MIN_CHECKED - 1, 3), "too few images to tell"
+    labels = np.array([0, 1, 0, 2, 1, 0, 0, 2])
+    np.testing.assert_array_equal(training.sample_per_class(labels, 2), [0, 1, 2, 3, 4, 7])
+
+
+def test_a_run_that_unlearned_fails_writes_no_model_and_can_be_kept_on_purpose(project, monkeypatch):
+    """One step at lr 1e9 from the probe: the loss of that step is finite (it is computed before the update)
+    and the accuracy logged during the epoch looks fine, but the model as saved is at chance or worse."""
+    from transferlab import probe
+    from transferlab.errors import UnlearnedError
+
+    monkeypatch.setattr(training, "MIN_CHECKED", 10)  # the tiny project's 15 sampled images
+    project(init_head="probe", train_on_val=True, epochs=1, lr=1e9, batch_size=32, probe={"C": [1.0]})
+    features.main()
+    probe.main()
+    with pytest.raises(UnlearnedError, match="finetune did not learn: .*TRANSFERLAB_KEEP_UNLEARNED=1"):
+        training.fit("finetune")
+    assert not checkpoint_path("finetune").exists()
+
+    monkeypatch.setenv(training.KEEP_UNLEARNED_ENV, "1")
+    training.fit("finetune")
+    assert torch.load(checkpoint_path("finetune"), weights_only=False)["at_chance"] is True
+
+
+def test_a_model_recorded_at_chance_is_flagged_by_evaluate_predict_and_the_comparison(project, caplog):
+    from transferlab import cli, compare, evaluate
+
+    project(epochs=1)
+    training.fit("finetune")
+    path = checkpoint_path("finetune")
+    assert torch.load(path, weights_only=False)["at_chance"] is False, "15 images cannot tell: not flagged"
+    checkpoint = torch.load(path, weights_only=False)
+    torch.save({**checkpoint, "at_chance": True}, path)
+    assert evaluate.evaluate("finetune")["at_chance"] is True
+    with pytest.raises(SystemExit):
+        cli.main(["predict", "images/class_0", "--model", str(path)])
+    assert "ended at chance in training (kept on purpose)" in caplog.text
+    results = {
+        "finetune": {"mean_per_class_acc": 0.3, "top1": 0.3, "at_chance": True},
+        "scratch": {"mean_per_class_acc": 0.3, "top1": 0.3},
+    }
+    table = compare.metrics_table(results, compare.NAMES)
+    assert "ended at chance in training" in table.rows[0][0] and "chance" not in table.rows[1][0]
 
 
 def test_unavailable_precision_and_device_fail_before_any_work(project):

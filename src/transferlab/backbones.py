@@ -225,7 +225,8 @@ def study(archs: list[str], out: Path, command: str) -> dict:
 
 
 def report(results: dict, out: Path) -> None:
-    """``backbones.json`` from ``results``; the table and the picture from it and the LP-FT points in ``out``."""
+    """``backbones.json`` from ``results``; the table and the picture from it and the LP-FT points kept in
+    ``out``."""
     write_json(out / "backbones.json", results)
     finetuned = finetuned_points(out, results["points"])
     write_text(out / "backbones.md", markdown(results, finetuned))
@@ -343,11 +344,18 @@ def plot(points: list[dict], finetuned: list[dict], path: Path) -> None:
     for arch in dict.fromkeys(p["arch"] for p in points):
         mine = [p for p in points if p["arch"] == arch]
         xs = [p[ms] for p in mine]
-        (line,) = ax.plot(xs, [100 * p["test_mean_per_class"] for p in mine], "o-", label=arch.removeprefix("timm/"))
+        (line,) = ax.plot(
+            xs, [100 * p["test_mean_per_class"] for p in mine], "o-", label=arch.removeprefix("timm/")
+        )
         for x, p in zip(xs, mine, strict=True):
             ax.annotate(f"{p['image_size']} px", (x, 100 * p["test_mean_per_class"]), fontsize=8)
         tuned = [p for p in finetuned if p["arch"] == arch and p[ms] is not None]
-        ax.plot([p[ms] for p in tuned], [100 * p["test_mean_per_class"] for p in tuned], "s", color=line.get_color())
+        ax.plot(
+            [p[ms] for p in tuned],
+            [100 * p["test_mean_per_class"] for p in tuned],
+            "s",
+            color=line.get_color(),
+        )
     if finetuned:
         ax.plot([], [], "s", color="black", label="LP-FT (squares; circles: the probes)")
     for (name, value), style in zip(RESNET50.items(), ("--", ":"), strict=True):

@@ -52,10 +52,18 @@ def class_index(classes: list[str], name: str) -> int:
 def cmd_predict(args) -> int:
     from .predict import find_images, format_predictions, predict, write_json_report, write_predictions_csv
 
-    paths = find_images(args.images)  # a wrong path fails here, before torch is imported
+    paths, skipped = find_images(args.images)
+    if not paths:  # nothing to predict: said before torch is imported
+        raise DatasetError("; ".join(f"{path} {reason}" for path, reason in skipped))
     from .trained_model import TrainedModel
 
-    result = predict(TrainedModel.load(args.model), paths, args.topk, args.batch_size, args.tta)
+    trained = TrainedModel.load(args.model)
+    if trained.at_chance:
+        log.warning(
+            "%s ended at chance in training (kept on purpose): its predictions mean nothing", args.model
+        )
+    result = predict(trained, paths, args.topk, args.batch_size, args.tta)
+    result.failures[:0] = skipped
     if result.paths:
         print(format_predictions(result))
     for path, reason in result.failures:
@@ -64,7 +72,9 @@ def cmd_predict(args) -> int:
         write_predictions_csv(args.csv, result)
     if args.json:
         write_json_report(args.json, result)
-    log.info("predicted %d image(s), %d unreadable", len(result.paths), len(result.failures))
+    log.info(
+        "predicted %d image(s); %d path(s) skipped, each named above", len(result.paths), len(result.failures)
+    )
     return 1 if result.failures else 0
 
 
@@ -106,13 +116,13 @@ def cmd_features(args) -> int:
 
 def cmd_export(args) -> int:
     from .export import ExportError, export
-    from .predict import find_images, read_images
+    from .predict import every_image, read_images
     from .trained_model import TrainedModel
 
     logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # the ONNX optimiser logs every pass at INFO
     trained = TrainedModel.load(args.model, device="cpu")
     if args.check:
-        _, sample, _ = read_images(find_images([args.check])[:16], trained.cache_size)
+        _, sample, _ = read_images(every_image([args.check])[:16], trained.cache_size)
         if not len(sample):
             raise DatasetError(f"--check {args.check}: no readable image to compare on")
     else:  # random images: the check then compares logits, not meaningful predictions

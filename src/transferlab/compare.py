@@ -131,9 +131,10 @@ def metrics_table(results: dict[str, dict], names: dict[str, str]) -> Table:
     for model, metrics in results.items():
         gain = metrics["mean_per_class_acc"] - results["scratch"]["mean_per_class_acc"]
         ece = f"{metrics['ece']:.3f}" if "ece" in metrics else "n/a"
+        flag = " (ended at chance in training: its scores mean nothing)" if metrics.get("at_chance") else ""
         rows.append(
             [
-                names[model],
+                names[model] + flag,
                 *(f"{metrics[key]:.2%}" for key in labels),
                 ece,
                 "-" if model == "scratch" else f"{gain:+.2%}",

@@ -434,31 +434,49 @@ def _check(key: str, value: Any, annotation: Any) -> Any:
     return value
 
 
-def _build(cls, section: str, raw: Any, fixed: typing.Mapping[str, Any] = types.MappingProxyType({})):
-    """Check a params section against a dataclass and build it: every key set, each allowed.
+def _build(
+    cls,
+    section: str,
+    raw: Any,
+    problems: list[str],
+    fixed: typing.Mapping[str, Any] = types.MappingProxyType({}),
+):
+    """Check a params section against a dataclass and build it: every key set, each allowed. Each bad key
+    adds its message to ``problems`` (so that one error names them all); then the section is None.
 
     ``fixed``: keys the section may not set, with the values they take (the scratch run's)."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{section} must be a mapping of keys to values, got {raw!r}")
+        problems.append(f"{section} must be a mapping of keys to values, got {raw!r}")
+        return None
     hints = typing.get_type_hints(cls, include_extras=True)
     keys = [f.name for f in dataclasses.fields(cls) if f.name not in fixed]
-    checked = {}
+    checked, found = {}, len(problems)
     for key, value in raw.items():
         name = f"{section}.{key}"
         if key in fixed:
-            raise ConfigError(f"{name}: {SCRATCH_REFUSAL}")
-        if key not in keys:
-            raise ConfigError(f"unknown param {name}; allowed keys in {section}: {', '.join(keys)}")
-        checked[key] = _check(name, value, hints[key])
+            problems.append(f"{name}: {SCRATCH_REFUSAL}")
+        elif key not in keys:
+            problems.append(f"unknown param {name}; allowed keys in {section}: {', '.join(keys)}")
+        else:
+            try:
+                checked[key] = _check(name, value, hints[key])
+            except ConfigError as err:
+                problems.append(str(err))
     missing = [key for key in keys if key not in raw]
     if missing:
-        raise ConfigError(
+        problems.append(
             f"params.yaml does not set {', '.join(f'{section}.{key}' for key in missing)}: every setting is "
             "written there (docs/params.md lists them)"
         )
-    return cls(**checked, **fixed)
+    if len(problems) > found:
+        return None
+    try:
+        return cls(**checked, **fixed)
+    except ConfigError as err:  # a check across the section's keys
+        problems.append(str(err))
+        return None
 
 
 SECTIONS = {
@@ -475,8 +493,8 @@ SCRATCH_REFUSAL = "train_scratch trains every layer from random init: this key i
 
 
 def parse_params(raw: dict) -> Params:
-    """Every section checked (the architecture and weights are checked where a model is built:
-    models.check_model)."""
+    """Every section checked, every bad key named in one error (the architecture and weights are checked
+    where a model is built: models.check_model)."""
     if not isinstance(raw, dict):
         raise ConfigError("params.yaml must be a mapping of sections")
     allowed = {*SECTIONS, "scratch"}
@@ -485,10 +503,19 @@ def parse_params(raw: dict) -> Params:
         raise ConfigError(
             f"unknown section(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(allowed))}"
         )
-    built = {name: _build(cls, name, raw.get(name)) for name, cls in SECTIONS.items()}
-    built["scratch"] = _build(TrainConfig, "scratch", raw.get("scratch"), SCRATCH_FIXED)
+    problems: list[str] = []
+    built = {name: _build(cls, name, raw.get(name), problems) for name, cls in SECTIONS.items()}
+    built["scratch"] = _build(TrainConfig, "scratch", raw.get("scratch"), problems, SCRATCH_FIXED)
     for section in MODEL_SECTIONS.values():
-        _check_recipe(built[section], section)
+        if built[section] is not None:
+            try:
+                _check_recipe(built[section], section)
+            except ConfigError as err:
+                problems.append(str(err))
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigError(f"{len(problems)} problems in params.yaml: " + " | ".join(problems))
     params = Params(**built)
     for model in TRAINED_MODELS:
         params.train_config(model)

@@ -24,6 +24,10 @@ class DivergedError(RuntimeError):
     """Training diverged: the loss became infinite or NaN."""
 
 
+class UnlearnedError(RuntimeError):
+    """Training ended with a model that did not learn: at chance, or with weights or outputs not finite."""
+
+
 # what torch's CPU allocator and CUDA / MPS say when an allocation fails
 # (torch.OutOfMemoryError is a RuntimeError)
 OUT_OF_MEMORY_MESSAGES = ("can't allocate memory", "out of memory", "std::bad_alloc")

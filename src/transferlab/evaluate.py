@@ -113,15 +113,17 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 def model_probabilities(
     path: Path, images: np.ndarray, classes: list[str], cfg: EvaluateConfig, device: str
-) -> np.ndarray:
+) -> tuple[np.ndarray, bool]:
     """A trained model's test probabilities: the network over the test images
-    (torch and the model libraries imported here)."""
+    (torch and the model libraries imported here); and whether its training ended at chance."""
     from .device import resolve_device
     from .trained_model import TrainedModel
 
     trained = TrainedModel.load(path, resolve_device(device))
     check_classes(path, trained.classes, classes)
-    return trained.probabilities(images, cfg.batch_size, f"test {path.parent.name}", cfg.tta)
+    return trained.probabilities(
+        images, cfg.batch_size, f"test {path.parent.name}", cfg.tta
+    ), trained.at_chance
 
 
 def write_results(
@@ -199,17 +201,14 @@ def evaluate(run: str) -> dict:
 
     threads = cores.use(params.runtime.threads)
     if run == "probe":
-        probs = probe_probabilities(path, labels, classes, cfg.tta)
+        probs, flagged = probe_probabilities(path, labels, classes, cfg.tta), False
     else:
-        probs = model_probabilities(path, images, classes, cfg, params.runtime.device)
+        probs, flagged = model_probabilities(path, images, classes, cfg, params.runtime.device)
+    if flagged:
+        log.warning("%s ended at chance in training and was kept on purpose: its scores mean nothing", run)
+    extra = {"threads": threads, "wall_time_s": round(time.perf_counter() - started, 1)}
     metrics = write_results(
-        run,
-        probs,
-        images,
-        labels,
-        classes,
-        cfg,
-        {"threads": threads, "wall_time_s": round(time.perf_counter() - started, 1)},
+        run, probs, images, labels, classes, cfg, extra | ({"at_chance": True} if flagged else {})
     )
     log.info("%s on %d test images: %s (%.1f s)", run, len(labels), metrics, time.perf_counter() - started)
     return metrics

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import copy
+import textwrap
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -95,7 +96,9 @@ def check_model(arch: str, weights: str) -> None:
 
 
 def _unreachable_weights(arch: str, where: str, err: OSError) -> ModelError:
-    reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+    reason = textwrap.shorten(
+        (str(err).strip().splitlines() or [type(err).__name__])[0], 200, placeholder=" …"
+    )
     return ModelError(
         f"model.weights: imagenet: the ImageNet weights of {arch} are not on this machine "
         f"and could not be downloaded ({type(err).__name__}: {reason}). Looked for {where}. "

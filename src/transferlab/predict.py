@@ -1,8 +1,8 @@
 """Class probabilities for image files, from a trained model's checkpoint alone.
 
 Images are decoded the way ``prepare`` decodes them (shorter side resized, centre square, RGB), then
-get the model's evaluation crop. A file that cannot be read is reported with the reason; the rest
-are still predicted.
+get the model's evaluation crop. A path that does not exist, a folder without images and a file that
+cannot be read are each reported with the reason; the rest are still predicted.
 """
 
 from __future__ import annotations
@@ -30,24 +30,34 @@ class Predictions:
     failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
 
 
-def find_images(targets: list[Path]) -> list[Path]:
+def find_images(targets: list[Path]) -> tuple[list[Path], list[tuple[str, str]]]:
     """Each target that is a file, and every image file (by extension) under each target that is a folder,
     walked as ``prepare`` walks a class folder (see :func:`dataset.walk_files`); in the order given, each path
-    once."""
+    once. Targets that give no file (missing, or a folder without images) are returned apart, with the
+    reason, so that one wrong path does not stop the others."""
     found: list[Path] = []
+    skipped: list[tuple[str, str]] = []
     for target in targets:
         if target.is_file():
             found.append(target)
         elif target.is_dir():
             images = [p for p in walk_files(target) if p.suffix.lower() in IMAGE_EXTENSIONS]
-            if not images:
-                raise DatasetError(
-                    f"no image files under {target} (extensions read: {' '.join(IMAGE_EXTENSIONS)})"
-                )
             found += images
+            if not images:
+                skipped.append(
+                    (str(target), f"holds no image files (extensions read: {' '.join(IMAGE_EXTENSIONS)})")
+                )
         else:
-            raise DatasetError(f"{target} does not exist: give image files or folders of images")
-    return list(dict.fromkeys(found))
+            skipped.append((str(target), "does not exist (give image files or folders of images)"))
+    return list(dict.fromkeys(found)), skipped
+
+
+def every_image(targets: list[Path]) -> list[Path]:
+    """:func:`find_images` for a command that needs all of them: any target without images is an error."""
+    found, skipped = find_images(targets)
+    if skipped:
+        raise DatasetError("; ".join(f"{path} {reason}" for path, reason in skipped))
+    return found
 
 
 def read_images(paths: list[Path], size: int) -> tuple[list[Path], np.ndarray, list[tuple[str, str]]]:

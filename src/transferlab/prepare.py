@@ -167,7 +167,15 @@ def write_split(
 
 def main() -> None:
     started = time.perf_counter()
-    cfg = load_params().data
+    params = load_params()
+    if params.runtime.device not in (
+        "auto",
+        "cpu",
+    ):  # prepare runs first: a device that is not here fails now
+        from .device import resolve_device  # imports torch, which prepare needs for nothing else
+
+        resolve_device(params.runtime.device)
+    cfg = params.data
     official = os.environ.get(DATA_SOURCE_ENV)
     if official and cfg.source != "download":
         log.warning("%s is set but ignored: data.source names the images (%s)", DATA_SOURCE_ENV, cfg.source)

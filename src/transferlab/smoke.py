@@ -1,10 +1,12 @@
 """``transferlab smoke``: the whole pipeline end to end in about two minutes on a laptop CPU, as a DVC
 experiment, to check that everything runs (on Caltech-101 or on your own folder of images) before a real run.
 
-The preset keeps every stage but shrinks the work: 6 training, 2 validation and 4 test images per class,
-96-px images, one fine-tuning epoch and two scratch epochs. Its accuracies mean nothing. It runs in a
-temporary copy of the workspace (``dvc exp run --temp``), so params.yaml and the results in the workspace
-stay as they were; ``dvc exp show`` lists it, and ``dvc exp apply <name>`` brings it into the workspace.
+The preset keeps every stage but shrinks the work: 6 images per class drawn for training (4 to train on,
+2 held out for validation; the final fits train on all 6), 4 test images per class, 96-px images, one
+fine-tuning epoch and two scratch epochs. Its accuracies mean nothing. It runs in a temporary copy of the
+workspace (``dvc exp run --temp``), so params.yaml and the results and models in the workspace stay as they
+were; ``dvc exp show`` lists it, and ``dvc exp apply <name>`` brings its params, metrics and models into the
+workspace (then ``transferlab predict`` finds them).
 """
 
 from __future__ import annotations
@@ -85,10 +87,28 @@ def launch(source: str | None = None, params: Path = Path("params.yaml")) -> int
     parse_params(applied(raw, values))  # a bad combination fails here, not mid-run
     name = time.strftime("smoke-%Y%m%d-%H%M%S")
     dvc = command(values, name)
+    print(describe(values), flush=True)
     print(" ".join(dvc), flush=True)
     started = time.perf_counter()
     status = subprocess.run(dvc).returncode
     if status == 0:
         minutes = (time.perf_counter() - started) / 60
-        print(f"smoke run {name}: the whole pipeline ran in {minutes:.1f} min; see it with `dvc exp show`")
+        print(
+            f"smoke run {name}: the whole pipeline ran in {minutes:.1f} min, in a temporary copy: the "
+            f"workspace's params, results and models are as they were. `dvc exp show` lists it; "
+            f"`dvc exp apply {name}` "
+            "brings its models into the workspace (data/models/<run>/model.pt), for `transferlab predict`"
+        )
     return status
+
+
+def describe(values: dict) -> str:
+    """What the preset uses, in the words the pipeline's params mean."""
+    drawn, held_out = values["data.train_per_class"], values["data.val_per_class"]
+    return (
+        f"smoke preset on {values.get('data.source', 'params.yaml data.source')}: per class {drawn} training "
+        f"images ({drawn - held_out} to train on, {held_out} held out for validation; the final fits use all "
+        f"{drawn}) and at most {values['data.test_per_class']} test images; "
+        f"{values['features.image_size']} px, {values['train.epochs']} fine-tuning and "
+        f"{values['scratch.epochs']} scratch epoch(s)"
+    )

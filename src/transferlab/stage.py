@@ -8,10 +8,11 @@ and says what it is about to do within a second or two, then imports torch and t
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable
 
-from .errors import ConfigError, DatasetError, DivergedError, ModelError, is_out_of_memory
+from .errors import ConfigError, DatasetError, DivergedError, ModelError, UnlearnedError, is_out_of_memory
 
 
 def run_stage(
@@ -23,10 +24,16 @@ def run_stage(
     ``batch_setting`` gives the batch size that sets the stage's memory use (a params key or a command-line
     option, and its value): running out of memory is then a message that suggests a smaller one.
     """
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(sys.modules[main.__module__].__doc__.strip())
+        sys.exit(0)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         main()
-    except (ConfigError, DatasetError, DivergedError, ModelError) as err:
+    except (ConfigError, DivergedError, UnlearnedError) as err:  # after DVC removed the stage's outputs
+        print(f"{name}: {err}{restore_hint(isinstance(err, ConfigError))}", file=sys.stderr)
+        sys.exit(2)
+    except (DatasetError, ModelError) as err:
         print(f"{name}: {err}", file=sys.stderr)
         sys.exit(2)
     except Exception as err:
@@ -46,3 +53,19 @@ def run_stage(
             file=sys.stderr,
         )
         sys.exit(2)
+
+
+def restore_hint(bad_param: bool) -> str:
+    """What a failed stage cost when DVC ran it in the workspace, and the commands that undo it: DVC removes
+    a stage's outputs (its models, and its metrics even where git tracks them) before running it, and
+    ``dvc exp run -S`` has written its values into params.yaml. A queued or ``--temp`` experiment runs in a
+    copy (under .dvc/tmp/exps) and leaves the workspace as it was."""
+    root = os.environ.get("DVC_ROOT")
+    if not os.environ.get("DVC_STAGE") or not root or f"{os.sep}.dvc{os.sep}tmp{os.sep}exps" in root:
+        return ""
+    fix = "fix params.yaml (`git checkout params.yaml` for the committed values), then " if bad_param else ""
+    return (
+        f". DVC removed this stage's outputs before it ran: {fix}`git checkout -- metrics && dvc checkout` "
+        "brings back the committed results and models. To try values without touching the workspace: "
+        "`dvc exp run --temp -S ...` or the queue"
+    )

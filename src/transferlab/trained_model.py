@@ -30,6 +30,9 @@ class TrainedModel:
     cache_size: int  # images are decoded to this square size (data.cache_size) before the evaluation crop
     image_size: int  # evaluation resolution
     channels_last: bool
+    # training ended at chance and the model was kept on purpose (training.LearningCheck): its predictions
+    # mean nothing. Probes, and models trained before the check, carry no flag
+    at_chance: bool
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device | None = None) -> TrainedModel:
@@ -69,6 +72,7 @@ class TrainedModel:
             cache_size=checkpoint["cache_size"],
             image_size=checkpoint["eval_image_size"],
             channels_last=checkpoint["channels_last"],
+            at_chance=checkpoint.get("at_chance", False),
         )
 
     @property

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from .config import Params, RuntimeConfig, TrainConfig, load_params
 from .data import BatchAugmenter, batch_slices, epoch_order
 from .device import autocast, training_device
 from .distributed import World, process_group
-from .errors import ConfigError, DivergedError, ModelError
+from .errors import ConfigError, DivergedError, ModelError, UnlearnedError
 from .inference import predict_logits
 from .models import (
     Preprocessing,
@@ -56,6 +57,14 @@ from .tracking import TrainingLog
 from .weight_space import CURVE_POINTS, cpu_copy, interpolate, moving_average
 
 log = logging.getLogger("transferlab.train")
+# The learning check (:class:`LearningCheck`): training images per class the model is scored on before
+# training and as it is saved; the fewest images that can tell chance from learning; a run from chance judged
+# only after this many epochs (shorter ones may not have learned yet: the smoke preset's 2 scratch epochs);
+# the switch that keeps a model that did not learn.
+CHECK_PER_CLASS = 5
+MIN_CHECKED = 50
+LEARNING_EPOCHS = 10
+KEEP_UNLEARNED_ENV = "TRANSFERLAB_KEEP_UNLEARNED"
 
 
 def fit(name: str, world: World | None = None, holdout: bool = False) -> dict:
@@ -96,6 +105,7 @@ def fit(name: str, world: World | None = None, holdout: bool = False) -> dict:
     trainer = Trainer.create(model, head_name, cfg, runtime, len(slices), world, amp_dtype)
     batches = training_batches(trainer, data, prep, arch, weights, len(classes))  # missing features fail here
     start = cpu_copy(model) if cfg.mode != "scratch" else None  # one end of the interpolation (WiSE-FT)
+    check = LearningCheck.begin(trainer, batches, train_labels, len(classes))
     generator = torch.Generator().manual_seed(cfg.seed)  # the same on every process: one order, sharded
 
     # resume an interrupted run with the same fingerprint
@@ -148,8 +158,6 @@ def fit(name: str, world: World | None = None, holdout: bool = False) -> dict:
             log.info("%s epoch %d: %s", out, progress.epoch, shown)
             live.log_epoch(logged)
             save_resumable(resume_path(out), trainer, progress, best, kept, header, generator.get_state())
-        if world.main:
-            warn_if_at_chance(out, progress.history[-1], len(classes), params.key(name, "lr"))
         chosen = {"val_acc": progress.history[best.epoch - 1].get("val/acc"), "epoch": best.epoch}
 
         # WiSE-FT: the line from the starting weights to the last epoch's (a final fit's)
@@ -163,6 +171,9 @@ def fit(name: str, world: World | None = None, holdout: bool = False) -> dict:
                 val_acc = next((acc for weight, acc, _ in curve if weight == cfg.interpolation), None)
                 chosen = {"val_acc": val_acc, "epoch": progress.epoch}
 
+        at_chance = check.judge(
+            out, kept, chosen["val_acc"], len(val_labels), progress, params.key(name, "lr")
+        )
         if not world.main:
             return chosen
         save_checkpoint(
@@ -180,6 +191,7 @@ def fit(name: str, world: World | None = None, holdout: bool = False) -> dict:
             channels_last=runtime.channels_last,
             config=dataclasses.asdict(cfg),
             layers=read_layers(model),
+            at_chance=at_chance,
             **chosen,
         )
         if chosen["val_acc"] is not None:
@@ -476,13 +488,20 @@ class ImageBatches:
         return inputs, targets, labels
 
     def validate(self, net):
+        return self.logits(net, self.val_images, "val")
+
+    def sample_logits(self, net, indices: np.ndarray):
+        """``net``'s logits of the training images at ``indices``, centre-cropped as validation is."""
+        return self.logits(net, self.images[indices], "check")
+
+    def logits(self, net, images: np.ndarray, description: str):
         self.world.share_buffers(net)
         size, batch_size = self.cfg.eval_image_size, self.cfg.batch_size * 2
         return self.world.map_rows(
             lambda rows: predict_logits(
-                net, rows, self.prep, size, batch_size, self.channels_last, "val", fast=False
+                net, rows, self.prep, size, batch_size, self.channels_last, description, fast=False
             ),
-            self.val_images,
+            images,
         )
 
 
@@ -501,8 +520,14 @@ class FeatureBatches:
         return self.features[indices], self.labels[indices], self.labels[indices]
 
     def validate(self, net):
+        return self.head_logits(net, self.val_features)
+
+    def sample_logits(self, net, indices: np.ndarray):
+        return self.head_logits(net, self.features[torch.from_numpy(indices).to(self.features.device)])
+
+    def head_logits(self, net, features: torch.Tensor):
         with torch.no_grad():
-            return net.get_submodule(self.head_name)(self.val_features).float().cpu()
+            return net.get_submodule(self.head_name)(features).float().cpu()
 
 
 def training_batches(
@@ -596,22 +621,109 @@ def training_data(train_on_val: bool) -> tuple[tuple[np.ndarray, np.ndarray], tu
     return merged, (val_images[:0], val_labels[:0])
 
 
-def warn_if_at_chance(out: str, last_epoch: dict, num_classes: int, lr_key: str) -> None:
-    """Warn about a run that ended no better than chance without diverging (the divergence guard sees only
-    non-finite losses): its last epoch's training loss no lower than a uniform guess's, ln(classes), which
-    holds for smoothed and mixed targets too, and its training accuracy under twice chance's."""
-    loss, accuracy = last_epoch["train/loss"], last_epoch["train/acc"]
-    if loss >= math.log(num_classes) and accuracy <= 2 / num_classes:
+def sample_per_class(labels: np.ndarray, per_class: int) -> np.ndarray:
+    """The first ``per_class`` indices of each class, in order: a fixed sample every run scores alike."""
+    return np.sort(np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in np.unique(labels)]))
+
+
+def chance_bar(classes: int) -> float:
+    """The accuracy under which a model is at chance: a uniform guess's, plus half of it, or a tenth of the
+    way to perfect where that is less (two classes: 55 %, three: 40 %, 101: 1.5 %)."""
+    chance = 1 / classes
+    return chance + min(chance / 2, (1 - chance) / 10)
+
+
+def at_chance(correct: int, total: int, classes: int) -> bool:
+    """Under :func:`chance_bar` on at least :data:`MIN_CHECKED` images (fewer cannot tell chance from
+    learning: the tests' tiny runs)."""
+    return total >= MIN_CHECKED and correct / total < chance_bar(classes)
+
+
+@dataclass
+class LearningCheck:
+    """Whether a run learned. Accuracy logged during an epoch is that of the weights before each step's
+    update (after one step at a huge learning rate it still looks fine), so the model is scored as it is
+    saved, on a fixed sample of training images (:data:`CHECK_PER_CLASS` per class, centre crops), and
+    compared with the same score before training. The run fails (:class:`UnlearnedError`, no ``model.pt``)
+    when the saved weights or their outputs are not finite; or when it ends at chance (:func:`at_chance`) on
+    those images, or for a holdout twin on validation, after starting above
+    chance (it unlearned: LP-FT at too high a rate) or after :data:`LEARNING_EPOCHS` epochs or more from
+    chance. A shorter run from chance that ends there gets a warning: it may not have had the time to
+    learn."""
+
+    trainer: Trainer
+    batches: ImageBatches | FeatureBatches
+    indices: np.ndarray
+    labels: np.ndarray
+    classes: int
+    started_above: bool = False
+
+    @classmethod
+    def begin(cls, trainer: Trainer, batches, train_labels: np.ndarray, classes: int) -> LearningCheck:
+        indices = sample_per_class(train_labels, CHECK_PER_CLASS)
+        check = cls(trainer, batches, indices, train_labels[indices], classes)
+        correct = check.correct()
+        check.started_above = correct is not None and correct / len(indices) >= chance_bar(classes)
+        return check
+
+    def correct(self) -> int | None:
+        """How many of the sample the trainer's kept network gets right (None: outputs not finite)."""
+        logits = self.batches.sample_logits(self.trainer.kept, self.indices)
+        if not torch.isfinite(logits).all():
+            return None
+        return int((logits.argmax(1).numpy() == self.labels).sum())
+
+    def judge(
+        self,
+        out: str,
+        kept: dict,
+        val_acc: float | None,
+        val_count: int,
+        progress: resume.Progress,
+        lr_key: str,
+    ) -> bool:
+        """Whether the model ``kept`` (a state dict) ended at chance; raises when that is a failure."""
+        finite = all(torch.isfinite(v).all() for v in kept.values() if v.is_floating_point())
+        self.trainer.kept.load_state_dict(kept)
+        correct = self.correct() if finite else None
+        total = len(self.indices)
+        if correct is None:
+            return self.fail(out, "its weights or outputs are not finite", lr_key)
+        on_train = at_chance(correct, total, self.classes)
+        on_val = val_acc is not None and at_chance(round(val_acc * val_count), val_count, self.classes)
+        if not (on_train or on_val):
+            return False
+        where = "its training images" if on_train else "the validation images"
+        accuracy = 100 * (correct / total if on_train else val_acc)
+        reason = f"it ended at chance on {where} ({accuracy:.1f} % as saved"
+        if self.started_above:
+            return self.fail(out, f"{reason}, after starting above it: it unlearned)", lr_key)
+        if progress.epoch >= LEARNING_EPOCHS:
+            return self.fail(out, f"{reason}, after {progress.epoch} epochs)", lr_key)
         log.warning(
-            "%s ended at chance: its last epoch's training loss (%.3f) is no lower than a uniform guess's "
-            "(ln %d = %.3f) and its training accuracy is %.1f %%. If it had the epochs to learn, the "
-            "learning rate is likely too high: lower %s (`transferlab lr-find` shows where the loss climbs)",
+            "%s %s after %d epoch(s): too short to tell whether it can learn; if it had the epochs, the "
+            "learning rate is likely too high (%s; `transferlab lr-find` shows where the loss climbs)",
             out,
-            loss,
-            num_classes,
-            math.log(num_classes),
-            100 * accuracy,
+            reason + ")",
+            progress.epoch,
             lr_key,
+        )
+        return True
+
+    def fail(self, out: str, reason: str, lr_key: str) -> bool:
+        """Raise, unless the user asked to keep such a model (then it is recorded as at chance)."""
+        if os.environ.get(KEEP_UNLEARNED_ENV) == "1":
+            log.warning(
+                "%s did not learn: %s; kept anyway (%s=1), recorded as at chance",
+                out,
+                reason,
+                KEEP_UNLEARNED_ENV,
+            )
+            return True
+        raise UnlearnedError(
+            f"{out} did not learn: {reason}. Likely: the learning rate is too high ({lr_key}; `transferlab "
+            f"lr-find` shows where the loss climbs). No model was written; to keep it anyway, run with "
+            f"{KEEP_UNLEARNED_ENV}=1 (it is then recorded as at chance, and predict and evaluate say so)"
         )
 
 
