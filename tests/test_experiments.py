@@ -6,7 +6,9 @@ from __future__ import annotations
 import copy
 import csv
 import hashlib
+import itertools
 import json
+import logging
 import re
 import shlex
 import shutil
@@ -19,9 +21,16 @@ import yaml
 from dvc.utils.hydra import apply_overrides, get_hydra_sweeps
 
 from conftest import PROJECT, run_command, tiny_params
+from imagegen import make_image_folder
 from transferlab import cli
 from transferlab.config import load_params, parse_params
-from transferlab.experiments import ExperimentsError, experiments_from_show, model_settings, summarize
+from transferlab.experiments import (
+    ExperimentsError,
+    experiments_from_show,
+    model_settings,
+    summarize,
+    table,
+)
 
 NO_VALIDATION = None  # a run trained on train + val: its training summary has no validation score
 
@@ -559,6 +568,68 @@ def test_queued_validation_only_grid_with_two_workers_then_the_summary_and_its_f
     assert "Data and pipelines are up to date" in run_command(["dvc", "status"], repo).stdout
 
 
+@pytest.mark.slow
+def test_scores_committed_without_re_running_the_stages_are_not_ranked_and_the_experiments_own_are(
+    reproduced, tmp_path, monkeypatch, caplog
+):
+    """The user's case: data.source changed in params.yaml and committed without re-running the stages, then
+    one experiment. The baseline commit's metrics are the old images' run (its dvc.lock: prepare ran with the
+    old data.source): never ranked, each named with the reason, in the summary, its log and the table; the
+    experiment's own run, on the new images, is ranked."""
+    repo = reproduced
+    other = make_image_folder(tmp_path / "other_images", classes=3, per_class=12, seed=1)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    old_source = params["data"]["source"]
+    params["data"]["source"] = str(other)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run_command(["git", "commit", "-qam", "other images; the stages not re-run"], repo)
+    run_command(["dvc", "exp", "run", "holdout_finetune", "-n", "own-run", "-S", "train.lr=0.004"], repo)
+    own_score = json.loads((repo / "metrics/train_finetune_holdout/metrics.json").read_text())["val"]["acc"]
+    listing = json.loads(run_command(["dvc", "exp", "show", "--json"], repo).stdout)
+    baseline = next(commit for commit in listing if commit["rev"] != "workspace")
+    committed = baseline["name"] or baseline["rev"][:7]
+    stale_scores = _summary_scores(baseline)  # the probe's, the fine-tuned and scratch holdout twins'
+
+    monkeypatch.chdir(repo)
+    with caplog.at_level(logging.WARNING, logger="transferlab.experiments"):
+        summary = summarize(None, repo / "metrics/experiments")
+    finetune = summary["finetune"]
+    assert [(s.runs, s.val_acc) for s in finetune["settings"]] == [(["own-run"], own_score)], (
+        f"{committed}'s {stale_scores[1]:.2%} is the old images' run: not ranked"
+    )
+    assert summary["probe"]["chosen"]["runs"] == ["own-run"], "train_probe re-ran on the new images"
+    assert "scratch" not in summary, "the scratch stages ran on the old images only"
+    reason = f"prepare ran with data.source: {old_source} (params.yaml: {other})"
+    (note,) = json.loads((repo / "metrics/experiments/summary.json").read_text())["left_out"]
+    assert note.startswith(
+        f"{committed}: its Linear probe, Fine-tuned, From scratch validation scores came from stages run on "
+        "other params or data than its params.yaml (its dvc.lock: "
+    )
+    assert reason in note
+    assert f"- {note}" in (repo / "metrics/experiments/experiments.md").read_text()
+    assert any(committed in r.getMessage() and reason in r.getMessage() for r in caplog.records)
+
+    printed = table(None).splitlines()
+    rows = printed[: printed.index("")]
+    cells = {row.split()[0]: row.split() for row in rows[2:]}
+    assert cells[committed][1:4] == [f"{score:.2%}*" for score in stale_scores], "starred: not its own run"
+    assert cells["own-run"][2] == f"{own_score:.2%}" and cells["own-run"][3] == "-"
+    assert any(reason in line for line in printed) and max(map(len, rows)) <= 120
+
+
+def _summary_scores(commit: dict) -> list[float]:
+    """The commit's validation scores as the table shows them: the probe's, the fine-tuned and scratch
+    holdout twins'."""
+    metrics = {path: values["data"] for path, values in commit["data"]["metrics"].items()}
+    return [
+        metrics["metrics/train_probe/metrics.json"]["best/val_acc"],
+        *(
+            metrics[f"metrics/train_{model}_holdout/metrics.json"]["val"]["acc"]
+            for model in ("finetune", "scratch")
+        ),
+    ]
+
+
 def readme_experiment_commands() -> list[list[str]]:
     """Every `dvc exp run` command in the code blocks of the README and the docs, as its arguments."""
     pages = [PROJECT / "README.md", *sorted((PROJECT / "docs").glob("*.md"))]
@@ -841,3 +912,53 @@ def test_a_key_only_some_settings_have_varies_and_the_plots_leave_the_others_out
     assert finetune["chosen"]["values"] == {"init_head": "random"}, "a random head has no probe.C"
     for picture in ("validation_vs_params.png", "heatmap_finetune.png"):
         assert (tmp_path / "out" / picture).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_table_shows_each_runs_own_scores_and_the_params_that_vary_in_120_columns(tmp_path):
+    """`transferlab experiments --table`, for the docs' widest grid (five train: keys, 32 points, on a step
+    schedule and 4 epochs): one row a run, its validation score per model (`-` where the stage did not run in
+    it, its baseline's counting), the keys that vary under their section, and no line over 120 characters,
+    where `dvc exp show` truncates all 238 of its columns. A listing saved elsewhere cannot be checked against
+    its dvc.lock: it says so."""
+    workspace = tiny_params()
+    grid_keys = {
+        "train.batch_size": (16, 32),
+        "train.lr": (0.001, 0.005),
+        "train.step_epochs": (1, 2),
+        "train.gamma": (0.1, 0.5),
+        "train.weight_decay": (0, 0.0005),
+    }
+    baseline = entry("main", {}, {"probe": 0.88, "finetune": 0.45, "scratch": 0.3}, base=workspace)
+    not_run = {
+        path: baseline["data"]["metrics"][path]
+        for path in ("metrics/train_probe/metrics.json", "metrics/train_scratch/metrics.json")
+    }
+    runs = [
+        entry(
+            f"grid-point-{i:02d}",  # wider than dvc's names (adjective-noun, 10 characters)
+            {"train.schedule": "step", "train.epochs": 4, **dict(zip(grid_keys, values, strict=True))},
+            {"finetune": 0.5 + i / 100},
+            base=workspace,
+            copied=not_run,
+        )
+        for i, values in enumerate(itertools.product(*grid_keys.values()))
+    ]
+    (tmp_path / "shown.json").write_text(json.dumps(shown(baseline, runs)))
+    lines = table(tmp_path / "shown.json").splitlines()
+
+    rows = lines[: lines.index("")]
+    assert len(rows) == 2 + 33 and max(map(len, rows)) <= 120
+    cells = [" ".join(row.split()) for row in rows]
+    assert cells[0] == "val acc train"
+    # the varied keys in params.yaml's order
+    assert (
+        cells[1]
+        == "experiment probe finetune scratch epochs batch_size lr weight_decay schedule step_epochs gamma"
+    )
+    assert cells[2] == "main 88.00% 45.00% 30.00% 2 8 0.001 5e-05 cosine 2 0.1"
+    assert cells[3] == "grid-point-00 - 50.00% - 4 16 0.001 0 step 1 0.1"
+    assert cells[-1] == "grid-point-31 - 81.00% - 4 32 0.005 0.0005 step 2 0.5"
+    assert "*" not in "\n".join(rows)
+    assert lines[-1].startswith(
+        "Not checked against their dvc.lock (git cannot show it here): main, grid-point-00"
+    )

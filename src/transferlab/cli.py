@@ -4,7 +4,7 @@ transferlab predict IMAGE_OR_FOLDER... --model data/models/finetune/model.pt --t
 transferlab gradcam IMAGE --model PATH [--class NAME] [--layer NAME] [--out gradcam.png]
 transferlab features IMAGE --model PATH [--layer NAME] [--count 16] [--out features.png]
 transferlab export --model PATH --format torchscript|onnx --out FILE [--check IMAGE_OR_FOLDER]
-transferlab experiments [--json SHOWN] [--all-commits] [--out metrics/experiments] [--only NAME ...]
+transferlab experiments [--json SHOWN] [--all-commits] [--out metrics/experiments] [--only NAME ...] [--table]
 transferlab lr-find finetune|scratch [--steps 100] [--start 1e-5] [--end 1] [--seeds 3] [--out metrics/experiments/lr_find]
 transferlab ensemble [--steps 11] [--tta flip] [--out metrics/experiments/ensemble]
 transferlab smoke [--source FOLDER_OR_ARCHIVE]
@@ -142,10 +142,13 @@ def cmd_export(args) -> int:
 
 
 def cmd_experiments(args) -> int:
-    from .experiments import ExperimentsError, summarize
+    from .experiments import ExperimentsError, summarize, table
 
     try:
-        summarize(args.shown_json, args.out, args.all_commits, args.only)
+        if args.table:
+            print(table(args.shown_json, args.all_commits, args.only))
+        else:
+            summarize(args.shown_json, args.out, args.all_commits, args.only)
     except ExperimentsError as err:
         print(f"transferlab experiments: {err}", file=sys.stderr)
         return 2
@@ -316,6 +319,12 @@ def parser() -> argparse.ArgumentParser:
         nargs="+",
         metavar="NAME",
         help="only these experiments (one grid of several queued together)",
+    )
+    experiments.add_argument(
+        "--table",
+        action="store_true",
+        help="print the experiments side by side (each model's validation accuracy, the params that vary), "
+        "narrow enough for a terminal; writes nothing",
     )
     experiments.set_defaults(handler=cmd_experiments)
 

@@ -3,6 +3,7 @@ and the command that makes that setting's final fit.
 
     transferlab experiments                       # reads `dvc exp show --json` in the project
     transferlab experiments --json shown.json --out metrics/experiments
+    transferlab experiments --table               # the experiments side by side, to read in a terminal
 
 Not a pipeline stage: it reads what ``dvc exp show --json`` lists (the experiments of the current commit, or
 of more with ``--all-commits``) and, for each model, works out the settings it really ran with and which of
@@ -39,7 +40,13 @@ in that experiment: train_scratch in a train_finetune grid): it counts once, for
 validation score (``train_on_val: true`` and no holdout twin: a final fit) are left out and named. So is an
 experiment whose params.yaml does not set every key today's code reads (one from an older commit, or from
 before a rename such as ``train.frozen_stages`` to ``train.frozen_layers``): the code has no defaults to
-fill in.
+fill in. And so is a score that is not its experiment's own run: the experiment's commit holds its dvc.lock,
+which records the params each stage ran with and the version of each input it read; where the stage that wrote
+the score, or one upstream of it, ran with other values than the experiment's params.yaml (``data.source``
+changed and committed without re-running the stages, say), the score is another run's, and the note names the
+keys that differ. Where git cannot show an experiment's dvc.lock here (a listing saved in another clone), the
+check is not made, and the summary says so.
+
 Writes to ``--out``:
 
 - ``experiments.md`` / ``experiments.csv``: each model's distinct settings, ranked by validation accuracy;
@@ -47,6 +54,10 @@ Writes to ``--out``:
 - ``validation_vs_params.png``: validation accuracy against each varied setting, the models side by side;
 - ``heatmap_<model>.png``: for a model whose experiments vary exactly two settings (a grid);
 - ``summary.json``: each model's chosen setting, its validation accuracy and its final-fit command.
+
+``--table`` prints, instead, every experiment on one line: its own validation accuracy per model (starred
+where it is not its own run) and the params.yaml keys that vary among them; ``dvc exp show`` has a column
+for every param and metric, too many to read in a terminal.
 """
 
 from __future__ import annotations
@@ -64,6 +75,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from dvc.utils.flatten import flatten
+from dvc.utils.serialize import YAMLFileCorruptedError, parse_yaml
 
 from .compare import NAMES
 from .config import FINETUNE_ONLY, MODEL_SECTIONS, MODELS, TRAINED_MODELS, Params, parse_params
@@ -103,6 +116,8 @@ class Experiment:
     params: dict  # params.yaml, as run
     metrics: dict  # metrics file path -> its values
     baseline: Experiment | None = None  # the commit it ran on; None for a commit
+    # the models whose validation score its dvc.lock shows a run on other params or data made (see own_runs)
+    stale_scores: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -232,17 +247,30 @@ def summary_paths(model: str) -> list[str]:
     return [f"metrics/train_{holdout(model)}/metrics.json", own] if model in TRAINED_MODELS else [own]
 
 
-def trained_summary(experiment: Experiment, model: str) -> dict | None:
-    """The first of the model's training summaries this experiment wrote with a validation score (else the
-    first it wrote); None when each is its baseline commit's (the stages did not run in this experiment) or
-    missing."""
+def fresh_summaries(experiment: Experiment, model: str) -> dict[str, dict]:
+    """The model's training summaries this experiment wrote, by path: not those that are its baseline commit's
+    (the stages did not run in this experiment), nor missing ones."""
     baseline = experiment.baseline.metrics if experiment.baseline is not None else {}
-    fresh = [
-        experiment.metrics[p]
-        for p in summary_paths(model)
-        if experiment.metrics.get(p) and experiment.metrics[p] != baseline.get(p)
-    ]
-    return next((found for found in fresh if score_in(found, model) is not None), fresh[0] if fresh else None)
+    return {
+        path: experiment.metrics[path]
+        for path in summary_paths(model)
+        if experiment.metrics.get(path) and experiment.metrics[path] != baseline.get(path)
+    }
+
+
+def scored_path(experiment: Experiment, model: str) -> str | None:
+    """The path of the first of the model's training summaries this experiment wrote with a validation
+    score."""
+    fresh = fresh_summaries(experiment, model)
+    return next((path for path, found in fresh.items() if score_in(found, model) is not None), None)
+
+
+def trained_summary(experiment: Experiment, model: str) -> dict | None:
+    """The summary at :func:`scored_path` (else the first the experiment wrote); None when each is its
+    baseline commit's or missing."""
+    fresh = fresh_summaries(experiment, model)
+    path = scored_path(experiment, model) or next(iter(fresh), None)
+    return fresh[path] if path else None
 
 
 def score_in(summary: dict, model: str) -> float | None:
@@ -283,7 +311,7 @@ def distinct_settings(
     by_values: dict[str, Setting] = {}
     for experiment in sorted(experiments, key=lambda e: (e.name, e.rev)):
         score = validation_score(experiment, model)
-        if score is None or baseline_copy(experiment, model):
+        if score is None or baseline_copy(experiment, model) or model in experiment.stale_scores:
             continue
         values, fold = model_settings(experiment.params)[model], experiment.params["data"]["val_fold"]
         setting = by_values.setdefault(_key(values), Setting(values, []))
@@ -498,6 +526,99 @@ def on_the_same_data(experiments: list[Experiment], base: dict) -> tuple[list[Ex
     return kept, notes
 
 
+def lock_stages(rev: str) -> dict | None:
+    """The stages of dvc.lock as committed at ``rev``, read as DVC reads it (YAML 1.2: ``1e-05`` is a
+    number); None where git cannot show it here (a saved listing's commit from another clone, a commit
+    without a dvc.lock)."""
+    try:
+        shown = subprocess.run(
+            ["git", "show", f"{rev}:./dvc.lock"], capture_output=True, text=True, check=False
+        )
+    except FileNotFoundError:  # no git
+        return None
+    if shown.returncode != 0:
+        return None
+    try:
+        return parse_yaml(shown.stdout, f"{rev}:dvc.lock").get("stages") or {}
+    except YAMLFileCorruptedError:
+        return None
+
+
+def _writer(stages: dict, path: str) -> tuple[str, dict] | None:
+    """The dvc.lock stage whose outputs hold ``path``, and that output."""
+    for name, stage in stages.items():
+        for out in stage.get("outs") or []:
+            if path == out["path"] or path.startswith(out["path"].rstrip("/") + "/"):
+                return name, out
+    return None
+
+
+def params_differences(recorded: dict, params: dict) -> list[str]:
+    """Each key of ``recorded`` (what dvc.lock says a stage ran with from params.yaml: a whole section, or one
+    key) whose value in ``params`` differs, with both values; a key a recorded section lacks counts too."""
+    missing = "(not set)"
+    ran, now = flatten(recorded), flatten(params)
+    added = [key for key in now if key not in ran and any(key.startswith(f"{name}.") for name in recorded)]
+    return [
+        f"{key}: {_shown(ran.get(key, missing))} (params.yaml: {_shown(now.get(key, missing))})"
+        for key in [*ran, *added]
+        if _key(ran.get(key, missing)) != _key(now.get(key, missing))
+    ]
+
+
+def lock_differences(stages: dict, path: str, params: dict) -> list[str]:
+    """How the run that wrote ``path`` differs from one on ``params``, as dvc.lock records the stage that
+    wrote it and each stage upstream of it: a param one of them ran with another value of, an input one of
+    them read another version of than the stage that makes it last wrote. Empty for the params' own run."""
+    found = _writer(stages, path)
+    if found is None:
+        return [f"no stage of its dvc.lock wrote {path}"]
+    differences, pending, seen = [], [found[0]], set()
+    while pending:
+        name = pending.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        stage = stages[name]
+        recorded = (stage.get("params") or {}).get("params.yaml") or {}
+        differences += [f"{name} ran with {change}" for change in params_differences(recorded, params)]
+        for dep in stage.get("deps") or []:
+            upstream = _writer(stages, dep["path"])
+            if upstream is None:  # a source file, not a stage's output
+                continue
+            pending.append(upstream[0])
+            if upstream[1]["path"] == dep["path"] and upstream[1].get("md5") != dep.get("md5"):
+                differences.append(f"{name} ran on another {dep['path']} than {upstream[0]} last wrote")
+    return list(dict.fromkeys(differences))
+
+
+def own_runs(experiments: list[Experiment]) -> tuple[list[Experiment], list[str], list[str]]:
+    """The experiments, each marked with the models whose validation score is not its own params' run (its
+    commit's dvc.lock records the stage that wrote it, or one upstream, run with other params or on other
+    data: params.yaml changed and committed without re-running them); a note for each such experiment; and
+    the names of those whose dvc.lock git cannot show here (not checked)."""
+    checked, notes, unchecked = [], [], []
+    for experiment in experiments:
+        scored = {model: path for model in MODELS if (path := scored_path(experiment, model))}
+        stages = lock_stages(experiment.rev) if scored else {}
+        if stages is None:
+            unchecked.append(experiment.name)
+            checked.append(experiment)
+            continue
+        stale = {model: lock_differences(stages, path, experiment.params) for model, path in scored.items()}
+        stale = {model: differences for model, differences in stale.items() if differences}
+        if stale:
+            differences = "; ".join(dict.fromkeys(d for found in stale.values() for d in found))
+            scores = "score" if len(stale) == 1 else "scores"
+            notes.append(
+                f"{experiment.name}: its {', '.join(NAMES[m] for m in stale)} validation {scores} came from "
+                f"stages run on other params or data than its params.yaml (its dvc.lock: {differences}); "
+                "re-run its stages to score it"
+            )
+        checked.append(dataclasses.replace(experiment, stale_scores=frozenset(stale)))
+    return checked, notes, unchecked
+
+
 def summarise(experiments: list[Experiment], base: dict) -> dict:
     """For each model with a validation score: its settings ranked, the varied keys, the choice and its
     final-fit command."""
@@ -580,9 +701,15 @@ def _folds_lines(part: dict) -> list[str]:
     return [*lines, ""]
 
 
-def markdown(
-    summary: dict, unscored: dict[str, list[str]], notes: list[str], base_name: str, together: dict
-) -> str:
+def _markdown_preamble(
+    summary: dict,
+    unscored: dict[str, list[str]],
+    notes: list[str],
+    unchecked: list[str],
+    base_name: str,
+    together: dict,
+) -> list[str]:
+    """What the summary reads, the final fit of every model, and what it left out."""
     lines = [
         "# Experiments: each model's best setting, chosen on the validation split",
         "",
@@ -605,6 +732,23 @@ def markdown(
         lines += [f"Left out, trained on train + val (no validation score): {described}.", ""]
     if notes:
         lines += ["Left out:", "", *(f"- {note}" for note in notes), ""]
+    if unchecked:
+        lines += [
+            f"Not checked against their dvc.lock (git cannot show it here): {', '.join(unchecked)}.",
+            "",
+        ]
+    return lines
+
+
+def markdown(
+    summary: dict,
+    unscored: dict[str, list[str]],
+    notes: list[str],
+    unchecked: list[str],
+    base_name: str,
+    together: dict,
+) -> str:
+    lines = _markdown_preamble(summary, unscored, notes, unchecked, base_name, together)
     for model in MODELS:
         if model not in summary:
             if model in unscored:
@@ -785,7 +929,12 @@ def plot_heatmap(model: str, part: dict, path: Path) -> None:
 
 
 def summary_json(
-    summary: dict, unscored: dict[str, list[str]], notes: list[str], base_name: str, together: dict
+    summary: dict,
+    unscored: dict[str, list[str]],
+    notes: list[str],
+    unchecked: list[str],
+    base_name: str,
+    together: dict,
 ) -> dict:
     return {
         "metric": (
@@ -796,6 +945,7 @@ def summary_json(
         "final_fit_all": together if len(summary) > 1 else None,
         "without_validation": unscored,
         "left_out": notes,
+        "not_checked_against_dvc_lock": unchecked,
         **{
             model: {
                 "varied": part["varied"],
@@ -808,14 +958,20 @@ def summary_json(
 
 
 def write_outputs(
-    summary: dict, unscored: dict[str, list[str]], notes: list[str], base_name: str, together: dict, out: Path
+    summary: dict,
+    unscored: dict[str, list[str]],
+    notes: list[str],
+    unchecked: list[str],
+    base_name: str,
+    together: dict,
+    out: Path,
 ) -> list[Path]:
     """Every output file, written atomically; pictures of an earlier summary that no longer apply
     are removed."""
     for stale in [*out.glob("heatmap_*.png"), out / "validation_vs_params.png"]:
         stale.unlink(missing_ok=True)
-    write_text(out / "experiments.md", markdown(summary, unscored, notes, base_name, together))
-    write_json(out / "summary.json", summary_json(summary, unscored, notes, base_name, together))
+    write_text(out / "experiments.md", markdown(summary, unscored, notes, unchecked, base_name, together))
+    write_json(out / "summary.json", summary_json(summary, unscored, notes, unchecked, base_name, together))
     varied = sorted({key for part in summary.values() for key in part["varied"]})
     rows = [
         [
@@ -863,15 +1019,36 @@ def only_named(experiments: list[Experiment], names: list[str]) -> list[Experime
     return [e for e in experiments if e.name in names]
 
 
-def summarize(
-    shown_json: Path | None, out: Path, all_commits: bool = False, only: list[str] | None = None
-) -> dict:
+def listed_experiments(
+    shown_json: Path | None, all_commits: bool, only: list[str] | None
+) -> tuple[list, list[Experiment]]:
+    """The listing (``dvc exp show --json``, run here or saved) and its completed experiments, those of
+    ``only`` if given."""
     shown = read_json(shown_json) if shown_json else dvc_exp_show(all_commits)
     experiments = list(experiments_from_show(shown))
     if only:
         experiments = only_named(experiments, only)
     if not experiments:
         raise ExperimentsError("dvc exp show lists no completed experiment: run some with dvc exp run first")
+    return shown, experiments
+
+
+def checked_runs(experiments: list[Experiment]) -> tuple[list[Experiment], list[str], list[str]]:
+    """:func:`own_runs`, its notes and what it could not check logged."""
+    experiments, stale, unchecked = own_runs(experiments)
+    for note in stale:
+        log.warning("not ranked %s", note)
+    if unchecked:
+        log.warning(
+            "not checked against dvc.lock (git cannot show it at their commits): %s", ", ".join(unchecked)
+        )
+    return experiments, stale, unchecked
+
+
+def summarize(
+    shown_json: Path | None, out: Path, all_commits: bool = False, only: list[str] | None = None
+) -> dict:
+    shown, experiments = listed_experiments(shown_json, all_commits, only)
     experiments, notes = valid_experiments(experiments)
     for note in notes:
         log.warning("left out %s", note)
@@ -879,11 +1056,12 @@ def summarize(
     experiments, other_data = on_the_same_data(experiments, base)
     for note in other_data:
         log.warning("left out %s", note)
-    notes += other_data
+    experiments, stale, unchecked = checked_runs(experiments)
+    notes += other_data + stale
     summary = summarise(experiments, base)
     unscored = without_validation(experiments)
     together = final_fit_all(summary, base)
-    for path in write_outputs(summary, unscored, notes, base_name, together, out):
+    for path in write_outputs(summary, unscored, notes, unchecked, base_name, together, out):
         print(path)
     for model, part in summary.items():
         chosen = part["chosen"]
@@ -892,3 +1070,67 @@ def summarize(
             f"final fit: {chosen['final_fit']['command']}"
         )
     return summary
+
+
+TABLE_LEGEND = [
+    "val acc: each model's validation accuracy, the last epoch's val/acc of its holdout twin (else of its",
+    "training stage; the probe's: best/val_acc); -: none of its own (its stage did not run there, so its",
+    "commit's counts; or it trained on train + val). Then the params.yaml keys that vary, by section.",
+]
+
+
+def _score_cell(experiment: Experiment, model: str) -> str:
+    """The model's own validation accuracy in the experiment, starred where it is not its params' run (see
+    :func:`own_runs`); ``-`` for none."""
+    path = scored_path(experiment, model)
+    if path is None:
+        return "-"
+    stale = "*" if model in experiment.stale_scores else ""
+    return f"{score_in(experiment.metrics[path], model):.2%}{stale}"
+
+
+def varied_params(experiments: list[Experiment]) -> list[str]:
+    """The params.yaml keys (dotted, in the file's order) whose values differ among the experiments."""
+    flat = [flatten(e.params) for e in experiments]
+    keys = dict.fromkeys(key for params in flat for key in params)
+    return [key for key in keys if len({_key(params.get(key)) for params in flat}) > 1]
+
+
+def _aligned(lines: list[list[str]]) -> list[str]:
+    widths = [max(len(line[column]) for line in lines) for column in range(len(lines[0]))]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in lines
+    ]
+
+
+def table(shown_json: Path | None, all_commits: bool = False, only: list[str] | None = None) -> str:
+    """The experiments side by side, narrow enough for a terminal (``dvc exp show`` has a column for every
+    param and metric): each one's validation accuracy per model and the params that vary among them; a score
+    that is not its experiment's params' run is starred and explained. ``transferlab experiments --table``."""
+    _, experiments = listed_experiments(shown_json, all_commits, only)
+    experiments, stale, unchecked = own_runs(experiments)
+    models = [model for model in MODELS if any(_score_cell(e, model) != "-" for e in experiments)]
+    keys = varied_params(experiments)
+    sections = [key.split(".", 1)[0] if "." in key else "" for key in keys]
+    groups = [
+        "",
+        *("val acc" if i == 0 else "" for i in range(len(models))),
+        *(section if i == 0 or sections[i - 1] != section else "" for i, section in enumerate(sections)),
+    ]
+    header = ["experiment", *models, *(key.split(".", 1)[-1] for key in keys)]
+    rows = [
+        [
+            ("  " if e.baseline else "") + e.name,
+            *(_score_cell(e, model) for model in models),
+            *(_shown(flatten(e.params).get(key, "-")) for key in keys),
+        ]
+        for e in experiments
+    ]
+    lines = [*_aligned([groups, header, *rows]), "", *TABLE_LEGEND]
+    if stale:
+        lines += ["*: not its experiment's own run, so not ranked by transferlab experiments:"]
+        lines += [f"  {note}" for note in stale]
+    if unchecked:
+        lines.append(f"Not checked against their dvc.lock (git cannot show it here): {', '.join(unchecked)}")
+    return "\n".join(lines)
