@@ -56,16 +56,20 @@ def run_stage(
 
 
 def restore_hint(bad_param: bool) -> str:
-    """What a failed stage cost when DVC ran it in the workspace, and the commands that undo it: DVC removes
+    """What a failed stage cost when DVC ran it in the workspace, and the command that undoes it: DVC removes
     a stage's outputs (its models, and its metrics even where git tracks them) before running it, and
     ``dvc exp run -S`` has written its values into params.yaml. A queued or ``--temp`` experiment runs in a
     copy (under .dvc/tmp/exps) and leaves the workspace as it was."""
     root = os.environ.get("DVC_ROOT")
     if not os.environ.get("DVC_STAGE") or not root or f"{os.sep}.dvc{os.sep}tmp{os.sep}exps" in root:
         return ""
-    fix = "fix params.yaml (`git checkout params.yaml` for the committed values), then " if bad_param else ""
+    restored, command = (
+        ("params, results and models", "git checkout params.yaml metrics && dvc checkout")
+        if bad_param
+        else ("results and models", "git checkout metrics && dvc checkout")
+    )
     return (
-        f". DVC removed this stage's outputs before it ran: {fix}`git checkout -- metrics && dvc checkout` "
-        "brings back the committed results and models. To try values without touching the workspace: "
-        "`dvc exp run --temp -S ...` or the queue"
+        f". DVC removed this stage's outputs before it ran; the committed {restored} come back with "
+        f"`{command}`. To try values without touching the workspace: `dvc exp run --temp -S ...` or the "
+        "queue"
     )
