@@ -59,9 +59,10 @@ def restore_hint(bad_param: bool) -> str:
     """What a failed stage cost when DVC ran it in the workspace, and the command that undoes it: DVC removes
     a stage's outputs (its models, and its metrics even where git tracks them) before running it, and
     ``dvc exp run -S`` has written its values into params.yaml. A queued or ``--temp`` experiment runs in a
-    copy (under .dvc/tmp/exps) and leaves the workspace as it was."""
-    root = os.environ.get("DVC_ROOT")
-    if not os.environ.get("DVC_STAGE") or not root or f"{os.sep}.dvc{os.sep}tmp{os.sep}exps" in root:
+    copy (its working folder is under .dvc/tmp/exps; DVC_ROOT names the workspace there too) and leaves the
+    workspace as it was."""
+    in_copy = f"{os.sep}.dvc{os.sep}tmp{os.sep}exps{os.sep}" in os.getcwd()
+    if not os.environ.get("DVC_STAGE") or in_copy:
         return ""
     restored, command = (
         ("params, results and models", "git checkout params.yaml metrics && dvc checkout")
