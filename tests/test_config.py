@@ -430,6 +430,24 @@ def test_one_error_names_every_bad_value_params_yaml_holds():
         assert part in message, part
 
 
+def test_the_checks_across_keys_and_sections_are_all_named_at_once():
+    """Problems between keys (one run's section) and between sections (a run and the data) pile up too."""
+    raw = tiny_params()
+    raw["train"].update(warmup_epochs=1, warmup_steps=10, schedule="plateau", train_on_val=True)
+    raw["scratch"]["batch_size"] = 7
+    raw["runtime"]["processes"] = 2
+    with pytest.raises(ConfigError) as err:
+        parse_params(raw)
+    message = str(err.value)
+    assert message.startswith("3 problems in params.yaml: "), message
+    for part in (
+        "train.warmup_epochs and train.warmup_steps are both set",
+        "train.schedule watches the validation split, but train.train_on_val trains on it",
+        "scratch.batch_size (7) must be divisible by runtime.processes (2)",
+    ):
+        assert part in message, part
+
+
 def test_a_device_that_is_not_here_is_refused_by_the_first_stage(tmp_path, tiny_folder):
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():

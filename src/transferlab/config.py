@@ -228,31 +228,31 @@ class TrainConfig:
     seed: int
 
 
-def _check_recipe(cfg: TrainConfig, section: str) -> None:
-    """The checks that involve several keys of one run's section."""
+def _recipe_problems(cfg: TrainConfig, section: str) -> list[str]:
+    """What is wrong across several keys of one run's section, each problem one message."""
+    problems = []
     if cfg.warmup_epochs and cfg.warmup_steps:
-        raise ConfigError(
+        problems.append(
             f"{section}.warmup_epochs and {section}.warmup_steps are both set: give the warm-up in one unit"
         )
     if not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in cfg.milestones) or sorted(
         set(cfg.milestones)
     ) != list(cfg.milestones):
-        raise ConfigError(
-            f"{section}.milestones must be increasing epoch numbers >= 1, got {cfg.milestones!r}"
-        )
+        problems.append(f"{section}.milestones must be increasing epoch numbers >= 1, got {cfg.milestones!r}")
     augmentations = ("rotation_degrees", "color_jitter", "random_erasing", "mixup_alpha", "cutmix_alpha")
     unused = [name for name in augmentations if getattr(cfg, name)] + (
         ["auto_augment"] if cfg.auto_augment != "none" else []
     )
     if not cfg.augment and unused:
-        raise ConfigError(
+        problems.append(
             f"{section}.{unused[0]} has no effect with {section}.augment: false; "
             "set it to its off value or augment: true"
         )
     if cfg.schedule == "multistep" and not cfg.milestones:
-        raise ConfigError(
+        problems.append(
             f"{section}.schedule: multistep needs {section}.milestones (epochs at which the lr drops)"
         )
+    return problems
 
 
 @dataclass(frozen=True)
@@ -324,11 +324,19 @@ class Params:
         cfg = getattr(self, MODEL_SECTIONS[model])
         if holdout:
             cfg = dataclasses.replace(cfg, train_on_val=False)
+        _raise_all(self._run_problems(model, cfg, holdout))
+        if cfg.mode == "feature_extract":  # the whole backbone stays fixed: frozen_layers says nothing more
+            cfg = dataclasses.replace(cfg, frozen_layers=0)
+        return cfg
+
+    def _run_problems(self, model: str, cfg: TrainConfig, holdout: bool) -> list[str]:
+        """What is wrong between a run's section and the rest of the params, each problem one message."""
 
         def key(name: str) -> str:
             return self.key(model, name)
 
-        needs_validation = [
+        problems = []
+        watching = [
             k
             for k, on in (
                 ("schedule", cfg.schedule == "plateau"),
@@ -336,13 +344,11 @@ class Params:
             )
             if on
         ]
-        if needs_validation and not self.data.val_per_class:
-            raise ConfigError(
-                f"{key(needs_validation[0])} watches the validation split, but data.val_per_class is 0"
-            )
-        if needs_validation and cfg.train_on_val:
-            raise ConfigError(
-                f"{key(needs_validation[0])} watches the validation split, but {key('train_on_val')} "
+        if watching and not self.data.val_per_class:
+            problems.append(f"{key(watching[0])} watches the validation split, but data.val_per_class is 0")
+        if watching and cfg.train_on_val:
+            problems.append(
+                f"{key(watching[0])} watches the validation split, but {key('train_on_val')} "
                 "trains on it; set one of them off"
             )
         if (
@@ -352,42 +358,38 @@ class Params:
             and self.data.val_per_class
             and not holdout
         ):
-            raise ConfigError(
+            problems.append(
                 f"{key('train_on_val')}: false validates every epoch, but the probe the run starts from "
                 "(train.init_head: probe) was fitted on the validation images too "
                 "(probe.train_on_val: true); set both to false to choose settings"
             )
         if cfg.batch_size % self.runtime.processes:
-            raise ConfigError(
+            problems.append(
                 f"{key('batch_size')} ({cfg.batch_size}) must be divisible by runtime.processes "
-                f"({self.runtime.processes}): "
-                f"it is the global batch, split evenly between the processes"
+                f"({self.runtime.processes}): it is the global batch, split evenly between the processes"
             )
         pretrained = cfg.mode != "scratch" and self.model.weights != "none"
         if cfg.mode == "feature_extract" and not pretrained:
-            raise ConfigError(
-                f"{key('mode')}: feature_extract trains a head on pretrained features, "
-                "but model.weights is none; "
-                f"with random weights use one of: finetune, scratch"
+            problems.append(
+                f"{key('mode')}: feature_extract trains a head on pretrained features, but model.weights is "
+                "none; with random weights use one of: finetune, scratch"
             )
         if (
             cfg.mode == "feature_extract"
             and not cfg.augment
             and not cfg.image_size == cfg.eval_image_size == self.features.image_size
         ):
-            raise ConfigError(
+            problems.append(
                 f"{key('augment')}: false with feature_extract trains on the features stage's output, "
                 f"computed at features.image_size ({self.features.image_size}): "
                 f"set {key('image_size')} and {key('eval_image_size')} to it"
             )
-        if cfg.mode == "feature_extract":  # the whole backbone stays fixed: frozen_layers says nothing more
-            cfg = dataclasses.replace(cfg, frozen_layers=0)
-        if cfg.frozen_layers and (cfg.mode != "finetune" or not pretrained):
-            raise ConfigError(
+        if cfg.frozen_layers and cfg.mode != "feature_extract" and (cfg.mode != "finetune" or not pretrained):
+            problems.append(
                 f"{key('frozen_layers')}: freezing layers needs mode finetune with pretrained weights "
                 f"(mode is {cfg.mode}, model.weights is {self.model.weights}); allowed here: 0"
             )
-        return cfg
+        return problems
 
     def key(self, model: str, name: str) -> str:
         """The params key of the model's setting ``name`` (``train.lr``, ``scratch.lr``)."""
@@ -508,22 +510,26 @@ def parse_params(raw: dict) -> Params:
     built["scratch"] = _build(TrainConfig, "scratch", raw.get("scratch"), problems, SCRATCH_FIXED)
     for section in MODEL_SECTIONS.values():
         if built[section] is not None:
-            try:
-                _check_recipe(built[section], section)
-            except ConfigError as err:
-                problems.append(str(err))
+            problems += _recipe_problems(built[section], section)
+    if None in built.values():  # the checks across sections need every section built
+        _raise_all(problems)
+    params = Params(**built)
+    for model in TRAINED_MODELS:
+        problems += params._run_problems(model, getattr(params, MODEL_SECTIONS[model]), holdout=False)
+    if len(params.probe.C) > 1 and not params.data.val_per_class:
+        problems.append(
+            "probe.C lists several values to choose from on the validation split, but data.val_per_class is 0"
+        )
+    _raise_all(problems)
+    return params
+
+
+def _raise_all(problems: list[str]) -> None:
+    """One error naming every problem found."""
     if len(problems) == 1:
         raise ConfigError(problems[0])
     if problems:
         raise ConfigError(f"{len(problems)} problems in params.yaml: " + " | ".join(problems))
-    params = Params(**built)
-    for model in TRAINED_MODELS:
-        params.train_config(model)
-    if len(params.probe.C) > 1 and not params.data.val_per_class:
-        raise ConfigError(
-            "probe.C lists several values to choose from on the validation split, but data.val_per_class is 0"
-        )
-    return params
 
 
 class ParamsLoader(yaml.SafeLoader):
