@@ -23,8 +23,8 @@ if HF_HOME.is_dir():
 
 sys.path.insert(0, str(Path(__file__).parent))
 from imagegen import make_image_folder  # noqa: E402
-from transferlab import prepare  # noqa: E402
 from transferlab.config import TrainConfig, parse_params  # noqa: E402
+from transferlab.stages import prepare  # noqa: E402
 
 # Small enough to train in seconds on 2 CPU cores. A training run here needs no probe and validates every
 # epoch; test_pipeline puts the project's defaults back (LP-FT from the probe, train + val).

@@ -25,8 +25,8 @@ from transferlab.analysis import (
     topk_accuracies,
 )
 from transferlab.errors import ModelError
-from transferlab.explain import feature_maps, find_layer, gradcam, last_spatial_layer
-from transferlab.models import Preprocessing
+from transferlab.gradcam import feature_maps, find_layer, gradcam, last_spatial_layer
+from transferlab.inputs import Preprocessing
 from transferlab.trained_model import TrainedModel
 
 

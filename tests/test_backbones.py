@@ -11,8 +11,9 @@ import pytest
 import yaml
 
 from conftest import CALTECH, HF_HOME, tiny_params
-from transferlab import backbones, cli, prepare
 from transferlab.models import build_model, native_size, tap_candidates
+from transferlab.stages import prepare
+from transferlab.tools import backbones, cli
 
 PARTS = [("blocks.4", 2), ("blocks.5", 3), ("head", 4)]
 

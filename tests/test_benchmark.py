@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from transferlab import benchmark
+from transferlab.tools import benchmark
 
 GRID_ENV = "TRANSFERLAB_GRID_TEST"
 

@@ -19,9 +19,11 @@ import yaml
 from PIL import Image
 
 from conftest import tiny_params
-from transferlab import cli, export, gradcam, prepare, training
+from transferlab import training
 from transferlab.paths import GRADCAM_IMAGE, PREPARED_DIR, checkpoint_path
 from transferlab.splits import load_split
+from transferlab.stages import gradcam, prepare
+from transferlab.tools import cli, export
 from transferlab.trained_model import TrainedModel
 
 
@@ -353,13 +355,13 @@ def test_ensemble_scores_the_holdout_twins_mixes_on_validation(
     ],
 )
 def test_a_mix_must_beat_both_networks_alone(accuracies, best):
-    from transferlab.ensemble import best_mix
+    from transferlab.tools.ensemble import best_mix
 
     assert best_mix(np.array(accuracies)) == best
 
 
 def test_mix_accuracies_mixes_probabilities_with_the_probe_weight():
-    from transferlab.ensemble import mix_accuracies
+    from transferlab.tools.ensemble import mix_accuracies
 
     labels = np.array([0, 1, 2, 2])
     # the probe gets images 0, 2 and 3 right, the fine-tuned model 1 and 3; an equal mix follows the surer one
@@ -371,7 +373,7 @@ def test_mix_accuracies_mixes_probabilities_with_the_probe_weight():
 
 
 def test_distinct_parameters_counts_what_two_networks_share_once():
-    from transferlab.ensemble import distinct_parameters
+    from transferlab.tools.ensemble import distinct_parameters
 
     first, second = (
         SimpleNamespace(model=torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))) for _ in "ab"

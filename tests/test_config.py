@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import re
 import subprocess
@@ -13,6 +12,7 @@ import pytest
 import yaml
 
 from conftest import PROJECT, tiny_params
+from test_layout import stage_commands
 from transferlab.config import (
     FINETUNE_ONLY,
     REFERENCE_MARK,
@@ -245,7 +245,10 @@ def test_stage_refuses_bad_params_before_any_work(tmp_path):
     raw["train"]["lr"] = -1
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     result = subprocess.run(
-        [sys.executable, "-m", "transferlab.train", "finetune"], cwd=tmp_path, capture_output=True, text=True
+        [sys.executable, "-m", "transferlab.stages.train", "finetune"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 2
     assert "train.lr must be > 0" in result.stderr
@@ -272,84 +275,6 @@ def test_each_training_stage_reads_whole_sections():
     assert {"runtime", "scratch"} <= set(scratch) and not any(
         p == "train" or p.startswith("train.") for p in scratch
     )
-
-
-def package_imports(module: str) -> set[str]:
-    """The transferlab modules ``module`` imports, directly or through others (function-level imports too)."""
-    seen, todo = set(), [module]
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        tree = ast.parse((PROJECT / "src/transferlab" / f"{name}.py").read_text())
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                todo += [node.module] if node.module else [alias.name for alias in node.names]
-    return seen
-
-
-def stage_commands() -> dict[str, tuple[str, list[str]]]:
-    """Each dvc.yaml stage's module and deps (a foreach stage: its template)."""
-    stages = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
-    found = {}
-    for name, stage in stages.items():
-        stage = stage.get("do", stage)
-        found[name] = (stage["cmd"].split()[2].removeprefix("transferlab."), stage["deps"])
-    return found
-
-
-def test_every_stage_depends_on_the_code_it_runs():
-    """A change to any module a stage imports re-runs that stage (dvc.yaml deps),
-    and nothing listed is missing."""
-    for name, (module, deps) in stage_commands().items():
-        code = {dep for dep in deps if dep.startswith("src/")}
-        assert code == {f"src/transferlab/{m}.py" for m in package_imports(module)}, name
-        assert all((PROJECT / dep).exists() for dep in code)
-
-
-def test_the_scratch_stage_does_not_depend_on_the_probe():
-    _, deps = stage_commands()["train_scratch"]
-    assert not {"src/transferlab/probe.py", "src/transferlab/features.py"} & set(deps)
-    assert not any(dep.startswith("data/") and dep != "data/prepared" for dep in deps)
-    _, deps = stage_commands()["compare"]
-    assert not {"src/transferlab/dataset.py", "src/transferlab/models.py"} & set(deps)
-
-
-def test_the_package_has_no_import_cycle():
-    """Imports anywhere in a module (function-level ones included) form no cycle:
-    none is hidden in a function body."""
-    modules = [path.stem for path in (PROJECT / "src/transferlab").glob("*.py") if path.stem != "__init__"]
-
-    def direct(module: str) -> set[str]:
-        tree = ast.parse((PROJECT / "src/transferlab" / f"{module}.py").read_text())
-        found = set()
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                found |= {node.module} if node.module else {alias.name for alias in node.names}
-        return found
-
-    for module in modules:
-        reachable = set().union(*(package_imports(m) for m in direct(module))) if direct(module) else set()
-        assert module not in reachable, (
-            f"{module} imports itself through {sorted(direct(module) & reachable)}"
-        )
-
-
-def test_entry_points_start_without_the_heavy_libraries():
-    """`transferlab --help`, a CLI error and a stage's first line come before torch, timm,
-    sklearn or captum load."""
-    entry_points = ["cli", *(module for module, _ in stage_commands().values())]
-    code = (
-        f"import sys, transferlab.{', transferlab.'.join(entry_points)}\n"
-        "heavy = [m for m in ('torch', 'timm', 'torchvision', 'sklearn', 'captum', 'onnxruntime',"
-        " 'matplotlib') if m in sys.modules]\n"
-        "print(','.join(heavy))"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() in ("", "matplotlib"), (
-        result.stdout
-    )  # compare draws with matplotlib (under a second)
 
 
 def test_numbers_are_read_as_users_and_dvc_write_them(tmp_path):
@@ -457,7 +382,7 @@ def test_a_device_that_is_not_here_is_refused_by_the_first_stage(tmp_path, tiny_
     raw["runtime"]["device"] = "cuda"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     result = subprocess.run(
-        [sys.executable, "-m", "transferlab.prepare"], cwd=tmp_path, capture_output=True, text=True
+        [sys.executable, "-m", "transferlab.stages.prepare"], cwd=tmp_path, capture_output=True, text=True
     )
     assert result.returncode == 2 and "runtime.device: cuda is not available" in result.stderr
     assert not (tmp_path / "data").exists(), "refused before any work"

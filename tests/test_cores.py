@@ -83,7 +83,7 @@ def test_a_run_beside_another_training_computes_the_same_bytes_as_alone(project,
     """Item 1, 4 and 5 of "same params, same numbers": the same tiny training alone, then with another
     transferlab training computing beside it for its whole length: byte-identical model.pt and curves."""
     project(epochs=3, batch_size=4)
-    train = [sys.executable, "-m", "transferlab.train"]
+    train = [sys.executable, "-m", "transferlab.stages.train"]
     run_command([*train, "finetune"], tmp_path)
     alone = finished_run(tmp_path)
 
@@ -121,16 +121,16 @@ def test_features_and_evaluation_give_the_same_bytes_with_one_thread_or_two(tmp_
     params["probe"]["C"] = [1.0]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     stage = [sys.executable, "-m"]
-    run_command([*stage, "transferlab.prepare"], tmp_path)
-    run_command([*stage, "transferlab.features"], tmp_path)
-    run_command([*stage, "transferlab.probe"], tmp_path)
-    run_command([*stage, "transferlab.train", "finetune"], tmp_path)
+    run_command([*stage, "transferlab.stages.prepare"], tmp_path)
+    run_command([*stage, "transferlab.stages.features"], tmp_path)
+    run_command([*stage, "transferlab.stages.probe"], tmp_path)
+    run_command([*stage, "transferlab.stages.train", "finetune"], tmp_path)
     outputs = {}
     for threads in (1, 2):
         params["runtime"]["threads"] = threads
         (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-        logged = run_command([*stage, "transferlab.features"], tmp_path).stderr
-        logged += run_command([*stage, "transferlab.evaluate", "finetune"], tmp_path).stderr
+        logged = run_command([*stage, "transferlab.stages.features"], tmp_path).stderr
+        logged += run_command([*stage, "transferlab.stages.evaluate", "finetune"], tmp_path).stderr
         assert "features test: 132 images on onnxruntime" in logged
         assert "test finetune: 132 images on onnxruntime" in logged
         evaluated = json.loads((tmp_path / "metrics/test_finetune/metrics.json").read_text())

@@ -25,7 +25,9 @@ from transferlab.trained_model import TrainedModel
 
 def train_stage(run: str) -> str:
     """The training stage's own command, as dvc runs it; its stderr."""
-    result = subprocess.run([sys.executable, "-m", "transferlab.train", run], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "transferlab.stages.train", run], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stderr
 
@@ -107,9 +109,9 @@ def training_processes(project_dir: Path) -> list[psutil.Process]:
     """Training processes (the stage command, torchrun, its workers) running in ``project_dir``."""
     found = []
     for process in psutil.process_iter(["cmdline", "cwd"]):
-        if "transferlab.train" in " ".join(process.info["cmdline"] or []) and process.info["cwd"] == str(
-            project_dir
-        ):
+        if "transferlab.stages.train" in " ".join(process.info["cmdline"] or []) and process.info[
+            "cwd"
+        ] == str(project_dir):
             found.append(process)
     return found
 
@@ -121,7 +123,7 @@ def test_ctrl_c_stops_every_process_which_save_and_the_rerun_resumes_exactly(pro
     project(mode="finetune", runtime={"processes": 2}, batch_size=2, epochs=4)
     state = Path("data/resume/finetune.pt")
     stage = subprocess.Popen(
-        [sys.executable, "-m", "transferlab.train", "finetune"], stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "transferlab.stages.train", "finetune"], stderr=subprocess.PIPE, text=True
     )
     deadline = time.monotonic() + 180
     while not state.exists():

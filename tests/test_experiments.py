@@ -22,9 +22,9 @@ from dvc.utils.hydra import apply_overrides, get_hydra_sweeps
 
 from conftest import PROJECT, run_command, tiny_params
 from imagegen import make_image_folder
-from transferlab import cli
 from transferlab.config import load_params, parse_params
-from transferlab.experiments import (
+from transferlab.tools import cli
+from transferlab.tools.experiments import (
     ExperimentsError,
     experiments_from_show,
     model_settings,
@@ -527,7 +527,7 @@ def test_queued_validation_only_grid_with_two_workers_then_the_summary_and_its_f
     scores = {name: metrics[holdout]["data"]["val"]["acc"] for name, metrics in candidates}
     expected = min(scores, key=lambda name: (-scores[name], name))
 
-    summary_run = run_command([sys.executable, "-m", "transferlab.cli", "experiments"], repo)
+    summary_run = run_command([sys.executable, "-m", "transferlab.tools.cli", "experiments"], repo)
     out = repo / "metrics/experiments"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["finetune"]["runs"] == [expected] and summary["finetune"]["val_acc"] == scores[expected]
@@ -591,7 +591,7 @@ def test_scores_committed_without_re_running_the_stages_are_not_ranked_and_the_e
     stale_scores = _summary_scores(baseline)  # the probe's, the fine-tuned and scratch holdout twins'
 
     monkeypatch.chdir(repo)
-    with caplog.at_level(logging.WARNING, logger="transferlab.experiments"):
+    with caplog.at_level(logging.WARNING, logger="transferlab.tools.experiments"):
         summary = summarize(None, repo / "metrics/experiments")
     finetune = summary["finetune"]
     assert [(s.runs, s.val_acc) for s in finetune["settings"]] == [(["own-run"], own_score)], (

@@ -149,7 +149,7 @@ def writing(repo: Path) -> bool:
 def test_prepare_killed_while_writing_its_outputs(finished, target, match, staged):
     repo, reference = finished
     shutil.rmtree(repo / "data/prepared")  # as dvc repro does before it runs the stage
-    die_after(repo, "transferlab.prepare", target, match)
+    die_after(repo, "transferlab.stages.prepare", target, match)
     assert not (repo / "data/prepared").exists(), "no half-written data/prepared"
     assert {p.name for p in (repo / "data/prepared.partial").iterdir()} == staged
     run_command(
@@ -164,7 +164,7 @@ def test_one_models_evaluation_killed_while_writing_leaves_the_others_alone(fini
     shutil.rmtree(repo / "metrics/test_finetune")
     die_after(
         repo,
-        "transferlab.evaluate",
+        "transferlab.stages.evaluate",
         "transferlab.analysis.plot_misclassified",
         "test_finetune.partial",
         "finetune",
@@ -217,7 +217,7 @@ def test_evaluate_killed_at_moments_spread_over_its_writes(finished):
     for fraction in fractions:
         dvc, _ = start_evaluate(repo)
         time.sleep(window * fraction)
-        process = stage_process(dvc, "transferlab.evaluate")
+        process = stage_process(dvc, "transferlab.stages.evaluate")
         if process is not None:
             process.send_signal(signal.SIGKILL)
         dvc.wait(timeout=300)
@@ -235,11 +235,11 @@ def test_training_killed_while_writing_its_checkpoint(project_repo, monkeypatch)
     set_train(project_repo, epochs=3)
     run_command(["dvc", "repro", "prepare"], project_repo)
     # killed once the checkpoint's bytes are in their temporary file, before it is renamed into place
-    die_after(project_repo, "transferlab.train", "os.chmod", "data/models/finetune", "finetune")
+    die_after(project_repo, "transferlab.stages.train", "os.chmod", "data/models/finetune", "finetune")
     assert not (project_repo / "data/models/finetune/model.pt").exists(), "no half-written checkpoint"
     assert not (project_repo / "metrics/train_finetune").exists(), "no training log of an unfinished run"
     assert (project_repo / "data/resume/finetune.pt").exists(), "the run's state, saved after its last epoch"
-    again = run_command([sys.executable, "-m", "transferlab.train", "finetune"], project_repo)
+    again = run_command([sys.executable, "-m", "transferlab.stages.train", "finetune"], project_repo)
     assert "resuming finetune from epoch 4" in again.stderr, (
         "every epoch was done: only the checkpoint is written again"
     )

@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from test_prepare import prepare_in, read_split
-from transferlab.dataset import load_image, scan, walk_files
 from transferlab.errors import DatasetError
-from transferlab.predict import every_image, find_images, read_images
+from transferlab.sources import load_image, scan, walk_files
+from transferlab.tools.predict import every_image, find_images, read_images
 
 ORIENTATION = 0x0112
 

@@ -25,11 +25,13 @@ from PIL import Image
 
 from conftest import tiny_params
 from test_prepare import prepare_in
-from transferlab import cli, dataset, evaluate, features, probe, resume, training
+from transferlab import resume, sources, training
 from transferlab.config import load_params
-from transferlab.dataset import MAX_IMAGE_PIXELS, acquire, load_image
 from transferlab.errors import ConfigError, DatasetError, DivergedError, ModelError
 from transferlab.paths import checkpoint_path, resume_path
+from transferlab.sources import MAX_IMAGE_PIXELS, acquire, load_image
+from transferlab.stages import evaluate, features, probe
+from transferlab.tools import cli
 from transferlab.trained_model import TrainedModel
 
 STAGE = [sys.executable, "-m"]
@@ -158,7 +160,7 @@ class CutShort(http.server.BaseHTTPRequestHandler):
 def test_a_download_cut_halfway_is_an_error_and_leaves_nothing(tmp_path, monkeypatch):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), CutShort)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setattr(dataset, "CALTECH101_URL", f"http://127.0.0.1:{server.server_port}/caltech-101.zip")
+    monkeypatch.setattr(sources, "CALTECH101_URL", f"http://127.0.0.1:{server.server_port}/caltech-101.zip")
     raw = tmp_path / "raw"
     try:
         with pytest.raises(DatasetError, match="was cut short: 40000 of 100000 bytes"):
@@ -270,7 +272,9 @@ def test_params_that_are_not_valid_yaml_fail_before_any_work_naming_the_line(tmp
         match=rf"params.yaml is not valid YAML at line {line}, column 7: expected ',' or '\]', but got ':'",
     ):
         load_params(tmp_path / "params.yaml")
-    result = subprocess.run([*STAGE, "transferlab.prepare"], cwd=tmp_path, capture_output=True, text=True)
+    result = subprocess.run(
+        [*STAGE, "transferlab.stages.prepare"], cwd=tmp_path, capture_output=True, text=True
+    )
     assert (
         result.returncode == 2
         and "prepare: params.yaml is not valid YAML" in result.stderr
@@ -417,7 +421,8 @@ def test_running_out_of_memory_suggests_a_smaller_batch(project):
 
 
 def test_out_of_memory_on_a_gpu_names_the_runs_own_batch_size(project, monkeypatch, capsys):
-    from transferlab import train, training
+    from transferlab import training
+    from transferlab.stages import train
 
     params = yaml.safe_load(Path("params.yaml").read_text())
     params["train"]["batch_size"] = 4
@@ -446,7 +451,7 @@ def test_out_of_memory_on_a_gpu_names_the_runs_own_batch_size(project, monkeypat
 def test_out_of_memory_in_transferlab_predict_names_its_batch_option(
     probe_checkpoint, tmp_path, monkeypatch, capsys
 ):
-    from transferlab import cli, predict
+    from transferlab.tools import cli, predict
 
     Image.new("RGB", (40, 40), "red").save(tmp_path / "photo.jpg")
 
@@ -474,7 +479,7 @@ def test_out_of_memory_in_transferlab_predict_names_its_batch_option(
 def test_a_diverging_run_stops_with_advice_and_writes_no_model(project, capsys):
     """A learning rate of 1e9: the loss becomes NaN;
     the stage exits 2 naming the lr and the precision, no model.pt."""
-    from transferlab import train
+    from transferlab.stages import train
 
     project(lr=1e9, epochs=2)
     with pytest.raises(SystemExit) as exit_info:

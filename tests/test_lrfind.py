@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from transferlab import lrfind
-from transferlab.cli import main as cli_main
 from transferlab.paths import RESUME_DIR, checkpoint_path
+from transferlab.tools import lrfind
+from transferlab.tools.cli import main as cli_main
 
 LRS = np.logspace(-5, 0, 100)
 
@@ -70,7 +70,7 @@ def digest(path) -> str:
 def test_range_test_raises_the_lr_as_set_and_keeps_nothing(project, tmp_path, mode):
     if mode == "feature_extract":
         project(mode="feature_extract", augment=False, probe={"train_on_val": False})
-        from transferlab import features
+        from transferlab.stages import features
 
         features.main()
     else:

@@ -20,9 +20,10 @@ import yaml
 from PIL import Image
 
 from conftest import tiny_params
-from transferlab import dataset, prepare
-from transferlab.dataset import acquire, load_image
+from transferlab import sources
 from transferlab.errors import ConfigError, DatasetError
+from transferlab.sources import acquire, load_image
+from transferlab.stages import prepare
 
 
 def prepare_in(workdir: Path, monkeypatch, source: Path | str, **data_overrides) -> dict:
@@ -177,9 +178,9 @@ def test_download_verifies_and_extracts_the_official_layout(
 ):
     base, www = loopback_server
     _, zip_md5, tar_md5 = official_style_zip(tiny_folder, www / "caltech-101.zip")
-    monkeypatch.setattr(dataset, "CALTECH101_URL", f"{base}/caltech-101.zip")
-    monkeypatch.setattr(dataset, "CALTECH101_ZIP_MD5", zip_md5)
-    monkeypatch.setattr(dataset, "CALTECH101_TAR_MD5", tar_md5)
+    monkeypatch.setattr(sources, "CALTECH101_URL", f"{base}/caltech-101.zip")
+    monkeypatch.setattr(sources, "CALTECH101_ZIP_MD5", zip_md5)
+    monkeypatch.setattr(sources, "CALTECH101_TAR_MD5", tar_md5)
     root = acquire("download", tmp_path / "raw")
     assert root.name == "101_ObjectCategories"
     assert sorted(p.name for p in root.iterdir()) == ["class_0", "class_1", "class_2"]
@@ -188,14 +189,14 @@ def test_download_verifies_and_extracts_the_official_layout(
 def test_download_with_wrong_checksum_leaves_nothing(tmp_path, tiny_folder, loopback_server, monkeypatch):
     base, www = loopback_server
     (www / "caltech-101.zip").write_text("<html>Please sign in</html>")
-    monkeypatch.setattr(dataset, "CALTECH101_URL", f"{base}/caltech-101.zip")
+    monkeypatch.setattr(sources, "CALTECH101_URL", f"{base}/caltech-101.zip")
     with pytest.raises(DatasetError, match="checksum mismatch"):
         acquire("download", tmp_path / "raw")
     assert not any((tmp_path / "raw").iterdir())
 
 
 def test_no_network_says_how_to_use_a_local_copy(tmp_path, monkeypatch):
-    monkeypatch.setattr(dataset, "CALTECH101_URL", "http://127.0.0.1:9/caltech-101.zip")
+    monkeypatch.setattr(sources, "CALTECH101_URL", "http://127.0.0.1:9/caltech-101.zip")
     raw = tmp_path / "raw"
     with pytest.raises(DatasetError, match="TRANSFERLAB_DATA"):
         acquire("download", raw)
@@ -204,8 +205,8 @@ def test_no_network_says_how_to_use_a_local_copy(tmp_path, monkeypatch):
 
 def test_local_archive_is_used_without_download(tmp_path, tiny_folder, monkeypatch):
     archive, _, tar_md5 = official_style_zip(tiny_folder, tmp_path / "caltech-101.zip")
-    monkeypatch.setattr(dataset, "CALTECH101_TAR_MD5", tar_md5)
-    monkeypatch.setattr(dataset, "CALTECH101_URL", "http://127.0.0.1:9/unreachable")
+    monkeypatch.setattr(sources, "CALTECH101_TAR_MD5", tar_md5)
+    monkeypatch.setattr(sources, "CALTECH101_URL", "http://127.0.0.1:9/unreachable")
     root = acquire(str(archive), tmp_path / "raw")
     assert len(list(root.iterdir())) == 3
 
@@ -244,12 +245,12 @@ def test_the_env_var_is_only_a_checked_copy_of_the_official_data(tmp_path, tiny_
         prepare_in(work, monkeypatch, "download")
     assert not (work / "data/prepared").exists()
     monkeypatch.setattr(
-        dataset, "CALTECH101_MANIFEST_MD5", dataset.manifest_md5(tiny_folder)
+        sources, "CALTECH101_MANIFEST_MD5", sources.manifest_md5(tiny_folder)
     )  # as if it were the official data
     assert prepare_in(work, monkeypatch, "download")["source"] == str(tiny_folder)
     # with data.source naming the images, the variable is ignored
     other = tmp_path / "other"
     shutil.copytree(tiny_folder, other)
     (other / "class_0" / "image_0000.jpg").unlink()
-    monkeypatch.setattr(dataset, "CALTECH101_MANIFEST_MD5", "0" * 32)
+    monkeypatch.setattr(sources, "CALTECH101_MANIFEST_MD5", "0" * 32)
     assert prepare_in(work, monkeypatch, other)["source"] == str(other)

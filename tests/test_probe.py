@@ -12,13 +12,14 @@ import pytest
 import torch
 
 from conftest import tiny_params
-from transferlab import evaluate, features, probe, trained_model, training
+from transferlab import linear_probe, trained_model, training
 from transferlab.config import load_params, parse_params
-from transferlab.data import normalize
 from transferlab.errors import ConfigError, ModelError
 from transferlab.inference import predict_logits
+from transferlab.inputs import normalize
 from transferlab.paths import checkpoint_path, evaluation_dir, holdout, train_dir
 from transferlab.splits import load_classes, load_features, load_split
+from transferlab.stages import evaluate, features, probe
 from transferlab.trained_model import TrainedModel
 
 
@@ -35,13 +36,13 @@ def test_the_regularisation_is_chosen_on_validation(winner):
     that C must be chosen, whatever the training fit says."""
     train_set, (val_features, _) = noisy_blobs(1, 60), noisy_blobs(2, 200)
     grid = [1e-4, 10.0]
-    heads = [probe.fit_head(*train_set, 3, C, 1000) for C in grid]
+    heads = [linear_probe.fit_head(*train_set, 3, C, 1000) for C in grid]
     predictions = [head.logits(val_features).argmax(1) for head in heads]
     assert (predictions[0] != predictions[1]).mean() > 0.1, (
         "the two C values must disagree for the test to mean anything"
     )
     cfg = dataclasses.replace(parse_params(tiny_params()).probe, C=grid)
-    head, chosen, results = probe.choose_c(train_set, (val_features, predictions[winner]), 3, cfg)
+    head, chosen, results = linear_probe.choose_c(train_set, (val_features, predictions[winner]), 3, cfg)
     assert chosen["C"] == grid[winner]
     np.testing.assert_array_equal(head.weight, heads[winner].weight)  # the winner, fitted on train only
     assert results[winner]["val_acc"] == 1.0 and results[1 - winner]["val_acc"] < 1.0
@@ -55,7 +56,7 @@ def test_the_fitted_head_is_the_logistic_regression_on_raw_features():
 
     for classes in (2, 3):
         features, labels = noisy_blobs(3, 90, classes)
-        head = probe.fit_head(features, labels, classes, 1.0, 1000)
+        head = linear_probe.fit_head(features, labels, classes, 1.0, 1000)
         scaler = StandardScaler().fit(features)
         reference = LogisticRegression(C=1.0, max_iter=1000).fit(scaler.transform(features), labels)
         expected = reference.predict_proba(scaler.transform(features))
@@ -81,8 +82,10 @@ def test_probe_stage_then_lp_ft_starts_from_exactly_the_probe(project):
 
     # the checkpoint's head is the logistic regression refitted with the chosen C on train + val (both views)
     labels = np.concatenate([load_split("train")[1], load_split("val")[1]])
-    samples = probe.as_samples(np.concatenate([train_features, val_features], axis=1), labels, flip=True)
-    refit = probe.fit_head(*samples, 3, summary["best/C"], 1000)
+    samples = linear_probe.as_samples(
+        np.concatenate([train_features, val_features], axis=1), labels, flip=True
+    )
+    refit = linear_probe.fit_head(*samples, 3, summary["best/C"], 1000)
     np.testing.assert_allclose(fitted.model.fc.weight.detach().numpy(), refit.weight, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(fitted.model.fc.bias.detach().numpy(), refit.bias, rtol=1e-5, atol=1e-6)
     images, _ = load_split("val")
@@ -126,9 +129,9 @@ def test_random_crops_are_more_training_views_for_the_probe_only(project):
     assert not np.allclose(train[2], train[0]) and not np.allclose(train[2], train[3]), (
         "the crops are views of their own"
     )
-    samples, labels = probe.as_samples(train, load_split("train")[1], flip=True)
+    samples, labels = linear_probe.as_samples(train, load_split("train")[1], flip=True)
     assert samples.shape == (4 * 3 * 4, 512) and np.array_equal(labels[:12], labels[24:36])
-    np.testing.assert_array_equal(probe.scored(val, flip=True), val[:2].mean(0))
+    np.testing.assert_array_equal(linear_probe.scored(val, flip=True), val[:2].mean(0))
     features.main()
     np.testing.assert_array_equal(np.array(load_features("train")), train)
     probe.main()
@@ -235,7 +238,7 @@ def test_a_head_on_frozen_features_without_a_validation_split(project):
     params["probe"]["C"] = [1.0]
     params["train"].update(mode="feature_extract", augment=False, train_on_val=True, init_head="random")
     Path("params.yaml").write_text(yaml.safe_dump(params))
-    from transferlab import prepare
+    from transferlab.stages import prepare
 
     prepare.main()
     features.main()
@@ -251,8 +254,8 @@ def test_the_holdout_twin_of_lp_ft_starts_from_the_probe_fitted_on_train_only_an
     features.main()
     probe.main()
     summary = json.loads((train_dir("probe") / "metrics.json").read_text())
-    train_only = probe.fit_head(
-        *probe.as_samples(load_features("train"), load_split("train")[1], flip=True),
+    train_only = linear_probe.fit_head(
+        *linear_probe.as_samples(load_features("train"), load_split("train")[1], flip=True),
         3,
         summary["best/C"],
         1000,
@@ -302,10 +305,10 @@ def test_features_from_several_layers_reach_the_probe_and_lp_ft_starts_from_its_
     assert fitted.model.layers == ["layer2", "layer3"] and fitted.model.head.in_features == 896
 
     # the holdout probe (fitted on the train split only) is the regression on train-standardised features
-    samples, labels = probe.as_samples(train, load_split("train")[1], flip=True)
+    samples, labels = linear_probe.as_samples(train, load_split("train")[1], flip=True)
     scaler = StandardScaler().fit(samples)
     reference = LogisticRegression(C=1.0, max_iter=1000).fit(scaler.transform(samples), labels)
-    expected = reference.predict_proba(scaler.transform(probe.scored(val, flip=True)))
+    expected = reference.predict_proba(scaler.transform(linear_probe.scored(val, flip=True)))
     images, _ = load_split("val")
     got = predict_logits(fitted.model, images, fitted.prep, 32, 16, False, flip=True).softmax(1).numpy()
     np.testing.assert_allclose(got, expected, atol=1e-4)

@@ -13,11 +13,12 @@ import pytest
 import yaml
 
 from conftest import CALTECH, HF_HOME, tiny_params
-from transferlab import dataset, features, prepare, probe, training
-from transferlab.dataset import scan
+from transferlab import sources, training
 from transferlab.inference import onnx_runner as ONNX_RUNNER
 from transferlab.paths import train_dir
+from transferlab.sources import scan
 from transferlab.splits import load_split
+from transferlab.stages import features, prepare, probe
 
 pytestmark = [
     pytest.mark.real_data,
@@ -57,8 +58,8 @@ def test_real_archive_layout_and_stray_file():
 
 def test_the_official_data_is_recognised_as_a_local_copy(tmp_path):
     """TRANSFERLAB_DATA with data.source: download: the real folder passes the check of every file's md5."""
-    assert dataset.manifest_md5(CALTECH) == dataset.CALTECH101_MANIFEST_MD5
-    assert dataset.acquire("download", tmp_path / "raw", str(CALTECH.parent)) == CALTECH
+    assert sources.manifest_md5(CALTECH) == sources.CALTECH101_MANIFEST_MD5
+    assert sources.acquire("download", tmp_path / "raw", str(CALTECH.parent)) == CALTECH
 
 
 @pytest.mark.slow

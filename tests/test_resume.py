@@ -20,7 +20,7 @@ from transferlab import training
 
 pytestmark = pytest.mark.slow  # every test here runs dvc or training stages end to end
 
-TRAIN = [sys.executable, "-m", "transferlab.train", "finetune"]
+TRAIN = [sys.executable, "-m", "transferlab.stages.train", "finetune"]
 
 
 def set_train(repo: Path, **values) -> None:
@@ -55,7 +55,7 @@ def is_trainer(process: psutil.Process) -> bool:
     """The Python training process itself: DVC's shell wrapper around it may or may not exec it,
     depending on the system."""
     try:
-        return process.cmdline()[1:3] == ["-m", "transferlab.train"]
+        return process.cmdline()[1:3] == ["-m", "transferlab.stages.train"]
     except psutil.Error:
         return False
 

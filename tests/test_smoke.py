@@ -10,9 +10,9 @@ import yaml
 from dvc.utils.hydra import apply_overrides, get_hydra_sweeps
 
 from conftest import PROJECT, run_command
-from transferlab import smoke
 from transferlab.config import parse_params, read_yaml
 from transferlab.errors import ConfigError
+from transferlab.tools import smoke
 
 
 def test_the_preset_is_valid_with_the_project_params_and_given_as_dvc_set_params(tmp_path, monkeypatch):
@@ -70,7 +70,7 @@ def test_a_source_that_is_not_there_or_no_params_file_is_refused_before_anything
 @pytest.mark.slow
 def test_the_smoke_run_goes_through_every_stage_and_leaves_the_workspace_alone(project_repo, tiny_folder):
     params_before = (project_repo / "params.yaml").read_text()
-    command = [sys.executable, "-m", "transferlab.cli", "smoke", "--source", str(tiny_folder)]
+    command = [sys.executable, "-m", "transferlab.tools.cli", "smoke", "--source", str(tiny_folder)]
     result = run_command(command, project_repo)
     assert "the whole pipeline ran in" in result.stdout
     assert (

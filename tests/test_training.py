@@ -11,15 +11,16 @@ import torchvision
 import yaml
 
 from conftest import recipe
-from transferlab import features, training
-from transferlab.data import BatchAugmenter, epoch_order
+from transferlab import training
+from transferlab.config import MODEL_NAMES
 from transferlab.device import cpu_supports_bf16
 from transferlab.errors import ConfigError, ModelError
 from transferlab.inference import predict_logits
-from transferlab.models import Preprocessing
+from transferlab.inputs import BatchAugmenter, Preprocessing, epoch_order
 from transferlab.optim import LrSchedule, build_optimizer
 from transferlab.paths import FEATURES_DIR, checkpoint_path, resume_path, train_dir
 from transferlab.splits import load_features, load_split
+from transferlab.stages import features
 from transferlab.trained_model import TrainedModel
 
 PREP = Preprocessing((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "bilinear", 0.875)
@@ -176,8 +177,8 @@ def test_chance_is_a_margin_over_a_uniform_guess_judged_on_enough_images():
 def test_a_run_that_unlearned_fails_writes_no_model_and_can_be_kept_on_purpose(project, monkeypatch):
     """One step at lr 1e9 from the probe: the loss of that step is finite (it is computed before the update)
     and the accuracy logged during the epoch looks fine, but the model as saved is at chance or worse."""
-    from transferlab import probe
     from transferlab.errors import UnlearnedError
+    from transferlab.stages import probe
 
     monkeypatch.setattr(training, "MIN_CHECKED", 10)  # the tiny project's 15 sampled images
     project(init_head="probe", train_on_val=True, epochs=1, lr=1e9, batch_size=32, probe={"C": [1.0]})
@@ -193,7 +194,8 @@ def test_a_run_that_unlearned_fails_writes_no_model_and_can_be_kept_on_purpose(p
 
 
 def test_a_model_recorded_at_chance_is_flagged_by_evaluate_predict_and_the_comparison(project, caplog):
-    from transferlab import cli, compare, evaluate
+    from transferlab.stages import compare, evaluate
+    from transferlab.tools import cli
 
     project(epochs=1)
     training.fit("finetune")
@@ -209,7 +211,7 @@ def test_a_model_recorded_at_chance_is_flagged_by_evaluate_predict_and_the_compa
         "finetune": {"mean_per_class_acc": 0.3, "top1": 0.3, "at_chance": True},
         "scratch": {"mean_per_class_acc": 0.3, "top1": 0.3},
     }
-    table = compare.metrics_table(results, compare.NAMES)
+    table = compare.metrics_table(results, MODEL_NAMES)
     assert "ended at chance in training" in table.rows[0][0] and "chance" not in table.rows[1][0]
 
 

@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from transferlab import features, probe, training
+from transferlab import training
 from transferlab.paths import checkpoint_path, holdout, train_dir
 from transferlab.splits import load_split
+from transferlab.stages import features, probe
 from transferlab.trained_model import TrainedModel
 from transferlab.weight_space import CURVE_POINTS, interpolate, moving_average
 

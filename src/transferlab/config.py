@@ -27,6 +27,7 @@ TRAINED_MODELS = ("finetune", "scratch")
 MODEL_SECTIONS = {"finetune": "train", "scratch": "scratch"}
 # every model evaluate and compare report on: the linear probe (stage train_probe) and the two trained ones
 MODELS = ("probe", *TRAINED_MODELS)
+MODEL_NAMES = {"probe": "Linear probe", "finetune": "Fine-tuned", "scratch": "From scratch"}
 DATA_SOURCE_ENV = "TRANSFERLAB_DATA"
 
 
@@ -368,6 +369,16 @@ class Params:
                 f"{key('batch_size')} ({cfg.batch_size}) must be divisible by runtime.processes "
                 f"({self.runtime.processes}): it is the global batch, split evenly between the processes"
             )
+        return problems + self._mode_problems(model, cfg)
+
+    def _mode_problems(self, model: str, cfg: TrainConfig) -> list[str]:
+        """What the run's mode rules out: a head on features without pretrained weights, frozen layers
+        without fine-tuning."""
+
+        def key(name: str) -> str:
+            return self.key(model, name)
+
+        problems = []
         pretrained = cfg.mode != "scratch" and self.model.weights != "none"
         if cfg.mode == "feature_extract" and not pretrained:
             problems.append(

@@ -1,7 +1,7 @@
 """Data-parallel training with PyTorch's DistributedDataParallel, started by torchrun: one stage command
 for one CPU, one GPU or N GPUs.
 
-``runtime.processes: N`` (> 1) makes ``python -m transferlab.train <run>`` start itself N times on this
+``runtime.processes: N`` (> 1) makes ``python -m transferlab.stages.train <run>`` start itself N times on this
 machine with ``torchrun --standalone``. Across machines, start that same command under ``torchrun`` on each
 (``--nnodes``, ``--nproc-per-node`` equal to ``runtime.processes``, a rendezvous endpoint): a process that
 torchrun started joins its process group instead of launching more.

@@ -1,7 +1,7 @@
 """The project's error classes and the out-of-memory check: a leaf module, importable by every other one.
 
 A stage or ``transferlab`` command that fails with one of these prints one clear line and exits with code 2
-(:func:`transferlab.stage.run_stage`).
+(:func:`transferlab.entrypoint.run_stage`).
 """
 
 from __future__ import annotations

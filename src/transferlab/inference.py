@@ -19,8 +19,8 @@ from torch import nn
 from tqdm import tqdm
 
 from . import cores
-from .data import eval_batches, eval_resize, normalize
-from .models import Preprocessing, without_head
+from .inputs import Preprocessing, eval_batches, eval_resize, normalize
+from .models import without_head
 
 log = logging.getLogger("transferlab.inference")
 ORT_MIN_IMAGES = 256  # fewer images: the export would cost more than it saves

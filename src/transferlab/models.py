@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import textwrap
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import timm
@@ -20,25 +19,9 @@ from torch import nn
 
 from .checkpoint import load_torch_file
 from .errors import ModelError
+from .inputs import Preprocessing
 
 TIMM_PREFIX = "timm/"
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How the weights expect their input: taken from the weights' metadata, never hard-coded."""
-
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str  # "bilinear" or "bicubic"
-    crop_pct: float  # fraction of the (square) image kept by the evaluation centre crop
-
-    def as_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> Preprocessing:
-        return cls(tuple(data["mean"]), tuple(data["std"]), data["interpolation"], data["crop_pct"])
 
 
 def torchvision_names() -> list[str]:

@@ -47,3 +47,12 @@ def load_features(split: str, folder: Path = FEATURES_DIR):
     """The split's features, views x N x D float32 (memory-mapped): centre crop, mirror image, then any
     random crops."""
     return np.load(folder / f"{split}.npy", mmap_mode="r")
+
+
+def check_classes(path: Path, trained_on: list[str], classes: list[str]) -> None:
+    """Labels index classes.json: a model trained on other classes would be scored wrongly."""
+    if trained_on != classes:
+        raise ModelError(
+            f"{path} was trained on {len(trained_on)} classes that are not data/prepared/classes.json's "
+            f"{len(classes)}: re-run its training stage (dvc repro)"
+        )

@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 from .checkpoint import read_checkpoint
-from .data import eval_resize, normalize
 from .device import resolve_device
 from .errors import ModelError
 from .inference import predict_logits
-from .models import Preprocessing, build_model
+from .inputs import Preprocessing, eval_resize, normalize
+from .models import build_model
 
 REQUIRED_KEYS = ("classes", "arch", "preprocessing", "cache_size", "eval_image_size", "channels_last")
 

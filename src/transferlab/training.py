@@ -36,13 +36,12 @@ from tqdm import tqdm
 from . import cores, paths, resume
 from .checkpoint import read_checkpoint, save_checkpoint
 from .config import Params, RuntimeConfig, TrainConfig, load_params
-from .data import BatchAugmenter, batch_slices, epoch_order
 from .device import autocast, training_device
 from .distributed import World, process_group
 from .errors import ConfigError, DivergedError, ModelError, UnlearnedError
 from .inference import predict_logits
+from .inputs import BatchAugmenter, Preprocessing, batch_slices, epoch_order
 from .models import (
-    Preprocessing,
     build_model,
     freeze_layers,
     linear_head,
@@ -56,7 +55,7 @@ from .splits import features_info, load_classes, load_features, load_split
 from .tracking import TrainingLog
 from .weight_space import CURVE_POINTS, cpu_copy, interpolate, moving_average
 
-log = logging.getLogger("transferlab.train")
+log = logging.getLogger("transferlab.stages.train")
 # The learning check (:class:`LearningCheck`): training images per class the model is scored on before
 # training and as it is saved; the fewest images that can tell chance from learning; a run from chance judged
 # only after this many epochs (shorter ones may not have learned yet: the smoke preset's 2 scratch epochs);

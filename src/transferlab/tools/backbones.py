@@ -40,18 +40,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import cores
-from .config import ProbeConfig, load_params, read_params_file
-from .data import check_cache
-from .errors import ConfigError
-from .fileio import read_json, write_csv, write_json, write_text
-from .inference import choose_runner, predict_views
-from .models import build_model, native_size, tap_candidates, with_layers
-from .paths import FEATURES_REPORT, evaluation_dir, holdout, train_dir
-from .probe import as_samples, choose_c, fit_head, scored
-from .splits import SPLITS, load_classes, load_split
+from .. import cores
+from ..config import ProbeConfig, load_params, read_params_file
+from ..errors import ConfigError
+from ..fileio import read_json, write_csv, write_json, write_text
+from ..inference import choose_runner, predict_views
+from ..inputs import check_cache
+from ..linear_probe import as_samples, choose_c, fit_head, scored
+from ..models import build_model, native_size, tap_candidates, with_layers
+from ..paths import FEATURES_REPORT, evaluation_dir, holdout, train_dir
+from ..splits import SPLITS, load_classes, load_split
 
-log = logging.getLogger("transferlab.backbones")
+log = logging.getLogger("transferlab.tools.backbones")
 # ImageNet-1k top-1 as timm publishes it (its results tables; not measured here)
 PUBLISHED_TOP1 = {
     "timm/tf_efficientnet_lite0": 74.8,
@@ -337,7 +337,7 @@ def markdown(results: dict, finetuned: list[dict]) -> str:
 
 
 def plot(points: list[dict], finetuned: list[dict], path: Path) -> None:
-    from .figures import plt, save_figure
+    from ..figures import plt, save_figure
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ms = f"ms_per_image_batch{BATCH}"

@@ -1,8 +1,9 @@
 """Throughput and experiment overheads on this machine (a benchmark, not a test: it reports, never asserts).
 
-    python -m transferlab.benchmark --arch timm/tf_efficientnet_lite0 --image-size 160 --batch-size 32 \\
+    python -m transferlab.tools.benchmark --arch timm/tf_efficientnet_lite0 --image-size 160 \\
+        --batch-size 32 \\
         --jpeg-folder ../shared/datasets/caltech-101/101_ObjectCategories
-    python -m transferlab.benchmark --grid --grid-epochs 1 --json grid.json
+    python -m transferlab.tools.benchmark --grid --grid-epochs 1 --json grid.json
 
 From the project root, on the images ``prepare`` cached, for one model, resolution and batch size it
 measures, in images per second:
@@ -48,18 +49,18 @@ import torch
 from torchvision import datasets
 from torchvision.transforms import InterpolationMode, v2
 
-from . import cores
-from .config import RuntimeConfig, TrainConfig, load_params, read_yaml
-from .data import batch_slices, epoch_order, eval_batches, eval_resize, normalize
-from .device import training_device
-from .distributed import World
-from .fileio import write_json
-from .inference import onnx_runner, predict_logits, predict_views
-from .models import Preprocessing, build_model
-from .splits import SPLITS, load_classes, load_split
-from .training import Batches, ImageBatches, Trainer
+from .. import cores
+from ..config import RuntimeConfig, TrainConfig, load_params, read_yaml
+from ..device import training_device
+from ..distributed import World
+from ..fileio import write_json
+from ..inference import onnx_runner, predict_logits, predict_views
+from ..inputs import Preprocessing, batch_slices, epoch_order, eval_batches, eval_resize, normalize
+from ..models import build_model
+from ..splits import SPLITS, load_classes, load_split
+from ..training import Batches, ImageBatches, Trainer
 
-log = logging.getLogger("transferlab.benchmark")
+log = logging.getLogger("transferlab.tools.benchmark")
 WARMUP_STEPS = 2  # untimed first steps: one-off allocations and, with torch.compile, the compilation
 MEASUREMENTS = ("compute", "pipeline", "jpeg", "compile", "eval", "features", "infer")
 

@@ -1,6 +1,6 @@
 """Stage ``features``: the pretrained network's pooled features of every split, computed once.
 
-    python -m transferlab.features
+    python -m transferlab.stages.features
 
 What the classifier head receives (the pooled backbone features) for the train, validation and test
 images at ``features.image_size``, and for their mirror images: ``data/features/<split>.npy`` (float32,
@@ -19,13 +19,13 @@ import logging
 import time
 from pathlib import Path
 
-from .config import Params, load_params
-from .fileio import atomic_dir, write_json
-from .paths import FEATURES_DIR, FEATURES_REPORT
-from .splits import SPLITS, load_classes, load_split
-from .stage import run_stage
+from ..config import Params, load_params
+from ..entrypoint import run_stage
+from ..fileio import atomic_dir, write_json
+from ..paths import FEATURES_DIR, FEATURES_REPORT
+from ..splits import SPLITS, load_classes, load_split
 
-log = logging.getLogger("transferlab.features")
+log = logging.getLogger("transferlab.stages.features")
 VIEWS = ("centre crop", "mirror image")
 
 
@@ -58,11 +58,11 @@ def extract(params: Params, out: Path) -> dict:
     import numpy as np
     import torch
 
-    from . import cores
-    from .checkpoint import save_torch_file
-    from .device import resolve_device
-    from .inference import predict_views
-    from .models import build_model, linear_head
+    from .. import cores
+    from ..checkpoint import save_torch_file
+    from ..device import resolve_device
+    from ..inference import predict_views
+    from ..models import build_model, linear_head
 
     cfg, arch, weights, runtime = params.features, params.model.arch, params.model.weights, params.runtime
     threads = cores.use(runtime.threads)

@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .dataset import IMAGE_EXTENSIONS, load_image, walk_files
-from .errors import DatasetError
-from .fileio import write_csv, write_json
+from ..errors import DatasetError
+from ..fileio import write_csv, write_json
+from ..sources import IMAGE_EXTENSIONS, load_image, walk_files
 
 if TYPE_CHECKING:  # only annotated here: finding and reading images needs no torch
-    from .trained_model import TrainedModel
+    from ..trained_model import TrainedModel
 
 
 @dataclass

@@ -15,10 +15,10 @@ import subprocess
 import time
 from pathlib import Path
 
-from .config import parse_params, read_params_file
-from .errors import ConfigError
+from ..config import parse_params, read_params_file
+from ..errors import ConfigError
+from ..paths import RAW_DIR
 from .experiments import hydra_value
-from .paths import RAW_DIR
 
 PRESET = {
     "data.train_per_class": 6,

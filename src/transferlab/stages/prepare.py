@@ -22,15 +22,15 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .config import DATA_SOURCE_ENV, DataConfig, load_params
-from .dataset import ImageFile, acquire, load_image, md5sum, scan
-from .errors import DatasetError
-from .fileio import atomic_dir, write_csv, write_json
-from .paths import PREPARE_REPORT, PREPARED_DIR, RAW_DIR
-from .splits import SPLITS
-from .stage import run_stage
+from ..config import DATA_SOURCE_ENV, DataConfig, load_params
+from ..entrypoint import run_stage
+from ..errors import DatasetError
+from ..fileio import atomic_dir, write_csv, write_json
+from ..paths import PREPARE_REPORT, PREPARED_DIR, RAW_DIR
+from ..sources import ImageFile, acquire, load_image, md5sum, scan
+from ..splits import SPLITS
 
-log = logging.getLogger("transferlab.prepare")
+log = logging.getLogger("transferlab.stages.prepare")
 
 
 def decode_all(
@@ -172,7 +172,7 @@ def main() -> None:
         "auto",
         "cpu",
     ):  # prepare runs first: a device that is not here fails now
-        from .device import resolve_device  # imports torch, which prepare needs for nothing else
+        from ..device import resolve_device  # imports torch, which prepare needs for nothing else
 
         resolve_device(params.runtime.device)
     cfg = params.data

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import TRAINED_MODELS, TTA
-from .errors import ConfigError, DatasetError, ModelError
-from .stage import run_stage
+from ..config import TRAINED_MODELS, TTA
+from ..entrypoint import run_stage
+from ..errors import ConfigError, DatasetError, ModelError
 
 DEFAULT_MODEL = "data/models/finetune/model.pt"
 BACKBONES = ("timm/tf_efficientnet_lite0", "timm/tf_efficientnet_lite1", "timm/tf_efficientnet_lite2")
@@ -55,7 +55,7 @@ def cmd_predict(args) -> int:
     paths, skipped = find_images(args.images)
     if not paths:  # nothing to predict: said before torch is imported
         raise DatasetError("; ".join(f"{path} {reason}" for path, reason in skipped))
-    from .trained_model import TrainedModel
+    from ..trained_model import TrainedModel
 
     trained = TrainedModel.load(args.model)
     if trained.at_chance:
@@ -81,9 +81,9 @@ def cmd_predict(args) -> int:
 def cmd_gradcam(args) -> int:
     import matplotlib.pyplot as plt
 
-    from .explain import display_images, gradcam, show_overlay
-    from .figures import save_figure
-    from .trained_model import TrainedModel
+    from ..figures import save_figure
+    from ..gradcam import display_images, gradcam, show_overlay
+    from ..trained_model import TrainedModel
 
     trained = TrainedModel.load(args.model)
     image = one_image(trained, args.image)
@@ -101,8 +101,8 @@ def cmd_gradcam(args) -> int:
 
 
 def cmd_features(args) -> int:
-    from .explain import display_images, feature_maps, plot_feature_maps
-    from .trained_model import TrainedModel
+    from ..gradcam import display_images, feature_maps, plot_feature_maps
+    from ..trained_model import TrainedModel
 
     trained = TrainedModel.load(args.model)
     image = one_image(trained, args.image)
@@ -115,9 +115,9 @@ def cmd_features(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from ..trained_model import TrainedModel
     from .export import ExportError, export
     from .predict import every_image, read_images
-    from .trained_model import TrainedModel
 
     logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # the ONNX optimiser logs every pass at INFO
     trained = TrainedModel.load(args.model, device="cpu")

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-log = logging.getLogger("transferlab.lrfind")
+log = logging.getLogger("transferlab.tools.lrfind")
 
 MIN_DROP = 0.05  # the smoothed loss must fall at least this fraction below its start for a suggestion
 VALLEY = (
@@ -105,13 +105,13 @@ def range_test(run: str, steps: int, start: float, end: float, seed: int) -> dic
     from torch.optim import lr_scheduler
     from tqdm import tqdm
 
-    from .config import load_params
-    from .data import batch_slices, epoch_order
-    from .device import training_device
-    from .distributed import World
-    from .paths import holdout
-    from .splits import load_classes
-    from .training import Trainer, initial_model, training_batches, training_data
+    from ..config import load_params
+    from ..device import training_device
+    from ..distributed import World
+    from ..inputs import batch_slices, epoch_order
+    from ..paths import holdout
+    from ..splits import load_classes
+    from ..training import Trainer, initial_model, training_batches, training_data
 
     params = load_params()
     # as the holdout twin trains: on the train split, from the probe that never saw the validation images
@@ -178,7 +178,7 @@ def summarise(tests: list[dict]) -> dict:
 
 
 def plot(path: Path, run: str, key: str, current: float, tests: list[dict], summary: dict) -> None:
-    from .figures import plt, save_figure
+    from ..figures import plt, save_figure
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     lowest, highest = np.inf, -np.inf
@@ -214,9 +214,9 @@ def plot(path: Path, run: str, key: str, current: float, tests: list[dict], summ
 def find(run_name: str, steps: int, start: float, end: float, seeds: int, out: Path, command: str) -> dict:
     """Range tests with ``seeds`` seeds; writes ``<out>/<run>.json`` (``command`` made it) and
     ``<out>/<run>.png``."""
-    from . import cores
-    from .config import load_params
-    from .fileio import write_json
+    from .. import cores
+    from ..config import load_params
+    from ..fileio import write_json
 
     params = load_params()
     cfg = params.train_config(run_name)

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import yaml
 
-from .config import MODELS, TRAINED_MODELS, load_params
-from .figures import plt, save_figure
-from .fileio import read_json, write_json, write_text
-from .paths import (
+from ..config import MODEL_NAMES, MODELS, TRAINED_MODELS, load_params
+from ..entrypoint import run_stage
+from ..figures import plt, save_figure
+from ..fileio import read_json, write_json, write_text
+from ..paths import (
     COMPARISON_JSON,
     COMPARISON_MD,
     CURVES_PNG,
@@ -32,7 +33,6 @@ from .paths import (
     holdout,
     train_dir,
 )
-from .stage import run_stage
 
 # panels of the learning-curve plot: the final fits' training curves, then the holdout twins' accuracy on the
 # validation images they never trained on (what generalises); a panel without data is left out
@@ -41,7 +41,6 @@ CURVES = [
     ("train/loss", "Training loss", ""),
     ("val/acc", "Held-out accuracy (trained on the train split only)", "holdout"),
 ]
-NAMES = {"probe": "Linear probe", "finetune": "Fine-tuned", "scratch": "From scratch"}
 EVALUATION_PICTURES = [
     ("confusion_matrix.png", "Confusion matrices"),
     ("calibration.png", "Calibration"),
@@ -111,7 +110,9 @@ def training_budget(run: str) -> tuple[dict, dict]:
 
 
 def model_name(model: str, cfg: dict) -> str:
-    return NAMES[model] + (" (LP-FT)" if model == "finetune" and cfg.get("init_head") == "probe" else "")
+    return MODEL_NAMES[model] + (
+        " (LP-FT)" if model == "finetune" and cfg.get("init_head") == "probe" else ""
+    )
 
 
 def gains_over_scratch(results: dict[str, dict]) -> dict[str, float]:
@@ -314,7 +315,7 @@ def html_report(comparison: Comparison) -> str:
     def pictures(name: str) -> str:
         return (
             "<div class='row'>"
-            + "".join(embedded_image(evaluation_dir(model) / name, NAMES[model]) for model in MODELS)
+            + "".join(embedded_image(evaluation_dir(model) / name, MODEL_NAMES[model]) for model in MODELS)
             + "</div>"
         )
 
@@ -364,21 +365,21 @@ def plot_curves(path: Path) -> None:
         ax = axes[0][-1]
         ax.plot(weights, accuracies, "-o", markersize=3, color="tab:blue")
         ax.set(
-            title=f"{NAMES['finetune']}: start + w (end - start), held out",
+            title=f"{MODEL_NAMES['finetune']}: start + w (end - start), held out",
             xlabel="w (0: where fine-tuning starts, 1: fine-tuned)",
             ylabel="validation accuracy (no TTA)",
         )
         ax.grid(alpha=0.3)
     for ax, ((_metric, title, source), runs) in zip(axes[0], curves.items(), strict=False):
         for (run, (epochs, values)), style in zip(runs.items(), ("-o", "-s"), strict=False):
-            ax.plot(epochs, values, style, markersize=3, label=NAMES[run])
+            ax.plot(epochs, values, style, markersize=3, label=MODEL_NAMES[run])
         if source and probe_val is not None:  # the probe has no epochs: its validation accuracy, as a level
             ax.axhline(
                 probe_val,
                 color="grey",
                 linestyle="--",
                 linewidth=1,
-                label=f"{NAMES['probe']} ({probe_val:.1%}, with flip TTA)",
+                label=f"{MODEL_NAMES['probe']} ({probe_val:.1%}, with flip TTA)",
             )
         ax.set(title=title, xlabel="epoch")
         ax.grid(alpha=0.3)

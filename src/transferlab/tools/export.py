@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .fileio import atomic_path
-from .trained_model import TrainedModel
+from ..fileio import atomic_path
+from ..trained_model import TrainedModel
 
 FORMATS = ("torchscript", "onnx")
 METADATA_KEY = "transferlab"

@@ -78,14 +78,13 @@ import numpy as np
 from dvc.utils.flatten import flatten
 from dvc.utils.serialize import YAMLFileCorruptedError, parse_yaml
 
-from .compare import NAMES
-from .config import FINETUNE_ONLY, MODEL_SECTIONS, MODELS, TRAINED_MODELS, Params, parse_params
-from .errors import ConfigError
-from .figures import plt, save_figure
-from .fileio import read_json, write_csv, write_json, write_text
-from .paths import holdout
+from ..config import FINETUNE_ONLY, MODEL_NAMES, MODEL_SECTIONS, MODELS, TRAINED_MODELS, Params, parse_params
+from ..errors import ConfigError
+from ..figures import plt, save_figure
+from ..fileio import read_json, write_csv, write_json, write_text
+from ..paths import holdout
 
-log = logging.getLogger("transferlab.experiments")
+log = logging.getLogger("transferlab.tools.experiments")
 VALIDATION_METRIC = "the last epoch's val/acc (the probe's: best/val_acc, at its chosen C)"
 PROTOCOL = "train_on_val"  # the key that turns a run into a final fit on train + val (no validation score)
 # how to get validation scores: each model's grid, queued validation-only
@@ -439,7 +438,9 @@ def _problem(overrides: dict, base: dict, chosen: dict[str, dict]) -> str | None
     for model, values in chosen.items():
         differ = [key for key, value in values.items() if _key(settings[model].get(key)) != _key(value)]
         if differ:
-            return f"{params_key(model, differ[0])} would not be the {NAMES[model]} model's chosen value"
+            return (
+                f"{params_key(model, differ[0])} would not be the {MODEL_NAMES[model]} model's chosen value"
+            )
     return None
 
 
@@ -611,7 +612,8 @@ def own_runs(experiments: list[Experiment]) -> tuple[list[Experiment], list[str]
             differences = "; ".join(dict.fromkeys(d for found in stale.values() for d in found))
             scores = "score" if len(stale) == 1 else "scores"
             notes.append(
-                f"{experiment.name}: its {', '.join(NAMES[m] for m in stale)} validation {scores} came from "
+                f"{experiment.name}: its {', '.join(MODEL_NAMES[m] for m in stale)} validation {scores} "
+                "came from "
                 f"stages run on other params or data than its params.yaml (its dvc.lock: {differences}); "
                 "re-run its stages to score it"
             )
@@ -728,7 +730,9 @@ def _markdown_preamble(
         else:
             lines += [f"Every model's final fit in one run ({FINAL_FIT}): `{together['command']}`", ""]
     if unscored:
-        described = "; ".join(f"{NAMES[model]}: {', '.join(names)}" for model, names in unscored.items())
+        described = "; ".join(
+            f"{MODEL_NAMES[model]}: {', '.join(names)}" for model, names in unscored.items()
+        )
         lines += [f"Left out, trained on train + val (no validation score): {described}.", ""]
     if notes:
         lines += ["Left out:", "", *(f"- {note}" for note in notes), ""]
@@ -753,7 +757,7 @@ def markdown(
         if model not in summary:
             if model in unscored:
                 lines += [
-                    f"## {NAMES[model]}",
+                    f"## {MODEL_NAMES[model]}",
                     "",
                     f"No validation score: `{VALIDATION_RECIPES[model]}`.",
                     "",
@@ -761,7 +765,7 @@ def markdown(
             continue
         part = summary[model]
         chosen, varied = part["chosen"], part["varied"]
-        lines += [f"## {NAMES[model]}", ""]
+        lines += [f"## {MODEL_NAMES[model]}", ""]
         lines += _folds_lines(part)
         best = part["settings"][0]
         if not varied:
@@ -878,7 +882,7 @@ def plot_against_params(summary: dict, path: Path) -> None:
             ax.minorticks_off()
             ax.set_xlabel(key)
             ax.set_ylabel("validation accuracy")
-            ax.set_title(NAMES[model], fontsize=10)
+            ax.set_title(MODEL_NAMES[model], fontsize=10)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
     fig.suptitle("Validation accuracy against each varied setting")
@@ -924,7 +928,7 @@ def plot_heatmap(model: str, part: dict, path: Path) -> None:
     ax.set_xlabel(col_key)
     ax.set_ylabel(row_key)
     fig.colorbar(image, ax=ax, label="validation accuracy")
-    ax.set_title(f"{NAMES[model]}: validation accuracy (chosen: red)", fontsize=10)
+    ax.set_title(f"{MODEL_NAMES[model]}: validation accuracy (chosen: red)", fontsize=10)
     save_figure(fig, path)
 
 
@@ -1066,7 +1070,8 @@ def summarize(
     for model, part in summary.items():
         chosen = part["chosen"]
         print(
-            f"{NAMES[model]}: chosen {chosen['values'] or '(nothing varied)'} val {chosen['val_acc']:.2%}; "
+            f"{MODEL_NAMES[model]}: chosen {chosen['values'] or '(nothing varied)'} "
+            f"val {chosen['val_acc']:.2%}; "
             f"final fit: {chosen['final_fit']['command']}"
         )
     return summary

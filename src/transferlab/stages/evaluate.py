@@ -1,6 +1,6 @@
 """Stage ``evaluate@<model>``: one model on the test split, and what it got wrong.
 
-    python -m transferlab.evaluate finetune     # probe | finetune | scratch
+    python -m transferlab.stages.evaluate finetune     # probe | finetune | scratch
 
 One stage per model (a DVC ``foreach``): an experiment that changes one model re-scores that model only.
 Predictions use ``evaluate.tta`` (flip: the mean logits of each image and its mirror image). The linear
@@ -23,14 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import MODELS, EvaluateConfig, load_params
-from .errors import ModelError
-from .fileio import atomic_dir, write_csv
-from .paths import checkpoint_path, evaluation_dir
-from .splits import features_info, load_classes, load_features, load_split
-from .stage import run_stage
+from ..config import MODELS, EvaluateConfig, load_params
+from ..entrypoint import run_stage
+from ..errors import ModelError
+from ..fileio import atomic_dir, write_csv
+from ..paths import checkpoint_path, evaluation_dir
+from ..splits import check_classes, features_info, load_classes, load_features, load_split
 
-log = logging.getLogger("transferlab.evaluate")
+log = logging.getLogger("transferlab.stages.evaluate")
 
 
 def classification_metrics(
@@ -38,7 +38,7 @@ def classification_metrics(
 ) -> dict:
     from sklearn.metrics import balanced_accuracy_score
 
-    from .analysis import expected_calibration_error, topk_accuracies
+    from ..analysis import expected_calibration_error, topk_accuracies
 
     confidence, predictions = probs.max(1), probs.argmax(1)
     return {
@@ -64,7 +64,7 @@ def write_per_class(path: Path, labels: np.ndarray, predictions: np.ndarray, cla
 
 
 def write_confused_pairs(path: Path, labels: np.ndarray, predictions: np.ndarray, classes: list[str]) -> None:
-    from .analysis import confused_pairs
+    from ..analysis import confused_pairs
 
     rows = (
         (p.true_class, p.predicted_class, p.count, f"{p.share:.4f}")
@@ -73,19 +73,10 @@ def write_confused_pairs(path: Path, labels: np.ndarray, predictions: np.ndarray
     write_csv(path, ["true_class", "predicted_class", "count", "share_of_true_class"], rows)
 
 
-def check_classes(path: Path, trained_on: list[str], classes: list[str]) -> None:
-    """Labels index classes.json: a model trained on other classes would be scored wrongly."""
-    if trained_on != classes:
-        raise ModelError(
-            f"{path} was trained on {len(trained_on)} classes that are not data/prepared/classes.json's "
-            f"{len(classes)}: re-run its training stage (dvc repro)"
-        )
-
-
 def probe_probabilities(path: Path, labels: np.ndarray, classes: list[str], tta: str) -> np.ndarray:
     """The linear probe's test probabilities from the frozen test features: its head applied to them
     (torch to read it)."""
-    from .checkpoint import read_checkpoint
+    from ..checkpoint import read_checkpoint
 
     checkpoint, info = read_checkpoint(path), features_info()
     check_classes(path, checkpoint["classes"], classes)
@@ -116,8 +107,8 @@ def model_probabilities(
 ) -> tuple[np.ndarray, bool]:
     """A trained model's test probabilities: the network over the test images
     (torch and the model libraries imported here); and whether its training ended at chance."""
-    from .device import resolve_device
-    from .trained_model import TrainedModel
+    from ..device import resolve_device
+    from ..trained_model import TrainedModel
 
     trained = TrainedModel.load(path, resolve_device(device))
     check_classes(path, trained.classes, classes)
@@ -139,7 +130,7 @@ def write_results(
     (written whole, or not at all)."""
     from dvclive import Live
 
-    from .analysis import plot_calibration, plot_confusion_matrix, plot_misclassified
+    from ..analysis import plot_calibration, plot_confusion_matrix, plot_misclassified
 
     predictions = probs.argmax(1)
     metrics = {**classification_metrics(labels, probs, cfg.topk, cfg.calibration_bins), **extra}
@@ -197,7 +188,7 @@ def evaluate(run: str) -> dict:
     log.info(
         "%s: %s on %d test images (%s), scored from %s", run, path, len(labels), f"tta {cfg.tta}", source
     )
-    from . import cores  # torch
+    from .. import cores  # torch
 
     threads = cores.use(params.runtime.threads)
     if run == "probe":

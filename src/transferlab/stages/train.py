@@ -1,9 +1,9 @@
 """Stages ``train_finetune`` and ``train_scratch``: one training loop (``training.py``); the mode is data.
 
-    python -m transferlab.train finetune   # the train: section (mode finetune or feature_extract)
-    python -m transferlab.train scratch    # the same architecture from random init: the scratch: section
-    python -m transferlab.train finetune --holdout   # its holdout twin: trained on the train split,
-                                                     # validated every epoch
+    python -m transferlab.stages.train finetune    # the train: section (mode finetune or feature_extract)
+    python -m transferlab.stages.train scratch     # the same architecture from random init: scratch:
+    python -m transferlab.stages.train finetune --holdout  # its holdout twin: trained on the train split,
+                                                           # validated every epoch
 
 This entry point checks the params and says what it will train within a second; torch and the model
 libraries (several seconds to import on a small CPU) load after that. With ``runtime.processes: N`` it
@@ -16,11 +16,11 @@ import argparse
 import logging
 import os
 
-from .config import TRAINED_MODELS, Params, load_params
-from .paths import holdout as holdout_name
-from .stage import run_stage
+from ..config import TRAINED_MODELS, Params, load_params
+from ..entrypoint import run_stage
+from ..paths import holdout as holdout_name
 
-log = logging.getLogger("transferlab.train")
+log = logging.getLogger("transferlab.stages.train")
 
 
 def plan(model: str, params: Params, holdout: bool = False) -> str:
@@ -40,16 +40,16 @@ def start(model: str, holdout: bool) -> None:
     params = load_params()  # bad params fail here, before anything is imported or started
     if os.environ.get("RANK", "0") == "0":  # one of the data-parallel processes says it
         log.info("%s", plan(model, params, holdout))
-    from .distributed import launch, launched_by_torchrun  # torch: imported once the plan is shown
+    from ..distributed import launch, launched_by_torchrun  # torch: imported once the plan is shown
 
     if params.runtime.processes > 1 and not launched_by_torchrun():
         status = launch(
-            params.runtime.processes, "transferlab.train", [model, *(["--holdout"] if holdout else [])]
+            params.runtime.processes, "transferlab.stages.train", [model, *(["--holdout"] if holdout else [])]
         )
         if status:
             raise SystemExit(f"train {model}: the data-parallel run failed (exit code {status})")
         return
-    from .training import train
+    from ..training import train
 
     train(model, holdout)
 

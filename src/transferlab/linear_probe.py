@@ -1,19 +1,7 @@
-"""Stage ``train_probe``: a linear probe, a logistic regression on the frozen features.
-
-    python -m transferlab.probe
-
-It reads what the ``features`` stage computed once (the pooled backbone features of every split and of
-their mirror images), so an experiment on ``probe.C`` takes seconds. With ``probe.flip`` a mirrored
-training image is one more training sample, and a validation image is scored by the mean of both views'
-logits, as ``evaluate.tta: flip`` scores test images. A multinomial logistic regression (scikit-learn,
-L-BFGS, on standardised features) is fitted for every C in ``probe.C``; the C with the best validation
-accuracy is kept and, with ``probe.train_on_val``, refitted on train + validation. The fitted weights
-become the features network's new head, so ``data/models/probe/model.pt`` is a checkpoint like the
-trained ones (evaluate, predict and export use it) and ``train.init_head: probe`` starts fine-tuning from
-it (LP-FT). ``data/models/probe_holdout/model.pt``, the head with the chosen C fitted on the train split
-only, is where the fine-tuned model's holdout twin starts. ``metrics/train_probe/`` holds the validation
-accuracy of every C (regularization.csv), the settings and a summary.
-"""
+"""The linear probe: a multinomial logistic regression (scikit-learn, L-BFGS, on standardised features)
+fitted on frozen features for every C, the best C on validation kept, and the fitted weights written as the
+features network's new head (a ``model.pt`` like the trained ones). The ``train_probe`` stage and the
+backbone study use it."""
 
 from __future__ import annotations
 
@@ -23,17 +11,12 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from dvclive import Live
 
-from .config import ProbeConfig, load_params
+from .config import ProbeConfig
 from .errors import ModelError
-from .fileio import atomic_dir, write_csv
-from .paths import FEATURES_DIR, checkpoint_path, holdout, train_dir
-from .splits import features_info, load_classes, load_features, load_split
-from .stage import run_stage
+from .paths import FEATURES_DIR, checkpoint_path
 
-log = logging.getLogger("transferlab.probe")
-RUN = "probe"
+log = logging.getLogger("transferlab.stages.probe")
 
 
 @dataclass
@@ -158,81 +141,27 @@ def save_probe(
     )
 
 
-def main() -> None:
-    started = time.perf_counter()
-    params = load_params()
-    cfg, info = params.probe, features_info()
-    if (info["arch"], info["weights"]) != (params.model.arch, params.model.weights):
-        raise ModelError(
-            f"the features in {FEATURES_DIR} are of {info['arch']} (weights {info['weights']}), "
-            "not model.*: re-run the features stage"
-        )
-    classes = load_classes()
-    (_, train_labels), (_, val_labels) = load_split("train"), load_split("val")
-    log.info(
-        "linear probe on %s's %d-dim features: C in %s, chosen on %d validation images",
-        info["arch"],
-        info["dim"],
-        cfg.C,
-        len(val_labels),
-    )
-    from . import cores  # torch, for the BLAS pools scikit-learn computes in
+def fit_probe(
+    cfg: ProbeConfig,
+    train: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray],
+    num_classes: int,
+) -> tuple[LinearHead, LinearHead, dict, list[dict], int]:
+    """Choose C on validation; with ``probe.train_on_val`` refit it on train + validation.
 
-    threads = cores.use(params.runtime.threads)
-    train_features, val_features = np.asarray(load_features("train")), np.asarray(load_features("val"))
-
-    val = (scored(val_features, cfg.flip), val_labels)
+    ``train``/``val``: (features views x N x D, labels). Returns the head to keep, the head fitted on the
+    train split only (where LP-FT's holdout twin starts), the chosen C's scores, every C's results and the
+    number of training images the kept head saw."""
+    (train_features, train_labels), (val_features, val_labels) = train, val
     on_train, chosen, results = choose_c(
-        as_samples(train_features, train_labels, cfg.flip), val, len(classes), cfg
+        as_samples(train_features, train_labels, cfg.flip),
+        (scored(val_features, cfg.flip), val_labels),
+        num_classes,
+        cfg,
     )
-    best_c, fitted = chosen["C"], on_train
-    if cfg.train_on_val and len(val_labels):
-        train_features, train_labels = (
-            np.concatenate([train_features, val_features], axis=1),
-            np.concatenate([train_labels, val_labels]),
-        )
-        fitted = fit_head(
-            *as_samples(train_features, train_labels, cfg.flip), len(classes), best_c, cfg.max_iter
-        )
-    # LP-FT's holdout twin starts from the one fitted on train only
-    for name, head in ((RUN, fitted), (holdout(RUN), on_train)):
-        save_probe(
-            name,
-            head,
-            info,
-            classes,
-            cfg,
-            params.runtime.channels_last,
-            C=best_c,
-            val_acc=chosen.get("val_acc"),
-        )
-    with atomic_dir(train_dir(RUN)) as out:
-        with Live(str(out), dvcyaml=False, save_dvc_exp=False) as live:
-            live.log_params(
-                {
-                    "run": RUN,
-                    "mode": "linear_probe",
-                    "arch": info["arch"],
-                    "weights": info["weights"],
-                    "image_size": info["image_size"],
-                    **dataclasses.asdict(cfg),
-                }
-            )
-            if "val_acc" in chosen:
-                live.summary["best/val_acc"] = chosen["val_acc"]
-            live.summary["best/C"] = best_c
-            live.summary["train_images"] = int(len(train_labels))
-            live.summary["threads"] = threads
-            live.summary["wall_time_s"] = round(time.perf_counter() - started, 1)
-        keys = ["C", "val_acc", "val_loss", "fit_time_s"] if len(val_labels) else ["C", "fit_time_s"]
-        write_csv(out / "regularization.csv", keys, ([r[k] for k in keys] for r in results))
-    log.info(
-        "probe: C %g chosen on validation (%s), refitted on %s",
-        best_c,
-        chosen,
-        "train + val" if cfg.train_on_val else "train",
-    )
-
-
-if __name__ == "__main__":
-    run_stage("train probe", main)
+    if not (cfg.train_on_val and len(val_labels)):
+        return on_train, on_train, chosen, results, len(train_labels)
+    features = np.concatenate([train_features, val_features], axis=1)
+    labels = np.concatenate([train_labels, val_labels])
+    fitted = fit_head(*as_samples(features, labels, cfg.flip), num_classes, chosen["C"], cfg.max_iter)
+    return fitted, on_train, chosen, results, len(labels)

@@ -22,13 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ConfigError, ModelError
-from .evaluate import check_classes
-from .fileio import write_csv, write_json
-from .paths import checkpoint_path, holdout
-from .splits import load_classes, load_split
+from ..errors import ConfigError, ModelError
+from ..fileio import write_csv, write_json
+from ..paths import checkpoint_path, holdout
+from ..splits import check_classes, load_classes, load_split
 
-log = logging.getLogger("transferlab.ensemble")
+log = logging.getLogger("transferlab.tools.ensemble")
 
 
 def mix_accuracies(
@@ -65,7 +64,7 @@ def distinct_parameters(first, second) -> tuple[int, int]:
 
 
 def plot(path: Path, weights: np.ndarray, accuracies: np.ndarray, tta: str) -> None:
-    from .figures import plt, save_figure
+    from ..figures import plt, save_figure
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(weights, 100 * accuracies, marker="o")
@@ -80,7 +79,7 @@ def plot(path: Path, weights: np.ndarray, accuracies: np.ndarray, tta: str) -> N
 
 def chosen_on_validation(path: Path) -> dict:
     """What the twin's own stage chose on the validation images: the probe's C, the fine-tune's epoch."""
-    from .checkpoint import read_checkpoint
+    from ..checkpoint import read_checkpoint
 
     checkpoint = read_checkpoint(path)
     if "C" in checkpoint:
@@ -91,7 +90,7 @@ def chosen_on_validation(path: Path) -> dict:
 def ensemble(out: Path, steps: int, batch_size: int, tta: str, command: str) -> dict:
     """Score the mixes on the validation split; write ``ensemble.csv``, ``ensemble.png`` and
     ``ensemble.json`` (the summary, with ``command``) in ``out``."""
-    from .trained_model import TrainedModel
+    from ..trained_model import TrainedModel
 
     images, labels = load_split("val")
     if not len(labels):

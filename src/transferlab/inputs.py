@@ -4,6 +4,7 @@ batches."""
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -12,7 +13,23 @@ from torchvision.transforms import InterpolationMode, v2
 
 from .config import TrainConfig
 from .errors import ConfigError
-from .models import Preprocessing
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How the weights expect their input: taken from the weights' metadata, never hard-coded."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str  # "bilinear" or "bicubic"
+    crop_pct: float  # fraction of the (square) image kept by the evaluation centre crop
+
+    def as_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Preprocessing:
+        return cls(tuple(data["mean"]), tuple(data["std"]), data["interpolation"], data["crop_pct"])
 
 
 def _interpolation(prep: Preprocessing) -> InterpolationMode:

@@ -1,0 +1,1 @@
+"""The stages `dvc repro` runs (dvc.yaml): each a short `main` over the library."""

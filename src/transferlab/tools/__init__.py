@@ -1,0 +1,1 @@
+"""The `transferlab` command and the tools it runs outside the pipeline."""
