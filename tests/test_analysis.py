@@ -27,6 +27,7 @@ from transferlab.analysis import (
 from transferlab.errors import ModelError
 from transferlab.gradcam import feature_maps, find_layer, gradcam, last_spatial_layer
 from transferlab.inputs import Preprocessing
+from transferlab.model_card import ModelCard
 from transferlab.trained_model import TrainedModel
 
 
@@ -100,7 +101,8 @@ def test_pictures_are_written(tmp_path):
 
 def trained(model: nn.Module, classes: list[str], size: int = 64) -> TrainedModel:
     prep = Preprocessing((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "bilinear", 1.0)
-    return TrainedModel(model.eval(), Path("model.pt"), "test", classes, prep, size, size, False, False)
+    card = ModelCard("test", "scratch", "test", "none", classes, "fc", prep, size, size, False, {})
+    return TrainedModel(model.eval(), Path("model.pt"), card)
 
 
 def colour_detector() -> nn.Module:

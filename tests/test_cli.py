@@ -1,4 +1,4 @@
-"""The ``transferlab`` command on a model trained on tiny data: predict, gradcam, features, export."""
+"""The ``transferlab`` command on a model trained on tiny data: predict, gradcam, feature-maps, export."""
 
 from __future__ import annotations
 
@@ -113,7 +113,7 @@ def test_predict_a_folder_with_bad_files_csv_json_and_the_pipelines_numbers(
     by_name = {Path(p["path"]).name: p["top"][0] for p in report["predictions"]}
     for row, probs in zip(test_rows, expected, strict=True):
         top = by_name[Path(row["path"]).name.replace("image", row["class"])]
-        assert top["class"] == trained.classes[probs.argmax()] and top["probability"] == pytest.approx(
+        assert top["class"] == trained.card.classes[probs.argmax()] and top["probability"] == pytest.approx(
             probs.max(), abs=1e-5
         )
     assert str(report["predictions"][0]["path"]) in result.stdout
@@ -143,11 +143,11 @@ def test_the_installed_command_predicts_a_single_grayscale_image(project):
             "layer 'fc' does not output a grid of feature maps",
         ),
         (
-            ["features", "images/class_0/image_0000.jpg", "--layer", "avgpool"],
+            ["feature-maps", "images/class_0/image_0000.jpg", "--layer", "avgpool"],
             "layer 'avgpool' does not output a grid of feature maps",
         ),
         (
-            ["features", "images/class_0/image_0000.jpg", "--layer", "layer9"],
+            ["feature-maps", "images/class_0/image_0000.jpg", "--layer", "layer9"],
             "layer 'layer9' is not a module of resnet18",
         ),
         (["ensemble"], "no model at data/models/probe_holdout/model.pt: run its stage first"),
@@ -161,14 +161,14 @@ def test_bad_arguments_are_one_clear_line(project, args, message, transferlab):
     assert "Traceback" not in result.stderr
 
 
-def test_gradcam_and_features_write_pictures(project, transferlab):
+def test_gradcam_and_feature_maps_write_pictures(project, transferlab):
     image = "images/class_1/image_0000.jpg"
     model = str(checkpoint_path("finetune"))
     result = transferlab("gradcam", image, "--model", model, "--class", "class_2", "--out", "cam.png")
     assert result.returncode == 0, result.stderr
     assert "Grad-CAM of class_2" in result.stdout
     result = transferlab(
-        "features", image, "--model", model, "--layer", "layer3", "--count", "8", "--out", "maps.png"
+        "feature-maps", image, "--model", model, "--layer", "layer3", "--count", "8", "--out", "maps.png"
     )
     assert result.returncode == 0, result.stderr
     assert "feature maps of layer3" in result.stdout

@@ -48,9 +48,7 @@ def full_validation_loss(run: str) -> float:
     """The kept model's loss on every validation image, computed here in one process."""
     trained = TrainedModel.load(checkpoint_path(run), device="cpu")
     images, labels = load_split("val")
-    logits = predict_logits(
-        trained.model, images, trained.prep, trained.image_size, 64, trained.channels_last
-    )
+    logits = predict_logits(trained.model, images, trained.card.eval_input, 64)
     return nn.functional.cross_entropy(logits, torch.from_numpy(labels)).item()
 
 

@@ -26,8 +26,10 @@ from transferlab.config import load_params, parse_params
 from transferlab.tools import cli
 from transferlab.tools.experiments import (
     ExperimentsError,
+    exp_show,
     experiments_from_show,
     model_settings,
+    params_key,
     summarize,
     table,
 )
@@ -443,6 +445,74 @@ def test_no_validation_score_is_an_error_that_says_what_to_run(tmp_path, capsys)
         and "no experiment has a validation score" in error
         and "--queue holdout_scratch -S" in error
     )
+
+
+@pytest.mark.slow
+def test_the_listing_from_dvcs_api_reads_as_the_saved_dvc_exp_show_json(tmp_path, monkeypatch):
+    """On a real repo: DVC's API, in this process, lists what `dvc exp show --json` prints, read by the one
+    parser: the params as they ran (an int stays an int: `dvc.api.exp_show`'s flat records give 3.0, and
+    `'True'` for true), the metrics, the commit each experiment ran on; a queued experiment is skipped.
+    Outside a DVC project the listing is an ExperimentsError."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    train = {"lr": 0.25, "epochs": 2, "nesterov": True, "C": [0.1], "head": None}
+    (repo / "params.yaml").write_text(yaml.safe_dump({"train": train}))
+    script = (
+        "import json, yaml; p = yaml.safe_load(open('params.yaml'))['train']; "
+        "json.dump({'val': {'acc': p['lr']}, 'epochs_run': p['epochs']}, open('m.json', 'w'))"
+    )
+    stage = {
+        "cmd": shlex.join([sys.executable, "-c", script]),
+        "params": ["train"],
+        "metrics": [{"m.json": {"cache": False}}],
+    }
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"train": stage}}))
+    for command in (
+        ["git", "init", "-q", "-b", "main"],
+        ["git", "config", "user.email", "test@example.com"],
+        ["git", "config", "user.name", "test"],
+        ["dvc", "init", "-q"],
+        ["dvc", "repro", "-q"],
+        ["git", "add", "-A"],
+        ["git", "commit", "-qm", "baseline"],
+        ["dvc", "exp", "run", "-q", "-n", "own", "-S", "train.epochs=3"],
+        ["dvc", "exp", "run", "-q", "--queue", "-n", "later", "-S", "train.lr=0.5"],
+    ):
+        run_command(command, repo)
+    monkeypatch.chdir(repo)
+    listed = list(experiments_from_show(exp_show(all_commits=False)))
+    saved = json.loads(run_command(["dvc", "exp", "show", "--json"], repo).stdout)
+    assert listed == list(experiments_from_show(saved))
+    main, own = listed
+    assert (main.name, own.name, own.baseline) == ("main", "own", main) and len(own.rev) == 40
+    assert own.params == {"train": {**train, "epochs": 3}} and type(own.params["train"]["epochs"]) is int
+    assert own.metrics == {"m.json": {"val": {"acc": 0.25}, "epochs_run": 3}}
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ExperimentsError, match="dvc could not list the experiments"):
+        exp_show(all_commits=False)
+
+
+def test_each_models_settings_are_params_its_stages_declare_in_dvc_yaml():
+    """A model's settings (what tells its runs apart) are params that dvc.yaml declares for the stage that
+    scores it (the holdout twin; the probe's own stage) or for a stage upstream of it."""
+    stages = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
+    writers = {
+        next(iter(out)) if isinstance(out, dict) else out: name
+        for name, stage in stages.items()
+        for out in stage.get("outs", [])
+    }
+
+    def declared(name: str) -> set[str]:
+        upstream = {writers[dep] for dep in stages[name].get("deps", []) if dep in writers}
+        return set(stages[name].get("params", [])).union(*(declared(up) for up in upstream))
+
+    # the fine-tuning starts from the probe: its settings hold the features' and the probe's
+    params = set_dotted(tiny_params(), {"train.init_head": "probe", "probe.train_on_val": False})
+    for model, settings in model_settings(params).items():
+        stage = "train_probe" if model == "probe" else f"holdout_{model}"
+        entries = declared(stage)
+        for key in (params_key(model, key) for key in settings):
+            assert key in entries or key.split(".")[0] in entries, f"{model}: {key} is not a param of {stage}"
 
 
 def wait_for_queue(repo, timeout_s: float = 900) -> str:

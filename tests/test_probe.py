@@ -17,6 +17,7 @@ from transferlab.config import load_params, parse_params
 from transferlab.errors import ConfigError, ModelError
 from transferlab.inference import predict_logits
 from transferlab.inputs import normalize
+from transferlab.model_card import EvalInput
 from transferlab.paths import checkpoint_path, evaluation_dir, holdout, train_dir
 from transferlab.splits import load_classes, load_features, load_split
 from transferlab.stages import evaluate, features, probe
@@ -101,8 +102,8 @@ def test_probe_stage_then_lp_ft_starts_from_exactly_the_probe(project):
         [],
     )
     assert torch.equal(
-        predict_logits(start, images, prep, 32, 16, False),
-        predict_logits(fitted.model, images, fitted.prep, 32, 16, False),
+        predict_logits(start, images, EvalInput(prep, 32, False), 16),
+        predict_logits(fitted.model, images, EvalInput(fitted.card.preprocessing, 32, False), 16),
     )
     fresh, _, _ = training.initial_model(params.model.arch, project.weights_path, load_classes(), cfg, [])
     assert not torch.equal(fresh.fc.weight, start.fc.weight), "init_head: random keeps a fresh head"
@@ -144,19 +145,19 @@ def test_lp_ft_refuses_a_probe_of_another_model(project):
     other = TrainedModel.load(checkpoint_path("probe"), device="cpu")
     with pytest.raises(ModelError, match="is for resnet18 .*weights none.*re-run train_probe"):
         training.start_from_probe(
-            other.model, "resnet18", "none", other.classes, [], checkpoint_path("probe")
+            other.model, "resnet18", "none", other.card.classes, [], checkpoint_path("probe")
         )
     checkpoint_path("probe").unlink()
     with pytest.raises(ModelError, match="run its stage first"):
         training.start_from_probe(
-            other.model, "resnet18", project.weights_path, other.classes, [], checkpoint_path("probe")
+            other.model, "resnet18", project.weights_path, other.card.classes, [], checkpoint_path("probe")
         )
 
 
 def test_train_and_test_resolutions_reach_the_model(project, monkeypatch):
     """Training batches at train.image_size, validation and evaluation at eval_image_size, the probe at
     features.image_size, all cut from the one cached array decoded by prepare at data.cache_size."""
-    from transferlab import models
+    from transferlab import models, pooled_features
 
     seen: list[int] = []
     build = models.build_model
@@ -167,7 +168,7 @@ def test_train_and_test_resolutions_reach_the_model(project, monkeypatch):
         return model, head, prep
 
     monkeypatch.setattr(training, "build_model", recording_build)
-    monkeypatch.setattr(models, "build_model", recording_build)  # the features stage imports it where it runs
+    monkeypatch.setattr(pooled_features, "build_model", recording_build)  # the features stage's network
     monkeypatch.setattr(trained_model, "build_model", recording_build)
     assert load_split("train")[0].shape[1:] == (40, 40, 3)
     # tested above the training size (Touvron et al.'s train-test resolution), at most the cached crop (35 px
@@ -175,14 +176,17 @@ def test_train_and_test_resolutions_reach_the_model(project, monkeypatch):
     project(image_size=24, eval_image_size=35, probe={"C": [1.0]}, features={"image_size": 28})
     training.fit("finetune")
     assert set(seen) == {24, 35}
-    assert TrainedModel.load(checkpoint_path("finetune"), device="cpu").image_size == 35
+    assert TrainedModel.load(checkpoint_path("finetune"), device="cpu").card.eval_image_size == 35
     seen.clear()
     evaluate.evaluate("finetune")
     assert set(seen) == {35}
     seen.clear()
     features.main()
     probe.main()
-    assert set(seen) == {28} and TrainedModel.load(checkpoint_path("probe"), device="cpu").image_size == 28
+    assert (
+        set(seen) == {28}
+        and TrainedModel.load(checkpoint_path("probe"), device="cpu").card.eval_image_size == 28
+    )
 
 
 def test_flip_tta_in_evaluate_is_the_mean_of_both_views(project, monkeypatch):
@@ -193,7 +197,9 @@ def test_flip_tta_in_evaluate_is_the_mean_of_both_views(project, monkeypatch):
     images, labels = load_split("test")
     crops = trained.crop(images)  # the evaluation crop; TTA adds its mirror image
     with torch.no_grad():
-        plain, mirrored = (trained.model(normalize(view, trained.prep)) for view in (crops, crops.flip(3)))
+        plain, mirrored = (
+            trained.model(normalize(view, trained.card.preprocessing)) for view in (crops, crops.flip(3))
+        )
     assert not torch.allclose(plain, mirrored), (
         "the model must see the difference for the test to mean anything"
     )
@@ -203,7 +209,7 @@ def test_flip_tta_in_evaluate_is_the_mean_of_both_views(project, monkeypatch):
     # evaluate@probe scores from the frozen test features:
     # the same mean of both views, without a backbone pass
     np.testing.assert_allclose(
-        evaluate.probe_probabilities(checkpoint_path("probe"), labels, trained.classes, "flip"),
+        evaluate.probe_probabilities(checkpoint_path("probe"), labels, trained.card.classes, "flip"),
         expected,
         atol=1e-5,
     )
@@ -214,7 +220,7 @@ def test_flip_tta_in_evaluate_is_the_mean_of_both_views(project, monkeypatch):
     predictions = expected.argmax(1)
     assert recall == {
         name: pytest.approx((predictions[labels == c] == c).mean(), abs=1e-4)
-        for c, name in enumerate(trained.classes)
+        for c, name in enumerate(trained.card.classes)
     }
     assert cfg.tta == "flip" and metrics["top1"] == pytest.approx((predictions == labels).mean())
 
@@ -310,7 +316,8 @@ def test_features_from_several_layers_reach_the_probe_and_lp_ft_starts_from_its_
     reference = LogisticRegression(C=1.0, max_iter=1000).fit(scaler.transform(samples), labels)
     expected = reference.predict_proba(scaler.transform(linear_probe.scored(val, flip=True)))
     images, _ = load_split("val")
-    got = predict_logits(fitted.model, images, fitted.prep, 32, 16, False, flip=True).softmax(1).numpy()
+    got = predict_logits(fitted.model, images, EvalInput(fitted.card.preprocessing, 32, False), 16, flip=True)
+    got = got.softmax(1).numpy()
     np.testing.assert_allclose(got, expected, atol=1e-4)
 
     params = load_params()
@@ -319,8 +326,8 @@ def test_features_from_several_layers_reach_the_probe_and_lp_ft_starts_from_its_
         params.model.arch, project.weights_path, load_classes(), cfg, ["layer2", "layer3"], holdout("probe")
     )
     assert head == "head" and torch.equal(
-        predict_logits(start, images, prep, 32, 16, False),
-        predict_logits(fitted.model, images, prep, 32, 16, False),
+        predict_logits(start, images, EvalInput(prep, 32, False), 16),
+        predict_logits(fitted.model, images, EvalInput(prep, 32, False), 16),
     )
     with pytest.raises(
         ModelError, match=r"reads the layers \['layer2', 'layer3'\].*not features.layers \[\]"

@@ -15,6 +15,7 @@ import yaml
 from conftest import CALTECH, HF_HOME, tiny_params
 from transferlab import sources, training
 from transferlab.inference import onnx_runner as ONNX_RUNNER
+from transferlab.model_card import EvalInput
 from transferlab.paths import train_dir
 from transferlab.sources import scan
 from transferlab.splits import load_split
@@ -145,8 +146,8 @@ def test_onnx_runtime_gives_eager_pytorchs_logits_on_the_real_network(tmp_path, 
     model.to(memory_format=torch.channels_last)
     calls = []
     monkeypatch.setattr(inference, "onnx_runner", lambda *args: calls.append(1) or ONNX_RUNNER(*args))
-    fast = inference.predict_views(model, images, prep, 128, 64, flip=True)
-    eager = inference.predict_views(model, images, prep, 128, 64, flip=True, fast=False)
+    fast = inference.predict_views(model, images, EvalInput(prep, 128, True), 64, flip=True)
+    eager = inference.predict_views(model, images, EvalInput(prep, 128, True), 64, flip=True, fast=False)
     assert calls == [1], "ONNX Runtime ran the fast pass"
     scale = float(eager.abs().max())
     assert float((fast - eager).abs().max()) <= inference.ORT_TOLERANCE * max(1.0, scale)

@@ -10,15 +10,17 @@ import torch
 import torchvision
 import yaml
 
-from conftest import recipe
+from conftest import recipe, tiny_params
 from transferlab import training
-from transferlab.config import MODEL_NAMES
+from transferlab.config import MODEL_NAMES, parse_params
 from transferlab.device import cpu_supports_bf16
 from transferlab.errors import ConfigError, ModelError
 from transferlab.inference import predict_logits
 from transferlab.inputs import BatchAugmenter, Preprocessing, epoch_order
+from transferlab.model_card import EvalInput
 from transferlab.optim import LrSchedule, build_optimizer
 from transferlab.paths import FEATURES_DIR, checkpoint_path, resume_path, train_dir
+from transferlab.run import Run
 from transferlab.splits import load_features, load_split
 from transferlab.stages import features
 from transferlab.trained_model import TrainedModel
@@ -77,7 +79,7 @@ def test_feature_extract_without_augmentation_trains_the_head_on_cached_features
     # the head trained on the frozen features gives the full model's logits
     trained = TrainedModel.load(checkpoint_path("finetune"), device="cpu")
     images, labels = load_split("val")
-    logits = predict_logits(trained.model, images, trained.prep, 32, 8)
+    logits = predict_logits(trained.model, images, EvalInput(trained.card.preprocessing, 32, True), 8)
     with torch.no_grad():
         torch.testing.assert_close(trained.model.fc(val_features), logits, rtol=1e-4, atol=1e-5)
     assert (logits.argmax(1).numpy() == labels).mean() == pytest.approx(best["val_acc"])
@@ -163,6 +165,22 @@ def test_early_stopping_ends_the_run_when_validation_stops_improving(project):
     summary = json.loads((train_dir("finetune") / "metrics.json").read_text())
     assert summary["epochs_run"] == 3 and best["epoch"] == 1
     assert not resume_path("finetune").exists()
+
+
+def test_a_run_is_named_and_keyed_once_for_the_model_and_its_holdout_twin():
+    params = parse_params(tiny_params())
+    run, twin = Run.of(params, "finetune"), Run.of(params, "finetune", holdout=True)
+    assert (run.name, run.probe, run.key("lr")) == ("finetune", "probe", "train.lr")
+    assert (twin.name, twin.probe, twin.key("lr")) == ("finetune_holdout", "probe_holdout", "train.lr")
+    scratch = Run.of(params, "scratch")
+    assert (scratch.key("batch_size"), scratch.weights, scratch.cfg.mode) == (
+        "scratch.batch_size",
+        "none",
+        "scratch",
+    )
+    assert run.with_recipe(lr=0.5).cfg.lr == 0.5 and run.cfg.lr != 0.5
+    assert training.logged_metric({"val/acc": 0.5, "val/loss": 1.0}, "val_loss") == 1.0
+    assert training.logged_metric({"train/loss": 1.0}, "val_acc") is None
 
 
 def test_chance_is_a_margin_over_a_uniform_guess_judged_on_enough_images():

@@ -1,7 +1,7 @@
-"""Reading and writing torch files: training checkpoints, and ``torch.load`` that refuses code.
+"""Reading and writing torch files: trained model files, and ``torch.load`` that refuses code.
 
-A checkpoint is a dict with the model's weights and everything needed to use it (architecture, classes,
-preprocessing, how it was made), so that evaluate, predict, Grad-CAM and export need nothing else.
+A trained model file holds the model's weights and its card (``model_card.ModelCard``: architecture,
+classes, preprocessing, how it was made), so that evaluate, predict, Grad-CAM and export need nothing else.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 
 from .errors import ModelError, is_out_of_memory
 from .fileio import atomic_path
+from .model_card import CARD_KEYS, ModelCard
 
 
 def _written_by_torch(path: str | Path) -> bool:
@@ -75,6 +76,18 @@ def read_checkpoint(path: str | Path) -> dict:
     return checkpoint
 
 
+def read_model(path: str | Path) -> tuple[ModelCard, dict]:
+    """A trained model file's card and weights, or a ``ModelError`` saying why not."""
+    checkpoint = read_checkpoint(path)
+    missing = [key for key in CARD_KEYS if key not in checkpoint]
+    if missing:
+        raise ModelError(
+            f"{path} lacks {', '.join(missing)}: "
+            "it was written by an older version; re-run its training stage"
+        )
+    return ModelCard.from_dict(checkpoint), checkpoint["model"]
+
+
 def save_torch_file(path: Path, data: dict) -> None:
     """``torch.save`` that leaves the old file, or none, if it is interrupted, and writes the same bytes for
     the same data: saved to a file, torch names the archive's inner folder after the (temporary) file."""
@@ -84,38 +97,6 @@ def save_torch_file(path: Path, data: dict) -> None:
         tmp.write_bytes(buffer.getvalue())
 
 
-def save_checkpoint(
-    path: Path,
-    state: dict,
-    *,
-    run: str,
-    mode: str,
-    arch: str,
-    weights: str,
-    classes: list[str],
-    head: str,
-    preprocessing: dict,
-    cache_size: int,
-    eval_image_size: int,
-    channels_last: bool,
-    config: dict,
-    **extra,
-) -> None:
-    """A trained model with everything needed to use it: architecture, classes, preprocessing, how it was
-    made."""
-    checkpoint = {
-        "model": state,
-        "run": run,
-        "mode": mode,
-        "arch": arch,
-        "weights": weights,
-        "classes": classes,
-        "head": head,  # the classifier's module name
-        "preprocessing": preprocessing,  # models.Preprocessing.as_dict()
-        "cache_size": cache_size,  # images were decoded to this square size before the evaluation crop
-        "eval_image_size": eval_image_size,
-        "channels_last": channels_last,
-        "config": config,  # the run's settings (its params section)
-        **extra,
-    }
-    save_torch_file(path, checkpoint)
+def write_model(path: Path, card: ModelCard, state: dict) -> None:
+    """A trained model file: the weights ``state`` and everything needed to use them (``card``)."""
+    save_torch_file(path, card.as_dict(state))

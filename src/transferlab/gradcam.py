@@ -2,7 +2,8 @@
 layer.
 
 Works for torchvision and timm models alike: the default layer is the last one whose output still has a
-spatial grid (ResNet ``layer4``, EfficientNet ``bn2`` / ``features``), found by running the model once.
+spatial grid (ResNet ``layer4``, EfficientNet ``bn2`` / ``features``), found by running the model once. The
+work of the ``gradcam`` stage (``stages/gradcam.py``) and of ``transferlab gradcam`` and ``feature-maps``.
 """
 
 from __future__ import annotations
@@ -14,8 +15,12 @@ import torch
 from captum.attr import LayerActivation, LayerAttribution, LayerGradCam
 from torch import nn
 
+from . import cores
+from .config import MODELS, RuntimeConfig
+from .device import resolve_device
 from .errors import ModelError
 from .figures import plt, save_figure
+from .paths import checkpoint_path
 from .trained_model import TrainedModel
 
 
@@ -47,13 +52,13 @@ def last_spatial_layer(model: nn.Module, image_size: int) -> str:
 
 def find_layer(trained: TrainedModel, name: str | None) -> tuple[str, nn.Module]:
     """The layer called ``name`` (dotted module path), or the last spatial one."""
-    name = name or last_spatial_layer(trained.model, trained.image_size)
+    name = name or last_spatial_layer(trained.model, trained.card.eval_image_size)
     try:
         return name, trained.model.get_submodule(name)
     except AttributeError:
         top = ", ".join(n for n, _ in trained.model.named_children())
         raise ModelError(
-            f"layer {name!r} is not a module of {trained.arch} "
+            f"layer {name!r} is not a module of {trained.card.arch} "
             f"(a dotted module path; top-level modules: {top})"
         ) from None
 
@@ -83,7 +88,7 @@ def gradcam(
             targets = model(inputs).argmax(1).tolist()
     cams = LayerGradCam(model, module).attribute(inputs, target=list(targets), relu_attributions=True)
     require_spatial(name, cams)
-    side = size or trained.image_size
+    side = size or trained.card.eval_image_size
     cams = LayerAttribution.interpolate(cams.detach().float(), (side, side), "bilinear")[:, 0]
     peak = cams.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
     return (cams / peak).cpu().numpy()
@@ -115,6 +120,36 @@ def display_images(trained: TrainedModel, images: np.ndarray, size: int) -> np.n
     return trained.crop(images, size).permute(0, 2, 3, 1).numpy()
 
 
+def plot_image_gradcam(
+    path: Path,
+    trained: TrainedModel,
+    image: np.ndarray,
+    title: str,
+    target: int,
+    probability: float,
+    layer: str | None = None,
+) -> None:
+    """The image (1 x S x S x 3) beside its Grad-CAM for class ``target`` (which the model gives
+    ``probability``), at 224 px."""
+    cam = gradcam(trained, image, [target], layer, size=224)[0]
+    shown = display_images(trained, image, 224)[0]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(7, 3.8))
+    show_overlay(left, shown, None, title)
+    show_overlay(right, shown, cam, f"Grad-CAM for {trained.card.classes[target]} ({probability:.1%})")
+    save_figure(fig, path)
+
+
+def plot_gradcam_of_models(
+    path: Path, images: np.ndarray, labels: np.ndarray, runtime: RuntimeConfig
+) -> None:
+    """The ``gradcam`` stage's panel: every model of the pipeline (``config.MODELS``), on the runtime's
+    threads and device."""
+    cores.use(runtime.threads)
+    device = resolve_device(runtime.device)
+    models = {run: TrainedModel.load(checkpoint_path(run), device) for run in MODELS}
+    plot_gradcam_panel(path, images, labels, models)
+
+
 def plot_gradcam_panel(
     path: Path, images: np.ndarray, labels: np.ndarray, models: dict[str, TrainedModel], size: int = 224
 ) -> None:
@@ -141,7 +176,7 @@ def plot_gradcam_panel(
         predictions = probs.argmax(1)
         cams = gradcam(trained, images, predictions.tolist(), size=size)
         for row, (label, predicted) in enumerate(zip(labels, predictions, strict=True)):
-            title = f"{run}: {trained.classes[predicted]} ({probs[row, predicted]:.0%})"
+            title = f"{run}: {trained.card.classes[predicted]} ({probs[row, predicted]:.0%})"
             show_overlay(
                 axes[row, column],
                 shown[row],

@@ -19,7 +19,8 @@ from torch import nn
 from tqdm import tqdm
 
 from . import cores
-from .inputs import Preprocessing, eval_batches, eval_resize, normalize
+from .inputs import eval_batches, eval_resize, normalize
+from .model_card import EvalInput
 from .models import without_head
 
 log = logging.getLogger("transferlab.inference")
@@ -86,17 +87,16 @@ def choose_runner(net: nn.Module, first: torch.Tensor, images: int, channels_las
 def predict_views(
     model: nn.Module,
     images: np.ndarray,
-    prep: Preprocessing,
-    image_size: int,
+    eval_input: EvalInput,
     batch_size: int,
-    channels_last: bool = True,
     desc: str = "predict",
+    *,
     inputs_of: nn.Module | None = None,
     flip: bool = False,
     fast: bool = True,
 ) -> torch.Tensor:
-    """Logits (views x N x classes, on the CPU) of the centre-cropped images at ``image_size``, computed where
-    the model is.
+    """Logits (views x N x classes, on the CPU) of the images as ``eval_input`` says, computed where the
+    model is.
 
     The views are the evaluation crop and, with ``flip``, its mirror image. With ``inputs_of`` (the classifier
     head), return what that module receives instead: the backbone's features. ``fast``: the fastest path that
@@ -110,13 +110,16 @@ def predict_views(
     model.eval()
     net = without_head(model, inputs_of) if inputs_of is not None else model
     device = next(net.parameters()).device
-    transform = eval_resize(image_size, prep, images.shape[1])
+    prep = eval_input.preprocessing
+    transform = eval_resize(eval_input.image_size, prep, images.shape[1])
     batches = (normalize(batch.to(device), prep) for batch in eval_batches(images, transform, batch_size))
     outputs, run, path = [], None, "eager"
     try:
         for batch in tqdm(batches, total=-(-len(images) // batch_size), desc=desc, leave=False):
             if run is None:
-                run, path = choose_runner(net, batch, len(images) * views if fast else 0, channels_last)
+                run, path = choose_runner(
+                    net, batch, len(images) * views if fast else 0, eval_input.channels_last
+                )
                 if fast:
                     log.info("%s: %d images on %s", desc, len(images), path)
             outputs.append(

@@ -110,11 +110,14 @@ def save_probe(
     channels_last: bool,
     **extra,
 ) -> None:
-    """The features network with the fitted head: a checkpoint like the trained models'
-    (torch imported here)."""
+    """The features network with the fitted head: a model file like the trained models', whose card
+    records ``extra`` (the chosen C, its validation accuracy) besides the features' layers (torch imported
+    here)."""
     import torch
 
-    from .checkpoint import load_torch_file, save_checkpoint
+    from .checkpoint import load_torch_file, write_model
+    from .inputs import Preprocessing
+    from .model_card import ModelCard
 
     network = load_torch_file(FEATURES_DIR / "network.pt")
     state = dict(network["model"])
@@ -122,23 +125,21 @@ def save_probe(
         torch.from_numpy(head.weight),
         torch.from_numpy(head.bias),
     )
-    save_checkpoint(
-        checkpoint_path(name),
-        state,
+    card = ModelCard(
         run=name,
         mode="linear_probe",
         arch=info["arch"],
         weights=info["weights"],
         classes=classes,
         head=network["head"],
-        preprocessing=network["preprocessing"],
+        preprocessing=Preprocessing.from_dict(network["preprocessing"]),
         cache_size=info["cache_size"],
         eval_image_size=info["image_size"],
         channels_last=channels_last,
         config={**dataclasses.asdict(cfg), "image_size": info["image_size"]},
-        layers=network["layers"],
-        **extra,
+        extra={"layers": network["layers"], **extra},
     )
+    write_model(checkpoint_path(name), card, state)
 
 
 def fit_probe(

@@ -9,6 +9,8 @@ monitored metric.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch.optim import lr_scheduler
 
@@ -52,23 +54,40 @@ def _main_schedule(optimizer, cfg: TrainConfig, steps_per_epoch: int, warmup: in
             epoch * steps_per_epoch - warmup for epoch in drop_epochs if epoch * steps_per_epoch > warmup
         ]
         return lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=cfg.gamma)
-    return lr_scheduler.ConstantLR(
-        optimizer, factor=1.0, total_iters=0
-    )  # constant, and plateau between its drops
+    # constant, and plateau between its drops
+    return lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+
+
+def _per_step_schedule(optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    """The recipe's schedule, after its linear warm-up if it has one."""
+    warmup = warmup_steps(cfg, steps_per_epoch)
+    per_step = _main_schedule(optimizer, cfg, steps_per_epoch, warmup)
+    if warmup > 0:
+        ramp = lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=warmup)
+        per_step = lr_scheduler.SequentialLR(optimizer, [ramp, per_step], milestones=[warmup])
+    return per_step
 
 
 class LrSchedule:
-    """The per-step schedule (after an optional linear warm-up) and, for ``plateau``, the per-epoch one."""
+    """The per-step schedule (after an optional linear warm-up) and, for ``plateau``, the per-epoch one; or
+    the learning-rate range test's sweep."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
-        warmup = warmup_steps(cfg, steps_per_epoch)
-        per_step = _main_schedule(optimizer, cfg, steps_per_epoch, warmup)
-        if warmup > 0:
-            ramp = lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=warmup)
-            per_step = lr_scheduler.SequentialLR(optimizer, [ramp, per_step], milestones=[warmup])
-        self.per_step = per_step
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        cfg: TrainConfig,
+        steps_per_epoch: int,
+        sweep: Sequence[float] | None = None,
+    ):
+        """``sweep``: the range test's learning rates, one per step, in place of the recipe's schedule: every
+        group's lr is its own starting value times ``sweep[step] / cfg.lr``, so the run's lr sweeps them."""
+        if sweep is None:
+            self.per_step = _per_step_schedule(optimizer, cfg, steps_per_epoch)
+        else:
+            last = len(sweep) - 1
+            self.per_step = lr_scheduler.LambdaLR(optimizer, lambda step: sweep[min(step, last)] / cfg.lr)
         self.plateau = None
-        if cfg.schedule == "plateau":
+        if cfg.schedule == "plateau" and sweep is None:
             mode = "max" if cfg.monitor == "val_acc" else "min"
             self.plateau = lr_scheduler.ReduceLROnPlateau(
                 optimizer, mode=mode, factor=cfg.gamma, patience=cfg.plateau_patience

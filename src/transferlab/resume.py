@@ -22,10 +22,11 @@ import torch
 import torchvision
 
 from .checkpoint import load_torch_file
-from .config import RuntimeConfig, TrainConfig
+from .distributed import World
 from .errors import ModelError
 from .fileio import atomic_path
 from .paths import PREPARED_DIR
+from .run import Run
 
 log = logging.getLogger("transferlab.resume")
 PACKAGE_DIR = Path(__file__).parent
@@ -64,17 +65,7 @@ class Progress:
         self.history.append(logged)
 
 
-def fingerprint(
-    run: str,
-    arch: str,
-    weights: str,
-    cfg: TrainConfig,
-    runtime: RuntimeConfig,
-    device: torch.device,
-    start_from: list[Path] = (),
-    processes: int = 1,
-    prepared_dir: Path = PREPARED_DIR,
-) -> str:
+def fingerprint(run: Run, world: World, start_from: list[Path] = ()) -> str:
     """Identifies what a run computes: params, data, code, library versions, device, ``start_from`` (the
     probe's head) and the number of data-parallel processes (all nodes).
 
@@ -83,27 +74,27 @@ def fingerprint(
     """
     digest = hashlib.sha256()
     for path in (
-        [prepared_dir / name for name in ("classes.json", "train.csv", "val.csv")]
+        [PREPARED_DIR / name for name in ("classes.json", "train.csv", "val.csv")]
         + sorted(PACKAGE_DIR.glob("*.py"))
         + list(start_from)
     ):
         digest.update(path.read_bytes())
     for name in ("train.npy", "val.npy"):
-        digest.update(str((prepared_dir / name).stat().st_size).encode())
-    weights_file = Path(weights)
+        digest.update(str((PREPARED_DIR / name).stat().st_size).encode())
+    weights_file = Path(run.weights)
     weights_id = (
-        [weights, weights_file.stat().st_size, weights_file.stat().st_mtime_ns]
+        [run.weights, weights_file.stat().st_size, weights_file.stat().st_mtime_ns]
         if weights_file.is_file()
-        else weights
+        else run.weights
     )
     payload = {
-        "run": run,
-        "arch": arch,
+        "run": run.name,
+        "arch": run.arch,
         "weights": weights_id,
-        "train": dataclasses.asdict(cfg),
-        "runtime": dataclasses.asdict(runtime),
-        "device": str(device),
-        "processes": processes,
+        "train": dataclasses.asdict(run.cfg),
+        "runtime": dataclasses.asdict(run.runtime),
+        "device": str(world.device),
+        "processes": world.size,
         "versions": [torch.__version__, torchvision.__version__, timm.__version__],
         "data_and_code": digest.hexdigest(),
     }

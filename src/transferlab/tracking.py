@@ -35,9 +35,8 @@ class TrainingLog:
             self.live = Live(str(staging), dvcyaml=False, save_dvc_exp=False)
             opening.callback(self.live.end)
             if self.tensorboard:
-                from torch.utils.tensorboard import (
-                    SummaryWriter,
-                )  # imports the tensorboard package: only when asked for
+                # imports the tensorboard package: only when asked for
+                from torch.utils.tensorboard import SummaryWriter
 
                 self.writer = SummaryWriter(str(staging / "tensorboard"))
                 opening.callback(self.writer.close)

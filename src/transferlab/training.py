@@ -22,8 +22,8 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -33,14 +33,15 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
-from . import cores, paths, resume
-from .checkpoint import read_checkpoint, save_checkpoint
-from .config import Params, RuntimeConfig, TrainConfig, load_params
-from .device import autocast, training_device
+from . import cores, resume
+from .checkpoint import read_checkpoint, write_model
+from .config import RuntimeConfig, TrainConfig, load_params
+from .device import autocast, autocast_dtype, training_device
 from .distributed import World, process_group
 from .errors import ConfigError, DivergedError, ModelError, UnlearnedError
 from .inference import predict_logits
 from .inputs import BatchAugmenter, Preprocessing, batch_slices, epoch_order
+from .model_card import EvalInput, ModelCard
 from .models import (
     build_model,
     freeze_layers,
@@ -51,6 +52,7 @@ from .models import (
 )
 from .optim import LrSchedule, build_optimizer
 from .paths import FEATURES_DIR, checkpoint_path, resume_path, train_dir
+from .run import Run
 from .splits import features_info, load_classes, load_features, load_split
 from .tracking import TrainingLog
 from .weight_space import CURVE_POINTS, cpu_copy, interpolate, moving_average
@@ -66,181 +68,102 @@ LEARNING_EPOCHS = 10
 KEEP_UNLEARNED_ENV = "TRANSFERLAB_KEEP_UNLEARNED"
 
 
-def fit(name: str, world: World | None = None, holdout: bool = False) -> dict:
-    """Train the run ``name`` (finetune or scratch); return the kept epoch and its validation accuracy (None
+def fit(model: str, world: World | None = None, holdout: bool = False) -> dict:
+    """Train ``model`` (finetune or scratch); return the kept epoch and its validation accuracy (None
     without validation).
 
     ``world``: this process's place in a data-parallel run (default: the only process, on ``runtime.device``).
-    ``holdout``: train the run's holdout twin (see :func:`paths.holdout`), which writes under its own name.
+    ``holdout``: train the model's holdout twin (see :func:`paths.holdout`), which writes under its own name.
     """
     started = time.perf_counter()
-    params = load_params()
-    cfg, arch = params.train_config(name, holdout), params.model.arch
+    run = Run.of(load_params(), model, holdout)
     # the thread count it comes to is part of the run: logged with its params, in its resume fingerprint
-    runtime = dataclasses.replace(
-        params.runtime, threads=cores.use(params.runtime.threads, world.size if world else 1)
-    )
-    out = paths.holdout(name) if holdout else name  # where the run writes
-    probe = paths.holdout("probe") if holdout else "probe"
-    weights = params.weights_for(name)
-    device, amp_dtype = training_device(runtime.device, runtime.precision)  # an unavailable one fails here
-    world = world or World(device=device)
+    run = run.with_runtime(threads=cores.use(run.runtime.threads, world.size if world else 1))
+    setup = assemble(run, world)
+    trainer = setup.trainer
+    start = cpu_copy(trainer.model) if run.cfg.mode != "scratch" else None  # one end of WiSE-FT's line
+    check = LearningCheck.begin(trainer, setup.batches, setup.labels, len(setup.classes))
+    loop = EpochLoop.begin(setup)
 
-    # data: the cached images of the train split (with train_on_val, train + val) and of the validation split
-    classes = load_classes()
-    data = training_data(cfg.train_on_val)
-    (train_images, train_labels), (_, val_labels) = data
-    if len(train_labels) < world.size:
-        raise ConfigError(
-            f"runtime.processes: {world.size} processes but {len(train_labels)} training images; "
-            "every process needs a share"
-        )
-    slices = batch_slices(len(train_labels), cfg.batch_size)
-
-    # the model, its optimizer and schedule, and where its batches come from
-    model, head_name, prep = initial_model(arch, weights, classes, cfg, params.features.layers, probe)
-    if world.rank:  # every process starts from the same weights (DDP checks) but draws its own augmentations
-        torch.manual_seed(cfg.seed + world.rank)
-    trainer = Trainer.create(model, head_name, cfg, runtime, len(slices), world, amp_dtype)
-    batches = training_batches(trainer, data, prep, arch, weights, len(classes))  # missing features fail here
-    start = cpu_copy(model) if cfg.mode != "scratch" else None  # one end of the interpolation (WiSE-FT)
-    check = LearningCheck.begin(trainer, batches, train_labels, len(classes))
-    generator = torch.Generator().manual_seed(cfg.seed)  # the same on every process: one order, sharded
-
-    # resume an interrupted run with the same fingerprint
-    start_from = [checkpoint_path(probe)] if cfg.init_head == "probe" else []  # the files the run starts from
-    if isinstance(batches, FeatureBatches):
-        start_from.append(FEATURES_DIR / "features.json")
-    fingerprint = resume.fingerprint(out, arch, weights, cfg, runtime, trainer.device, start_from, world.size)
-    state = world.from_main(resume.load_state(resume_path(out), fingerprint) if world.main else None)
-    progress, best, kept = resume.Progress(), BestEpoch(), None
-    if state is not None:
-        trainer.load_state_dict(state["trainer"])
-        generator.set_state(state["generator"])
-        resume.restore_rng(state["rng"][world.rank])
-        progress, best, kept = resume.Progress(**state["progress"]), BestEpoch(**state["best"]), state["kept"]
-        where = f"epoch {progress.epoch + 1}, step {progress.step}"
-        log.info("resuming %s from %s (%s)", out, where, resume_path(out))
-    described = {"run": out, "arch": arch, "weights": weights}
-    described |= dataclasses.asdict(cfg) | dataclasses.asdict(runtime)
-    header = {"fingerprint": fingerprint, "params": described}  # saved with each state
-
-    training_log = TrainingLog(train_dir(out), params.logging.tensorboard, active=world.main)
+    training_log = TrainingLog(train_dir(run.name), run.tensorboard, active=trainer.world.main)
     with training_log as live, resume.stop_requests() as stop_requested:
-        live.log_params(described)
-        live.log_images("train images (cached, before augmentation)", train_images[:16])
+        live.log_params(run.described())
+        live.log_images("train images (cached, before augmentation)", setup.images[:16])
         # the curves of the epochs done before an interruption, at their own steps
-        for logged in progress.history:
+        for logged in loop.progress.history:
             live.log_epoch(logged)
-        while progress.epoch < cfg.epochs and not best.stopped_early:
-            epoch_start = generator.get_state()
-            order = epoch_order(train_labels, generator, cfg.balanced_sampling)
-            description = f"{out} epoch {progress.epoch + 1}/{cfg.epochs}"
-            try:
-                finished = train_one_epoch(
-                    trainer, batches, order, slices, progress, stop_requested, description
-                )
-            except NonFiniteLoss:
-                raise divergence(name, out, cfg, progress, params) from None
-            if not finished:
-                save_resumable(resume_path(out), trainer, progress, best, kept, header, epoch_start)
-                where = f"epoch {progress.epoch + 1}, step {progress.step}"
-                raise SystemExit(f"stopped: {out} saved at {where}; run again to resume")
-            logged = progress.train_metrics()
-            if len(val_labels):
-                logged.update(validate(trainer.kept, batches, val_labels))
-            progress.end_epoch(logged)
-            if best.update(logged, cfg.monitor, progress.epoch, cfg.early_stopping_patience):
-                kept = cpu_copy(trainer.kept)
-            trainer.schedule.end_epoch(logged.get(cfg.monitor.replace("_", "/")))
-            shown = ", ".join(f"{key} {value:.4g}" for key, value in logged.items())
-            log.info("%s epoch %d: %s", out, progress.epoch, shown)
-            live.log_epoch(logged)
-            save_resumable(resume_path(out), trainer, progress, best, kept, header, generator.get_state())
-        chosen = {"val_acc": progress.history[best.epoch - 1].get("val/acc"), "epoch": best.epoch}
-
-        # WiSE-FT: the line from the starting weights to the last epoch's (a final fit's)
+        while loop.progress.epoch < run.cfg.epochs and not loop.best.stopped_early:
+            loop.train_epoch(live, stop_requested)
+        chosen = loop.chosen()
         if start is not None:
-            end, curve = cpu_copy(trainer.kept), []
-            if len(val_labels):
-                curve = interpolation_curve(trainer, batches, start, end, progress.history[-1], val_labels)
-                live.write_csv("interpolation.csv", ["interpolation", "val_acc", "val_loss"], curve)
-            if cfg.interpolation < 1:  # the mix replaces the best-epoch choice
-                kept = interpolate(start, end, cfg.interpolation)
-                val_acc = next((acc for weight, acc, _ in curve if weight == cfg.interpolation), None)
-                chosen = {"val_acc": val_acc, "epoch": progress.epoch}
+            chosen = loop.interpolate_from(start, live, chosen)
 
-        at_chance = check.judge(
-            out, kept, chosen["val_acc"], len(val_labels), progress, params.key(name, "lr")
-        )
-        if not world.main:
+        at_chance = check.judge(loop.kept, chosen["val_acc"], len(setup.val_labels), loop.progress.epoch)
+        if not trainer.world.main:
             return chosen
-        save_checkpoint(
-            checkpoint_path(out),
-            kept,
-            run=out,
-            mode=cfg.mode,
-            arch=arch,
-            weights=weights,
-            classes=classes,
-            head=head_name,
-            preprocessing=prep.as_dict(),
-            cache_size=train_images.shape[1],
-            eval_image_size=cfg.eval_image_size,
-            channels_last=runtime.channels_last,
-            config=dataclasses.asdict(cfg),
-            layers=read_layers(model),
-            at_chance=at_chance,
-            **chosen,
-        )
+        save_model(setup, loop.kept, chosen, at_chance)
         if chosen["val_acc"] is not None:
             live.summary["best/val_acc"] = chosen["val_acc"]
         live.summary["best/epoch"] = chosen["epoch"]
-        live.summary["epochs_run"] = progress.epoch
-        live.summary["threads"] = runtime.threads
+        live.summary["epochs_run"] = loop.progress.epoch
+        live.summary["threads"] = run.runtime.threads
         live.summary["wall_time_s"] = round(time.perf_counter() - started, 1)
-    resume_path(out).unlink(missing_ok=True)
+    resume_path(run.name).unlink(missing_ok=True)
     return chosen
 
 
-def train_one_epoch(
-    trainer: Trainer,
-    batches: Batches,
-    order: torch.Tensor,
-    slices: list[slice],
-    progress: resume.Progress,
-    stop_requested: Callable[[], bool],
-    description: str,
-) -> bool:
-    """Train on the epoch's batches from ``progress.step`` on (``order[s]`` for each slice ``s``); False when
-    a stop was requested (Ctrl-C) and the state is to be saved. Raises :class:`NonFiniteLoss`."""
-    if progress.step == 0:
-        progress.start_epoch({f"lr/{group['name']}": group["lr"] for group in trainer.optimizer.param_groups})
-    trainer.enter_train_mode()
-    world = trainer.world
-    with tqdm(
-        total=len(slices), initial=progress.step, desc=description, leave=False, disable=not world.main
-    ) as bar:
-        for batch in slices[progress.step :]:
-            progress.add_batch(*trainer.step(batches, order[batch]))
-            bar.update()
-            if progress.step % 10 == 0 or progress.step == len(slices):  # reading the sum waits for a GPU
-                loss = float(progress.loss_sum) / progress.seen
-                if not math.isfinite(loss):  # NaN and inf stay in the epoch's sum once there
-                    raise NonFiniteLoss
-                bar.set_postfix(loss=f"{loss:.3f}")
-            if world.stop_now(stop_requested(), progress.step, len(slices)):
-                return False
-    return True
+def train(model: str, holdout: bool = False) -> dict:
+    """Train in this process, as one of the data-parallel processes torchrun started or as the only one."""
+    run = Run.of(load_params(), model, holdout)
+    device, _ = training_device(run.runtime.device, run.runtime.precision)
+    with process_group(device, run.runtime.processes, run.cfg.batch_size, run.key("batch_size")) as world:
+        return fit(model, world, holdout)
 
 
-def validate(net: nn.Module, batches: ImageBatches | FeatureBatches, labels: np.ndarray) -> dict:
-    """``net``'s validation loss and accuracy."""
-    logits = batches.validate(net)
-    return {
-        "val/loss": nn.functional.cross_entropy(logits, torch.from_numpy(labels)).item(),
-        "val/acc": (logits.argmax(1).numpy() == labels).mean().item(),
-    }
+@dataclass
+class Assembly:
+    """A run made ready to train: its classes and data, its trainer, and where its batches come from."""
+
+    classes: list[str]
+    images: np.ndarray  # the training images (cached, uint8; with train_on_val, train + val)
+    labels: np.ndarray  # their labels
+    val_labels: np.ndarray  # the validation split's (none with train_on_val)
+    slices: list[slice]  # the steps of an epoch, as slices of its order
+    trainer: Trainer
+    batches: ImageBatches | FeatureBatches
+
+
+def assemble(run: Run, world: World | None = None, sweep: Sequence[float] | None = None) -> Assembly:
+    """The run's data, model, trainer and batches: what the training stages, the learning-rate range test
+    (``sweep``: its learning rates, one per step, in place of the recipe's schedule) and the benchmark train.
+
+    ``world``: this process's place in a data-parallel run (default: the only process, on ``runtime.device``).
+    """
+    world = world or single_process(run.runtime)
+    classes = load_classes()
+    data = training_data(run.cfg.train_on_val)
+    (images, labels), (_, val_labels) = data
+    if len(labels) < world.size:
+        raise ConfigError(
+            f"runtime.processes: {world.size} processes but {len(labels)} training images; "
+            "every process needs a share"
+        )
+    slices = batch_slices(len(labels), run.cfg.batch_size)
+    trainer = Trainer.create(run, classes, len(slices), world, sweep)
+    batches = training_batches(trainer, data, len(classes))  # missing features fail here
+    return Assembly(classes, images, labels, val_labels, slices, trainer, batches)
+
+
+def single_process(runtime: RuntimeConfig) -> World:
+    """The world of a run in this process only, on ``runtime.device`` (an unavailable one fails here)."""
+    device, _ = training_device(runtime.device, runtime.precision)
+    return World(device=device)
+
+
+def logged_metric(logged: dict, metric: str) -> float | None:
+    """A validation metric as the params name it (``val_acc``, ``val_loss``: ``train.monitor``) among an
+    epoch's logged metrics, where it is ``val/acc``, ``val/loss``; None without validation."""
+    return logged.get(metric.replace("_", "/"))
 
 
 class NonFiniteLoss(Exception):
@@ -259,9 +182,8 @@ class BestEpoch:
     def update(self, logged: dict, monitor: str, epoch: int, patience: int) -> bool:
         """Take the metrics of ``epoch``; True if it is the best so far (always, without a validation score).
         With ``patience`` > 0, ``stopped_early`` turns true after that many epochs without improvement."""
-        score = None
-        if "val/acc" in logged:
-            score = logged["val/acc"] if monitor == "val_acc" else -logged["val/loss"]
+        value = logged_metric(logged, monitor)
+        score = None if value is None else value if monitor == "val_acc" else -value
         if score is None or self.score is None or score > self.score:
             self.score, self.epoch, self.epochs_since = score, epoch, 0
             return True
@@ -270,72 +192,194 @@ class BestEpoch:
         return False
 
 
-def save_resumable(
-    path: Path,
-    trainer: Trainer,
-    progress: resume.Progress,
-    best: BestEpoch,
-    kept: dict | None,
-    header: dict,
-    generator_state: torch.Tensor,
-) -> None:
-    """Save to ``path`` what a resumed run needs: ``generator_state`` draws the current epoch's order again,
-    and every process's random state is gathered (an exact resume)."""
-    rng = trainer.world.gather(resume.rng_state(trainer.device))
-    if trainer.world.main:
-        state = {
-            "trainer": trainer.state_dict(),
-            "progress": dataclasses.asdict(progress),
-            "best": dataclasses.asdict(best),
-            "kept": kept,
-            "rng": rng,
-            "generator": generator_state,
-            **header,
-        }
-        resume.save_state(path, state)
+@dataclass
+class EpochLoop:
+    """A run's epochs and what carries over between them, saved after each one and on a stop, so that an
+    interrupted run resumes exactly (see ``resume.py``)."""
+
+    setup: Assembly
+    header: dict  # the run's fingerprint and params, saved with each state
+    generator: torch.Generator  # the epochs' orders: the same on every process (one order, sharded)
+    progress: resume.Progress = field(default_factory=resume.Progress)
+    best: BestEpoch = field(default_factory=BestEpoch)
+    kept: dict | None = None  # the weights to keep so far (a state dict on the CPU)
+
+    @classmethod
+    def begin(cls, setup: Assembly) -> EpochLoop:
+        """The loop from the first epoch, or where an interrupted run with the same fingerprint stopped."""
+        trainer, world = setup.trainer, setup.trainer.world
+        run = trainer.run
+        generator = torch.Generator().manual_seed(run.cfg.seed)
+        fingerprint = resume.fingerprint(run, world, starting_files(run, setup.batches))
+        loop = cls(setup, {"fingerprint": fingerprint, "params": run.described()}, generator)
+        state = world.from_main(resume.load_state(resume_path(run.name), fingerprint) if world.main else None)
+        if state is not None:
+            trainer.load_state_dict(state["trainer"])
+            generator.set_state(state["generator"])
+            resume.restore_rng(state["rng"][world.rank])
+            loop.progress, loop.best = resume.Progress(**state["progress"]), BestEpoch(**state["best"])
+            loop.kept = state["kept"]
+            log.info("resuming %s from %s (%s)", run.name, loop.where(), resume_path(run.name))
+        return loop
+
+    def where(self) -> str:
+        return f"epoch {self.progress.epoch + 1}, step {self.progress.step}"
+
+    def train_epoch(self, live: TrainingLog, stop_requested: Callable[[], bool]) -> None:
+        """Train the current epoch (from where a stopped run stopped), validate, log and save the state; on
+        a stop request (Ctrl-C), save the state mid-epoch and exit."""
+        trainer, batches, val_labels = self.setup.trainer, self.setup.batches, self.setup.val_labels
+        run, progress = trainer.run, self.progress
+        epoch_start = self.generator.get_state()
+        order = epoch_order(self.setup.labels, self.generator, run.cfg.balanced_sampling)
+        try:
+            finished = self.steps(order, stop_requested)
+        except NonFiniteLoss:
+            raise divergence(run, progress) from None
+        if not finished:
+            self.save(epoch_start)
+            raise SystemExit(f"stopped: {run.name} saved at {self.where()}; run again to resume")
+        logged = progress.train_metrics()
+        if len(val_labels):
+            logged.update(validate(trainer.kept, batches, val_labels))
+        progress.end_epoch(logged)
+        if self.best.update(logged, run.cfg.monitor, progress.epoch, run.cfg.early_stopping_patience):
+            self.kept = cpu_copy(trainer.kept)
+        trainer.schedule.end_epoch(logged_metric(logged, run.cfg.monitor))
+        shown = ", ".join(f"{key} {value:.4g}" for key, value in logged.items())
+        log.info("%s epoch %d: %s", run.name, progress.epoch, shown)
+        live.log_epoch(logged)
+        self.save(self.generator.get_state())
+
+    def steps(self, order: torch.Tensor, stop_requested: Callable[[], bool]) -> bool:
+        """Train on the epoch's batches from ``progress.step`` on (``order[s]`` for each slice ``s``); False
+        when a stop was requested (Ctrl-C) and the state is to be saved. Raises :class:`NonFiniteLoss`."""
+        trainer, slices, progress = self.setup.trainer, self.setup.slices, self.progress
+        if progress.step == 0:
+            progress.start_epoch(
+                {f"lr/{group['name']}": group["lr"] for group in trainer.optimizer.param_groups}
+            )
+        trainer.enter_train_mode()
+        world, run = trainer.world, trainer.run
+        description = f"{run.name} epoch {progress.epoch + 1}/{run.cfg.epochs}"
+        with tqdm(
+            total=len(slices), initial=progress.step, desc=description, leave=False, disable=not world.main
+        ) as bar:
+            for batch in slices[progress.step :]:
+                progress.add_batch(*trainer.step(self.setup.batches, order[batch]))
+                bar.update()
+                if progress.step % 10 == 0 or progress.step == len(slices):  # reading the sum waits for a GPU
+                    loss = float(progress.loss_sum) / progress.seen
+                    if not math.isfinite(loss):  # NaN and inf stay in the epoch's sum once there
+                        raise NonFiniteLoss
+                    bar.set_postfix(loss=f"{loss:.3f}")
+                if world.stop_now(stop_requested(), progress.step, len(slices)):
+                    return False
+        return True
+
+    def save(self, generator_state: torch.Tensor) -> None:
+        """Save what a resumed run needs: ``generator_state`` draws the current epoch's order again, and
+        every process's random state is gathered (an exact resume)."""
+        trainer = self.setup.trainer
+        rng = trainer.world.gather(resume.rng_state(trainer.device))
+        if trainer.world.main:
+            state = {
+                "trainer": trainer.state_dict(),
+                "progress": dataclasses.asdict(self.progress),
+                "best": dataclasses.asdict(self.best),
+                "kept": self.kept,
+                "rng": rng,
+                "generator": generator_state,
+                **self.header,
+            }
+            resume.save_state(resume_path(trainer.run.name), state)
+
+    def chosen(self) -> dict:
+        """The kept epoch and its validation accuracy (None without validation)."""
+        scores = self.progress.history[self.best.epoch - 1]
+        return {"val_acc": logged_metric(scores, "val_acc"), "epoch": self.best.epoch}
+
+    def interpolate_from(self, start: dict, live: TrainingLog, chosen: dict) -> dict:
+        """WiSE-FT: the line from the starting weights ``start`` to the last epoch's (a final fit's), its
+        validation curve written next to the run's; with ``interpolation`` < 1 their mix replaces the
+        ``chosen`` epoch as the weights kept."""
+        mix = self.setup.trainer.cfg.interpolation
+        end, curve = cpu_copy(self.setup.trainer.kept), []
+        if len(self.setup.val_labels):
+            curve = interpolation_curve(self.setup, start, end, self.progress.history[-1])
+            live.write_csv("interpolation.csv", ["interpolation", "val_acc", "val_loss"], curve)
+        if mix < 1:  # the mix replaces the best-epoch choice
+            self.kept = interpolate(start, end, mix)
+            val_acc = next((acc for weight, acc, _ in curve if weight == mix), None)
+            return {"val_acc": val_acc, "epoch": self.progress.epoch}
+        return chosen
+
+
+def starting_files(run: Run, batches: Batches) -> list[Path]:
+    """The files the run starts from besides the prepared data: the probe (LP-FT), the frozen features."""
+    files = [checkpoint_path(run.probe)] if run.cfg.init_head == "probe" else []
+    if isinstance(batches, FeatureBatches):
+        files.append(FEATURES_DIR / "features.json")
+    return files
+
+
+def save_model(setup: Assembly, kept: dict, chosen: dict, at_chance: bool) -> None:
+    """``data/models/<run>/model.pt``: the ``kept`` weights and the ``chosen`` epoch, with the model card."""
+    trainer = setup.trainer
+    run = trainer.run
+    card = ModelCard(
+        run=run.name,
+        mode=run.cfg.mode,
+        arch=run.arch,
+        weights=run.weights,
+        classes=setup.classes,
+        head=trainer.head_name,
+        preprocessing=trainer.prep,
+        cache_size=setup.images.shape[1],
+        eval_image_size=run.cfg.eval_image_size,
+        channels_last=run.runtime.channels_last,
+        config=dataclasses.asdict(run.cfg),
+        extra={"layers": read_layers(trainer.model), "at_chance": at_chance, **chosen},
+    )
+    write_model(checkpoint_path(run.name), card, kept)
+
+
+def validate(net: nn.Module, batches: ImageBatches | FeatureBatches, labels: np.ndarray) -> dict:
+    """``net``'s validation loss and accuracy."""
+    logits = batches.validate(net)
+    return {
+        "val/loss": nn.functional.cross_entropy(logits, torch.from_numpy(labels)).item(),
+        "val/acc": (logits.argmax(1).numpy() == labels).mean().item(),
+    }
 
 
 def interpolation_curve(
-    trainer: Trainer,
-    batches: ImageBatches | FeatureBatches,
-    start: dict,
-    end: dict,
-    end_scores: dict,
-    val_labels: np.ndarray,
+    setup: Assembly, start: dict, end: dict, end_scores: dict
 ) -> list[tuple[float, float, float]]:
     """(mixing weight, validation accuracy, loss) of the weights ``start + weight * (end - start)`` (WiSE-FT),
     at :data:`CURVE_POINTS` and the run's ``interpolation``: which mix of start and end validates best.
     ``end_scores``: the validation metrics of ``end`` (weight 1), measured during training."""
-    rows = []
+    trainer, rows = setup.trainer, []
     for weight in sorted({*CURVE_POINTS, trainer.cfg.interpolation}):
         if weight == 1:
             scores = end_scores
         else:
             trainer.kept.load_state_dict(interpolate(start, end, weight))
-            scores = validate(trainer.kept, batches, val_labels)
+            scores = validate(trainer.kept, setup.batches, setup.val_labels)
         rows.append((weight, scores["val/acc"], scores["val/loss"]))
         log.info("interpolation %.2f: validation accuracy %.4f", weight, scores["val/acc"])
     return rows
 
 
-def train(name: str, holdout: bool = False) -> dict:
-    """Train in this process, as one of the data-parallel processes torchrun started or as the only one."""
-    params = load_params()
-    runtime = params.runtime
-    device, _ = training_device(runtime.device, runtime.precision)
-    batch_size = params.train_config(name).batch_size
-    with process_group(device, runtime.processes, batch_size, params.key(name, "batch_size")) as world:
-        return fit(name, world, holdout)
-
-
 @dataclass
 class Trainer:
-    """A model made ready for one training mode, with its optimizer, schedule and loss: what a step needs."""
+    """A run's model made ready for its training mode, with its optimizer, schedule and loss: what a step
+    needs."""
 
-    cfg: TrainConfig
-    runtime: RuntimeConfig
+    run: Run
     model: nn.Module
     head_name: str
+    prep: Preprocessing
     frozen: list[str]  # modules of the frozen backbone layers
     optimizer: torch.optim.Optimizer
     schedule: LrSchedule
@@ -344,6 +388,10 @@ class Trainer:
     world: World
     amp_dtype: torch.dtype | None
     average: AveragedModel | None  # the moving average of the weights (ema_decay), updated every step
+
+    @property
+    def cfg(self) -> TrainConfig:
+        return self.run.cfg
 
     @property
     def device(self) -> torch.device:
@@ -361,38 +409,42 @@ class Trainer:
     @classmethod
     def create(
         cls,
-        model: nn.Module,
-        head_name: str,
-        cfg: TrainConfig,
-        runtime: RuntimeConfig,
+        run: Run,
+        classes: list[str],
         steps_per_epoch: int,
         world: World,
-        amp_dtype,
+        sweep: Sequence[float] | None = None,
     ) -> Trainer:
-        """``world`` from :func:`process_group`, ``amp_dtype`` from :func:`training_device`."""
-        device = world.device
+        """The run's model before its first step (:func:`initial_model`), on ``world``'s device, and how it
+        trains; ``sweep``: see :func:`assemble`."""
+        cfg = run.cfg
+        model, head_name, prep = initial_model(run.arch, run.weights, classes, cfg, run.layers, run.probe)
+        if (
+            world.rank
+        ):  # every process starts from the same weights (DDP checks) but draws its own augmentations
+            torch.manual_seed(cfg.seed + world.rank)
         frozen = freeze_layers(model, head_name, cfg.frozen_layers)
         if cfg.mode == "feature_extract":
             model.requires_grad_(False)
             model.get_submodule(head_name).requires_grad_(True)
-        model.to(
-            device, memory_format=torch.channels_last if runtime.channels_last else torch.preserve_format
-        )
+        channels_last = run.runtime.channels_last
+        model.to(world.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
         average = moving_average(model, cfg.ema_decay) if cfg.ema_decay else None
         if average is not None:
             average.update_parameters(model)  # the average starts at the starting weights
         scale = None if cfg.mode == "scratch" else cfg.backbone_lr_scale
         groups = parameter_groups(model, head_name, cfg.lr, scale, cfg.weight_decay, cfg.decay_norm_and_bias)
         optimizer = build_optimizer(groups, cfg)
+        amp_dtype = autocast_dtype(run.runtime.precision, world.device)
         return cls(
-            cfg,
-            runtime,
+            run,
             model,
             head_name,
+            prep,
             frozen,
             optimizer,
-            LrSchedule(optimizer, cfg, steps_per_epoch),
-            torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
+            LrSchedule(optimizer, cfg, steps_per_epoch, sweep),
+            torch.amp.GradScaler(world.device.type, enabled=amp_dtype == torch.float16),
             nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
             world,
             amp_dtype,
@@ -470,11 +522,13 @@ class ImageBatches:
     records only the head: the frozen body costs one forward pass per batch.
     """
 
-    def __init__(self, trainer: Trainer, data, prep: Preprocessing, num_classes: int):
+    def __init__(self, trainer: Trainer, data, num_classes: int):
         (self.images, self.labels), (self.val_images, _) = data
-        self.cfg, self.prep, self.world = trainer.cfg, prep, trainer.world
-        self.channels_last = trainer.runtime.channels_last
-        self.augment = BatchAugmenter(self.cfg, prep, num_classes, self.images.shape[1], self.channels_last)
+        self.cfg, self.prep, self.world = trainer.cfg, trainer.prep, trainer.world
+        self.channels_last = trainer.run.runtime.channels_last
+        self.augment = BatchAugmenter(
+            self.cfg, self.prep, num_classes, self.images.shape[1], self.channels_last
+        )
         network = self.world.wrap(trainer.model)
         self.network = torch.compile(network) if self.cfg.compile else network
 
@@ -498,7 +552,7 @@ class ImageBatches:
         size, batch_size = self.cfg.eval_image_size, self.cfg.batch_size * 2
         return self.world.map_rows(
             lambda rows: predict_logits(
-                net, rows, self.prep, size, batch_size, self.channels_last, description, fast=False
+                net, rows, EvalInput(self.prep, size, self.channels_last), batch_size, description, fast=False
             ),
             images,
         )
@@ -529,30 +583,27 @@ class FeatureBatches:
             return net.get_submodule(self.head_name)(features).float().cpu()
 
 
-def training_batches(
-    trainer: Trainer, data, prep: Preprocessing, arch: str, weights: str, num_classes: int
-) -> ImageBatches | FeatureBatches:
+def training_batches(trainer: Trainer, data, num_classes: int) -> ImageBatches | FeatureBatches:
     """The run's batches: the frozen features for feature_extract without augmentation, else the images."""
     cfg = trainer.cfg
     if cfg.mode == "feature_extract" and not cfg.augment:
         head = linear_head(trainer.model, trainer.head_name)
         (_, train_labels), (_, val_labels) = data
-        features = frozen_features(cfg, arch, weights, (len(train_labels), len(val_labels)))
+        features = frozen_features(trainer.run, (len(train_labels), len(val_labels)))
         if features[0].shape[1] != head.in_features:
             raise ModelError(
                 f"the frozen features have {features[0].shape[1]} dimensions, the head reads "
                 f"{head.in_features} (features.layers changed?): re-run the features stage"
             )
         return FeatureBatches(trainer, features, train_labels)
-    return ImageBatches(trainer, data, prep, num_classes)
+    return ImageBatches(trainer, data, num_classes)
 
 
-def frozen_features(
-    cfg: TrainConfig, arch: str, weights: str, counts: tuple[int, int]
-) -> tuple[torch.Tensor, torch.Tensor]:
+def frozen_features(run: Run, counts: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """The features stage's (train, validation) features of the centre crops, as this run splits them."""
+    cfg = run.cfg
     info = features_info()
-    if (info["arch"], info["weights"], info["image_size"]) != (arch, weights, cfg.image_size):
+    if (info["arch"], info["weights"], info["image_size"]) != (run.arch, run.weights, cfg.image_size):
         raise ModelError(
             f"the frozen features are of {info['arch']} (weights {info['weights']}) at "
             f"{info['image_size']} px, not of this run's model at {cfg.image_size} px: "
@@ -672,22 +723,15 @@ class LearningCheck:
             return None
         return int((logits.argmax(1).numpy() == self.labels).sum())
 
-    def judge(
-        self,
-        out: str,
-        kept: dict,
-        val_acc: float | None,
-        val_count: int,
-        progress: resume.Progress,
-        lr_key: str,
-    ) -> bool:
-        """Whether the model ``kept`` (a state dict) ended at chance; raises when that is a failure."""
+    def judge(self, kept: dict, val_acc: float | None, val_count: int, epochs: int) -> bool:
+        """Whether the model ``kept`` (a state dict), trained ``epochs`` epochs, ended at chance; raises when
+        that is a failure."""
         finite = all(torch.isfinite(v).all() for v in kept.values() if v.is_floating_point())
         self.trainer.kept.load_state_dict(kept)
         correct = self.correct() if finite else None
         total = len(self.indices)
         if correct is None:
-            return self.fail(out, "its weights or outputs are not finite", lr_key)
+            return self.fail("its weights or outputs are not finite")
         on_train = at_chance(correct, total, self.classes)
         on_val = val_acc is not None and at_chance(round(val_acc * val_count), val_count, self.classes)
         if not (on_train or on_val):
@@ -696,47 +740,47 @@ class LearningCheck:
         accuracy = 100 * (correct / total if on_train else val_acc)
         reason = f"it ended at chance on {where} ({accuracy:.1f} % as saved"
         if self.started_above:
-            return self.fail(out, f"{reason}, after starting above it: it unlearned)", lr_key)
-        if progress.epoch >= LEARNING_EPOCHS:
-            return self.fail(out, f"{reason}, after {progress.epoch} epochs)", lr_key)
+            return self.fail(f"{reason}, after starting above it: it unlearned)")
+        if epochs >= LEARNING_EPOCHS:
+            return self.fail(f"{reason}, after {epochs} epochs)")
         log.warning(
             "%s %s after %d epoch(s): too short to tell whether it can learn; if it had the epochs, the "
             "learning rate is likely too high (%s; `transferlab lr-find` shows where the loss climbs)",
-            out,
+            self.trainer.run.name,
             reason + ")",
-            progress.epoch,
-            lr_key,
+            epochs,
+            self.trainer.run.key("lr"),
         )
         return True
 
-    def fail(self, out: str, reason: str, lr_key: str) -> bool:
+    def fail(self, reason: str) -> bool:
         """Raise, unless the user asked to keep such a model (then it is recorded as at chance)."""
+        run = self.trainer.run
         if os.environ.get(KEEP_UNLEARNED_ENV) == "1":
             log.warning(
                 "%s did not learn: %s; kept anyway (%s=1), recorded as at chance",
-                out,
+                run.name,
                 reason,
                 KEEP_UNLEARNED_ENV,
             )
             return True
         raise UnlearnedError(
-            f"{out} did not learn: {reason}. Likely: the learning rate is too high ({lr_key}; `transferlab "
-            f"lr-find` shows where the loss climbs). No model was written; to keep it anyway, run with "
-            f"{KEEP_UNLEARNED_ENV}=1 (it is then recorded as at chance, and predict and evaluate say so)"
+            f"{run.name} did not learn: {reason}. Likely: the learning rate is too high ({run.key('lr')}; "
+            "`transferlab lr-find` shows where the loss climbs). No model was written; to keep it anyway, "
+            f"run with {KEEP_UNLEARNED_ENV}=1 (it is then recorded as at chance, and predict and evaluate "
+            "say so)"
         )
 
 
-def divergence(
-    run: str, out: str, cfg: TrainConfig, progress: resume.Progress, params: Params
-) -> DivergedError:
+def divergence(run: Run, progress: resume.Progress) -> DivergedError:
     """What to tell the user when the training loss stops being finite: the likely causes and the params to
     change."""
-    precision = params.runtime.precision
+    cfg, precision, lr_key = run.cfg, run.runtime.precision, run.key("lr")
     body = f", the pretrained layers at {cfg.lr * cfg.backbone_lr_scale:g}" if cfg.mode == "finetune" else ""
-    causes = f"the learning rate is too high ({params.key(run, 'lr')}: {cfg.lr:g}{body})"
+    causes = f"the learning rate is too high ({lr_key}: {cfg.lr:g}{body})"
     if precision != "fp32":
         causes += f", or {precision} arithmetic overflowed (runtime.precision: fp32 avoids it)"
-    state = resume_path(out)
+    state = resume_path(run.name)
     kept = (
         f"the resumable state saved before it is kept ({state}), for a re-run with the same params"
         if state.is_file()
@@ -744,8 +788,8 @@ def divergence(
     )
     loss = float(progress.loss_sum) / max(progress.seen, 1)
     return DivergedError(
-        f"{out} diverged: the training loss became {loss} in epoch {progress.epoch + 1}, by step "
-        f"{progress.step}. Likely: {causes}. Lower {params.key(run, 'lr')} "
-        f"(`transferlab lr-find {run}` shows where the loss climbs) and run again. "
+        f"{run.name} diverged: the training loss became {loss} in epoch {progress.epoch + 1}, by step "
+        f"{progress.step}. Likely: {causes}. Lower {lr_key} "
+        f"(`transferlab lr-find {run.model}` shows where the loss climbs) and run again. "
         f"No model was written; {kept}"
     )

@@ -38,9 +38,8 @@ def moving_average(model: nn.Module, decay: float) -> AveragedModel:
     ema = get_ema_multi_avg_fn(decay)
 
     def update(averaged: list[torch.Tensor], current: list[torch.Tensor], steps: torch.Tensor) -> None:
-        if averaged[
-            0
-        ].is_floating_point():  # torch groups the tensors by dtype: one group is all float or all integer
+        # torch groups the tensors by dtype: one group is all float or all integer
+        if averaged[0].is_floating_point():
             ema(averaged, current, steps)
         else:
             torch._foreach_copy_(averaged, current)

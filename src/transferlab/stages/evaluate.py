@@ -76,11 +76,11 @@ def write_confused_pairs(path: Path, labels: np.ndarray, predictions: np.ndarray
 def probe_probabilities(path: Path, labels: np.ndarray, classes: list[str], tta: str) -> np.ndarray:
     """The linear probe's test probabilities from the frozen test features: its head applied to them
     (torch to read it)."""
-    from ..checkpoint import read_checkpoint
+    from ..checkpoint import read_model
 
-    checkpoint, info = read_checkpoint(path), features_info()
-    check_classes(path, checkpoint["classes"], classes)
-    made_for = (checkpoint["arch"], checkpoint["weights"], checkpoint["eval_image_size"])
+    (card, state), info = read_model(path), features_info()
+    check_classes(path, card.classes, classes)
+    made_for = (card.arch, card.weights, card.eval_image_size)
     if made_for != (info["arch"], info["weights"], info["image_size"]) or info["images"]["test"] != len(
         labels
     ):
@@ -88,8 +88,8 @@ def probe_probabilities(path: Path, labels: np.ndarray, classes: list[str], tta:
             f"{path} and the frozen features do not belong together: "
             "re-run the features and train_probe stages (dvc repro)"
         )
-    weight = checkpoint["model"][f"{checkpoint['head']}.weight"].numpy().astype(np.float64)
-    bias = checkpoint["model"][f"{checkpoint['head']}.bias"].numpy().astype(np.float64)
+    weight = state[f"{card.head}.weight"].numpy().astype(np.float64)
+    bias = state[f"{card.head}.bias"].numpy().astype(np.float64)
     views = np.asarray(load_features("test"), dtype=np.float64)
     logits = (
         views[:2].mean(0) if tta == "flip" else views[0]
@@ -111,10 +111,10 @@ def model_probabilities(
     from ..trained_model import TrainedModel
 
     trained = TrainedModel.load(path, resolve_device(device))
-    check_classes(path, trained.classes, classes)
+    check_classes(path, trained.card.classes, classes)
     return trained.probabilities(
         images, cfg.batch_size, f"test {path.parent.name}", cfg.tta
-    ), trained.at_chance
+    ), trained.card.at_chance
 
 
 def write_results(

@@ -16,35 +16,36 @@ import argparse
 import logging
 import os
 
-from ..config import TRAINED_MODELS, Params, load_params
+from ..config import TRAINED_MODELS, load_params
 from ..entrypoint import run_stage
 from ..paths import holdout as holdout_name
+from ..run import Run
 
 log = logging.getLogger("transferlab.stages.train")
 
 
-def plan(model: str, params: Params, holdout: bool = False) -> str:
-    cfg = params.train_config(model, holdout)
+def plan(run: Run) -> str:
+    cfg = run.cfg
     body = f", body at {cfg.lr * cfg.backbone_lr_scale:g}" if cfg.mode == "finetune" else ""
     start = " from the linear probe's head" if cfg.init_head == "probe" else ""
     data = "train + val images" if cfg.train_on_val else "train images, validating every epoch"
-    name = holdout_name(model) if holdout else model
-    network = f"{params.model.arch}{start} (weights {params.weights_for(model)})"
+    network = f"{run.arch}{start} (weights {run.weights})"
     recipe = f"{cfg.epochs} epochs at {cfg.image_size} px, lr {cfg.lr:g}{body}"
-    return f"{name}: {cfg.mode} {network}, {recipe}, on the {data}"
+    return f"{run.name}: {cfg.mode} {network}, {recipe}, on the {data}"
 
 
 def start(model: str, holdout: bool) -> None:
     """Train in this process, or with ``runtime.processes`` > 1 start the data-parallel processes that
     will."""
-    params = load_params()  # bad params fail here, before anything is imported or started
+    # bad params fail here, before anything is imported or started
+    run = Run.of(load_params(), model, holdout)
     if os.environ.get("RANK", "0") == "0":  # one of the data-parallel processes says it
-        log.info("%s", plan(model, params, holdout))
+        log.info("%s", plan(run))
     from ..distributed import launch, launched_by_torchrun  # torch: imported once the plan is shown
 
-    if params.runtime.processes > 1 and not launched_by_torchrun():
+    if run.runtime.processes > 1 and not launched_by_torchrun():
         status = launch(
-            params.runtime.processes, "transferlab.stages.train", [model, *(["--holdout"] if holdout else [])]
+            run.runtime.processes, "transferlab.stages.train", [model, *(["--holdout"] if holdout else [])]
         )
         if status:
             raise SystemExit(f"train {model}: the data-parallel run failed (exit code {status})")
@@ -56,8 +57,8 @@ def start(model: str, holdout: bool) -> None:
 
 def batch_setting(model: str) -> tuple[str, int]:
     """The run's batch size and its params key (``train.batch_size`` or ``scratch.batch_size``)."""
-    params = load_params()
-    return params.key(model, "batch_size"), params.train_config(model).batch_size
+    run = Run.of(load_params(), model)
+    return run.key("batch_size"), run.cfg.batch_size
 
 
 def main(argv: list[str] | None = None) -> None:

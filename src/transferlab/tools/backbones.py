@@ -47,6 +47,7 @@ from ..fileio import read_json, write_csv, write_json, write_text
 from ..inference import choose_runner, predict_views
 from ..inputs import check_cache
 from ..linear_probe import as_samples, choose_c, fit_head, scored
+from ..model_card import EvalInput
 from ..models import build_model, native_size, tap_candidates, with_layers
 from ..paths import FEATURES_REPORT, evaluation_dir, holdout, train_dir
 from ..splits import SPLITS, load_classes, load_split
@@ -127,8 +128,10 @@ def pooled_features(arch: str, size: int, channels_last: bool, classes: int) -> 
     for split in SPLITS:
         images, _ = load_split(split)
         check_cache(size, prep, images.shape[1])
+        eval_input = EvalInput(prep, size, channels_last)
+        description = f"{arch} {size} px {split}"
         features[split] = predict_views(
-            net, images, prep, size, BATCH, channels_last, f"{arch} {size} px {split}", net.head, flip=True
+            net, images, eval_input, BATCH, description, inputs_of=net.head, flip=True
         ).numpy()
     facts = {"parameters": parameters, "features_s": round(time.perf_counter() - started, 1), **timing}
     return features, [*zip(taps, net.dims[:-1], strict=True), ("head", net.dims[-1])], facts

@@ -52,13 +52,14 @@ from torchvision.transforms import InterpolationMode, v2
 from .. import cores
 from ..config import RuntimeConfig, TrainConfig, load_params, read_yaml
 from ..device import training_device
-from ..distributed import World
 from ..fileio import write_json
 from ..inference import onnx_runner, predict_logits, predict_views
 from ..inputs import Preprocessing, batch_slices, epoch_order, eval_batches, eval_resize, normalize
+from ..model_card import EvalInput
 from ..models import build_model
+from ..run import Run
 from ..splits import SPLITS, load_classes, load_split
-from ..training import Batches, ImageBatches, Trainer
+from ..training import Batches, ImageBatches, Trainer, single_process
 
 log = logging.getLogger("transferlab.tools.benchmark")
 WARMUP_STEPS = 2  # untimed first steps: one-off allocations and, with torch.compile, the compilation
@@ -76,26 +77,28 @@ def synchronize(device: torch.device) -> None:
 
 @dataclass(frozen=True)
 class Setup:
-    """What the measurements share: the model, the training recipe, where it runs."""
+    """What the measurements share: the run (the model, the training recipe, where it runs), the classes."""
 
-    arch: str
-    weights: str
-    cfg: TrainConfig
-    runtime: RuntimeConfig
-    num_classes: int
+    run: Run
+    classes: list[str]
 
-    def trainer(self, steps_per_epoch: int, cfg: TrainConfig | None = None) -> tuple[Trainer, Preprocessing]:
-        cfg = cfg or self.cfg
-        torch.manual_seed(cfg.seed)
-        model, head, prep = build_model(self.arch, self.weights, self.num_classes)
-        device, amp_dtype = training_device(self.runtime.device, self.runtime.precision)
-        world = World(device=device)
-        return Trainer.create(model, head, cfg, self.runtime, steps_per_epoch, world, amp_dtype), prep
+    @property
+    def cfg(self) -> TrainConfig:
+        return self.run.cfg
+
+    @property
+    def runtime(self) -> RuntimeConfig:
+        return self.run.runtime
+
+    def trainer(self, steps_per_epoch: int, run: Run | None = None) -> Trainer:
+        """A trainer of the run (or of ``run``, a variant of it), as the training stages make theirs."""
+        run = run or self.run
+        return Trainer.create(run, self.classes, steps_per_epoch, single_process(run.runtime))
 
     def network(self, channels_last: bool) -> tuple[torch.nn.Module, torch.nn.Module, Preprocessing]:
         """(model in eval mode on the device, its classifier head, preprocessing)."""
         torch.manual_seed(self.cfg.seed)
-        model, head, prep = build_model(self.arch, self.weights, self.num_classes)
+        model, head, prep = build_model(self.run.arch, self.run.weights, len(self.classes))
         device, _ = training_device(self.runtime.device, self.runtime.precision)
         model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format).eval()
         return model, model.get_submodule(head), prep
@@ -139,29 +142,30 @@ def step_indices(labels: np.ndarray, batch_size: int, count: int) -> list[torch.
 
 def compute_bound(setup: Setup, steps: int) -> dict:
     cfg = setup.cfg
-    trainer, _ = setup.trainer(steps)
+    trainer = setup.trainer(steps)
     batch = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=trainer.device)
     if setup.runtime.channels_last:
         batch = batch.contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(0, setup.num_classes, (cfg.batch_size,), device=trainer.device)
+    labels = torch.randint(0, len(setup.classes), (cfg.batch_size,), device=trainer.device)
     same_batch = StreamedBatches(trainer.model, itertools.repeat((batch, labels)))
     _, img_s = timed_steps(trainer, same_batch, [torch.arange(cfg.batch_size)] * (steps + WARMUP_STEPS))
     return {"compute_only_img_s": round(img_s, 2)}
 
 
-def cached_pipeline(setup: Setup, data, steps: int, cfg: TrainConfig | None = None) -> tuple[float, float]:
-    """(seconds of the first steps, images per second after them): ``steps`` timed steps, as in training."""
-    cfg = cfg or setup.cfg
+def cached_pipeline(setup: Setup, data, steps: int, run: Run | None = None) -> tuple[float, float]:
+    """(seconds of the first steps, images per second after them): ``steps`` timed steps, as in training
+    (of the setup's run, or of ``run``)."""
+    cfg = (run or setup.run).cfg
     (_, labels), _ = data
-    trainer, prep = setup.trainer(len(batch_slices(len(labels), cfg.batch_size)), cfg)
-    batches = ImageBatches(trainer, data, prep, setup.num_classes)
+    trainer = setup.trainer(len(batch_slices(len(labels), cfg.batch_size)), run)
+    batches = ImageBatches(trainer, data, len(setup.classes))
     return timed_steps(trainer, batches, step_indices(labels, cfg.batch_size, steps + WARMUP_STEPS))
 
 
 def compile_speed(setup: Setup, data, steps: int) -> dict:
     """Eager and compiled training steps, and how many images a run must train on for a compilation to pay."""
-    cfgs = (dataclasses.replace(setup.cfg, compile=compiled) for compiled in (False, True))
-    (eager_first, eager), (compiled_first, compiled) = [cached_pipeline(setup, data, steps, c) for c in cfgs]
+    runs = (setup.run.with_recipe(compile=compiled) for compiled in (False, True))
+    (eager_first, eager), (compiled_first, compiled) = [cached_pipeline(setup, data, steps, r) for r in runs]
     saved_per_image = 1 / eager - 1 / compiled
     extra = max(compiled_first - eager_first, 0)
     break_even = round(extra / saved_per_image) if saved_per_image > 0 else None
@@ -191,7 +195,8 @@ class ImageFolderWithout(datasets.ImageFolder):
 def jpeg_baseline(setup: Setup, folder: Path, steps: int, workers: int) -> dict:
     """The way the seeds train: decode and transform each JPEG in DataLoader workers, every epoch."""
     cfg, channels_last = setup.cfg, setup.runtime.channels_last
-    trainer, prep = setup.trainer(1)
+    trainer = setup.trainer(1)
+    prep = trainer.prep
     interpolation = InterpolationMode(prep.interpolation)
     transform = v2.Compose(
         [
@@ -222,7 +227,9 @@ def evaluation(setup: Setup, images: np.ndarray, image_size: int, batch_size: in
     """The evaluate stage's path (on a CPU, ONNX Runtime from 256 images on, its export included)."""
     model, _, prep = setup.network(setup.runtime.channels_last)
     started = time.perf_counter()
-    predict_logits(model, images, prep, image_size, batch_size, setup.runtime.channels_last, "eval")
+    predict_logits(
+        model, images, EvalInput(prep, image_size, setup.runtime.channels_last), batch_size, "eval"
+    )
     synchronize(next(model.parameters()).device)
     return {"eval_img_s": round(len(images) / (time.perf_counter() - started), 2)}
 
@@ -233,7 +240,8 @@ def features_pass(setup: Setup, splits: list[np.ndarray], image_size: int, batch
     model, head, prep = setup.network(channels_last)
     started = time.perf_counter()
     for images in splits:
-        predict_views(model, images, prep, image_size, batch_size, channels_last, "features", head, flip=True)
+        eval_input = EvalInput(prep, image_size, channels_last)
+        predict_views(model, images, eval_input, batch_size, "features", inputs_of=head, flip=True)
     synchronize(next(model.parameters()).device)
     seconds = time.perf_counter() - started
     return {"features_wall_s": round(seconds, 2), "features_img_s": round(sum(map(len, splits)) / seconds, 2)}
@@ -279,20 +287,30 @@ def inference_paths(setup: Setup, images: np.ndarray, image_size: int, batch_siz
     return figures
 
 
-def throughput(args: argparse.Namespace) -> dict:
-    # params.yaml's fine-tuning recipe, every layer trained, eager: the speed of a training step as such
+def benchmark_setup(args: argparse.Namespace) -> Setup:
+    """params.yaml's fine-tuning recipe at the benchmark's sizes, from a fresh head, every layer trained,
+    eager: the speed of a training step as such."""
     params = load_params()
+    cfg = dataclasses.replace(
+        params.train,
+        image_size=args.image_size,
+        eval_image_size=args.eval_image_size,
+        batch_size=args.batch_size,
+        init_head="random",
+        frozen_layers=0,
+        compile=False,
+        ema_decay=0.0,
+    )
     runtime = dataclasses.replace(params.runtime, device=args.device)
-    sizes = {
-        "image_size": args.image_size,
-        "eval_image_size": args.eval_image_size,
-        "batch_size": args.batch_size,
-    }
-    cfg = dataclasses.replace(params.train, **sizes, frozen_layers=0, compile=False, ema_decay=0.0)
-    setup = Setup(args.arch, args.weights, cfg, runtime, len(load_classes()))
+    run = Run("finetune", "benchmark", cfg, args.arch, args.weights, runtime)
+    return Setup(run, load_classes())
+
+
+def throughput(args: argparse.Namespace) -> dict:
+    setup = benchmark_setup(args)
     data = (load_split("train"), load_split("val"))
-    device, _ = training_device(runtime.device, runtime.precision)
-    steps = args.max_steps or len(batch_slices(len(data[0][1]), cfg.batch_size))  # default: an epoch
+    device, _ = training_device(setup.runtime.device, setup.runtime.precision)
+    steps = args.max_steps or len(batch_slices(len(data[0][1]), setup.cfg.batch_size))  # default: an epoch
     eval_size, eval_batch = args.eval_image_size, args.eval_batch_size
     images = {split: load_split(split)[0] for split in SPLITS}
     results = {
@@ -337,6 +355,7 @@ class GridError(RuntimeError):
 
 NO_WORKER = "Worker status: 0 active, 0 idle"
 QUEUE_LRS = "0.001,0.002,0.005,0.01"  # the queued grid's four points (train.lr)
+LP_FT = ["train_finetune", "-S", "probe.train_on_val=false"]  # a validation grid point of LP-FT
 
 
 @dataclass
@@ -463,22 +482,10 @@ def grid(args: argparse.Namespace) -> dict:
     and the grid get a fresh seed, so that the run cache, shared with the project, never answers for a run.
     ``--grid-threads N`` sets ``runtime.threads`` for the grid (default: params.yaml's).
     """
-    toplevel = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True)
-    if toplevel.returncode:
-        raise GridError("--grid clones the project: run it inside the project's git repository")
-    project = Path(toplevel.stdout.strip())
+    project = project_root()
     nonce = int(time.time())  # the runs' seeds and names: nonce, nonce + 1, nonce + 2
-    size = args.grid_image_size
-
-    def recipe(section: str, seed: int) -> list[str]:
-        values = {"train_on_val": "false", "epochs": args.grid_epochs, "seed": seed}
-        values.update({"image_size": size, "eval_image_size": size} if size else {})
-        return [arg for key, value in values.items() for arg in ("-S", f"{section}.{key}={value}")]
-
-    lp_ft = ["train_finetune", "-S", "probe.train_on_val=false"]
-    probe_c = ["-S", f"probe.C=[{args.probe_c}]"]
     results = {"project": str(project), "cores": cores.available_cores(), "grid_epochs": args.grid_epochs}
-    results["grid_image_size"] = size or "params.yaml's"
+    results["grid_image_size"] = args.grid_image_size or "params.yaml's"
     with tempfile.TemporaryDirectory(prefix="transferlab-grid-", ignore_cleanup_errors=True) as tmp:
         started = time.perf_counter()
         clone = clone_project(project, Path(tmp) / "project")
@@ -488,41 +495,75 @@ def grid(args: argparse.Namespace) -> dict:
                 clone.run("git", "add", "-A")
                 clone.run("git", "commit", "-qm", "benchmark baseline")
             results["setup_s"] = round(time.perf_counter() - started, 1)
-
-            wall, out = clone.timed("exp", "run", "train_probe", "-n", f"bench-probe-{nonce}", *probe_c)
-            if "train_probe" not in stages_run(out):
-                ran_before = f"train_probe came from the run cache ({probe_c[1]} ran before)"
-                raise GridError(f"{ran_before}: use another --probe-c")
-            results["probe_exp_wall_s"] = round(wall, 1)
-            clone.restore_baseline()
-            finetune = [*lp_ft, "-n", f"bench-finetune-{nonce}", *recipe("train", nonce)]
-            wall, out = clone.timed("exp", "run", *finetune)
-            results["finetune_exp_wall_s"] = round(wall, 1)
-            results["finetune_exp_stages"] = " + ".join(stages_run(out))
-            clone.restore_baseline()
-            scratch = ["train_scratch", "-n", f"bench-scratch-{nonce}", *recipe("scratch", nonce)]
-            results["scratch_exp_wall_s"] = round(clone.timed("exp", "run", *scratch)[0], 1)
-            clone.restore_baseline()
-
-            threads = ["-S", f"runtime.threads={args.grid_threads}"] if args.grid_threads is not None else []
-            for workers in (1, 2):
-                twin = ["-S", f"logging.tensorboard={'true' if workers == 2 else 'false'}"]
-                points = [*lp_ft, "-S", f"train.lr={QUEUE_LRS}", *recipe("train", nonce + 3), *threads, *twin]
-                enqueue_s, _ = clone.timed("exp", "run", "--queue", *points)
-                results[f"queue_j{workers}_enqueue_s"] = round(enqueue_s, 1)
-                results[f"queue_j{workers}_wall_s"] = round(clone.run_queue(workers), 1)
+            results.update(single_experiments(clone, args, nonce))
+            results.update(queued_grid(clone, args, nonce + 3))
             shown = json.loads(clone.dvc("exp", "show", "--json"))
         finally:
             if clone.workers:  # none may outlive the clone
                 with contextlib.suppress(GridError):
                     clone.stop_workers()
+    results.update(training_figures(shown, nonce, results))
+    return results
 
+
+def project_root() -> Path:
+    toplevel = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True)
+    if toplevel.returncode:
+        raise GridError("--grid clones the project: run it inside the project's git repository")
+    return Path(toplevel.stdout.strip())
+
+
+def recipe(args: argparse.Namespace, section: str, seed: int) -> list[str]:
+    """The ``-S`` options of a grid run's recipe: on the train split, ``--grid-epochs``, ``seed``."""
+    size = args.grid_image_size
+    values = {"train_on_val": "false", "epochs": args.grid_epochs, "seed": seed}
+    values.update({"image_size": size, "eval_image_size": size} if size else {})
+    return [arg for key, value in values.items() for arg in ("-S", f"{section}.{key}={value}")]
+
+
+def single_experiments(clone: Workspace, args: argparse.Namespace, seed: int) -> dict:
+    """(a) to (c) of :func:`grid`: their wall times (each from the baseline, with ``seed``)."""
+    probe_c = ["-S", f"probe.C=[{args.probe_c}]"]
+    wall, out = clone.timed("exp", "run", "train_probe", "-n", f"bench-probe-{seed}", *probe_c)
+    if "train_probe" not in stages_run(out):
+        ran_before = f"train_probe came from the run cache ({probe_c[1]} ran before)"
+        raise GridError(f"{ran_before}: use another --probe-c")
+    results = {"probe_exp_wall_s": round(wall, 1)}
+    clone.restore_baseline()
+    finetune = [*LP_FT, "-n", f"bench-finetune-{seed}", *recipe(args, "train", seed)]
+    wall, out = clone.timed("exp", "run", *finetune)
+    results["finetune_exp_wall_s"] = round(wall, 1)
+    results["finetune_exp_stages"] = " + ".join(stages_run(out))
+    clone.restore_baseline()
+    scratch = ["train_scratch", "-n", f"bench-scratch-{seed}", *recipe(args, "scratch", seed)]
+    results["scratch_exp_wall_s"] = round(clone.timed("exp", "run", *scratch)[0], 1)
+    clone.restore_baseline()
+    return results
+
+
+def queued_grid(clone: Workspace, args: argparse.Namespace, seed: int) -> dict:
+    """(d) of :func:`grid`: the time to queue the four points and to run them, with ``-j 1`` then ``-j 2``."""
+    threads = ["-S", f"runtime.threads={args.grid_threads}"] if args.grid_threads is not None else []
+    results = {}
+    for workers in (1, 2):
+        twin = ["-S", f"logging.tensorboard={'true' if workers == 2 else 'false'}"]
+        points = [*LP_FT, "-S", f"train.lr={QUEUE_LRS}", *recipe(args, "train", seed), *threads, *twin]
+        enqueue_s, _ = clone.timed("exp", "run", "--queue", *points)
+        results[f"queue_j{workers}_enqueue_s"] = round(enqueue_s, 1)
+        results[f"queue_j{workers}_wall_s"] = round(clone.run_queue(workers), 1)
+    return results
+
+
+def training_figures(shown: list, nonce: int, walls: dict) -> dict:
+    """From ``dvc exp show --json``: each experiment's training time and overhead (its wall time in
+    ``walls`` less its training), and the queued grid's points, training times, threads and twins."""
     experiments = [e["revs"][0] for commit in shown for e in commit.get("experiments") or []]
     named = {e["name"]: e for e in experiments}
+    results = {}
     for run in ("probe", "finetune", "scratch"):
         seconds = training_seconds(named[f"bench-{run}-{nonce}"], f"train_{run}")
         results[f"{run}_exp_training_s"] = seconds
-        results[f"{run}_exp_overhead_s"] = round(results[f"{run}_exp_wall_s"] - seconds, 1)
+        results[f"{run}_exp_overhead_s"] = round(walls[f"{run}_exp_wall_s"] - seconds, 1)
     grid_runs = {workers: grid_points(experiments, nonce + 3, workers == 2) for workers in (1, 2)}
     for workers, ran in grid_runs.items():
         results[f"queue_j{workers}_points"] = len(ran)
@@ -532,7 +573,7 @@ def grid(args: argparse.Namespace) -> dict:
     results["queue_j2_equal_to_j1_twin"] = sum(
         summary(twin) == summary(grid_runs[1].get(lr)) for lr, twin in grid_runs[2].items()
     )
-    results["queue_j2_over_j1_wall"] = round(results["queue_j2_wall_s"] / results["queue_j1_wall_s"], 3)
+    results["queue_j2_over_j1_wall"] = round(walls["queue_j2_wall_s"] / walls["queue_j1_wall_s"], 3)
     return results
 
 

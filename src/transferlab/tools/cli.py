@@ -2,7 +2,7 @@
 
 transferlab predict IMAGE_OR_FOLDER... --model data/models/finetune/model.pt --topk 5 [--csv F] [--json F]
 transferlab gradcam IMAGE --model PATH [--class NAME] [--layer NAME] [--out gradcam.png]
-transferlab features IMAGE --model PATH [--layer NAME] [--count 16] [--out features.png]
+transferlab feature-maps IMAGE --model PATH [--layer NAME] [--count 16] [--out feature-maps.png]
 transferlab export --model PATH --format torchscript|onnx --out FILE [--check IMAGE_OR_FOLDER]
 transferlab experiments [--json SHOWN] [--all-commits] [--out metrics/experiments] [--only NAME ...] [--table]
 transferlab lr-find finetune|scratch [--steps 100] [--start 1e-5] [--end 1] [--seeds 3] [--out metrics/experiments/lr_find]
@@ -19,26 +19,48 @@ import logging
 import shlex
 import sys
 import typing
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
 from ..config import TRAINED_MODELS, TTA
 from ..entrypoint import run_stage
 from ..errors import ConfigError, DatasetError, ModelError
+from .predict import (
+    every_image,
+    find_images,
+    format_predictions,
+    predict,
+    read_images,
+    write_json_report,
+    write_predictions_csv,
+)
+
+if TYPE_CHECKING:
+    from ..trained_model import TrainedModel
 
 DEFAULT_MODEL = "data/models/finetune/model.pt"
+LAYER_HELP = "dotted module name (default: the last layer with a spatial output)"
 BACKBONES = ("timm/tf_efficientnet_lite0", "timm/tf_efficientnet_lite1", "timm/tf_efficientnet_lite2")
 log = logging.getLogger("transferlab")
 
 
-def one_image(trained, path: Path) -> np.ndarray:
-    from .predict import read_images
+def load_model(path: Path, **options) -> TrainedModel:
+    """``TrainedModel.load``: torch and the model libraries load here, once a command runs."""
+    from ..trained_model import TrainedModel
 
-    _, images, failures = read_images([path], trained.cache_size)
+    return TrainedModel.load(path, **options)
+
+
+def model_and_image(args) -> tuple[TrainedModel, np.ndarray]:
+    """The ``--model`` and the IMAGE of a command that looks inside the model."""
+    trained = load_model(args.model)
+    _, images, failures = read_images([args.image], trained.card.cache_size)
     if failures:
         raise DatasetError(f"cannot read {failures[0][0]}: {failures[0][1]}")
-    return images
+    return trained, images
 
 
 def class_index(classes: list[str], name: str) -> int:
@@ -50,15 +72,11 @@ def class_index(classes: list[str], name: str) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .predict import find_images, format_predictions, predict, write_json_report, write_predictions_csv
-
     paths, skipped = find_images(args.images)
     if not paths:  # nothing to predict: said before torch is imported
         raise DatasetError("; ".join(f"{path} {reason}" for path, reason in skipped))
-    from ..trained_model import TrainedModel
-
-    trained = TrainedModel.load(args.model)
-    if trained.at_chance:
+    trained = load_model(args.model)
+    if trained.card.at_chance:
         log.warning(
             "%s ended at chance in training (kept on purpose): its predictions mean nothing", args.model
         )
@@ -79,55 +97,42 @@ def cmd_predict(args) -> int:
 
 
 def cmd_gradcam(args) -> int:
-    import matplotlib.pyplot as plt
+    from ..gradcam import plot_image_gradcam
 
-    from ..figures import save_figure
-    from ..gradcam import display_images, gradcam, show_overlay
-    from ..trained_model import TrainedModel
-
-    trained = TrainedModel.load(args.model)
-    image = one_image(trained, args.image)
+    trained, image = model_and_image(args)
     probs = trained.probabilities(image)[0]
-    target = class_index(trained.classes, args.target) if args.target else int(probs.argmax())
-    cam = gradcam(trained, image, [target], args.layer, size=224)[0]
-    shown = display_images(trained, image, 224)[0]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(7, 3.8))
-    show_overlay(left, shown, None, args.image.name)
-    show_overlay(right, shown, cam, f"Grad-CAM for {trained.classes[target]} ({probs[target]:.1%})")
-    save_figure(fig, args.out)
-    predicted = trained.classes[int(probs.argmax())]
-    print(f"{args.out}: Grad-CAM of {trained.classes[target]} (p={probs[target]:.3f}); predicted {predicted}")
+    target = class_index(trained.card.classes, args.target) if args.target else int(probs.argmax())
+    plot_image_gradcam(args.out, trained, image, args.image.name, target, probs[target], args.layer)
+    classes = trained.card.classes
+    predicted = classes[int(probs.argmax())]
+    print(f"{args.out}: Grad-CAM of {classes[target]} (p={probs[target]:.3f}); predicted {predicted}")
     return 0
 
 
-def cmd_features(args) -> int:
+def cmd_feature_maps(args) -> int:
     from ..gradcam import display_images, feature_maps, plot_feature_maps
-    from ..trained_model import TrainedModel
 
-    trained = TrainedModel.load(args.model)
-    image = one_image(trained, args.image)
+    trained, image = model_and_image(args)
     layer, maps = feature_maps(trained, image, args.layer)
     plot_feature_maps(
-        args.out, display_images(trained, image, trained.image_size)[0], maps[0], layer, args.count
+        args.out, display_images(trained, image, trained.card.eval_image_size)[0], maps[0], layer, args.count
     )
     print(f"{args.out}: feature maps of {layer}, shape {tuple(maps.shape[1:])}")
     return 0
 
 
 def cmd_export(args) -> int:
-    from ..trained_model import TrainedModel
     from .export import ExportError, export
-    from .predict import every_image, read_images
 
     logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # the ONNX optimiser logs every pass at INFO
-    trained = TrainedModel.load(args.model, device="cpu")
+    trained = load_model(args.model, device="cpu")
     if args.check:
-        _, sample, _ = read_images(every_image([args.check])[:16], trained.cache_size)
+        _, sample, _ = read_images(every_image([args.check])[:16], trained.card.cache_size)
         if not len(sample):
             raise DatasetError(f"--check {args.check}: no readable image to compare on")
     else:  # random images: the check then compares logits, not meaningful predictions
         sample = np.random.default_rng(0).integers(
-            0, 256, (4, trained.cache_size, trained.cache_size, 3), dtype=np.uint8
+            0, 256, (4, trained.card.cache_size, trained.card.cache_size, 3), dtype=np.uint8
         )
     try:
         check = export(trained, args.format, args.out, sample)
@@ -226,6 +231,15 @@ def cmd_lr_find(args) -> int:
     return 0
 
 
+def add_model(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument(
+        "--model",
+        type=Path,
+        default=Path(DEFAULT_MODEL),
+        help=f"a trained model.pt (default: {DEFAULT_MODEL})",
+    )
+
+
 def add_tta(sub: argparse.ArgumentParser) -> None:
     sub.add_argument(
         "--tta",
@@ -239,155 +253,200 @@ def add_out(sub: argparse.ArgumentParser, default: str) -> None:
     sub.add_argument("--out", type=Path, default=Path(default), help=f"output folder (default: {default})")
 
 
-def parser() -> argparse.ArgumentParser:
-    main_parser = argparse.ArgumentParser(
-        prog="transferlab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    commands = main_parser.add_subparsers(dest="command", required=True)
-
-    def command(name: str, handler, help_text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text, description=help_text)
-        sub.add_argument(
-            "--model",
-            type=Path,
-            default=Path(DEFAULT_MODEL),
-            help=f"a trained model.pt (default: {DEFAULT_MODEL})",
-        )
-        sub.set_defaults(handler=handler)
-        return sub
-
-    predict = command(
-        "predict", cmd_predict, "top-k classes and probabilities of an image or of every image in a folder"
-    )
-    predict.add_argument(
+def predict_arguments(sub: argparse.ArgumentParser) -> None:
+    add_model(sub)
+    sub.add_argument(
         "images",
         type=Path,
         nargs="+",
         metavar="IMAGE_OR_FOLDER",
         help="image files and folders (walked as prepare walks a class folder)",
     )
-    predict.add_argument("--topk", type=int, default=5)
-    predict.add_argument("--batch-size", type=int, default=32)
-    add_tta(predict)
-    predict.add_argument("--csv", type=Path, help="also write the predictions (and unreadable files) as CSV")
-    predict.add_argument("--json", type=Path, help="also write them as JSON")
+    sub.add_argument("--topk", type=int, default=5)
+    sub.add_argument("--batch-size", type=int, default=32)
+    add_tta(sub)
+    sub.add_argument("--csv", type=Path, help="also write the predictions (and unreadable files) as CSV")
+    sub.add_argument("--json", type=Path, help="also write them as JSON")
 
-    gradcam = command(
-        "gradcam", cmd_gradcam, "Grad-CAM heatmap of an image for the predicted (or a chosen) class"
-    )
-    gradcam.add_argument("image", type=Path)
-    gradcam.add_argument("--class", dest="target", help="class to explain (default: the predicted one)")
-    gradcam.add_argument("--layer", help="dotted module name (default: the last layer with a spatial output)")
-    gradcam.add_argument("--out", type=Path, default=Path("gradcam.png"))
 
-    features = command("features", cmd_features, "feature maps of a layer for an image")
-    features.add_argument("image", type=Path)
-    features.add_argument(
-        "--layer", help="dotted module name (default: the last layer with a spatial output)"
-    )
-    features.add_argument(
+def gradcam_arguments(sub: argparse.ArgumentParser) -> None:
+    add_model(sub)
+    sub.add_argument("image", type=Path)
+    sub.add_argument("--class", dest="target", help="class to explain (default: the predicted one)")
+    sub.add_argument("--layer", help=LAYER_HELP)
+    sub.add_argument("--out", type=Path, default=Path("gradcam.png"))
+
+
+def feature_maps_arguments(sub: argparse.ArgumentParser) -> None:
+    add_model(sub)
+    sub.add_argument("image", type=Path)
+    sub.add_argument("--layer", help=LAYER_HELP)
+    sub.add_argument(
         "--count", type=int, default=16, help="channels shown (those with the highest mean activation)"
     )
-    features.add_argument("--out", type=Path, default=Path("features.png"))
+    sub.add_argument("--out", type=Path, default=Path("feature-maps.png"))
 
-    export = command(
-        "export", cmd_export, "export to TorchScript or ONNX and check it predicts what the model predicts"
-    )
-    export.add_argument("--format", choices=("torchscript", "onnx"), required=True)
-    export.add_argument("--out", type=Path, required=True)
-    export.add_argument(
+
+def export_arguments(sub: argparse.ArgumentParser) -> None:
+    add_model(sub)
+    sub.add_argument("--format", choices=("torchscript", "onnx"), required=True)
+    sub.add_argument("--out", type=Path, required=True)
+    sub.add_argument(
         "--check",
         type=Path,
         metavar="IMAGE_OR_FOLDER",
         help="images to compare on (default: 4 random images)",
     )
 
-    summary_help = (
-        "summarise DVC experiments: plots against each varied param, "
-        "each model's best setting chosen on validation"
-    )
-    experiments = commands.add_parser("experiments", help=summary_help, description=summary_help)
-    experiments.add_argument(
+
+def experiments_arguments(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument(
         "--json", type=Path, dest="shown_json", help="a saved `dvc exp show --json` (default: run it here)"
     )
-    experiments.add_argument(
+    sub.add_argument(
         "--all-commits", action="store_true", help="experiments of every commit, not only the current one"
     )
-    add_out(experiments, "metrics/experiments")
-    experiments.add_argument(
+    add_out(sub, "metrics/experiments")
+    sub.add_argument(
         "--only",
         nargs="+",
         metavar="NAME",
         help="only these experiments (one grid of several queued together)",
     )
-    experiments.add_argument(
+    sub.add_argument(
         "--table",
         action="store_true",
         help="print the experiments side by side (each model's validation accuracy, the params that vary), "
         "narrow enough for a terminal; writes nothing",
     )
-    experiments.set_defaults(handler=cmd_experiments)
 
-    lr_help = (
-        "learning-rate range test of a training run: "
-        "loss against an exponentially rising lr, and a suggested lr"
-    )
-    lr_find = commands.add_parser("lr-find", help=lr_help, description=lr_help)
-    lr_find.add_argument(
+
+def lr_find_arguments(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument(
         "model", choices=TRAINED_MODELS, help="finetune (the train: section, any mode) or scratch"
     )
-    lr_find.add_argument("--steps", type=int, default=100, help="optimizer steps per test (default: 100)")
-    lr_find.add_argument("--start", type=float, default=1e-5, help="first learning rate (default: 1e-5)")
-    lr_find.add_argument("--end", type=float, default=1.0, help="last learning rate (default: 1)")
-    lr_find.add_argument(
+    sub.add_argument("--steps", type=int, default=100, help="optimizer steps per test (default: 100)")
+    sub.add_argument("--start", type=float, default=1e-5, help="first learning rate (default: 1e-5)")
+    sub.add_argument("--end", type=float, default=1.0, help="last learning rate (default: 1)")
+    sub.add_argument(
         "--seeds",
         type=int,
         default=3,
         help="tests, each with its own seed; the median suggestion wins (default: 3)",
     )
-    add_out(lr_find, "metrics/experiments/lr_find")
-    lr_find.set_defaults(handler=cmd_lr_find)
-    ensemble_help = (
-        "validation accuracy of the linear probe and fine-tuned model's averaged predictions, "
-        "for probe weights from 0 to 1 (the holdout twins)"
-    )
-    ensemble = commands.add_parser("ensemble", help=ensemble_help, description=ensemble_help)
-    ensemble.add_argument(
+    add_out(sub, "metrics/experiments/lr_find")
+
+
+def ensemble_arguments(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument(
         "--steps", type=int, default=11, help="probe weights tried, evenly from 0 to 1 (default: 11)"
     )
-    ensemble.add_argument("--batch-size", type=int, default=64)
-    add_tta(ensemble)
-    add_out(ensemble, "metrics/experiments/ensemble")
-    ensemble.set_defaults(handler=cmd_ensemble)
-    smoke_help = "the whole pipeline in about 2 minutes (tiny splits, 96 px, 1 epoch): a DVC experiment"
-    smoke = commands.add_parser("smoke", help=smoke_help, description=smoke_help)
-    smoke.add_argument("--source", help="your own images (default: params.yaml's data.source)")
-    smoke.set_defaults(handler=cmd_smoke)
-    backbones_help = (
-        "the backbone study: linear probes of each ImageNet network at 224 px and its native resolution, "
-        "on its head's features and with its last blocks' beside them, chosen on validation, scored on "
-        "test, with CPU milliseconds per image"
-    )
-    backbones = commands.add_parser("backbones", help=backbones_help, description=backbones_help)
-    backbones.add_argument(
+    sub.add_argument("--batch-size", type=int, default=64)
+    add_tta(sub)
+    add_out(sub, "metrics/experiments/ensemble")
+
+
+def smoke_arguments(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--source", help="your own images (default: params.yaml's data.source)")
+
+
+def backbones_arguments(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument(
         "--arch",
         nargs="+",
         default=list(BACKBONES),
         help=f"model.arch names with ImageNet weights (default: {' '.join(BACKBONES)})",
     )
-    backbones.add_argument(
+    sub.add_argument(
         "--retime",
         action="store_true",
         help="only measure the CPU time per image of the study in --out again (on a quiet machine)",
     )
-    backbones.add_argument(
+    sub.add_argument(
         "--record-finetune",
         action="store_true",
         help="keep the workspace's LP-FT run (after `dvc repro holdout_finetune evaluate@probe "
         "evaluate@finetune` at a backbone's params) as a point of the study in --out",
     )
-    add_out(backbones, "metrics/backbones")
-    backbones.set_defaults(handler=cmd_backbones)
+    add_out(sub, "metrics/backbones")
+
+
+class Command(NamedTuple):
+    """A ``transferlab`` command: what it runs, its one-line help and its arguments."""
+
+    name: str
+    run: Callable[[argparse.Namespace], int]
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+
+
+COMMANDS = (
+    Command(
+        "predict",
+        cmd_predict,
+        "top-k classes and probabilities of an image or of every image in a folder",
+        predict_arguments,
+    ),
+    Command(
+        "gradcam",
+        cmd_gradcam,
+        "Grad-CAM heatmap of an image for the predicted (or a chosen) class",
+        gradcam_arguments,
+    ),
+    Command("feature-maps", cmd_feature_maps, "feature maps of a layer for an image", feature_maps_arguments),
+    Command(
+        "export",
+        cmd_export,
+        "export to TorchScript or ONNX and check it predicts what the model predicts",
+        export_arguments,
+    ),
+    Command(
+        "experiments",
+        cmd_experiments,
+        "summarise DVC experiments: plots against each varied param, each model's best setting chosen on "
+        "validation",
+        experiments_arguments,
+    ),
+    Command(
+        "lr-find",
+        cmd_lr_find,
+        "learning-rate range test of a training run: loss against an exponentially rising lr, and a "
+        "suggested lr",
+        lr_find_arguments,
+    ),
+    Command(
+        "ensemble",
+        cmd_ensemble,
+        "validation accuracy of the linear probe and fine-tuned model's averaged predictions, for probe "
+        "weights from 0 to 1 (the holdout twins)",
+        ensemble_arguments,
+    ),
+    Command(
+        "smoke",
+        cmd_smoke,
+        "the whole pipeline in about 2 minutes (tiny splits, 96 px, 1 epoch): a DVC experiment",
+        smoke_arguments,
+    ),
+    Command(
+        "backbones",
+        cmd_backbones,
+        "the backbone study: linear probes of each ImageNet network at 224 px and its native resolution, "
+        "on its head's features and with its last blocks' beside them, chosen on validation, scored on "
+        "test, with CPU milliseconds per image",
+        backbones_arguments,
+    ),
+)
+
+
+def parser() -> argparse.ArgumentParser:
+    main_parser = argparse.ArgumentParser(
+        prog="transferlab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = main_parser.add_subparsers(dest="command", required=True)
+    for command in COMMANDS:
+        sub = commands.add_parser(command.name, help=command.help, description=command.help)
+        command.arguments(sub)
+        sub.set_defaults(handler=command.run)
     return main_parser
 
 

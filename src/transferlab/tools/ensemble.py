@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -26,6 +27,9 @@ from ..errors import ConfigError, ModelError
 from ..fileio import write_csv, write_json
 from ..paths import checkpoint_path, holdout
 from ..splits import check_classes, load_classes, load_split
+
+if TYPE_CHECKING:  # only annotated here: torch loads where the command runs
+    from ..model_card import ModelCard
 
 log = logging.getLogger("transferlab.tools.ensemble")
 
@@ -77,14 +81,11 @@ def plot(path: Path, weights: np.ndarray, accuracies: np.ndarray, tta: str) -> N
     save_figure(fig, path)
 
 
-def chosen_on_validation(path: Path) -> dict:
+def chosen_on_validation(card: ModelCard) -> dict:
     """What the twin's own stage chose on the validation images: the probe's C, the fine-tune's epoch."""
-    from ..checkpoint import read_checkpoint
-
-    checkpoint = read_checkpoint(path)
-    if "C" in checkpoint:
-        return {"C": checkpoint["C"]}
-    return {"epoch": checkpoint["epoch"], "epochs": checkpoint["config"]["epochs"]}
+    if card.mode == "linear_probe":
+        return {"C": card.extra["C"]}
+    return {"epoch": card.extra["epoch"], "epochs": card.config["epochs"]}
 
 
 def ensemble(out: Path, steps: int, batch_size: int, tta: str, command: str) -> dict:
@@ -101,7 +102,7 @@ def ensemble(out: Path, steps: int, batch_size: int, tta: str, command: str) -> 
         if not path.is_file():
             raise ModelError(f"no model at {path}: run its stage first (dvc repro {stage})")
         models[run] = TrainedModel.load(path)
-        check_classes(path, models[run].classes, classes)
+        check_classes(path, models[run].card.classes, classes)
     log.info(
         "%s and %s on %d validation images (tta %s)", *(m.path for m in models.values()), len(labels), tta
     )
@@ -117,7 +118,7 @@ def ensemble(out: Path, steps: int, batch_size: int, tta: str, command: str) -> 
         "command": command,
         "val_images": int(len(labels)),
         "tta": tta,
-        "chosen_on_validation": {run: chosen_on_validation(m.path) for run, m in models.items()},
+        "chosen_on_validation": {run: chosen_on_validation(m.card) for run, m in models.items()},
         "probe_acc": float(accuracies[-1]),
         "finetune_acc": float(accuracies[0]),
         "best_probe_weight": float(weights[best]),

@@ -1,63 +1,29 @@
-"""Summarise DVC experiments: what each varied setting does, each model's best setting chosen on validation,
-and the command that makes that setting's final fit.
+"""``transferlab experiments``: each model's best setting among the DVC experiments, chosen on validation
+alone, what each varied setting does, and the command that makes the chosen setting's final fit (the why of
+each rule: docs/experiments.md).
 
-    transferlab experiments                       # reads `dvc exp show --json` in the project
-    transferlab experiments --json shown.json --out metrics/experiments
+    transferlab experiments                       # the experiments of the current commit, listed by DVC
+    transferlab experiments --json shown.json --out metrics/experiments   # a saved `dvc exp show --json`
     transferlab experiments --table               # the experiments side by side, to read in a terminal
 
-Not a pipeline stage: it reads what ``dvc exp show --json`` lists (the experiments of the current commit, or
-of more with ``--all-commits``) and, for each model, works out the settings it really ran with and which of
-them vary:
+The listing: the completed experiments and their commits, as ``dvc exp show --json`` gives them (DVC's API
+in this process, or a saved file). The selection, per model: the settings it ran with (its section,
+``runtime:``, ``data:`` but its source, and the features' and the probe's settings where it starts from them;
+never ``train_on_val``, the protocol, nor ``data.val_fold``: a setting run on several validation folds is one
+setting, scored by its mean over the folds the most settings ran, with that mean's standard error), scored by
+the last epoch's ``val/acc`` of its holdout twin, else of its training stage (the epoch a final fit keeps;
+the probe's ``best/val_acc``). Left out and named: runs trained on train + val (no validation score), params
+today's code rejects, runs on other images than the final fit's ``data.source``, and scores their commit's
+dvc.lock shows another run made (the stage that wrote one, or one upstream, ran with other params or data
+than the experiment's params.yaml). A summary identical to its baseline commit's is the baseline's (its
+stage did not run in that experiment): it counts once, for the baseline. No test metric is read: a
+validation-only grid point holds its baseline's. The report: each model's settings ranked and the final-fit
+command, ``dvc exp run -S ...`` with the chosen values, any other key where the choice differs from the
+workspace's params.yaml and ``train_on_val: true``; it trains on train + val and scores the test split once.
 
-- the linear probe: ``data:`` (but its source: experiments on other images than the workspace's
-  ``data.source`` are left out and named, never ranked with the others), ``model:``, ``features:`` and
-  ``probe:``;
-- a trained model: ``data:``, ``model:`` (``model.arch`` only for a run from random init, which loads no
-  weights), ``runtime:`` and its own section, ``train:`` for the fine-tuned model and ``scratch:`` for the
-  scratch one (keys named without the section, ``lr``, as on the plots); plus ``features:`` and ``probe:``
-  when it starts from the probe's head (``init_head: probe``), or ``features:`` when it trains on the features
-  stage's output (``mode: feature_extract`` with ``augment: false``).
-
-``train_on_val`` is left out of the settings: it is the protocol (validate, or make the final fit), not a
-setting to choose. So is ``data.val_fold``: a setting run on several validation folds (``dvc exp run --queue
-holdout_finetune -S 'data.val_fold=0,1,2,3,4,5' -S 'train.lr=0.001,0.002'``) is one setting, scored by its
-mean validation accuracy over the folds the most settings ran (each comparison on the same images), with the
-standard error of that mean across folds: a choice between candidates closer than one split's noise.
-
-Grid points are validation-only: queued with a holdout stage as the target (``dvc exp run --queue
-holdout_finetune -S 'train.lr=...'``: the recipe trained on the train split, validated every epoch), or the
-training stage with ``train_on_val: false``, they stop before evaluation, and the test metrics their commits
-hold are the baseline's. So no test metric is read here. Each model's setting is chosen on the validation
-accuracy alone (the last epoch's ``val/acc`` of its holdout twin, else of its training stage: the epoch a
-final fit keeps; the probe's ``best/val_acc``), and for the choice the summary gives the command that makes
-the final fit and scores the test split once, e.g.
-``dvc exp run -S train.lr=0.01 -S train.epochs=5``: the chosen values of the varied keys, any other key where
-the choice differs from the workspace's params.yaml, and ``train_on_val: true`` where the workspace does not
-have it already. It trains on train + val and evaluates once.
-
-A model's training summaries identical to its baseline commit's are the baseline's run (its stages did not run
-in that experiment: train_scratch in a train_finetune grid): it counts once, for the baseline. Runs without a
-validation score (``train_on_val: true`` and no holdout twin: a final fit) are left out and named. So is an
-experiment whose params.yaml does not set every key today's code reads (one from an older commit, or from
-before a rename such as ``train.frozen_stages`` to ``train.frozen_layers``): the code has no defaults to
-fill in. And so is a score that is not its experiment's own run: the experiment's commit holds its dvc.lock,
-which records the params each stage ran with and the version of each input it read; where the stage that wrote
-the score, or one upstream of it, ran with other values than the experiment's params.yaml (``data.source``
-changed and committed without re-running the stages, say), the score is another run's, and the note names the
-keys that differ. Where git cannot show an experiment's dvc.lock here (a listing saved in another clone), the
-check is not made, and the summary says so.
-
-Writes to ``--out``:
-
-- ``experiments.md`` / ``experiments.csv``: each model's distinct settings, ranked by validation accuracy;
-  the markdown also gives each choice's final-fit command;
-- ``validation_vs_params.png``: validation accuracy against each varied setting, the models side by side;
-- ``heatmap_<model>.png``: for a model whose experiments vary exactly two settings (a grid);
-- ``summary.json``: each model's chosen setting, its validation accuracy and its final-fit command.
-
-``--table`` prints, instead, every experiment on one line: its own validation accuracy per model (starred
-where it is not its own run) and the params.yaml keys that vary among them; ``dvc exp show`` has a column
-for every param and metric, too many to read in a terminal.
+Writes to ``--out``: ``experiments.md`` and ``experiments.csv`` (each model's settings ranked),
+``summary.json`` (each model's choice and its final-fit command), ``validation_vs_params.png`` and, for a
+model whose experiments vary exactly two settings, ``heatmap_<model>.png``.
 """
 
 from __future__ import annotations
@@ -75,6 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from dvc.exceptions import DvcException
+from dvc.repo import Repo
 from dvc.utils.flatten import flatten
 from dvc.utils.serialize import YAMLFileCorruptedError, parse_yaml
 
@@ -99,10 +67,11 @@ NO_VALIDATION_HINT = "queue validation-only runs: " + "; ".join(VALIDATION_RECIP
 # it is left out of the settings as data.source is
 FOLD = "data.val_fold"
 FINAL_FIT = "trains on train + val with the chosen setting and evaluates the test split once"
+HYDRA_WORDS = ("true", "false", "null", "nan", "inf")  # a text value that reads as one of these is quoted
 
 
 class ExperimentsError(RuntimeError):
-    """Nothing to summarise, or dvc could not list the experiments."""
+    """Nothing to summarize, or dvc could not list the experiments."""
 
 
 @dataclass(frozen=True)
@@ -150,10 +119,25 @@ class Setting:
         return mean_and_error([self.scores[fold] for fold in self.compared])[1]
 
 
+@dataclass
+class Report:
+    """What ``transferlab experiments`` writes: each model's choice, and what it left out."""
+
+    models: dict  # per model with a validation score: its settings ranked, its choice (see choose_settings)
+    unscored: dict[str, list[str]]  # per model, the experiments that trained it on train + val
+    left_out: list[str]  # a note for each experiment (or score) left out
+    unchecked: list[str]  # the experiments whose dvc.lock git cannot show here
+    base_name: str  # whose params.yaml the final-fit commands start from
+    final_fit_all: dict  # one command for every model's final fit (see final_fit_all)
+
+
 def mean_and_error(values: list[float]) -> tuple[float, float | None]:
     """The mean and its standard error (None for one value)."""
     error = np.std(values, ddof=1) / math.sqrt(len(values)) if len(values) > 1 else None
     return float(np.mean(values)), None if error is None else float(error)
+
+
+# the listing
 
 
 def _experiment(name: str, entry: dict, baseline: Experiment | None = None) -> Experiment | None:
@@ -190,6 +174,42 @@ def workspace_params(shown: list) -> dict | None:
             found = _experiment("workspace", commit)
             return found.params if found else None
     return None
+
+
+def exp_show(all_commits: bool) -> list:
+    """What ``dvc exp show --json`` prints, from DVC's API in this process. Not ``dvc.api.exp_show``: its flat
+    records give every value as a float or a string (``epochs: 2`` as 2.0, ``true`` as ``'True'``) and revs
+    cut to 7 characters, so params would no longer read back as they ran."""
+    try:
+        with Repo() as repo:
+            return [state.dumpd() for state in repo.experiments.show(all_commits=all_commits)]
+    except DvcException as err:
+        raise ExperimentsError(f"dvc could not list the experiments: {err}") from err
+
+
+def only_named(experiments: list[Experiment], names: list[str]) -> list[Experiment]:
+    """The named experiments (one grid of several queued together), in the listing's order."""
+    missing = sorted(set(names) - {e.name for e in experiments})
+    if missing:
+        raise ExperimentsError(f"--only: no completed experiment named {', '.join(missing)} in the listing")
+    return [e for e in experiments if e.name in names]
+
+
+def listed_experiments(
+    shown_json: Path | None, all_commits: bool, only: list[str] | None
+) -> tuple[list, list[Experiment]]:
+    """The listing (DVC's here, or a saved ``dvc exp show --json``) and its completed experiments, those of
+    ``only`` if given."""
+    shown = read_json(shown_json) if shown_json else exp_show(all_commits)
+    experiments = list(experiments_from_show(shown))
+    if only:
+        experiments = only_named(experiments, only)
+    if not experiments:
+        raise ExperimentsError("dvc exp show lists no completed experiment: run some with dvc exp run first")
+    return shown, experiments
+
+
+# the selection
 
 
 def _section(prefix: str, config, skip: tuple = ()) -> dict:
@@ -363,16 +383,13 @@ def paired_difference(setting: Setting, chosen: Setting) -> tuple[float, float |
 def without_validation(experiments: list[Experiment]) -> dict[str, list[str]]:
     """For each model, the experiments that trained it without a validation score
     (on train + val: a final fit)."""
-    found = {}
-    for model in MODELS:
-        names = [
-            e.name
-            for e in experiments
-            if trained_summary(e, model) is not None and validation_score(e, model) is None
+    found = {
+        model: [
+            e.name for e in experiments if trained_summary(e, model) and validation_score(e, model) is None
         ]
-        if names:
-            found[model] = names
-    return found
+        for model in MODELS
+    }
+    return {model: names for model, names in found.items() if names}
 
 
 def valid_experiments(experiments: list[Experiment]) -> tuple[list[Experiment], list[str]]:
@@ -388,6 +405,9 @@ def valid_experiments(experiments: list[Experiment]) -> tuple[list[Experiment], 
     return valid, notes
 
 
+# the final fit
+
+
 def hydra_value(value) -> str:
     """A value as a Hydra override writes it (``dvc exp run -S``)."""
     if isinstance(value, bool):
@@ -399,13 +419,7 @@ def hydra_value(value) -> str:
     if isinstance(value, list):
         return "[" + ",".join(hydra_value(v) for v in value) + "]"
     text = str(value)
-    if re.fullmatch(r"[A-Za-z_][\w./-]*", text) and text.lower() not in (
-        "true",
-        "false",
-        "null",
-        "nan",
-        "inf",
-    ):
+    if re.fullmatch(r"[A-Za-z_][\w./-]*", text) and text.lower() not in HYDRA_WORDS:
         return text
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
@@ -457,40 +471,36 @@ def final_fit(model: str, chosen: Setting, varied: list[str], base: dict) -> dic
     current = _flat_params(parse_params(base))
     first = [params_key(model, key) for key in varied]
     overrides = {key: target[key] for key in first if key in target}
-    overrides.update(
-        {
-            key: value
-            for key, value in target.items()
-            if key not in overrides and _key(current.get(key)) != _key(value)
-        }
-    )
-    return {
-        "command": _command(overrides),
-        "overrides": overrides,
-        "problem": _problem(overrides, base, {model: chosen.values}),
-    }
+    changed = [key for key, value in target.items() if _key(current.get(key)) != _key(value)]
+    overrides.update({key: target[key] for key in changed if key not in overrides})
+    return _fit(overrides, base, {model: chosen.values})
 
 
-def _flat_params(checked: Params) -> dict:
-    flat = {}
-    for section in ("data", "model", "runtime", "features", "probe", *MODEL_SECTIONS.values()):
-        flat.update(
-            _section(f"{section}.", getattr(checked, section), FINETUNE_ONLY if section == "scratch" else ())
-        )
-    return flat
-
-
-def final_fit_all(summary: dict, base: dict) -> dict:
-    """One command for every model's final fit at once, when their choices agree on the keys they share."""
-    overrides = {}
-    for part in summary.values():
-        overrides.update(part["chosen"]["final_fit"]["overrides"])
-    chosen = {model: part["settings"][0].values for model, part in summary.items()}
+def _fit(overrides: dict, base: dict, chosen: dict[str, dict]) -> dict:
+    """A final fit: its command, its overrides and why it would not make the ``chosen`` settings (or None)."""
     return {
         "command": _command(overrides),
         "overrides": overrides,
         "problem": _problem(overrides, base, chosen),
     }
+
+
+def _flat_params(checked: Params) -> dict:
+    sections = ("data", "model", "runtime", "features", "probe", *MODEL_SECTIONS.values())
+    skipped = {"scratch": FINETUNE_ONLY}
+    return {
+        key: value
+        for section in sections
+        for key, value in _section(f"{section}.", getattr(checked, section), skipped.get(section, ())).items()
+    }
+
+
+def final_fit_all(models: dict, base: dict) -> dict:
+    """One command for every model's final fit at once, when their choices agree on the keys they share."""
+    overrides = {}
+    for part in models.values():
+        overrides.update(part["chosen"]["final_fit"]["overrides"])
+    return _fit(overrides, base, {model: part["settings"][0].values for model, part in models.items()})
 
 
 def choose_base(shown: list, experiments: list[Experiment]) -> tuple[str, dict]:
@@ -507,6 +517,9 @@ def choose_base(shown: list, experiments: list[Experiment]) -> tuple[str, dict]:
             continue
         return name, params
     raise ExperimentsError("no listed params are valid for this code")
+
+
+# what is left out: runs on other images, and scores their dvc.lock shows another run made
 
 
 def data_source(params: dict) -> str:
@@ -621,16 +634,31 @@ def own_runs(experiments: list[Experiment]) -> tuple[list[Experiment], list[str]
     return checked, notes, unchecked
 
 
-def summarise(experiments: list[Experiment], base: dict) -> dict:
+def checked_runs(experiments: list[Experiment]) -> tuple[list[Experiment], list[str], list[str]]:
+    """:func:`own_runs`, its notes and what it could not check logged."""
+    experiments, stale, unchecked = own_runs(experiments)
+    for note in stale:
+        log.warning("not ranked %s", note)
+    if unchecked:
+        log.warning(
+            "not checked against dvc.lock (git cannot show it at their commits): %s", ", ".join(unchecked)
+        )
+    return experiments, stale, unchecked
+
+
+# the choice
+
+
+def choose_settings(experiments: list[Experiment], base: dict) -> dict:
     """For each model with a validation score: its settings ranked, the varied keys, the choice and its
     final-fit command."""
-    summary = {}
+    models = {}
     for model in MODELS:
         settings, unranked, varied = distinct_settings(experiments, model)
         if not settings:
             continue
         chosen = settings[0]
-        summary[model] = {
+        models[model] = {
             "settings": settings,
             "unranked": unranked,
             "varied": varied,
@@ -644,15 +672,39 @@ def summarise(experiments: list[Experiment], base: dict) -> dict:
                 "final_fit": final_fit(model, chosen, varied, base),
             },
         }
-    if not summary:
+    if not models:
         raise ExperimentsError(
             f"no experiment has a validation score ({VALIDATION_METRIC}); {NO_VALIDATION_HINT}"
         )
-    return summary
+    return models
+
+
+def report_of(shown: list, experiments: list[Experiment]) -> Report:
+    """The experiments' report: each model's choice among those that count, and a note for the others (each
+    logged as it is found)."""
+    experiments, left_out = valid_experiments(experiments)
+    for note in left_out:
+        log.warning("left out %s", note)
+    base_name, base = choose_base(shown, experiments)
+    experiments, other_data = on_the_same_data(experiments, base)
+    for note in other_data:
+        log.warning("left out %s", note)
+    experiments, stale, unchecked = checked_runs(experiments)
+    models = choose_settings(experiments, base)
+    unscored = without_validation(experiments)
+    left_out += other_data + stale
+    return Report(models, unscored, left_out, unchecked, base_name, final_fit_all(models, base))
+
+
+# the report
 
 
 def _shown(value) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
 
 
 def _final_fit_line(fit: dict) -> list[str]:
@@ -703,14 +755,7 @@ def _folds_lines(part: dict) -> list[str]:
     return [*lines, ""]
 
 
-def _markdown_preamble(
-    summary: dict,
-    unscored: dict[str, list[str]],
-    notes: list[str],
-    unchecked: list[str],
-    base_name: str,
-    together: dict,
-) -> list[str]:
+def _markdown_preamble(report: Report) -> list[str]:
     """What the summary reads, the final fit of every model, and what it left out."""
     lines = [
         "# Experiments: each model's best setting, chosen on the validation split",
@@ -718,87 +763,125 @@ def _markdown_preamble(
         "No test metric is shown: the grid's experiments are validation-only (what their commits hold under "
         "metrics/test_* is the baseline's), and the test split is scored once, "
         "by the final fit of the chosen setting. "
-        f"The final-fit commands start from the params.yaml of {base_name}.",
+        f"The final-fit commands start from the params.yaml of {report.base_name}.",
         "",
     ]
-    if len(summary) > 1:
-        if together["problem"]:
-            lines += [
-                f"No single final fit for every model: {together['problem']}; run each model's command.",
-                "",
-            ]
-        else:
-            lines += [f"Every model's final fit in one run ({FINAL_FIT}): `{together['command']}`", ""]
-    if unscored:
-        described = "; ".join(
-            f"{MODEL_NAMES[model]}: {', '.join(names)}" for model, names in unscored.items()
-        )
-        lines += [f"Left out, trained on train + val (no validation score): {described}.", ""]
-    if notes:
-        lines += ["Left out:", "", *(f"- {note}" for note in notes), ""]
-    if unchecked:
+    together = report.final_fit_all
+    if len(report.models) > 1 and together["problem"]:
         lines += [
-            f"Not checked against their dvc.lock (git cannot show it here): {', '.join(unchecked)}.",
+            f"No single final fit for every model: {together['problem']}; run each model's command.",
             "",
         ]
+    elif len(report.models) > 1:
+        lines += [f"Every model's final fit in one run ({FINAL_FIT}): `{together['command']}`", ""]
+    if report.unscored:
+        described = "; ".join(
+            f"{MODEL_NAMES[model]}: {', '.join(names)}" for model, names in report.unscored.items()
+        )
+        lines += [f"Left out, trained on train + val (no validation score): {described}.", ""]
+    if report.left_out:
+        lines += ["Left out:", "", *(f"- {note}" for note in report.left_out), ""]
+    if report.unchecked:
+        checked = ", ".join(report.unchecked)
+        lines += [f"Not checked against their dvc.lock (git cannot show it here): {checked}.", ""]
     return lines
 
 
-def markdown(
-    summary: dict,
-    unscored: dict[str, list[str]],
-    notes: list[str],
-    unchecked: list[str],
-    base_name: str,
-    together: dict,
-) -> str:
-    lines = _markdown_preamble(summary, unscored, notes, unchecked, base_name, together)
-    for model in MODELS:
-        if model not in summary:
-            if model in unscored:
-                lines += [
-                    f"## {MODEL_NAMES[model]}",
-                    "",
-                    f"No validation score: `{VALIDATION_RECIPES[model]}`.",
-                    "",
-                ]
-            continue
-        part = summary[model]
-        chosen, varied = part["chosen"], part["varied"]
-        lines += [f"## {MODEL_NAMES[model]}", ""]
-        lines += _folds_lines(part)
-        best = part["settings"][0]
-        if not varied:
-            lines += [
-                "No setting of this model varies across these experiments "
-                f"(validation accuracy {_accuracy(best)}).",
-                *_final_fit_line(chosen["final_fit"]),
-                "",
+def _settings_table(part: dict) -> list[str]:
+    """The model's settings ranked; on several folds, each fold's score and the difference to the chosen."""
+    varied, best = part["varied"], part["settings"][0]
+    folds = best.compared
+    by_fold = [f"per fold ({' / '.join(map(str, folds))})", "vs chosen"] if len(folds) > 1 else []
+    lines = [
+        _row(["validation accuracy", *by_fold, *varied, "experiments"]),
+        "|" + "---|" * (len(varied) + 2 + len(by_fold)),
+    ]
+    for setting in part["settings"]:
+        cells = [_accuracy(setting)]
+        if by_fold:
+            difference, error = paired_difference(setting, best)
+            cells += [
+                " / ".join(f"{setting.scores[fold]:.2%}" for fold in folds),
+                "" if setting is best else f"{100 * difference:+.2f} ± {100 * error:.2f} points",
             ]
-            continue
-        described = ", ".join(f"{key}={_shown(value)}" for key, value in chosen["values"].items())
-        folds = best.compared
-        by_fold = [f"per fold ({' / '.join(map(str, folds))})", "vs chosen"] if len(folds) > 1 else []
-        lines += [
-            f"Chosen on validation: **{described}** ({chosen['scored_by']}), "
-            f"validation accuracy {_accuracy(best)}.",
+        cells += [*(_shown(setting.values.get(key, "-")) for key in varied), ", ".join(setting.runs)]
+        lines.append(_row(cells))
+    return lines
+
+
+def _model_lines(model: str, part: dict) -> list[str]:
+    """One model's section: the choice, its final fit, and its settings ranked."""
+    chosen, best = part["chosen"], part["settings"][0]
+    lines = [f"## {MODEL_NAMES[model]}", "", *_folds_lines(part)]
+    if not part["varied"]:
+        return [
+            *lines,
+            "No setting of this model varies across these experiments "
+            f"(validation accuracy {_accuracy(best)}).",
             *_final_fit_line(chosen["final_fit"]),
             "",
-            "| " + " | ".join(["validation accuracy", *by_fold, *varied, "experiments"]) + " |",
-            "|" + "---|" * (len(varied) + 2 + len(by_fold)),
         ]
-        for setting in part["settings"]:
-            cells = [_accuracy(setting)]
-            if by_fold:
-                difference, error = paired_difference(setting, best)
-                cells += [
-                    " / ".join(f"{setting.scores[fold]:.2%}" for fold in folds),
-                    "" if setting is best else f"{100 * difference:+.2f} ± {100 * error:.2f} points",
-                ]
-            cells += [*(_shown(setting.values.get(key, "-")) for key in varied), ", ".join(setting.runs)]
-            lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
+    described = ", ".join(f"{key}={_shown(value)}" for key, value in chosen["values"].items())
+    return [
+        *lines,
+        f"Chosen on validation: **{described}** ({chosen['scored_by']}), "
+        f"validation accuracy {_accuracy(best)}.",
+        *_final_fit_line(chosen["final_fit"]),
+        "",
+        *_settings_table(part),
+        "",
+    ]
+
+
+def markdown(report: Report) -> str:
+    lines = _markdown_preamble(report)
+    for model in MODELS:
+        if model in report.models:
+            lines += _model_lines(model, report.models[model])
+        elif model in report.unscored:
+            name = MODEL_NAMES[model]
+            lines += [f"## {name}", "", f"No validation score: `{VALIDATION_RECIPES[model]}`.", ""]
     return "\n".join(lines)
+
+
+def summary_json(report: Report) -> dict:
+    return {
+        "metric": (
+            f"validation accuracy ({VALIDATION_METRIC}) alone; "
+            "no test metric is read: each final-fit command scores the test split once"
+        ),
+        "final_fit_from": report.base_name,
+        "final_fit_all": report.final_fit_all if len(report.models) > 1 else None,
+        "without_validation": report.unscored,
+        "left_out": report.left_out,
+        "not_checked_against_dvc_lock": report.unchecked,
+        **{
+            model: {
+                "varied": part["varied"],
+                **part["chosen"],
+                "not_ranked": [{"runs": s.runs, "folds": sorted(s.scores)} for s in part["unranked"]],
+            }
+            for model, part in report.models.items()
+        },
+    }
+
+
+def write_csv_table(models: dict, path: Path) -> None:
+    """Every model's settings ranked, one row each, with the values of every varied key."""
+    varied = sorted({key for part in models.values() for key in part["varied"]})
+    rows = [
+        [
+            model,
+            f"{s.val_acc:.6g}",
+            "" if s.standard_error is None else f"{s.standard_error:.6g}",
+            " ".join(map(str, s.compared)),
+            *(_shown(s.values.get(key, "")) for key in varied),
+            " ".join(s.runs),
+        ]
+        for model, part in models.items()
+        for s in part["settings"]
+    ]
+    write_csv(path, ["model", "val_acc", "val_acc_se", "folds", *varied, "experiments"], rows)
 
 
 def _numeric(values: list) -> bool:
@@ -818,73 +901,62 @@ def _positions(values: list) -> tuple[list, list, bool]:
     return [index[_key(v)] for v in values], distinct, False
 
 
-def plot_against_params(summary: dict, path: Path) -> None:
-    """Validation accuracy against each varied setting: one column per model, one row per setting.
+def _line(ax, points: list[tuple], label: str | None) -> None:
+    """Every run a dot at (x, validation accuracy), the line joining the best at each x; the standard errors
+    as bars (several validation folds)."""
+    best_at = {}
+    for px, py, _ in points:
+        best_at[px] = max(best_at.get(px, py), py)
+    line = ax.plot(list(best_at), list(best_at.values()), marker="o", label=label)[0]
+    ax.scatter([p[0] for p in points], [p[1] for p in points], color=line.get_color(), s=12)
+    with_error = [p for p in points if p[2] is not None]
+    if with_error:
+        ax.errorbar(*zip(*with_error, strict=True), fmt="none", ecolor=line.get_color(), capsize=3)
 
-    With two varied settings, one line per value of the other one; otherwise every run is a dot and the line
-    joins the best score at each value. The chosen setting is a star.
-    """
-    models = [m for m, part in summary.items() if part["varied"]]
-    rows = max(len(summary[m]["varied"]) for m in models)
-    fig, axes = plt.subplots(rows, len(models), figsize=(4.6 * len(models), 3.4 * rows), squeeze=False)
-    for column, model in enumerate(models):
-        part = summary[model]
-        varied, settings, chosen = part["varied"], part["settings"], part["settings"][0]
+
+def _panel(ax, model: str, part: dict, key: str) -> bool:
+    """Validation accuracy against ``key``: with two varied settings, one line per value of the other one.
+    False where no setting has the keys the panel needs (the probe's, among random-head runs)."""
+    others = [k for k in part["varied"] if k != key]
+    other = others[0] if len(others) == 1 else None
+    on_panel = [s for s in part["settings"] if key in s.values and (other is None or other in s.values)]
+    if not on_panel:
+        return False
+    x, distinct, log_axis = _positions([s.values[key] for s in on_panel])
+    groups = {"": None}
+    if other is not None:
+        groups = {_key(v): v for v in _positions([s.values[other] for s in on_panel])[1]}
+    for group_key, group_value in groups.items():
+        members = [i for i, s in enumerate(on_panel) if other is None or _key(s.values[other]) == group_key]
+        points = sorted((x[i], on_panel[i].val_acc, on_panel[i].standard_error) for i in members)
+        _line(ax, points, None if other is None else f"{other}={_shown(group_value)}")
+    chosen = part["settings"][0]
+    if chosen in on_panel:
+        star = {"marker": "*", "s": 220, "color": "gold", "edgecolor": "black", "zorder": 5}
+        ax.scatter([x[on_panel.index(chosen)]], [chosen.val_acc], **star, label="chosen")
+    if log_axis:
+        ax.set_xscale("log")
+    ax.set_xticks(distinct if _numeric(distinct) else range(len(distinct)), [_shown(v) for v in distinct])
+    ax.minorticks_off()
+    ax.set_xlabel(key)
+    ax.set_ylabel("validation accuracy")
+    ax.set_title(MODEL_NAMES[model], fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return True
+
+
+def plot_against_params(models: dict, path: Path) -> None:
+    """Validation accuracy against each varied setting: one column per model, one row per setting; every run
+    a dot, the line joining the best score at each value, the chosen setting a star."""
+    plotted = [m for m, part in models.items() if part["varied"]]
+    rows = max(len(models[m]["varied"]) for m in plotted)
+    fig, axes = plt.subplots(rows, len(plotted), figsize=(4.6 * len(plotted), 3.4 * rows), squeeze=False)
+    for column, model in enumerate(plotted):
+        varied = models[model]["varied"]
         for row in range(rows):
-            ax = axes[row][column]
-            if row >= len(varied):
-                ax.axis("off")
-                continue
-            key = varied[row]
-            others = [k for k in varied if k != key]
-            grouped = len(others) == 1
-            # a key only some settings have (the probe's, among random-head runs) leaves the others off
-            on_panel = [s for s in settings if key in s.values and (not grouped or others[0] in s.values)]
-            if not on_panel:
-                ax.axis("off")
-                continue
-            x, distinct, log_axis = _positions([s.values[key] for s in on_panel])
-            groups = {"": None}
-            if grouped:
-                groups = {_key(v): v for v in _positions([s.values[others[0]] for s in on_panel])[1]}
-            for group_key, group_value in groups.items():
-                members = [
-                    i for i, s in enumerate(on_panel) if not grouped or _key(s.values[others[0]]) == group_key
-                ]
-                points = sorted((x[i], on_panel[i].val_acc, on_panel[i].standard_error) for i in members)
-                best_at = {}
-                for px, py, _ in points:
-                    best_at[px] = max(best_at.get(px, py), py)
-                label = f"{others[0]}={_shown(group_value)}" if grouped else None
-                line = ax.plot(list(best_at), list(best_at.values()), marker="o", label=label)[0]
-                ax.scatter([p[0] for p in points], [p[1] for p in points], color=line.get_color(), s=12)
-                with_error = [p for p in points if p[2] is not None]
-                if with_error:  # several validation folds: the standard error of each mean
-                    ax.errorbar(
-                        *zip(*with_error, strict=True), fmt="none", ecolor=line.get_color(), capsize=3
-                    )
-            if chosen in on_panel:
-                ax.scatter(
-                    [x[on_panel.index(chosen)]],
-                    [chosen.val_acc],
-                    marker="*",
-                    s=220,
-                    color="gold",
-                    edgecolor="black",
-                    zorder=5,
-                    label="chosen",
-                )
-            if log_axis:
-                ax.set_xscale("log")
-            ax.set_xticks(
-                distinct if _numeric(distinct) else range(len(distinct)), [_shown(v) for v in distinct]
-            )
-            ax.minorticks_off()
-            ax.set_xlabel(key)
-            ax.set_ylabel("validation accuracy")
-            ax.set_title(MODEL_NAMES[model], fontsize=10)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            if row >= len(varied) or not _panel(axes[row][column], model, models[model], varied[row]):
+                axes[row][column].axis("off")
     fig.suptitle("Validation accuracy against each varied setting")
     save_figure(fig, path)
 
@@ -894,35 +966,31 @@ def plot_heatmap(model: str, part: dict, path: Path) -> None:
     (row_key, col_key) = part["varied"]
     # a key only some settings have (the probe's, among random-head runs) leaves the others out
     settings = [s for s in part["settings"] if row_key in s.values and col_key in s.values]
-    rows = _positions([s.values[row_key] for s in settings])[1]
-    cols = _positions([s.values[col_key] for s in settings])[1]
+    rows, cols = (_positions([s.values[key] for s in settings])[1] for key in (row_key, col_key))
+
+    def cell(setting: Setting) -> tuple[int, int]:
+        return (
+            [_key(v) for v in rows].index(_key(setting.values[row_key])),
+            [_key(v) for v in cols].index(_key(setting.values[col_key])),
+        )
+
     grid = np.full((len(rows), len(cols)), np.nan)
     for s in settings:
-        r, c = (
-            [_key(v) for v in rows].index(_key(s.values[row_key])),
-            [_key(v) for v in cols].index(_key(s.values[col_key])),
-        )
+        r, c = cell(s)
         grid[r, c] = s.val_acc if math.isnan(grid[r, c]) else max(grid[r, c], s.val_acc)
     fig, ax = plt.subplots(figsize=(1.2 * len(cols) + 2.5, 0.8 * len(rows) + 1.8))
     image = ax.imshow(grid, cmap="viridis", aspect="auto")
     for (r, c), value in np.ndenumerate(grid):
         if not math.isnan(value):
-            ax.text(
-                c,
-                r,
-                f"{value:.1%}",
-                ha="center",
-                va="center",
-                color="white" if value < np.nanmean(grid) else "black",
-                fontsize=9,
-            )
+            color = "white" if value < np.nanmean(grid) else "black"
+            ax.text(c, r, f"{value:.1%}", ha="center", va="center", color=color, fontsize=9)
     chosen = part["settings"][0]
     if chosen in settings:
-        best_r = [_key(v) for v in rows].index(_key(chosen.values[row_key]))
-        best_c = [_key(v) for v in cols].index(_key(chosen.values[col_key]))
-        ax.add_patch(
-            plt.Rectangle((best_c - 0.5, best_r - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5)
+        best_r, best_c = cell(chosen)
+        outline = plt.Rectangle(
+            (best_c - 0.5, best_r - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5
         )
+        ax.add_patch(outline)
     ax.set_xticks(range(len(cols)), [_shown(v) for v in cols])
     ax.set_yticks(range(len(rows)), [_shown(v) for v in rows])
     ax.set_xlabel(col_key)
@@ -932,149 +1000,45 @@ def plot_heatmap(model: str, part: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
-def summary_json(
-    summary: dict,
-    unscored: dict[str, list[str]],
-    notes: list[str],
-    unchecked: list[str],
-    base_name: str,
-    together: dict,
-) -> dict:
-    return {
-        "metric": (
-            f"validation accuracy ({VALIDATION_METRIC}) alone; "
-            "no test metric is read: each final-fit command scores the test split once"
-        ),
-        "final_fit_from": base_name,
-        "final_fit_all": together if len(summary) > 1 else None,
-        "without_validation": unscored,
-        "left_out": notes,
-        "not_checked_against_dvc_lock": unchecked,
-        **{
-            model: {
-                "varied": part["varied"],
-                **part["chosen"],
-                "not_ranked": [{"runs": s.runs, "folds": sorted(s.scores)} for s in part["unranked"]],
-            }
-            for model, part in summary.items()
-        },
-    }
-
-
-def write_outputs(
-    summary: dict,
-    unscored: dict[str, list[str]],
-    notes: list[str],
-    unchecked: list[str],
-    base_name: str,
-    together: dict,
-    out: Path,
-) -> list[Path]:
+def write_outputs(report: Report, out: Path) -> list[Path]:
     """Every output file, written atomically; pictures of an earlier summary that no longer apply
     are removed."""
     for stale in [*out.glob("heatmap_*.png"), out / "validation_vs_params.png"]:
         stale.unlink(missing_ok=True)
-    write_text(out / "experiments.md", markdown(summary, unscored, notes, unchecked, base_name, together))
-    write_json(out / "summary.json", summary_json(summary, unscored, notes, unchecked, base_name, together))
-    varied = sorted({key for part in summary.values() for key in part["varied"]})
-    rows = [
-        [
-            model,
-            f"{s.val_acc:.6g}",
-            "" if s.standard_error is None else f"{s.standard_error:.6g}",
-            " ".join(map(str, s.compared)),
-            *(_shown(s.values.get(key, "")) for key in varied),
-            " ".join(s.runs),
-        ]
-        for model, part in summary.items()
-        for s in part["settings"]
-    ]
-    header = ["model", "val_acc", "val_acc_se", "folds", *varied, "experiments"]
-    write_csv(out / "experiments.csv", header, rows)
+    write_text(out / "experiments.md", markdown(report))
+    write_json(out / "summary.json", summary_json(report))
+    write_csv_table(report.models, out / "experiments.csv")
     written = [out / "experiments.md", out / "summary.json", out / "experiments.csv"]
-    if any(part["varied"] for part in summary.values()):
-        plot_against_params(summary, out / "validation_vs_params.png")
+    if any(part["varied"] for part in report.models.values()):
+        plot_against_params(report.models, out / "validation_vs_params.png")
         written.append(out / "validation_vs_params.png")
-    for model, part in summary.items():
+    for model, part in report.models.items():
         if len(part["varied"]) == 2:
             plot_heatmap(model, part, out / f"heatmap_{model}.png")
             written.append(out / f"heatmap_{model}.png")
     return written
 
 
-def dvc_exp_show(all_commits: bool) -> list:
-    command = ["dvc", "exp", "show", "--json", *(["--all-commits"] if all_commits else [])]
-    try:
-        result = subprocess.run(command, capture_output=True, text=True, check=False)
-    except FileNotFoundError as err:
-        raise ExperimentsError(
-            "dvc is not on PATH: run this inside the project's environment (uv run ...)"
-        ) from err
-    if result.returncode != 0:
-        raise ExperimentsError(f"{' '.join(command)} failed: {result.stderr.strip()[-500:]}")
-    return json.loads(result.stdout or "[]")
-
-
-def only_named(experiments: list[Experiment], names: list[str]) -> list[Experiment]:
-    """The named experiments (one grid of several queued together), in the listing's order."""
-    missing = sorted(set(names) - {e.name for e in experiments})
-    if missing:
-        raise ExperimentsError(f"--only: no completed experiment named {', '.join(missing)} in the listing")
-    return [e for e in experiments if e.name in names]
-
-
-def listed_experiments(
-    shown_json: Path | None, all_commits: bool, only: list[str] | None
-) -> tuple[list, list[Experiment]]:
-    """The listing (``dvc exp show --json``, run here or saved) and its completed experiments, those of
-    ``only`` if given."""
-    shown = read_json(shown_json) if shown_json else dvc_exp_show(all_commits)
-    experiments = list(experiments_from_show(shown))
-    if only:
-        experiments = only_named(experiments, only)
-    if not experiments:
-        raise ExperimentsError("dvc exp show lists no completed experiment: run some with dvc exp run first")
-    return shown, experiments
-
-
-def checked_runs(experiments: list[Experiment]) -> tuple[list[Experiment], list[str], list[str]]:
-    """:func:`own_runs`, its notes and what it could not check logged."""
-    experiments, stale, unchecked = own_runs(experiments)
-    for note in stale:
-        log.warning("not ranked %s", note)
-    if unchecked:
-        log.warning(
-            "not checked against dvc.lock (git cannot show it at their commits): %s", ", ".join(unchecked)
-        )
-    return experiments, stale, unchecked
+# the commands
 
 
 def summarize(
     shown_json: Path | None, out: Path, all_commits: bool = False, only: list[str] | None = None
 ) -> dict:
+    """``transferlab experiments``: the report written to ``out``, each model's choice printed; returns
+    :attr:`Report.models`."""
     shown, experiments = listed_experiments(shown_json, all_commits, only)
-    experiments, notes = valid_experiments(experiments)
-    for note in notes:
-        log.warning("left out %s", note)
-    base_name, base = choose_base(shown, experiments)
-    experiments, other_data = on_the_same_data(experiments, base)
-    for note in other_data:
-        log.warning("left out %s", note)
-    experiments, stale, unchecked = checked_runs(experiments)
-    notes += other_data + stale
-    summary = summarise(experiments, base)
-    unscored = without_validation(experiments)
-    together = final_fit_all(summary, base)
-    for path in write_outputs(summary, unscored, notes, unchecked, base_name, together, out):
+    report = report_of(shown, experiments)
+    for path in write_outputs(report, out):
         print(path)
-    for model, part in summary.items():
+    for model, part in report.models.items():
         chosen = part["chosen"]
         print(
             f"{MODEL_NAMES[model]}: chosen {chosen['values'] or '(nothing varied)'} "
             f"val {chosen['val_acc']:.2%}; "
             f"final fit: {chosen['final_fit']['command']}"
         )
-    return summary
+    return report.models
 
 
 TABLE_LEGEND = [

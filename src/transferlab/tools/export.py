@@ -37,12 +37,13 @@ def metadata(trained: TrainedModel) -> str:
     """What travels with the export: the classes, and every step from an image file to the probabilities
     that ``transferlab predict`` prints, so that another runtime reproduces them (docs/using-models.md shows
     it for ONNX Runtime)."""
-    prep, cache, size = trained.prep, trained.cache_size, trained.image_size
+    card = trained.card
+    prep, cache, size = card.preprocessing, card.cache_size, card.eval_image_size
     crop = round(cache * prep.crop_pct)
     return json.dumps(
         {
-            "arch": trained.arch,
-            "classes": trained.classes,
+            "arch": card.arch,
+            "classes": card.classes,
             "preprocessing": prep.as_dict(),
             "cache_size": cache,
             "crop_size": crop,

@@ -28,6 +28,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from tqdm import tqdm
+
+from .. import cores
+from ..config import load_params
+from ..figures import plt, save_figure
+from ..fileio import write_json
+from ..inputs import epoch_order
+from ..run import Run
+from ..training import Assembly, assemble
 
 log = logging.getLogger("transferlab.tools.lrfind")
 
@@ -99,66 +109,46 @@ def lr_factors(steps: int, start: float, end: float) -> np.ndarray:
     return start * (end / start) ** (np.arange(steps) / max(steps - 1, 1))
 
 
-def range_test(run: str, steps: int, start: float, end: float, seed: int) -> dict:
-    """One range test of the run, with ``seed`` for the batch order, augmentation and a random head."""
-    import torch
-    from torch.optim import lr_scheduler
-    from tqdm import tqdm
-
-    from ..config import load_params
-    from ..device import training_device
-    from ..distributed import World
-    from ..inputs import batch_slices, epoch_order
-    from ..paths import holdout
-    from ..splits import load_classes
-    from ..training import Trainer, initial_model, training_batches, training_data
-
-    params = load_params()
+def range_test(model: str, steps: int, start: float, end: float, seed: int) -> dict:
+    """One range test of the model's run, with ``seed`` for the batch order, augmentation and a random
+    head."""
     # as the holdout twin trains: on the train split, from the probe that never saw the validation images
-    cfg = dataclasses.replace(params.train_config(run, holdout=True), compile=False, ema_decay=0.0, seed=seed)
-    weights = params.weights_for(run)
-    device, amp_dtype = training_device(params.runtime.device, params.runtime.precision)
-    classes = load_classes()
-    data = training_data(train_on_val=False)
-    train_labels = data[0][1]
-    model, head_name, prep = initial_model(
-        params.model.arch, weights, classes, cfg, params.features.layers, holdout("probe")
-    )
-    slices = batch_slices(len(train_labels), cfg.batch_size)
-    trainer = Trainer.create(
-        model, head_name, cfg, params.runtime, len(slices), World(device=device), amp_dtype
-    )
-    batches = training_batches(trainer, data, prep, params.model.arch, weights, len(classes))
-    rates = lr_factors(steps, start, end)
-    # every group's lr is its params value times the same factor: the run's lr sweeps from start to end
-    trainer.schedule = lr_scheduler.LambdaLR(
-        trainer.optimizer, lambda step: rates[min(step, steps - 1)] / cfg.lr
-    )
-    generator = torch.Generator().manual_seed(seed)
-    lrs, losses, diverged = [], [], False
-    trainer.enter_train_mode()
-    bar = tqdm(total=steps, desc=f"lr-find {run} seed {seed}", leave=False)
-    while len(losses) < steps and not diverged:
-        order = epoch_order(train_labels, generator, cfg.balanced_sampling)
-        for batch in slices[: steps - len(losses)]:
-            lrs.append(trainer.optimizer.param_groups[-1]["lr"] * cfg.lr / trainer.schedule.base_lrs[-1])
-            loss_sum, _, seen = trainer.step(batches, order[batch])
-            losses.append(float(loss_sum) / seen)
-            bar.update()
-            bar.set_postfix(lr=f"{lrs[-1]:.2g}", loss=f"{losses[-1]:.3f}")
-            diverged = diverged_at(np.array(losses)) is not None
-            if diverged:
-                break
-    bar.close()
+    run = Run.of(load_params(), model, holdout=True).with_recipe(compile=False, ema_decay=0.0, seed=seed)
+    setup = assemble(run, sweep=lr_factors(steps, start, end))
+    lrs, losses = sweep_losses(setup, steps, f"lr-find {model} seed {seed}")
     suggestion = suggest(np.array(lrs), np.array(losses))
     log.info(
         "lr-find %s seed %d: %s (%s)",
-        run,
+        model,
         seed,
         f"lr {suggestion.lr:.3g}" if suggestion.lr else "no suggestion",
         suggestion.reason,
     )
     return {"seed": seed, "lr": lrs, "loss": losses, "suggestion": dataclasses.asdict(suggestion)}
+
+
+def sweep_losses(setup: Assembly, steps: int, description: str) -> tuple[list[float], list[float]]:
+    """The run's learning rate and training loss at each step of its sweep, for ``steps`` steps or until the
+    loss diverges."""
+    trainer, cfg = setup.trainer, setup.trainer.cfg
+    generator = torch.Generator().manual_seed(cfg.seed)
+    lrs, losses = [], []
+    trainer.enter_train_mode()
+    with tqdm(total=steps, desc=description, leave=False) as bar:
+        while len(losses) < steps:
+            order = epoch_order(setup.labels, generator, cfg.balanced_sampling)
+            for batch in setup.slices[: steps - len(losses)]:
+                # the run's lr: the last group's, over that group's share of it
+                lrs.append(
+                    trainer.optimizer.param_groups[-1]["lr"] * cfg.lr / trainer.schedule.per_step.base_lrs[-1]
+                )
+                loss_sum, _, seen = trainer.step(setup.batches, order[batch])
+                losses.append(float(loss_sum) / seen)
+                bar.update()
+                bar.set_postfix(lr=f"{lrs[-1]:.2g}", loss=f"{losses[-1]:.3f}")
+                if diverged_at(np.array(losses)) is not None:
+                    return lrs, losses
+    return lrs, losses
 
 
 def summarise(tests: list[dict]) -> dict:
@@ -178,8 +168,6 @@ def summarise(tests: list[dict]) -> dict:
 
 
 def plot(path: Path, run: str, key: str, current: float, tests: list[dict], summary: dict) -> None:
-    from ..figures import plt, save_figure
-
     fig, ax = plt.subplots(figsize=(7, 4.2))
     lowest, highest = np.inf, -np.inf
     for test, color in zip(tests, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False):
@@ -211,30 +199,25 @@ def plot(path: Path, run: str, key: str, current: float, tests: list[dict], summ
     save_figure(fig, path)
 
 
-def find(run_name: str, steps: int, start: float, end: float, seeds: int, out: Path, command: str) -> dict:
-    """Range tests with ``seeds`` seeds; writes ``<out>/<run>.json`` (``command`` made it) and
-    ``<out>/<run>.png``."""
-    from .. import cores
-    from ..config import load_params
-    from ..fileio import write_json
-
+def find(model: str, steps: int, start: float, end: float, seeds: int, out: Path, command: str) -> dict:
+    """Range tests with ``seeds`` seeds; writes ``<out>/<model>.json`` (``command`` made it) and
+    ``<out>/<model>.png``."""
     params = load_params()
-    cfg = params.train_config(run_name)
-    key = params.key(run_name, "lr")
+    run = Run.of(params, model)
     cores.use(params.runtime.threads)
-    tests = [range_test(run_name, steps, start, end, cfg.seed + offset) for offset in range(seeds)]
+    tests = [range_test(model, steps, start, end, run.cfg.seed + offset) for offset in range(seeds)]
     summary = summarise(tests)
     result = {
-        "run": run_name,
+        "run": model,
         "command": command,
-        "key": key,
-        "params_lr": cfg.lr,
+        "key": run.key("lr"),
+        "params_lr": run.cfg.lr,
         "steps": steps,
         "start": start,
         "end": end,
         "summary": summary,
         "tests": tests,
     }
-    write_json(out / f"{run_name}.json", result)
-    plot(out / f"{run_name}.png", run_name, key, cfg.lr, tests, summary)
+    write_json(out / f"{model}.json", result)
+    plot(out / f"{model}.png", model, run.key("lr"), run.cfg.lr, tests, summary)
     return result

@@ -79,7 +79,7 @@ def predict(
 ) -> Predictions:
     """Top-k classes of each readable image; ``tta`` as ``evaluate.tta``
     (flip: mean logits of image and mirror image)."""
-    readable, images, failures = read_images(paths, trained.cache_size)
+    readable, images, failures = read_images(paths, trained.card.cache_size)
     result = Predictions(failures=failures)
     if not len(images):
         return result
@@ -87,7 +87,7 @@ def predict(
     best = np.argsort(-probs, axis=1, kind="stable")[:, :topk]
     result.paths = [str(p) for p in readable]
     result.top = [
-        [(trained.classes[c], float(probs[row, c])) for c in best[row]] for row in range(len(readable))
+        [(trained.card.classes[c], float(probs[row, c])) for c in best[row]] for row in range(len(readable))
     ]
     return result
 
