@@ -170,7 +170,7 @@ def plot_gradcam_panel(
         len(images), 1 + len(models), figsize=(2.4 * (1 + len(models)), 2.5 * len(images)), squeeze=False
     )
     for row, label in enumerate(labels):
-        show_overlay(axes[row, 0], shown[row], None, f"true: {first.classes[label]}")
+        show_overlay(axes[row, 0], shown[row], None, f"true: {first.card.classes[label]}")
     for column, (run, trained) in enumerate(models.items(), start=1):
         probs = trained.probabilities(images, desc=f"grad-cam {run}")
         predictions = probs.argmax(1)
