@@ -407,7 +407,7 @@ def test_running_out_of_memory_suggests_a_smaller_batch(project):
     project(
         image_size=1024, batch_size=12
     )  # 12 images of 1024 x 1024 through resnet18: several GB of activations
-    code = CAPPED.format(module="train", work="training", headroom=1 << 30)
+    code = CAPPED.format(module="stages.train", work="training", headroom=1 << 30)
     result = subprocess.run(
         [sys.executable, "-c", code, "finetune"], capture_output=True, text=True, timeout=600
     )
@@ -451,7 +451,7 @@ def test_out_of_memory_on_a_gpu_names_the_runs_own_batch_size(project, monkeypat
 def test_out_of_memory_in_transferlab_predict_names_its_batch_option(
     probe_checkpoint, tmp_path, monkeypatch, capsys
 ):
-    from transferlab.tools import cli, predict
+    from transferlab.tools import cli
 
     Image.new("RGB", (40, 40), "red").save(tmp_path / "photo.jpg")
 
@@ -461,7 +461,7 @@ def test_out_of_memory_in_transferlab_predict_names_its_batch_option(
             "you tried to allocate 8589934592 bytes"
         )
 
-    monkeypatch.setattr(predict, "predict", out_of_memory)
+    monkeypatch.setattr(cli, "predict", out_of_memory)
     with pytest.raises(SystemExit) as exit_info:
         cli.main(
             ["predict", str(tmp_path / "photo.jpg"), "--model", str(probe_checkpoint), "--batch-size", "64"]
