@@ -48,6 +48,7 @@ TINY_PARAMS = {
         "frozen_layers": 0,
     },
     "scratch": {"epochs": 2, "batch_size": 8, "image_size": 32, "eval_image_size": 32, "train_on_val": False},
+    "efficiency": {"sizes": [1, 3], "scratch_sizes": [2], "draws": [0, 1]},
 }
 
 
@@ -89,7 +90,8 @@ def make_project_repo(repo: Path, images: Path) -> Path:
     first commit made."""
     repo.mkdir()
     shutil.copytree(PROJECT / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".gitignore"):
+    for name in ("dvc.yaml", ".gitignore", "efficiency/dvc.yaml"):
+        (repo / name).parent.mkdir(exist_ok=True)
         shutil.copy(PROJECT / name, repo / name)
     params = tiny_params()
     params["data"]["source"] = str(images)

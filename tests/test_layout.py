@@ -13,6 +13,7 @@ import yaml
 from conftest import PROJECT
 
 PACKAGE = PROJECT / "src/transferlab"
+PIPELINES = ("dvc.yaml", "efficiency/dvc.yaml")  # the main comparison, and the data-efficiency curve
 ROLES = ("stages", "tools")
 
 
@@ -55,12 +56,14 @@ def package_imports(module: str) -> set[str]:
 
 
 def stage_commands() -> dict[str, tuple[str, list[str]]]:
-    """Each dvc.yaml stage's module (``stages.prepare``) and deps (a foreach stage: its template)."""
-    stages = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
+    """Each pipeline stage's module (``stages.prepare``) and deps (a foreach or matrix stage: its template),
+    by ``<pipeline file>:<stage>``."""
     found = {}
-    for name, stage in stages.items():
-        stage = stage.get("do", stage)
-        found[name] = (stage["cmd"].split()[2].removeprefix("transferlab."), stage["deps"])
+    for pipeline in PIPELINES:
+        for name, stage in yaml.safe_load((PROJECT / pipeline).read_text())["stages"].items():
+            stage = stage.get("do", stage)
+            module = stage["cmd"].split()[2].removeprefix("transferlab.")
+            found[f"{pipeline}:{name}"] = (module, stage["deps"])
     return found
 
 

@@ -295,6 +295,37 @@ class EvaluateConfig:
             raise ConfigError(f"evaluate.topk must be a non-empty list of integers >= 1, got {self.topk!r}")
 
 
+def _whole_numbers(key: str, values: Any, low: int, empty: bool = False) -> list[str]:
+    """The problem with a list of distinct whole numbers >= ``low`` (empty only with ``empty``)."""
+    if not isinstance(values, list) or (not values and not empty):
+        return [f"{key} must be a {'' if empty else 'non-empty '}list of whole numbers, got {values!r}"]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= low for v in values):
+        return [f"{key} must hold whole numbers >= {low}, got {values!r}"]
+    if len(set(values)) != len(values):
+        return [f"{key} lists a value twice: {values!r}"]
+    return []
+
+
+@dataclass(frozen=True)
+class EfficiencyConfig:
+    """The data-efficiency curve (``efficiency/dvc.yaml``): the models trained on seeded subsets of the train
+    split, with the recipes above, and scored on the test split."""
+
+    # training images per class of the probe's and the fine-tuned model's points; the full
+    # data.train_per_class is the main pipeline's models
+    sizes: list
+    scratch_sizes: list  # the scratch model's points (its recipe's epochs each: the costly ones)
+    draws: list  # seeds: one subset of every class per seed, nested (a seed's 5 images hold its 3)
+    compile: bool  # torch.compile for the fine-tuned points: its warm-up outlasts a subset's few steps
+
+    def __post_init__(self):
+        _raise_all(
+            _whole_numbers("efficiency.sizes", self.sizes, 1)
+            + _whole_numbers("efficiency.scratch_sizes", self.scratch_sizes, 1, empty=True)
+            + _whole_numbers("efficiency.draws", self.draws, 0)
+        )
+
+
 @dataclass(frozen=True)
 class LoggingConfig:
     # also write TensorBoard event files (scalars, learning rates, a few images) to
@@ -313,6 +344,7 @@ class Params:
     scratch: TrainConfig  # the run from random init (stage train_scratch); mode scratch
     evaluate: EvaluateConfig
     logging: LoggingConfig
+    efficiency: EfficiencyConfig
 
     def train_config(self, model: str, holdout: bool = False) -> TrainConfig:
         """The run's section, checked against the rest of the params.
@@ -401,6 +433,30 @@ class Params:
                 f"(mode is {cfg.mode}, model.weights is {self.model.weights}); allowed here: 0"
             )
         return problems
+
+    def _efficiency_problems(self) -> list[str]:
+        """A curve's point must be a subset of the train split, below the main models' full training set."""
+        problems = []
+        for key in ("sizes", "scratch_sizes"):
+            over = [n for n in getattr(self.efficiency, key) if not self.drawable(n)]
+            if over:
+                problems.append(self.undrawable(f"efficiency.{key}", over))
+        return problems
+
+    def drawable(self, per_class: int) -> bool:
+        """Whether a subset of ``per_class`` images of each class can be drawn from the train split, below
+        the full training set (the main models' point of the curve)."""
+        pool = self.data.train_per_class - self.data.val_per_class
+        return 1 <= per_class <= pool and per_class < self.data.train_per_class
+
+    def undrawable(self, key: str, sizes: object) -> str:
+        pool = self.data.train_per_class - self.data.val_per_class
+        return (
+            f"{key}: {sizes} is not within 1 to {pool}, the train-split images per class the subsets are "
+            f"drawn from (data.train_per_class {self.data.train_per_class} - data.val_per_class "
+            f"{self.data.val_per_class}), below the full training set (the main models' point, on the curve "
+            "without a run of its own)"
+        )
 
     def key(self, model: str, name: str) -> str:
         """The params key of the model's setting ``name`` (``train.lr``, ``scratch.lr``)."""
@@ -501,6 +557,7 @@ SECTIONS = {
     "train": TrainConfig,
     "evaluate": EvaluateConfig,
     "logging": LoggingConfig,
+    "efficiency": EfficiencyConfig,
 }
 SCRATCH_REFUSAL = "train_scratch trains every layer from random init: this key is the fine-tuning's (train.)"
 
@@ -531,6 +588,7 @@ def parse_params(raw: dict) -> Params:
         problems.append(
             "probe.C lists several values to choose from on the validation split, but data.val_per_class is 0"
         )
+    problems += params._efficiency_problems()
     _raise_all(problems)
     return params
 

@@ -12,9 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import ProbeConfig
+from .config import ModelConfig, ProbeConfig
 from .errors import ModelError
 from .paths import FEATURES_DIR, checkpoint_path
+from .splits import features_info, load_classes, load_features, load_split
+from .subsets import Subset
 
 log = logging.getLogger("transferlab.stages.probe")
 
@@ -166,3 +168,24 @@ def fit_probe(
     labels = np.concatenate([train_labels, val_labels])
     fitted = fit_head(*as_samples(features, labels, cfg.flip), num_classes, chosen["C"], cfg.max_iter)
     return fitted, on_train, chosen, results, len(labels)
+
+
+def checked_features(model: ModelConfig) -> dict:
+    """What the frozen features are (:func:`splits.features_info`), checked to be of ``model.*``."""
+    info = features_info()
+    if (info["arch"], info["weights"]) != (model.arch, model.weights):
+        raise ModelError(
+            f"the features in {FEATURES_DIR} are of {info['arch']} (weights {info['weights']}), "
+            "not model.*: re-run the features stage"
+        )
+    return info
+
+
+def fit_subset(cfg: ProbeConfig, model: ModelConfig, subset: Subset, C: float, channels_last: bool) -> None:
+    """The probe of a point of the data-efficiency curve: fitted with ``C`` on the subset's train features
+    and saved under ``subset.run("probe")``, where the fine-tuned model's point of the same subset starts."""
+    info, classes, labels = checked_features(model), load_classes(), load_split("train")[1]
+    rows = subset.rows(labels)
+    features = np.asarray(load_features("train"))[:, rows]
+    head = fit_head(*as_samples(features, labels[rows], cfg.flip), len(classes), C, cfg.max_iter)
+    save_probe(subset.run("probe"), head, info, classes, cfg, channels_last, C=C)

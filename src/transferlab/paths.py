@@ -17,6 +17,11 @@ CURVES_PNG = Path("plots/learning_curves.png")
 GAIN_PNG = Path("plots/per_class_gain.png")
 GRADCAM_IMAGE = Path("plots/gradcam.jpg")
 REPORT_HTML = Path("metrics/report.html")
+EFFICIENCY = "efficiency"  # the data-efficiency curve's folder in data/models/ and metrics/
+EFFICIENCY_MD = Path("metrics/efficiency.md")
+EFFICIENCY_JSON = Path("metrics/efficiency.json")
+EFFICIENCY_HTML = Path("metrics/efficiency.html")
+EFFICIENCY_PNG = Path("plots/efficiency.png")
 
 
 def holdout(run: str) -> str:
@@ -42,9 +47,16 @@ def resume_path(run: str) -> Path:
 
 def train_dir(run: str) -> Path:
     """dvclive folder of a training stage: per-epoch curves, settings, summary."""
-    return Path("metrics") / f"train_{run}"
+    return _results_dir("train", run)
 
 
 def evaluation_dir(run: str) -> Path:
     """Test-split results of one model: metrics.json, per_class.csv, confusion matrix."""
-    return Path("metrics") / f"test_{run}"
+    return _results_dir("test", run)
+
+
+def _results_dir(kind: str, run: str) -> Path:
+    """``metrics/<kind>_<run>``; a run named in a folder (``efficiency/probe_n5_d0``) has its results there
+    (``metrics/efficiency/test_probe_n5_d0``)."""
+    folder, _, name = run.rpartition("/")
+    return Path("metrics") / folder / f"{kind}_{name}"

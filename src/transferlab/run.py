@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from .config import MODEL_SECTIONS, Params, RuntimeConfig, TrainConfig
 from .paths import holdout as holdout_name
+from .subsets import Subset
 
 
 @dataclass(frozen=True)
@@ -27,12 +28,14 @@ class Run:
     layers: list[str] = field(default_factory=list)  # features.layers, which a fine-tuned head reads too
     probe: str = "probe"  # the linear probe's run that LP-FT starts from (init_head: probe)
     tensorboard: bool = False  # logging.tensorboard
+    subset: Subset | None = None  # a point of the data-efficiency curve: trains on this subset of train only
 
     @classmethod
-    def of(cls, params: Params, model: str, holdout: bool = False) -> Run:
+    def of(cls, params: Params, model: str, holdout: bool = False, subset: Subset | None = None) -> Run:
         """The run of ``model``, or with ``holdout`` of its holdout twin (on the train split, from the probe
-        fitted on the train split); bad params fail here."""
-        return cls(
+        fitted on the train split), or with ``subset`` of its point on the data-efficiency curve; bad params
+        fail here."""
+        run = cls(
             model=model,
             name=holdout_name(model) if holdout else model,
             cfg=params.train_config(model, holdout),
@@ -42,6 +45,19 @@ class Run:
             layers=params.features.layers,
             probe=holdout_name("probe") if holdout else "probe",
             tensorboard=params.logging.tensorboard,
+        )
+        return run if subset is None else run.on_subset(subset, params.efficiency.compile)
+
+    def on_subset(self, subset: Subset, compile: bool) -> Run:
+        """The run's recipe as a point of the data-efficiency curve: trained on ``subset`` of the train split,
+        no validation (the last epoch is kept, as in a final fit), LP-FT from the probe fitted on the same
+        subset; ``compile``: ``efficiency.compile``."""
+        return dataclasses.replace(
+            self,
+            name=subset.run(self.model),
+            cfg=dataclasses.replace(self.cfg, train_on_val=True, compile=compile and self.cfg.compile),
+            probe=subset.run("probe"),
+            subset=subset,
         )
 
     @property
@@ -62,4 +78,6 @@ class Run:
     def described(self) -> dict:
         """The run's params as they are logged and saved with its resumable state."""
         named = {"run": self.name, "arch": self.arch, "weights": self.weights}
+        if self.subset is not None:
+            named |= {"images_per_class": self.subset.per_class, "draw": self.subset.draw}
         return named | dataclasses.asdict(self.cfg) | dataclasses.asdict(self.runtime)

@@ -54,6 +54,7 @@ from .optim import LrSchedule, build_optimizer
 from .paths import FEATURES_DIR, checkpoint_path, resume_path, train_dir
 from .run import Run
 from .splits import features_info, load_classes, load_features, load_split
+from .subsets import Subset
 from .tracking import TrainingLog
 from .weight_space import CURVE_POINTS, cpu_copy, interpolate, moving_average
 
@@ -68,15 +69,16 @@ LEARNING_EPOCHS = 10
 KEEP_UNLEARNED_ENV = "TRANSFERLAB_KEEP_UNLEARNED"
 
 
-def fit(model: str, world: World | None = None, holdout: bool = False) -> dict:
+def fit(model: str, world: World | None = None, holdout: bool = False, subset: Subset | None = None) -> dict:
     """Train ``model`` (finetune or scratch); return the kept epoch and its validation accuracy (None
     without validation).
 
     ``world``: this process's place in a data-parallel run (default: the only process, on ``runtime.device``).
-    ``holdout``: train the model's holdout twin (see :func:`paths.holdout`), which writes under its own name.
+    ``holdout``: train the model's holdout twin (see :func:`paths.holdout`), which writes under its own name;
+    ``subset``: its point of the data-efficiency curve (see :meth:`Run.on_subset`), likewise.
     """
     started = time.perf_counter()
-    run = Run.of(load_params(), model, holdout)
+    run = Run.of(load_params(), model, holdout, subset)
     # the thread count it comes to is part of the run: logged with its params, in its resume fingerprint
     run = run.with_runtime(threads=cores.use(run.runtime.threads, world.size if world else 1))
     setup = assemble(run, world)
@@ -141,7 +143,7 @@ def assemble(run: Run, world: World | None = None, sweep: Sequence[float] | None
     """
     world = world or single_process(run.runtime)
     classes = load_classes()
-    data = training_data(run.cfg.train_on_val)
+    data = training_data(run)
     (images, labels), (_, val_labels) = data
     if len(labels) < world.size:
         raise ConfigError(
@@ -612,7 +614,9 @@ def frozen_features(run: Run, counts: tuple[int, int]) -> tuple[torch.Tensor, to
     train = torch.from_numpy(np.array(load_features("train")[0]))
     val = torch.from_numpy(np.array(load_features("val")[0]))
     val = val.reshape(len(val), train.shape[1])  # an empty split's features are stored as 0 x 0
-    if cfg.train_on_val:
+    if run.subset is not None:
+        train, val = train[run.subset.rows(load_split("train")[1])], val[:0]
+    elif cfg.train_on_val:
         train, val = torch.cat([train, val]), val[:0]
     if (len(train), len(val)) != counts:
         raise ModelError(
@@ -661,11 +665,15 @@ def initial_model(
     return model, head_name, prep
 
 
-def training_data(train_on_val: bool) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """(train images, labels), (validation images, labels); with ``train_on_val`` the validation images
-    train too."""
+def training_data(run: Run) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """(train images, labels), (validation images, labels) of the run: with ``train_on_val`` the validation
+    images train too; a point of the data-efficiency curve trains on its subset of the train split and has no
+    validation."""
     (train_images, train_labels), (val_images, val_labels) = load_split("train"), load_split("val")
-    if not train_on_val:
+    if run.subset is not None:
+        rows = run.subset.rows(train_labels)
+        return (train_images[rows], train_labels[rows]), (val_images[:0], val_labels[:0])
+    if not run.cfg.train_on_val:
         return (train_images, train_labels), (val_images, val_labels)
     merged = (np.concatenate([train_images, val_images]), np.concatenate([train_labels, val_labels]))
     return merged, (val_images[:0], val_labels[:0])

@@ -10,7 +10,6 @@ confusion matrices, calibration, Grad-CAM panel, misclassification galleries and
 
 from __future__ import annotations
 
-import base64
 import csv
 import html
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from ..paths import (
     COMPARISON_JSON,
     COMPARISON_MD,
     CURVES_PNG,
+    EFFICIENCY_HTML,
     GAIN_PNG,
     GRADCAM_IMAGE,
     REPORT_HTML,
@@ -33,6 +33,7 @@ from ..paths import (
     holdout,
     train_dir,
 )
+from ..report import Table, embedded_image, html_table, markdown, page
 
 # panels of the learning-curve plot: the final fits' training curves, then the holdout twins' accuracy on the
 # validation images they never trained on (what generalises); a panel without data is left out
@@ -46,13 +47,6 @@ EVALUATION_PICTURES = [
     ("calibration.png", "Calibration"),
     ("misclassified.jpg", "Most confident mistakes"),
 ]
-
-
-@dataclass(frozen=True)
-class Table:
-    title: str
-    headers: list[str]
-    rows: list[list[str]]
 
 
 def metric_labels(metrics: dict) -> dict[str, str]:
@@ -226,25 +220,6 @@ def confusion_tables(top: int, names: dict[str, str]) -> list[Table]:
     return tables
 
 
-def markdown(table: Table) -> list[str]:
-    lines = [
-        f"## {table.title}",
-        "",
-        "| " + " | ".join(table.headers) + " |",
-        "|---|" + "---:|" * (len(table.headers) - 1),
-    ]
-    return lines + ["| " + " | ".join(row) + " |" for row in table.rows] + [""]
-
-
-def html_table(table: Table, heading: bool = True) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in table.headers)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in row) + "</tr>" for row in table.rows
-    )
-    title = f"<h2>{html.escape(table.title)}</h2>\n" if heading else ""
-    return f"{title}<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
 def summary_line(gains: list[tuple[str, float, float, float]], finetune: dict) -> str:
     improved = sum(1 for *_, gain in gains if gain > 0)
     worse = sum(1 for *_, gain in gains if gain < 0)
@@ -286,31 +261,6 @@ def markdown_report(comparison: Comparison) -> str:
     return "\n".join(lines)
 
 
-def embedded_image(path: Path, alt: str) -> str:
-    """An <img> carrying the picture itself, so the report is one file."""
-    if not path.is_file():
-        return f"<p class='missing'>{html.escape(alt)}: not produced ({html.escape(str(path))})</p>"
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    mime = "image/jpeg" if path.suffix.lower() in (".jpg", ".jpeg") else "image/png"
-    return (
-        f'<figure><img src="data:{mime};base64,{data}" alt="{html.escape(alt)}">'
-        f"<figcaption>{html.escape(alt)}</figcaption></figure>"
-    )
-
-
-STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
-table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
-th:first-child, td:first-child { text-align: left; }
-figure { display: inline-block; margin: 0.5em; vertical-align: top; }
-img { max-width: 100%; border: 1px solid #ddd; }
-figcaption { font-size: 0.85em; color: #555; }
-.row { display: flex; gap: 1em; flex-wrap: wrap; } .row figure { flex: 1 1 45%; }
-pre { background: #f6f6f6; padding: 0.8em; font-size: 0.8em; overflow-x: auto; }
-"""
-
-
 def html_report(comparison: Comparison) -> str:
     def pictures(name: str) -> str:
         return (
@@ -326,6 +276,9 @@ def html_report(comparison: Comparison) -> str:
         f"<h1>{html.escape(comparison.metrics.title)}</h1>",
         html_table(comparison.metrics, heading=False),
         f"<p>{html.escape(comparison.summary)}</p>",
+        "<p>How the three models do with fewer labelled images per class: the data-efficiency "
+        f"curve, <a href='{EFFICIENCY_HTML.name}'>{EFFICIENCY_HTML.name}</a> (written by "
+        "<code>dvc repro efficiency/dvc.yaml</code>).</p>",
         "<h2>Learning curves</h2>",
         embedded_image(CURVES_PNG, "learning curves of both trained models"),
         html_table(comparison.budget),
@@ -342,11 +295,7 @@ def html_report(comparison: Comparison) -> str:
         "<h2>Params of each model</h2>",
         *(params_of(name, cfg) for name, cfg in comparison.params.items()),
     ]
-    body = "\n".join(parts)
-    return (
-        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>transferlab report</title>"
-        f"<style>{STYLE}</style></head>\n<body>\n{body}\n</body></html>\n"
-    )
+    return page("transferlab report", parts)
 
 
 def plot_curves(path: Path) -> None:

@@ -26,11 +26,10 @@ from dvclive import Live
 
 from ..config import ProbeConfig, load_params
 from ..entrypoint import run_stage
-from ..errors import ModelError
 from ..fileio import atomic_dir, write_csv
-from ..linear_probe import fit_probe, save_probe
-from ..paths import FEATURES_DIR, holdout, train_dir
-from ..splits import features_info, load_classes, load_features, load_split
+from ..linear_probe import checked_features, fit_probe, save_probe
+from ..paths import holdout, train_dir
+from ..splits import load_classes, load_features, load_split
 
 log = logging.getLogger("transferlab.stages.probe")
 RUN = "probe"
@@ -39,12 +38,7 @@ RUN = "probe"
 def main() -> None:
     started = time.perf_counter()
     params = load_params()
-    cfg, info = params.probe, features_info()
-    if (info["arch"], info["weights"]) != (params.model.arch, params.model.weights):
-        raise ModelError(
-            f"the features in {FEATURES_DIR} are of {info['arch']} (weights {info['weights']}), "
-            "not model.*: re-run the features stage"
-        )
+    cfg, info = params.probe, checked_features(params.model)
     classes = load_classes()
     (_, train_labels), (_, val_labels) = load_split("train"), load_split("val")
     log.info(
