@@ -61,9 +61,9 @@ def test_a_point_trains_on_its_subset_from_the_probe_of_the_same_subset():
     assert run.described()["images_per_class"] == 3, "in its params and its resume fingerprint"
 
 
-def rows_of(repo, split: str) -> list[str]:
+def rows_of(repo, split: str, column: str = "path") -> list[str]:
     with (repo / f"data/prepared/{split}.csv").open() as f:
-        return [row["path"] for row in csv.DictReader(f)]
+        return [row[column] for row in csv.DictReader(f)]
 
 
 @pytest.mark.slow
@@ -87,6 +87,10 @@ def test_the_curve_runs_as_its_own_pipeline(reproduced):
     assert "up to date" in status, status
 
     classes = json.loads((repo / "data/prepared/classes.json").read_text())
+    train = rows_of(repo, "train")
+    train_labels = np.array(rows_of(repo, "train", "label"), dtype=int)
+    drawn = {train[i] for draw in (0, 1) for i in Subset(3, draw).rows(train_labels)}
+    assert drawn and not drawn & {*rows_of(repo, "val"), *rows_of(repo, "test")}, "train-split images only"
     points = {}
     for model, n, draw in (("probe", 3, 0), ("finetune", 3, 0), ("finetune", 3, 1), ("scratch", 2, 1)):
         name = f"{model}_n{n}_d{draw}"
@@ -98,7 +102,7 @@ def test_the_curve_runs_as_its_own_pipeline(reproduced):
     from transferlab.trained_model import TrainedModel
 
     test = np.load(repo / "data/prepared/test.npy")
-    labels = np.array([int(row["label"]) for row in csv.DictReader((repo / "data/prepared/test.csv").open())])
+    labels = np.array(rows_of(repo, "test", "label"), dtype=int)
     states = {}
     for name in ("finetune_n3_d0", "finetune_n3_d1"):
         trained = TrainedModel.load(repo / f"data/models/efficiency/{name}/model.pt", torch.device("cpu"))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import tiny_params
-from transferlab import linear_probe, trained_model, training
+from transferlab import linear_probe, scoring, trained_model, training
 from transferlab.config import load_params, parse_params
 from transferlab.errors import ConfigError, ModelError
 from transferlab.inference import predict_logits
@@ -209,7 +209,7 @@ def test_flip_tta_in_evaluate_is_the_mean_of_both_views(project, monkeypatch):
     # evaluate@probe scores from the frozen test features:
     # the same mean of both views, without a backbone pass
     np.testing.assert_allclose(
-        evaluate.probe_probabilities(checkpoint_path("probe"), labels, trained.card.classes, "flip"),
+        scoring.probe_probabilities(checkpoint_path("probe"), labels, trained.card.classes, "flip"),
         expected,
         atol=1e-5,
     )

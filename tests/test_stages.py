@@ -15,8 +15,8 @@ from conftest import tiny_params
 from transferlab import training
 from transferlab.fileio import atomic_dir, atomic_path, write_json
 from transferlab.paths import COMPARISON_JSON, COMPARISON_MD, checkpoint_path, evaluation_dir, train_dir
+from transferlab.scoring import classification_metrics
 from transferlab.stages import compare, features, prepare, probe
-from transferlab.stages.evaluate import classification_metrics
 
 
 def test_metrics_with_known_answers():
