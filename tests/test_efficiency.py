@@ -14,6 +14,7 @@ import yaml
 
 from conftest import run_command, tiny_params
 from transferlab.config import parse_params
+from transferlab.efficiency import Summary, findings
 from transferlab.errors import ConfigError
 from transferlab.run import Run
 from transferlab.subsets import Subset
@@ -41,17 +42,53 @@ def test_a_class_with_fewer_images_than_asked_trains_on_all_it_has(caplog):
     assert "class 1 has 2 training images, fewer than 5" in caplog.text
 
 
-def test_sizes_the_train_split_cannot_hold_fail_naming_the_key():
+def test_sizes_the_train_split_cannot_hold_fail_the_curve_naming_the_key_and_only_the_curve():
     params = tiny_params()  # 6 training images per class, 2 of them validate: subsets of up to 4
     params["efficiency"]["sizes"] = [1, 5]
+    checked = parse_params(params)  # the main pipeline's stages do not read the curve's sizes
     with pytest.raises(ConfigError, match=r"efficiency.sizes: \[5\] is not within 1 to 4"):
-        parse_params(params)
+        checked.check_efficiency()
     params["efficiency"].update(sizes=[1], scratch_sizes=[6])
     with pytest.raises(ConfigError, match=r"efficiency.scratch_sizes: \[6\]"):
-        parse_params(params)
+        parse_params(params).check_efficiency()
     params["efficiency"].update(scratch_sizes=[], draws=[0, 0])
     with pytest.raises(ConfigError, match="efficiency.draws lists a value twice"):
         parse_params(params)
+
+
+def test_a_recipe_that_watches_validation_cannot_make_a_point():
+    params = tiny_params()
+    params["scratch"].update(schedule="plateau")  # valid for the main run, which validates every epoch
+    with pytest.raises(ConfigError, match="scratch.schedule watches the validation split, but a point"):
+        parse_params(params).check_efficiency()
+
+
+def summary(model: str, n: int, by_draw: dict) -> Summary:
+    scores = list(by_draw.values())
+    return Summary(model, n, float(np.mean(scores)), 0.0, min(scores), max(scores), len(scores), 1.0, by_draw)
+
+
+def test_the_fine_tune_beats_the_probe_only_where_it_wins_every_draw():
+    summaries = [
+        summary("probe", 5, {0: 0.80, 1: 0.82}),
+        summary("finetune", 5, {0: 0.70, 1: 0.95}),  # ahead on the mean, behind in draw 0
+        summary("scratch", 5, {0: 0.10, 1: 0.12}),
+        summary("probe", 10, {0: 0.85, 1: 0.86}),
+        summary("finetune", 10, {0: 0.86, 1: 0.87}),
+        summary("scratch", 10, {0: 0.20, 1: 0.22}),
+        summary("probe", 30, {None: 0.90}),
+        summary("finetune", 30, {None: 0.89}),
+        summary("scratch", 30, {None: 0.85}),
+    ]
+    scratch, finetune = findings(summaries)
+    assert finetune == (
+        "The fine-tuned model first beats the probe at 10 images per class, in every draw (by 1.00 points on "
+        "average)."
+    )
+    assert scratch == (
+        "The scratch model matches the linear probe's 81.00 % at 5 images per class with 30 images per class "
+        "(85.00 %)."
+    )
 
 
 def test_a_point_trains_on_its_subset_from_the_probe_of_the_same_subset():

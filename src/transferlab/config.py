@@ -311,12 +311,12 @@ class EfficiencyConfig:
     """The data-efficiency curve (``efficiency/dvc.yaml``): the models trained on seeded subsets of the train
     split, with the recipes above, and scored on the test split."""
 
-    # training images per class of the probe's and the fine-tuned model's points; the full
-    # data.train_per_class is the main pipeline's models
+    # training images per class of the probe's and the fine-tuned model's points, each within the train
+    # split's images per class and below data.train_per_class (the main models' point)
     sizes: list
     scratch_sizes: list  # the scratch model's points (its recipe's epochs each: the costly ones)
     draws: list  # seeds: one subset of every class per seed, nested (a seed's 5 images hold its 3)
-    compile: bool  # torch.compile for the fine-tuned points: its warm-up outlasts a subset's few steps
+    compile: bool  # torch.compile for the trained points (with their recipe's): its warm-up outlasts a subset
 
     def __post_init__(self):
         _raise_all(
@@ -369,14 +369,7 @@ class Params:
             return self.key(model, name)
 
         problems = []
-        watching = [
-            k
-            for k, on in (
-                ("schedule", cfg.schedule == "plateau"),
-                ("early_stopping_patience", cfg.early_stopping_patience),
-            )
-            if on
-        ]
+        watching = _watching(cfg)
         if watching and not self.data.val_per_class:
             problems.append(f"{key(watching[0])} watches the validation split, but data.val_per_class is 0")
         if watching and cfg.train_on_val:
@@ -434,14 +427,23 @@ class Params:
             )
         return problems
 
-    def _efficiency_problems(self) -> list[str]:
-        """A curve's point must be a subset of the train split, below the main models' full training set."""
+    def check_efficiency(self) -> None:
+        """What the data-efficiency curve's stages need beyond the rest (checked there, not by every stage):
+        sizes the train split holds, and recipes that do not watch a validation split (a point has none)."""
         problems = []
         for key in ("sizes", "scratch_sizes"):
             over = [n for n in getattr(self.efficiency, key) if not self.drawable(n)]
             if over:
                 problems.append(self.undrawable(f"efficiency.{key}", over))
-        return problems
+        for model in TRAINED_MODELS:
+            cfg = getattr(self, MODEL_SECTIONS[model])
+            watching = _watching(cfg)
+            if watching:
+                problems.append(
+                    f"{self.key(model, watching[0])} watches the validation split, but a point of the "
+                    "data-efficiency curve trains on its subset with no validation"
+                )
+        _raise_all(problems)
 
     def drawable(self, per_class: int) -> bool:
         """Whether a subset of ``per_class`` images of each class can be drawn from the train split, below
@@ -464,6 +466,12 @@ class Params:
 
     def weights_for(self, model: str) -> str:
         return "none" if getattr(self, MODEL_SECTIONS[model]).mode == "scratch" else self.model.weights
+
+
+def _watching(cfg: TrainConfig) -> list[str]:
+    """The recipe's keys that watch the validation split (a plateau schedule, early stopping)."""
+    watching = {"schedule": cfg.schedule == "plateau", "early_stopping_patience": cfg.early_stopping_patience}
+    return [key for key, on in watching.items() if on]
 
 
 def _allowed(annotation: Any) -> tuple[type, Range | tuple | None, bool]:
@@ -588,7 +596,6 @@ def parse_params(raw: dict) -> Params:
         problems.append(
             "probe.C lists several values to choose from on the validation split, but data.val_per_class is 0"
         )
-    problems += params._efficiency_problems()
     _raise_all(problems)
     return params
 

@@ -22,14 +22,17 @@ from ..paths import EFFICIENCY_HTML, EFFICIENCY_JSON, EFFICIENCY_MD, EFFICIENCY_
 
 def main() -> None:
     params = load_params()
+    params.check_efficiency()
     summaries = summarise(read_points(params.efficiency, params.data.train_per_class))
     summary_table, sentences = table(summaries), findings(summaries)
     full = params.data.train_per_class
     note = (
         f"Every point is scored on the same test images, with evaluate.tta: {params.evaluate.tta}. Spread: "
-        f"standard deviation over the draws {params.efficiency.draws}; the row at {full} images per class is "
-        "the main models (one run each). Training time per point: the stage's own (the probe's excludes the "
-        "features stage, which every probe point shares)."
+        f"standard deviation over the draws {params.efficiency.draws} (each a different subset; the training "
+        f"seed stays the recipe's); the row at {full} images per class is the main models (one run each). "
+        "Time: a point's fit alone; at the full size the training stage's wall time (the probe's includes "
+        "choosing C, the fine-tune's torch.compile's warm-up); the features stage, which every probe shares, "
+        "is not counted."
     )
     plot(summaries, EFFICIENCY_PNG)
     write_text(EFFICIENCY_MD, markdown_page(summary_table, sentences, note))

@@ -51,6 +51,7 @@ def score_point(model: str, subset: Subset) -> dict:
     """Train ``model`` on ``subset``, score it on the test split and write its metrics.json."""
     started = time.perf_counter()
     params = load_params()
+    params.check_efficiency()
     if not params.drawable(subset.per_class):
         raise ConfigError(params.undrawable("--per-class", subset.per_class))
     name = subset.run(model)
@@ -67,7 +68,10 @@ def score_point(model: str, subset: Subset) -> dict:
     if model == "probe":
         probs = scoring.probe_probabilities(path, labels, load_classes(), cfg.tta)
     else:
-        probs, _ = scoring.model_probabilities(path, images, load_classes(), cfg, params.runtime.device)
+        probs, at_chance = scoring.model_probabilities(
+            path, images, load_classes(), cfg, params.runtime.device
+        )
+        trained |= {"at_chance": True} if at_chance else {}
     metrics = {
         "model": model,
         "images_per_class": subset.per_class,
