@@ -117,7 +117,7 @@ def assert_pipeline_matches(repo: Path, reference: dict) -> None:
     assert snapshot(repo / "data/prepared") == reference["prepared"]
     for run_ in EVALUATED:
         assert snapshot(repo / f"metrics/test_{run_}") == reference[run_]
-    assert "up to date" in run_command(["dvc", "status"], repo).stdout
+    assert "up to date" in run_command(["dvc", "status", "dvc.yaml"], repo).stdout
     assert not list(repo.rglob("*.partial")), "the re-run clears the staging folders"
 
 
