@@ -600,7 +600,7 @@ def test_a_rejected_param_names_the_command_that_restores_the_workspace_and_temp
     line = next(line for line in bad.stderr.splitlines() if "train.epochs must be >= 1, got -1" in line)
     assert not tracked.exists(), "DVC removed the stage's outputs before it ran"
     (command, _) = re.findall(r"`([^`]+)`", line)
-    assert command == "git checkout params.yaml metrics && dvc checkout --allow-missing", "one command"
+    assert command == "git checkout params.yaml metrics && dvc checkout", "one command"
     run_command(["bash", "-c", command], reproduced, env)
     assert tracked.read_text() == before and (reproduced / checkpoint_path("finetune")).is_file()
     assert run_command(["dvc", "status", "--json", "dvc.yaml"], reproduced, env).stdout.strip() == "{}"

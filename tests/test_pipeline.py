@@ -148,7 +148,7 @@ def test_repro_then_experiment_then_plots(project_repo):
     run_command(["dvc", "exp", "push", "origin", experiment], repo)
     clone = repo.parent / "clone"
     run_command(["git", "clone", "-q", str(origin), str(clone)], repo.parent)
-    run_command(["dvc", "pull", "dvc.yaml"], clone)
+    run_command(["dvc", "pull"], clone)
     assert "Data and pipelines are up to date" in run_command(["dvc", "repro", "--dry"], clone).stdout, (
         "pulled outputs need no re-run"
     )

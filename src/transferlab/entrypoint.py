@@ -60,15 +60,14 @@ def restore_hint(bad_param: bool) -> str:
     a stage's outputs (its models, and its metrics even where git tracks them) before running it, and
     ``dvc exp run -S`` has written its values into params.yaml. A queued or ``--temp`` experiment runs in a
     copy (its working folder is under .dvc/tmp/exps; DVC_ROOT names the workspace there too) and leaves the
-    workspace as it was. ``--allow-missing``: the stages of a pipeline that never ran here (the
-    data-efficiency curve's) have nothing to check out, which plain ``dvc checkout`` counts as a failure."""
+    workspace as it was."""
     in_copy = f"{os.sep}.dvc{os.sep}tmp{os.sep}exps{os.sep}" in os.getcwd()
     if not os.environ.get("DVC_STAGE") or in_copy:
         return ""
     restored, command = (
-        ("params, results and models", "git checkout params.yaml metrics && dvc checkout --allow-missing")
+        ("params, results and models", "git checkout params.yaml metrics && dvc checkout")
         if bad_param
-        else ("results and models", "git checkout metrics && dvc checkout --allow-missing")
+        else ("results and models", "git checkout metrics && dvc checkout")
     )
     return (
         f". DVC removed this stage's outputs before it ran; the committed {restored} come back with "
